@@ -1,0 +1,1 @@
+"""splitkeras: split learning for TensorFlow 2 / Keras 3."""
