@@ -1,0 +1,128 @@
+"""The client party: raw data, the first segment, and (U-shaped) the tail.
+
+A client never sends raw inputs. It sends its cut tensors, receives their
+gradients and applies ``tape.gradient(cut, vars, output_gradients=grads)``
+with its own optimizer. In the U-shaped configuration it also keeps the
+labels and the loss: it runs the tail on the server's outputs and sends back
+only the gradients of those outputs.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.protocol import Kind, Message, flat
+
+__all__ = ["Client"]
+
+
+class Client:
+    """One client of a split model.
+
+    Args:
+      segment: the client's (head) segment: raw inputs -> cut tensors.
+      optimizer: the client's optimizer (updates head and tail weights).
+      client_id: this client's id in the messages it sends.
+      tail: the U-shaped tail segment (server outputs -> predictions), or None.
+      objective: U-shaped only: `objective(y, y_pred, sample_weight, training)`
+        returning the loss (and updating metrics).
+    """
+
+    def __init__(self, segment, optimizer, client_id=0, tail=None, objective=None):
+        if tail is not None and objective is None:
+            raise ValueError(
+                "a U-shaped client holds the labels and needs an objective "
+                "(the loss); pass objective=..."
+            )
+        self.segment = segment
+        self.tail = tail
+        self.optimizer = optimizer
+        self.client_id = client_id
+        self.objective = objective
+
+    @property
+    def trainable_variables(self) -> list:
+        tail = self.tail.trainable_variables if self.tail is not None else []
+        return list(self.segment.trainable_variables) + list(tail)
+
+    def build_optimizer(self):
+        if not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def _message(self, kind, step, tensors, y=None, sample_weight=None):
+        keep_labels = self.tail is not None
+        return Message(
+            kind=kind,
+            client_id=self.client_id,
+            step=step,
+            tensors=tensors,
+            labels=None if keep_labels else y,
+            sample_weight=None if keep_labels else sample_weight,
+        )
+
+    def train_step(self, link, step, x, y, sample_weight=None):
+        """One training step; returns the loss reported by the label holder."""
+        with tf.GradientTape() as tape:
+            cut = flat(self.segment(x, training=True))
+            reg = regularization(self.segment)
+        reply = link.request(self._message(Kind.TRAIN, step, cut, y, sample_weight))
+        tail_grads, loss = [], reply.loss
+        if self.tail is not None:
+            tail_grads, out_grads, loss = self._tail_step(reply, y, sample_weight)
+            reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
+        head_vars = self.segment.trainable_variables
+        targets, seeds = list(cut), list(reply.tensors)
+        if reg is not None:
+            targets.append(reg)
+            seeds.append(tf.ones_like(reg))
+        head_grads = tape.gradient(targets, head_vars, output_gradients=seeds)
+        tail_vars = self.tail.trainable_variables if self.tail is not None else []
+        # One optimizer update for head and tail together, as in the uncut model.
+        apply_gradients(
+            self.optimizer,
+            list(head_grads) + list(tail_grads),
+            list(head_vars) + list(tail_vars),
+        )
+        return loss
+
+    def _tail_step(self, reply, y, sample_weight):
+        outputs = list(reply.tensors)
+        tail_vars = self.tail.trainable_variables
+        with tf.GradientTape() as tape:
+            tape.watch(outputs)
+            y_pred = self.tail(_unflat(outputs), training=True)
+            loss = self.objective(y, y_pred, sample_weight, True)
+            reg = regularization(self.tail)
+            total = loss if reg is None else loss + reg
+        grads = tape.gradient(total, outputs + list(tail_vars))
+        return grads[len(outputs) :], grads[: len(outputs)], loss
+
+    def evaluate_step(self, link, step, x, y, sample_weight=None):
+        """Runs inference; the label holder updates the metrics."""
+        cut = flat(self.segment(x, training=False))
+        reply = link.request(self._message(Kind.EVALUATE, step, cut, y, sample_weight))
+        if self.tail is None:
+            return reply.loss
+        y_pred = self.tail(_unflat(list(reply.tensors)), training=False)
+        return self.objective(y, y_pred, sample_weight, False)
+
+    def predict_step(self, link, step, x):
+        """Returns the model's predictions for `x`."""
+        cut = flat(self.segment(x, training=False))
+        reply = link.request(self._message(Kind.PREDICT, step, cut))
+        outputs = _unflat(list(reply.tensors))
+        if self.tail is None:
+            return outputs
+        return self.tail(outputs, training=False)
+
+    def checkpoint(self, **extra) -> tf.train.Checkpoint:
+        """The client's own state: its segments and optimizer (+ `extra`)."""
+        parts = {"segment": self.segment, "optimizer": self.optimizer}
+        if self.tail is not None:
+            parts["tail"] = self.tail
+        return tf.train.Checkpoint(**parts, **extra)
+
+
+def _unflat(tensors):
+    return tensors[0] if len(tensors) == 1 else tensors

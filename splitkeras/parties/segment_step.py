@@ -1,0 +1,24 @@
+"""Gradient arithmetic shared by the parties."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = ["regularization", "apply_gradients"]
+
+
+def regularization(*segments):
+    """Sum of the segments' own losses (weight and activity regularizers).
+
+    Each party adds the regularization of its own layers to its objective, so
+    the total gradient equals that of the uncut model's loss.
+    """
+    losses = [loss for s in segments if s is not None for loss in s.losses]
+    return tf.add_n(losses) if losses else None
+
+
+def apply_gradients(optimizer, gradients, variables):
+    """Applies `gradients` with `optimizer`, skipping variables without one."""
+    pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+    if pairs:
+        optimizer.apply_gradients(pairs)

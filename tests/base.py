@@ -1,0 +1,25 @@
+"""The one base test case of the suite."""
+
+import os
+import tempfile
+
+import keras
+from absl.testing import parameterized
+
+# Importing TFDS leaves temporary folders behind: keep them out of /tmp.
+os.environ.setdefault("TMPDIR", tempfile.mkdtemp(prefix="splitkeras-tests-"))
+
+
+class TestCase(parameterized.TestCase):
+    """Clears the Keras session before each test so names and seeds repeat."""
+
+    def setUp(self):
+        super().setUp()
+        keras.backend.clear_session()
+
+    def assertWeightsClose(self, a, b, atol=1e-5):
+        self.assertEqual(len(a), len(b))
+        for i, (wa, wb) in enumerate(zip(a, b)):
+            self.assertEqual(wa.shape, wb.shape, f"weight {i}")
+            diff = abs(wa - wb).max() if wa.size else 0.0
+            self.assertLessEqual(diff, atol, f"weight {i} differs by {diff}")
