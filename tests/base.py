@@ -17,6 +17,10 @@ class TestCase(parameterized.TestCase):
         super().setUp()
         keras.backend.clear_session()
 
+    def tempdir(self) -> str:
+        """A fresh directory under TMPDIR (absltest's needs parsed flags)."""
+        return tempfile.mkdtemp(dir=os.environ["TMPDIR"])
+
     def assertWeightsClose(self, a, b, atol=1e-5):
         self.assertEqual(len(a), len(b))
         for i, (wa, wb) in enumerate(zip(a, b)):

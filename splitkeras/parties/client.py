@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from splitkeras.checkpointing import party_checkpoint
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message, flat
 
@@ -118,10 +119,7 @@ class Client:
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The client's own state: its segments and optimizer (+ `extra`)."""
-        parts = {"segment": self.segment, "optimizer": self.optimizer}
-        if self.tail is not None:
-            parts["tail"] = self.tail
-        return tf.train.Checkpoint(**parts, **extra)
+        return party_checkpoint([self.segment, self.tail], self.optimizer, **extra)
 
 
 def _unflat(tensors):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from splitkeras.checkpointing import party_checkpoint
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message
 
@@ -125,6 +126,4 @@ class Server:
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The server's own state: its segment and optimizer (+ `extra`)."""
-        return tf.train.Checkpoint(
-            segment=self.segment, optimizer=self.optimizer, **extra
-        )
+        return party_checkpoint([self.segment], self.optimizer, **extra)

@@ -184,3 +184,56 @@ class ProtocolTest(base.TestCase):
             ValueError, r"unknown codec 'int4'; available codecs: float32, float16"
         ):
             splitkeras.get_codec("int4")
+
+
+class PartyCheckpointTest(base.TestCase):
+    def test_each_party_saves_only_its_state_including_seeds_and_statistics(self):
+        _, _, ds = _dataset()
+        split = splitkeras.SplitModel(tiny_models.bn_dropout_model(), "relu1")
+        split.compile("adam", "adam", loss=_loss())
+        split.fit(ds.take(2), verbose=0)
+        root = self.tempdir()
+        saved = {}
+        for party, ckpt in split.party_checkpoints().items():
+            path = ckpt.save(f"{root}/{party}/ckpt")
+            saved[party] = set(
+                tf.train.load_checkpoint(path).get_variable_to_shape_map()
+            )
+        client_vars = {
+            k.split("/")[1] for k in saved["client_0"] if k.startswith("variables/")
+        }
+        server_vars = {
+            k.split("/")[1] for k in saved["server"] if k.startswith("variables/")
+        }
+        self.assertEqual(
+            client_vars,
+            {
+                "conv1..kernel",
+                "bn1..gamma",
+                "bn1..beta",
+                "bn1..moving_mean",
+                "bn1..moving_variance",
+            },
+        )
+        self.assertIn("bn2..moving_mean", server_vars)
+        self.assertEqual(
+            sum("seed_generator" in name for name in server_vars),
+            2,  # two dropouts
+        )
+        self.assertFalse(client_vars & server_vars)
+
+    def test_restore_brings_back_weights_and_optimizer_state(self):
+        _, _, ds = _dataset()
+        split = splitkeras.SplitModel(tiny_models.bn_dropout_model(), "relu1")
+        split.compile("adam", "adam", loss=_loss())
+        split.fit(ds.take(2), verbose=0)
+        root = self.tempdir()
+        paths = {
+            p: c.save(f"{root}/{p}/ckpt") for p, c in split.party_checkpoints().items()
+        }
+        before = [v.numpy().copy() for v in split.variables]
+        split.fit(ds.take(2), verbose=0)
+        for party, ckpt in split.party_checkpoints().items():
+            ckpt.restore(paths[party]).assert_existing_objects_matched()
+        self.assertWeightsClose(before, [v.numpy() for v in split.variables], atol=0)
+        self.assertEqual(int(split.server_optimizer.iterations), 2)

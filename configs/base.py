@@ -1,0 +1,41 @@
+"""Defaults shared by every experiment config; each config overrides a few.
+
+Not a runnable config by itself: see the other files in this folder.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds initial weights, dropout masks and the data order
+    c.method = "split"  # split | centralized (uncut model, same data order)
+    c.num_clients = 1  # clients sharing the server (1 until multi-client lands)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "lenet5"  # a splitkeras.models name
+    c.model.cut = "pool1"  # cut layer; "a,b" = U-shaped (labels stay home)
+    c.model.kwargs = ml_collections.ConfigDict()  # extra model arguments
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist"  # a TFDS name
+    c.data.path = config_dict.placeholder(str)  # IDX folder, .npz or TFDS dir
+    c.data.download = True  # may TFDS download the dataset if missing
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 10  # passes over the training set
+    c.train.batch_size = 64  # examples per step
+    c.train.eval_batch_size = 1000  # examples per evaluation step
+    c.train.optimizer = "adam"  # each party gets its own instance
+    c.train.learning_rate = 1e-3  # for every party's optimizer
+    c.train.momentum = 0.9  # used by sgd only
+    c.train.log_every_seconds = 5.0  # progress line and TensorBoard period
+    c.train.checkpoint_every_steps = 1000  # also saved at each epoch end
+    c.train.max_steps = 0  # stop (and checkpoint) early at this step; 0 = no
+    c.train.run_eagerly = False  # run steps eagerly, for debugging
+
+    c.transport = ml_collections.ConfigDict()
+    c.transport.codec = "float32"  # wire format of cut tensors: float32|16, bf16
+    return c

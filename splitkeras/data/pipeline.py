@@ -1,0 +1,125 @@
+"""tf.data input pipelines over in-memory numpy arrays.
+
+The shuffling order of an epoch is a numpy permutation seeded with
+(seed, epoch), so it is the same in every run and process, and a run resumed
+mid-epoch sees exactly the batches it had not trained on yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+
+def steps_per_epoch(
+    num_examples: int, batch_size: int, drop_remainder: bool = False
+) -> int:
+    """Returns the number of batches in one pass over `num_examples`.
+
+    Args:
+      num_examples: Number of examples, >= 0.
+      batch_size: Examples per batch, >= 1.
+      drop_remainder: Whether a last, smaller batch is dropped.
+
+    Raises:
+      ValueError: If `num_examples` < 0 or `batch_size` < 1.
+    """
+    if num_examples < 0:
+        raise ValueError(f"num_examples={num_examples} must be >= 0.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    if drop_remainder:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)
+
+
+def train_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    skip_batches: int = 0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Returns one shuffled epoch of `(images, labels)` batches.
+
+    Args:
+      x: Images; uint8 values are scaled to [0, 1], float values are kept.
+      y: Integer labels, shape (examples,).
+      batch_size: Examples per batch, >= 1.
+      seed: Run seed, >= 0.
+      epoch: Epoch number, >= 0; each epoch has its own order.
+      skip_batches: Batches of this epoch already trained on, e.g. when
+        resuming from a mid-epoch checkpoint. They are skipped before any
+        image is read.
+      drop_remainder: Whether to drop the last batch if it is smaller.
+
+    Returns:
+      A dataset of (float32 images, int64 labels) batches, prefetched.
+
+    Raises:
+      ValueError: If the arguments are inconsistent or out of range.
+    """
+    _check_arrays(x, y)
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed={seed} and epoch={epoch} must both be >= 0.")
+    num_batches = steps_per_epoch(len(x), batch_size, drop_remainder)
+    if not 0 <= skip_batches <= num_batches:
+        raise ValueError(
+            f"skip_batches={skip_batches} must be between 0 and the "
+            f"{num_batches} batches of an epoch."
+        )
+    order = np.random.default_rng([seed, epoch]).permutation(len(x))
+    order = order[skip_batches * batch_size :]
+    return _batches(x, y, order, batch_size, drop_remainder)
+
+
+def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Returns `(images, labels)` batches in stored order, last one partial.
+
+    Args:
+      x: Images; uint8 values are scaled to [0, 1], float values are kept.
+      y: Integer labels, shape (examples,).
+      batch_size: Examples per batch, >= 1.
+
+    Returns:
+      A dataset of (float32 images, int64 labels) batches, prefetched.
+
+    Raises:
+      ValueError: If `x` and `y` do not match or `batch_size` < 1.
+    """
+    _check_arrays(x, y)
+    steps_per_epoch(len(x), batch_size)  # Validates batch_size.
+    return _batches(x, y, np.arange(len(x)), batch_size, drop_remainder=False)
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels; they must match.")
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"images have dtype {x.dtype}; expected uint8 (scaled to [0, 1]) "
+            "or a float type (used as is). Convert them before batching."
+        )
+
+
+def _batches(x, y, order, batch_size, drop_remainder) -> tf.data.Dataset:
+    # The arrays enter TensorFlow in their stored dtype; only the gathered
+    # batch is converted, so no float copy of the whole dataset is made.
+    images = tf.convert_to_tensor(x)
+    labels = tf.convert_to_tensor(np.asarray(y, dtype=np.int64))
+    scale = x.dtype == np.uint8
+
+    def gather(batch_indices):
+        batch = tf.cast(tf.gather(images, batch_indices), tf.float32)
+        if scale:
+            batch = batch / 255.0
+        return batch, tf.gather(labels, batch_indices)
+
+    dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,275 @@
+"""train_and_evaluate(config, workdir): the one entry point scripts call.
+
+A run writes into `workdir`:
+  config.json        the resolved config;
+  train/, validation/ TensorBoard events (loss, accuracy, steps/s, bytes);
+  checkpoints/<party>/ each party's own state, saved in step, so that a
+                     killed run resumes from `workdir` alone;
+  summary.json       the final figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from splitkeras import data as data_lib
+from splitkeras import models as model_zoo
+from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
+from splitkeras.progress import Progress
+from splitkeras.split_model import SplitModel
+
+log = logging.getLogger("splitkeras")
+
+__all__ = ["train_and_evaluate", "build_trainer", "METHODS"]
+
+METHODS = ("split", "centralized")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def _optimizer(config) -> keras.optimizers.Optimizer:
+    opt = config.train.optimizer
+    kwargs = {"learning_rate": config.train.learning_rate}
+    if opt == "sgd":
+        kwargs["momentum"] = config.train.momentum
+    return keras.optimizers.get({"class_name": opt, "config": kwargs})
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def build_model(config, arrays) -> keras.Model:
+    """The uncut model of `config`, with weights drawn from `config.seed`."""
+    keras.utils.set_random_seed(config.seed)
+    return model_zoo.build_model(
+        config.model.name,
+        input_shape=arrays.input_shape,
+        num_classes=arrays.num_classes,
+        **dict(config.model.get("kwargs", {})),
+    )
+
+
+def build_trainer(config, model) -> keras.Model:
+    """The compiled model that trains `model` with `config.method`.
+
+    `split` and `centralized` share the uncut model's initial weights, so
+    with the same seed they see the same data in the same order.
+    """
+    method = config.method
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown config.method {method!r}; available: {', '.join(METHODS)}"
+        )
+    run_eagerly = config.train.run_eagerly
+    if method == "centralized":
+        model.compile(
+            optimizer=_optimizer(config),
+            loss=_loss(),
+            metrics=["accuracy"],
+            run_eagerly=run_eagerly,
+            jit_compile=False,
+        )
+        return model
+    at = tuple(name.strip() for name in config.model.cut.split(","))
+    split = SplitModel(
+        model, at if len(at) > 1 else at[0], codec=config.transport.codec
+    )
+    split.compile(
+        client_optimizer=_optimizer(config),
+        server_optimizer=_optimizer(config),
+        loss=_loss(),
+        metrics=["accuracy"],
+        run_eagerly=run_eagerly,
+    )
+    return split
+
+
+def _checkpoints(trainer, workdir, loop_state) -> PartyCheckpoints:
+    root = os.path.join(workdir, "checkpoints")
+    if isinstance(trainer, SplitModel):
+        # The client holds the data, so it holds the data position.
+        parties = {
+            "client_0": trainer.client.checkpoint(**loop_state),
+            "server": trainer.server.checkpoint(step=loop_state["step"]),
+        }
+    else:
+        parties = {
+            "model": party_checkpoint([trainer], trainer.optimizer, **loop_state)
+        }
+    return PartyCheckpoints(root, parties)
+
+
+def _bytes(trainer) -> dict:
+    if isinstance(trainer, SplitModel):
+        return trainer.byte_counts()
+    return {"bytes_up": 0, "bytes_down": 0}
+
+
+def _step_function(trainer, run_eagerly):
+    if run_eagerly:
+        return trainer.train_step
+    return tf.function(trainer.train_step, reduce_retracing=True)
+
+
+def _scalars(logs) -> dict:
+    return {k: float(v) for k, v in logs.items()}
+
+
+def _write(writer, values: dict, step: int) -> None:
+    with writer.as_default(step=step):
+        for key, value in values.items():
+            tf.summary.scalar(key, value)
+
+
+def _evaluate(trainer, arrays, config) -> dict:
+    ds = data_lib.eval_dataset(
+        arrays.x_test, arrays.y_test, config.train.eval_batch_size
+    )
+    return trainer.evaluate(ds, verbose=0, return_dict=True)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config`'s experiment in `workdir` and returns its summary.
+
+    Resumes from the newest checkpoint in `workdir` if there is one.
+
+    Args:
+      config: an `ml_collections.ConfigDict` from `configs/`.
+      workdir: where the run writes everything (created if missing).
+
+    Returns:
+      The summary written to `workdir/summary.json`.
+
+    Raises:
+      NonFiniteLossError: the training loss became NaN or infinite.
+    """
+    tf.io.gfile.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    trainer = build_trainer(config, build_model(config, arrays))
+    if not isinstance(trainer, SplitModel):
+        trainer.optimizer.build(trainer.trainable_variables)
+    loop = _Loop()
+    checkpoints = _checkpoints(trainer, workdir, loop.variables)
+    restored = checkpoints.restore_latest()
+    if restored is not None:
+        loop.load()
+        log.info("Resumed from step %d in %s", restored, workdir)
+    _train(config, workdir, trainer, arrays, loop, checkpoints)
+    test = _evaluate(trainer, arrays, config)
+    summary = {
+        "method": config.method,
+        "model": config.model.name,
+        "dataset": arrays.name,
+        "test_accuracy": float(test["accuracy"]),
+        "test_loss": float(test["loss"]),
+        "steps": loop.step,
+        "epochs": int(config.train.epochs),
+        **_bytes(trainer),
+        "wall_seconds": loop.wall_seconds,
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    log.info("Summary: %s", summary)
+    return summary
+
+
+class _Loop:
+    """Where the run is; mirrored into checkpointed variables when saving."""
+
+    def __init__(self):
+        self.variables = {
+            "step": tf.Variable(0, dtype=tf.int64, trainable=False),
+            "epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+            "batch_in_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+            "wall_seconds": tf.Variable(0.0, dtype=tf.float64, trainable=False),
+        }
+        self.load()
+
+    def load(self):
+        for key, variable in self.variables.items():
+            setattr(self, key, variable.numpy().item())
+
+    def store(self):
+        for key, variable in self.variables.items():
+            variable.assign(getattr(self, key))
+
+
+def _check_finite(logs, loop):
+    if not math.isfinite(logs["loss"]):
+        raise NonFiniteLossError(
+            f"training loss is {logs['loss']} at step {loop.step} (epoch "
+            f"{loop.epoch}); lower config.train.learning_rate or check the data."
+        )
+
+
+def _save(checkpoints, loop, start, logs):
+    _check_finite(logs, loop)  # never checkpoint diverged weights
+    loop.wall_seconds = time.perf_counter() - start
+    loop.store()
+    checkpoints.save(loop.step)
+
+
+def _train(config, workdir, trainer, arrays, loop, checkpoints):
+    """The training loop: steps, logs, validation, checkpoints."""
+    bs, epochs = config.train.batch_size, config.train.epochs
+    total = data_lib.steps_per_epoch(len(arrays.x_train), bs) * epochs
+    max_steps = config.train.max_steps or None
+    writers = {
+        name: tf.summary.create_file_writer(os.path.join(workdir, name))
+        for name in ("train", "validation")
+    }
+    step_fn = _step_function(trainer, config.train.run_eagerly)
+    progress = Progress(total, config.train.log_every_seconds, loop.step)
+    start = time.perf_counter() - loop.wall_seconds
+    first_step = loop.step + 1
+    while loop.epoch < epochs:
+        trainer.reset_metrics()
+        ds = data_lib.train_dataset(
+            arrays.x_train,
+            arrays.y_train,
+            bs,
+            config.seed,
+            loop.epoch,
+            skip_batches=loop.batch_in_epoch,
+        )
+        for batch in ds:
+            outputs = step_fn(batch)  # tensors: no sync until we read them
+            loop.step += 1
+            loop.batch_in_epoch += 1
+            if progress.due(loop.step):
+                logs = _scalars(outputs)
+                _check_finite(logs, loop)
+                progress.report(loop.step, logs)
+                scalars = {**logs, **progress.rates(), **_bytes(trainer)}
+                _write(writers["train"], scalars, loop.step)
+            if loop.step == first_step:
+                progress.restart(loop.step)  # steps/s without tracing time
+            stop = max_steps is not None and loop.step >= max_steps
+            if stop or loop.step % config.train.checkpoint_every_steps == 0:
+                _save(checkpoints, loop, start, _scalars(outputs))
+            if stop:
+                log.info("Stopping at config.train.max_steps=%d", max_steps)
+                return
+        loop.epoch += 1
+        loop.batch_in_epoch = 0
+        _end_epoch(config, trainer, arrays, loop, writers["validation"])
+        _save(checkpoints, loop, start, _scalars(outputs))
+
+
+def _end_epoch(config, trainer, arrays, loop, writer):
+    val = _evaluate(trainer, arrays, config)
+    _write(writer, {**val, **_bytes(trainer)}, loop.step)
+    rounded = {k: round(float(v), 4) for k, v in val.items()}
+    log.info("epoch %d/%d: validation %s", loop.epoch, config.train.epochs, rounded)

@@ -1,0 +1,153 @@
+"""End to end: train_and_evaluate on a tiny synthetic dataset."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from configs import fashion_mnist_lenet
+from splitkeras import experiment
+from tests import base
+
+
+def _write_npz(path):
+    rng = np.random.default_rng(0)
+    # Two easy classes: bright vs dark images, so accuracy can rise.
+    y_train, y_test = rng.integers(0, 2, 256), rng.integers(0, 2, 64)
+
+    def images(labels):
+        x = (
+            rng.integers(0, 100, (len(labels), 28, 28, 1))
+            + 120 * labels[:, None, None, None]
+        )
+        return x.astype(np.uint8)
+
+    x_train, x_test = images(y_train), images(y_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def _config(data_path, **train):
+    c = fashion_mnist_lenet.get_config()
+    c.data.path = data_path
+    c.train.epochs = 2
+    c.train.batch_size = 32  # 8 steps per epoch
+    c.train.eval_batch_size = 64
+    c.train.log_every_seconds = 0.0
+    c.train.checkpoint_every_steps = 3
+    c.train.learning_rate = 1e-2
+    for key, value in train.items():
+        setattr(c.train, key, value)
+    return c
+
+
+def _final_variables(workdir):
+    found = {}
+    for party in ("client_0", "server", "model"):
+        directory = os.path.join(workdir, "checkpoints", party)
+        if not os.path.isdir(directory):
+            continue
+        reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(directory))
+        for name in reader.get_variable_to_shape_map():
+            if name.startswith("variables/") or "/_variables/" in name:
+                found[f"{party}/{name}"] = reader.get_tensor(name)
+    return found
+
+
+class ExperimentTest(base.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.root = tf.io.gfile.join(os.environ["TMPDIR"], "experiment_test")
+        tf.io.gfile.makedirs(cls.root)
+        cls.npz = _write_npz(os.path.join(cls.root, "tiny.npz"))
+        cls.full = os.path.join(cls.root, "full")
+        cls.summary = experiment.train_and_evaluate(_config(cls.npz), cls.full)
+
+    def test_workdir_contents_and_summary(self):
+        for name in ("config.json", "summary.json", "train", "validation"):
+            self.assertTrue(os.path.exists(os.path.join(self.full, name)), name)
+        for party in ("client_0", "server"):
+            self.assertIsNotNone(
+                tf.train.latest_checkpoint(
+                    os.path.join(self.full, "checkpoints", party)
+                )
+            )
+        with open(os.path.join(self.full, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary, self.summary)
+        self.assertEqual(summary["steps"], 16)
+        self.assertGreater(summary["test_accuracy"], 0.9)
+        # 16 steps of 32 examples, 14x14x6 float32 cut tensor + int64 label up,
+        # plus 3 evaluations (2 epochs + final) of 64 examples.
+        per_example_up = 14 * 14 * 6 * 4 + 8
+        self.assertEqual(summary["bytes_up"], (16 * 32 + 3 * 64) * per_example_up)
+        with open(os.path.join(self.full, "config.json")) as f:
+            self.assertEqual(json.load(f)["model"]["cut"], "pool1")
+
+    def test_tensorboard_events_have_the_scalars(self):
+        tags = set()
+        for sub in ("train", "validation"):
+            for path in tf.io.gfile.glob(os.path.join(self.full, sub, "events*")):
+                for event in tf.compat.v1.train.summary_iterator(path):
+                    tags |= {f"{sub}/{v.tag}" for v in event.summary.value}
+        for tag in (
+            "train/loss",
+            "train/accuracy",
+            "train/steps_per_second",
+            "train/bytes_up",
+            "train/bytes_down",
+            "validation/accuracy",
+            "validation/loss",
+            "validation/bytes_up",
+        ):
+            self.assertIn(tag, tags)
+
+    def test_killed_run_resumes_to_the_same_weights(self):
+        workdir = os.path.join(self.root, "resumed")
+        first = experiment.train_and_evaluate(_config(self.npz, max_steps=5), workdir)
+        self.assertEqual(first["steps"], 5)  # stopped mid-epoch, like a kill
+        second = experiment.train_and_evaluate(_config(self.npz), workdir)
+        self.assertEqual(second["steps"], 16)
+        full, resumed = _final_variables(self.full), _final_variables(workdir)
+        self.assertEqual(sorted(full), sorted(resumed))
+        for name in full:
+            np.testing.assert_allclose(
+                resumed[name], full[name], atol=1e-6, err_msg=name
+            )
+        self.assertAlmostEqual(second["test_loss"], self.summary["test_loss"], places=5)
+
+    def test_centralized_matches_split(self):
+        workdir = os.path.join(self.root, "centralized")
+        config = _config(self.npz)
+        config.method = "centralized"
+        summary = experiment.train_and_evaluate(config, workdir)
+        self.assertEqual(summary["bytes_up"], 0)
+        self.assertAlmostEqual(
+            summary["test_loss"], self.summary["test_loss"], places=4
+        )
+        self.assertEqual(summary["test_accuracy"], self.summary["test_accuracy"])
+
+    def test_ushaped_config_trains(self):
+        config = _config(self.npz)
+        config.model.cut = "pool1, fc2"
+        summary = experiment.train_and_evaluate(config, os.path.join(self.root, "u"))
+        self.assertGreater(summary["test_accuracy"], 0.9)
+
+    def test_non_finite_loss_stops_the_run(self):
+        config = _config(self.npz, optimizer="sgd", learning_rate=1e30)
+        with self.assertRaisesRegex(
+            experiment.NonFiniteLossError,
+            r"training loss is (nan|inf) at step \d+ \(epoch 0\); lower "
+            r"config.train.learning_rate",
+        ):
+            experiment.train_and_evaluate(config, os.path.join(self.root, "nan"))
+
+    def test_unknown_method_is_refused(self):
+        config = _config(self.npz)
+        config.method = "carrier_pigeon"
+        with self.assertRaisesRegex(
+            ValueError, r"unknown config.method 'carrier_pigeon'"
+        ):
+            experiment.train_and_evaluate(config, os.path.join(self.root, "bad"))
