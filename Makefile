@@ -1,0 +1,47 @@
+# splitkeras: `make train` (quickstart) and `make test` do all set-up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+WORKDIR ?= workdirs/fashion_mnist_lenet
+
+.PHONY: install data train test lint format benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# Real Fashion-MNIST IDX files from Debian; without them the quickstart falls
+# back to TFDS, which needs internet.
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "note: $(FASHION_MNIST) missing; run 'sudo apt-get install dataset-fashion-mnist' or let TFDS download fashion_mnist"; \
+	  fi; \
+	fi
+
+train: install data
+	$(PY) scripts/train.py --config=configs/fashion_mnist_lenet.py --workdir=$(WORKDIR)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest tests -x -q
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+benchmark: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) workdirs build *.egg-info
