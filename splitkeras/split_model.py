@@ -58,6 +58,7 @@ class SplitModel(keras.Model):
         self.server_optimizer = None
         self._parties = None
         self._step_counter = None
+        self.built = True  # the segments are built models already
 
     @property
     def ushaped(self) -> bool:

@@ -187,18 +187,23 @@ class ProtocolTest(base.TestCase):
 
 
 class PartyCheckpointTest(base.TestCase):
-    def test_each_party_saves_only_its_state_including_seeds_and_statistics(self):
+    def _trained_and_saved(self):
         _, _, ds = _dataset()
         split = splitkeras.SplitModel(tiny_models.bn_dropout_model(), "relu1")
         split.compile("adam", "adam", loss=_loss())
         split.fit(ds.take(2), verbose=0)
         root = self.tempdir()
-        saved = {}
-        for party, ckpt in split.party_checkpoints().items():
-            path = ckpt.save(f"{root}/{party}/ckpt")
-            saved[party] = set(
-                tf.train.load_checkpoint(path).get_variable_to_shape_map()
-            )
+        paths = {
+            p: c.save(f"{root}/{p}/ckpt") for p, c in split.party_checkpoints().items()
+        }
+        return split, ds, paths
+
+    def test_each_party_saves_only_its_state_including_seeds_and_statistics(self):
+        _, _, paths = self._trained_and_saved()
+        saved = {
+            party: set(tf.train.load_checkpoint(path).get_variable_to_shape_map())
+            for party, path in paths.items()
+        }
         client_vars = {
             k.split("/")[1] for k in saved["client_0"] if k.startswith("variables/")
         }
@@ -223,14 +228,7 @@ class PartyCheckpointTest(base.TestCase):
         self.assertFalse(client_vars & server_vars)
 
     def test_restore_brings_back_weights_and_optimizer_state(self):
-        _, _, ds = _dataset()
-        split = splitkeras.SplitModel(tiny_models.bn_dropout_model(), "relu1")
-        split.compile("adam", "adam", loss=_loss())
-        split.fit(ds.take(2), verbose=0)
-        root = self.tempdir()
-        paths = {
-            p: c.save(f"{root}/{p}/ckpt") for p, c in split.party_checkpoints().items()
-        }
+        split, ds, paths = self._trained_and_saved()
         before = [v.numpy().copy() for v in split.variables]
         split.fit(ds.take(2), verbose=0)
         for party, ckpt in split.party_checkpoints().items():
