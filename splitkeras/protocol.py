@@ -42,6 +42,7 @@ class Message:
       labels: the labels (vanilla only: labels never leave a U-shaped client).
       sample_weight: per-example weights travelling with the labels.
       loss: the loss computed by the label holder, reported back.
+      ids: sample ids of the batch, for aligning vertically partitioned data.
     """
 
     kind: Kind
@@ -51,13 +52,14 @@ class Message:
     labels: Any = None
     sample_weight: Any = None
     loss: Any = None
+    ids: Any = None
 
     def replace(self, **changes) -> Message:
         return dataclasses.replace(self, **changes)
 
     def payload(self) -> list:
         """All tensors the message carries, in a fixed order."""
-        extra = (self.labels, self.sample_weight, self.loss)
+        extra = (self.labels, self.sample_weight, self.loss, self.ids)
         return list(self.tensors) + [t for t in extra if t is not None]
 
 

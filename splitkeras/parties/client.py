@@ -9,13 +9,23 @@ only the gradients of those outputs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message, flat
 
-__all__ = ["Client"]
+__all__ = ["Client", "Forward"]
+
+
+class Forward(NamedTuple):
+    """A client forward pass waiting for its gradients."""
+
+    tape: tf.GradientTape
+    cut: tuple
+    reg: tf.Tensor | None
 
 
 class Client:
@@ -62,22 +72,25 @@ class Client:
             sample_weight=None if keep_labels else sample_weight,
         )
 
-    def train_step(self, link, step, x, y, sample_weight=None):
-        """One training step; returns the loss reported by the label holder."""
+    def forward(self, x) -> Forward:
+        """Runs the client segment under a fresh tape (training mode).
+
+        The returned `Forward` lives only as long as the caller's step: pass
+        it to `backward` once the cut tensors' gradients arrive.
+        """
         with tf.GradientTape() as tape:
             cut = flat(self.segment(x, training=True))
             reg = regularization(self.segment)
-        reply = link.request(self._message(Kind.TRAIN, step, cut, y, sample_weight))
-        tail_grads, loss = [], reply.loss
-        if self.tail is not None:
-            tail_grads, out_grads, loss = self._tail_step(reply, y, sample_weight)
-            reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
+        return Forward(tape, cut, reg)
+
+    def backward(self, forward: Forward, gradients, tail_grads=()) -> None:
+        """Applies the cut tensors' `gradients` (and the tail's) in one update."""
         head_vars = self.segment.trainable_variables
-        targets, seeds = list(cut), list(reply.tensors)
-        if reg is not None:
-            targets.append(reg)
-            seeds.append(tf.ones_like(reg))
-        head_grads = tape.gradient(targets, head_vars, output_gradients=seeds)
+        targets, seeds = list(forward.cut), list(gradients)
+        if forward.reg is not None:
+            targets.append(forward.reg)
+            seeds.append(tf.ones_like(forward.reg))
+        head_grads = forward.tape.gradient(targets, head_vars, output_gradients=seeds)
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
         apply_gradients(
@@ -85,6 +98,18 @@ class Client:
             list(head_grads) + list(tail_grads),
             list(head_vars) + list(tail_vars),
         )
+
+    def train_step(self, link, step, x, y, sample_weight=None):
+        """One training step; returns the loss reported by the label holder."""
+        forward = self.forward(x)
+        reply = link.request(
+            self._message(Kind.TRAIN, step, forward.cut, y, sample_weight)
+        )
+        tail_grads, loss = [], reply.loss
+        if self.tail is not None:
+            tail_grads, out_grads, loss = self._tail_step(reply, y, sample_weight)
+            reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
+        self.backward(forward, reply.tensors, tail_grads)
         return loss
 
     def _tail_step(self, reply, y, sample_weight):

@@ -1,0 +1,52 @@
+"""The label holder's loss and metrics, for schedules outside `keras.Model`.
+
+Whoever holds the labels (the server when vanilla, each client when
+U-shaped) owns an `Objective`: it computes the loss, and tracks the mean loss
+and the metrics over the batches it has seen.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+__all__ = ["Objective"]
+
+
+class Objective:
+    """A loss plus running metrics.
+
+    Args:
+      loss: a Keras loss (name or instance), reduced over the batch.
+      metrics: Keras metric names or instances (e.g. ["accuracy"]); the name
+        "accuracy" means sparse categorical accuracy on integer labels.
+    """
+
+    def __init__(self, loss, metrics=("accuracy",)):
+        self.loss = keras.losses.get(loss)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.metrics = [self._metric(m) for m in metrics]
+
+    @staticmethod
+    def _metric(metric):
+        if metric == "accuracy":
+            return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        return keras.metrics.get(metric)
+
+    def __call__(self, y, y_pred, sample_weight=None, training=True):
+        del training
+        loss = self.loss(y, y_pred, sample_weight=sample_weight)
+        batch = tf.shape(tf.nest.flatten(y_pred)[0])[0]
+        self.loss_tracker.update_state(loss, sample_weight=batch)
+        for metric in self.metrics:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return loss
+
+    def result(self) -> dict:
+        """The running values, as Python floats."""
+        trackers = [self.loss_tracker, *self.metrics]
+        return {m.name: float(m.result()) for m in trackers}
+
+    def reset(self) -> None:
+        for metric in [self.loss_tracker, *self.metrics]:
+            metric.reset_state()
