@@ -50,10 +50,8 @@ class LocalTransport:
                 f"(it serves clients 0..{len(counters) - 1})"
             )
         wire = [codec.encode(t) for t in message.tensors]
-        extras = [t for t in (message.labels, message.sample_weight, message.loss)]
-        sent = [w for w in wire] + [
-            tf.convert_to_tensor(t) for t in extras if t is not None
-        ]
+        extras = message.payload()[len(message.tensors) :]
+        sent = wire + [tf.convert_to_tensor(t) for t in extras]
         counters[message.client_id].assign_add(_nbytes(sent))
         tensors = tuple(codec.decode(w, t.dtype) for w, t in zip(wire, message.tensors))
         return message.replace(tensors=tensors)
