@@ -2,7 +2,8 @@
 
 Whoever holds the labels (the server when vanilla, each client when
 U-shaped) owns an `Objective`: it computes the loss, and tracks the mean loss
-and the metrics over the batches it has seen.
+and the metrics over the batches it has seen, separately for training and
+for evaluation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ __all__ = ["Objective"]
 
 
 class Objective:
-    """A loss plus running metrics.
+    """A loss plus running metrics (one set for training, one for evaluation).
 
     Args:
       loss: a Keras loss (name or instance), reduced over the batch.
@@ -24,8 +25,10 @@ class Objective:
 
     def __init__(self, loss, metrics=("accuracy",)):
         self.loss = keras.losses.get(loss)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.metrics = [self._metric(m) for m in metrics]
+        self._trackers = {
+            mode: [keras.metrics.Mean(name="loss")] + [self._metric(m) for m in metrics]
+            for mode in (True, False)
+        }
 
     @staticmethod
     def _metric(metric):
@@ -34,19 +37,18 @@ class Objective:
         return keras.metrics.get(metric)
 
     def __call__(self, y, y_pred, sample_weight=None, training=True):
-        del training
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
+        loss_tracker, *metrics = self._trackers[bool(training)]
         batch = tf.shape(tf.nest.flatten(y_pred)[0])[0]
-        self.loss_tracker.update_state(loss, sample_weight=batch)
-        for metric in self.metrics:
+        loss_tracker.update_state(loss, sample_weight=batch)
+        for metric in metrics:
             metric.update_state(y, y_pred, sample_weight=sample_weight)
         return loss
 
-    def result(self) -> dict:
+    def result(self, training=True) -> dict:
         """The running values, as Python floats."""
-        trackers = [self.loss_tracker, *self.metrics]
-        return {m.name: float(m.result()) for m in trackers}
+        return {m.name: float(m.result()) for m in self._trackers[bool(training)]}
 
-    def reset(self) -> None:
-        for metric in [self.loss_tracker, *self.metrics]:
+    def reset(self, training=True) -> None:
+        for metric in self._trackers[bool(training)]:
             metric.reset_state()
