@@ -11,8 +11,10 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds initial weights, dropout masks and the data order
-    c.method = "split"  # split | centralized (uncut model, same data order)
-    c.num_clients = 1  # clients sharing the server (1 until multi-client lands)
+    c.method = "split"  # split | centralized | fedavg | large_batch_sgd
+    c.num_clients = 1  # clients; split with > 1 trains them round-robin
+    c.topology = "vanilla"  # vanilla (labels at server) | ushaped (2 cut layers)
+    c.weight_handoff = "peer"  # round-robin handoff: peer | server (AES-GCM)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "lenet5"  # a splitkeras.models name
@@ -23,6 +25,8 @@ def get_config(arg=None):
     c.data.name = "fashion_mnist"  # a TFDS name
     c.data.path = config_dict.placeholder(str)  # IDX folder, .npz or TFDS dir
     c.data.download = True  # may TFDS download the dataset if missing
+    c.data.partition = "iid"  # how training data is spread: iid | dirichlet
+    c.data.dirichlet_alpha = 0.5  # label skew of "dirichlet" (smaller = more)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 10  # passes over the training set

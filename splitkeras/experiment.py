@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras import data as data_lib
+from splitkeras import federation
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.progress import Progress
@@ -29,7 +30,8 @@ log = logging.getLogger("splitkeras")
 
 __all__ = ["train_and_evaluate", "build_trainer", "METHODS"]
 
-METHODS = ("split", "centralized")
+METHODS = ("split", "centralized", "fedavg", "large_batch_sgd")
+TOPOLOGIES = ("vanilla", "ushaped")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,17 +61,59 @@ def build_model(config, arrays) -> keras.Model:
     )
 
 
+def cut_layers(config) -> str | tuple[str, ...]:
+    """`config.model.cut` checked against `config.topology`."""
+    at = tuple(name.strip() for name in config.model.cut.split(","))
+    if config.topology not in TOPOLOGIES:
+        raise ValueError(
+            f"unknown config.topology {config.topology!r}; available: "
+            f"{', '.join(TOPOLOGIES)}"
+        )
+    expected = 2 if config.topology == "ushaped" else 1
+    if len(at) != expected:
+        raise ValueError(
+            f"config.topology={config.topology!r} needs {expected} cut layer(s) "
+            f"in config.model.cut, got {config.model.cut!r}"
+        )
+    return at if len(at) > 1 else at[0]
+
+
+def _check_method(config):
+    if config.method not in METHODS:
+        raise ValueError(
+            f"unknown config.method {config.method!r}; available: {', '.join(METHODS)}"
+        )
+
+
+def _uses_schedule(config) -> bool:
+    """Multi-client runs and federated baselines run epoch by epoch."""
+    _check_method(config)
+    if config.method == "centralized":
+        return False
+    return config.method != "split" or config.num_clients > 1
+
+
+def build_schedule(config, arrays):
+    """The multi-client schedule of `config.method` (see `federation`)."""
+    from splitkeras.schedules import schedule_for
+
+    return schedule_for(
+        config,
+        build_model=lambda: build_model(config, arrays),
+        make_optimizer=lambda: _optimizer(config),
+        loss=_loss(),
+        at=cut_layers(config) if config.method == "split" else None,
+    )
+
+
 def build_trainer(config, model) -> keras.Model:
     """The compiled model that trains `model` with `config.method`.
 
     `split` and `centralized` share the uncut model's initial weights, so
     with the same seed they see the same data in the same order.
     """
+    _check_method(config)
     method = config.method
-    if method not in METHODS:
-        raise ValueError(
-            f"unknown config.method {method!r}; available: {', '.join(METHODS)}"
-        )
     run_eagerly = config.train.run_eagerly
     if method == "centralized":
         model.compile(
@@ -80,10 +124,7 @@ def build_trainer(config, model) -> keras.Model:
             jit_compile=False,
         )
         return model
-    at = tuple(name.strip() for name in config.model.cut.split(","))
-    split = SplitModel(
-        model, at if len(at) > 1 else at[0], codec=config.transport.codec
-    )
+    split = SplitModel(model, cut_layers(config), codec=config.transport.codec)
     split.compile(
         client_optimizer=_optimizer(config),
         server_optimizer=_optimizer(config),
@@ -99,7 +140,9 @@ def _checkpoints(trainer, workdir, loop_state) -> PartyCheckpoints:
     if isinstance(trainer, SplitModel):
         # The client holds the data, so it holds the data position.
         parties = {
-            "client_0": trainer.client.checkpoint(**loop_state),
+            "client_0": trainer.client.checkpoint(
+                **loop_state, **trainer.transport.counters_of(0)
+            ),
             "server": trainer.server.checkpoint(step=loop_state["step"]),
         }
     else:
@@ -157,6 +200,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    if _uses_schedule(config):
+        return _finish(
+            config, workdir, arrays, *_run_multi_client(config, workdir, arrays)
+        )
     trainer = build_trainer(config, build_model(config, arrays))
     if not isinstance(trainer, SplitModel):
         trainer.optimizer.build(trainer.trainable_variables)
@@ -168,16 +215,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.info("Resumed from step %d in %s", restored, workdir)
     _train(config, workdir, trainer, arrays, loop, checkpoints)
     test = _evaluate(trainer, arrays, config)
+    extra = {"steps": loop.step, **_bytes(trainer), "wall_seconds": loop.wall_seconds}
+    return _finish(config, workdir, arrays, test, extra)
+
+
+def _run_multi_client(config, workdir, arrays):
+    schedule = build_schedule(config, arrays)
+    test_ds = data_lib.eval_dataset(
+        arrays.x_test, arrays.y_test, config.train.eval_batch_size
+    )
+    done = federation.run_schedule(
+        config, workdir, schedule, arrays, lambda s: s.evaluate(test_ds)
+    )
+    test = schedule.evaluate(test_ds)
+    per_client = schedule.byte_counts()
+    totals = {key: sum(values) for key, values in per_client.items()}
+    return test, {**totals, "per_client": per_client, **done}
+
+
+def _finish(config, workdir, arrays, test, extra) -> dict:
     summary = {
         "method": config.method,
         "model": config.model.name,
         "dataset": arrays.name,
+        "num_clients": int(config.num_clients),
+        "topology": config.topology,
         "test_accuracy": float(test["accuracy"]),
         "test_loss": float(test["loss"]),
-        "steps": loop.step,
         "epochs": int(config.train.epochs),
-        **_bytes(trainer),
-        "wall_seconds": loop.wall_seconds,
+        **extra,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)

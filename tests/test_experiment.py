@@ -117,6 +117,10 @@ class ExperimentTest(base.TestCase):
                 resumed[name], full[name], atol=1e-6, err_msg=name
             )
         self.assertAlmostEqual(second["test_loss"], self.summary["test_loss"], places=5)
+        # Byte counters are checkpointed with the client: the resumed run
+        # reports the same traffic as the uninterrupted one.
+        for key in ("bytes_up", "bytes_down"):
+            self.assertEqual(second[key], self.summary[key], key)
 
     def test_centralized_matches_split(self):
         workdir = os.path.join(self.root, "centralized")
@@ -132,8 +136,41 @@ class ExperimentTest(base.TestCase):
     def test_ushaped_config_trains(self):
         config = _config(self.npz)
         config.model.cut = "pool1, fc2"
+        config.topology = "ushaped"
         summary = experiment.train_and_evaluate(config, os.path.join(self.root, "u"))
         self.assertGreater(summary["test_accuracy"], 0.9)
+
+    def test_cut_must_match_topology(self):
+        config = _config(self.npz)
+        config.model.cut = "pool1,fc2"
+        with self.assertRaisesRegex(
+            ValueError, r"config.topology='vanilla' needs 1 cut layer\(s\)"
+        ):
+            experiment.train_and_evaluate(config, os.path.join(self.root, "topo"))
+
+    def test_round_robin_clients_resume_and_report_per_client_bytes(self):
+        config = _config(self.npz)
+        config.num_clients = 2
+        config.weight_handoff = "server"
+        workdir = os.path.join(self.root, "rr")
+        config.train.epochs = 1
+        first = experiment.train_and_evaluate(config, workdir)
+        config.train.epochs = 2
+        second = experiment.train_and_evaluate(config, workdir)  # resumes
+        uninterrupted = experiment.train_and_evaluate(
+            config, os.path.join(self.root, "rr_full")
+        )
+        self.assertEqual(second["test_loss"], uninterrupted["test_loss"])
+        self.assertEqual(second["per_client"], uninterrupted["per_client"])
+        self.assertGreater(second["test_accuracy"], 0.9)
+        per_client = second["per_client"]
+        self.assertLen(per_client["bytes_up"], 2)
+        self.assertEqual(sum(per_client["bytes_up"]), second["bytes_up"])
+        # Epoch 1: 0 -> 1; epoch 2: 1 -> 0 and 0 -> 1.
+        self.assertEqual(first["per_client"]["handoff_bytes_received"][0], 0)
+        self.assertGreater(uninterrupted["per_client"]["handoff_bytes_received"][0], 0)
+        for party in ("client_0", "client_1", "server"):
+            self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", party)))
 
     def test_non_finite_loss_stops_the_run(self):
         config = _config(self.npz, optimizer="sgd", learning_rate=1e30)

@@ -43,6 +43,7 @@ def train_dataset(
     epoch: int,
     skip_batches: int = 0,
     drop_remainder: bool = False,
+    stream: int | None = None,
 ) -> tf.data.Dataset:
     """Returns one shuffled epoch of `(images, labels)` batches.
 
@@ -56,6 +57,8 @@ def train_dataset(
         resuming from a mid-epoch checkpoint. They are skipped before any
         image is read.
       drop_remainder: Whether to drop the last batch if it is smaller.
+      stream: None, or the index of one of several independent orders drawn
+        for the same (seed, epoch), e.g. one per client's shard.
 
     Returns:
       A dataset of (float32 images, int64 labels) batches, prefetched.
@@ -72,7 +75,8 @@ def train_dataset(
             f"skip_batches={skip_batches} must be between 0 and the "
             f"{num_batches} batches of an epoch."
         )
-    order = np.random.default_rng([seed, epoch]).permutation(len(x))
+    entropy = [seed, epoch] if stream is None else [seed, epoch, stream]
+    order = np.random.default_rng(entropy).permutation(len(x))
     order = order[skip_batches * batch_size :]
     return _batches(x, y, order, batch_size, drop_remainder)
 

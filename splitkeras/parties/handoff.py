@@ -20,6 +20,7 @@ import io
 import os
 
 import numpy as np
+import tensorflow as tf
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -73,14 +74,26 @@ def unpack_state(client, blob: bytes) -> None:
 
 
 class _Counters:
+    """Handoff bytes per client, as variables so that checkpoints keep them."""
+
     def __init__(self, num_clients):
-        self.sent = [0] * num_clients
-        self.received = [0] * num_clients
+        def counter():
+            return tf.Variable(0, dtype=tf.int64, trainable=False)
+
+        self.sent = [counter() for _ in range(num_clients)]
+        self.received = [counter() for _ in range(num_clients)]
 
     def as_dict(self) -> dict:
         return {
-            "handoff_bytes_sent": list(self.sent),
-            "handoff_bytes_received": list(self.received),
+            "handoff_bytes_sent": [int(v.numpy()) for v in self.sent],
+            "handoff_bytes_received": [int(v.numpy()) for v in self.received],
+        }
+
+    def of(self, client_id: int) -> dict:
+        """One client's counters, for its checkpoint."""
+        return {
+            "handoff_bytes_sent": self.sent[client_id],
+            "handoff_bytes_received": self.received[client_id],
         }
 
 
@@ -94,8 +107,8 @@ class PeerHandoff:
 
     def transfer(self, source, destination) -> None:
         blob = pack_state(source)
-        self.counters.sent[source.client_id] += len(blob)
-        self.counters.received[destination.client_id] += len(blob)
+        self.counters.sent[source.client_id].assign_add(len(blob))
+        self.counters.received[destination.client_id].assign_add(len(blob))
         unpack_state(destination, blob)
 
 
@@ -145,12 +158,12 @@ class ServerRelayHandoff:
         sealed = self._aead.encrypt(nonce, pack_state(source), header)
         blob = len(header).to_bytes(2, "big") + header + nonce + sealed
         self.relay.upload(destination_id, blob)
-        self.counters.sent[source.client_id] += len(blob)
+        self.counters.sent[source.client_id].assign_add(len(blob))
 
     def download(self, destination) -> None:
         """Client `destination` fetches, authenticates and loads its state."""
         blob = self.relay.fetch(destination.client_id)
-        self.counters.received[destination.client_id] += len(blob)
+        self.counters.received[destination.client_id].assign_add(len(blob))
         size = int.from_bytes(blob[:2], "big")
         header, nonce, sealed = (
             blob[2 : 2 + size],

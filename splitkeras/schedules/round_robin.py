@@ -106,6 +106,11 @@ class RoundRobin:
 
         return run if run_eagerly else tf.function(run, reduce_retracing=True)
 
+    def resumed(self, epochs_done: int) -> None:
+        """After a restore: every finished epoch ends with the last client."""
+        if epochs_done > 0:
+            self.active = self.num_clients - 1
+
     def _label_holder(self, k) -> Objective:
         return self.objectives[k] if self.ushaped else self.server_objective
 
@@ -149,7 +154,14 @@ class RoundRobin:
 
     def checkpoints(self, **extra) -> dict:
         """One checkpoint per party (the clients' own states, the server's)."""
-        parties = {f"client_{c.client_id}": c.checkpoint(**extra) for c in self.clients}
+        parties = {
+            f"client_{c.client_id}": c.checkpoint(
+                **extra,
+                **self.transport.counters_of(c.client_id),
+                **self.handoff.counters.of(c.client_id),
+            )
+            for c in self.clients
+        }
         parties["server"] = party_checkpoint(
             [self.server.segment], self.server.optimizer, **extra
         )

@@ -56,6 +56,13 @@ class LocalTransport:
         tensors = tuple(codec.decode(w, t.dtype) for w, t in zip(wire, message.tensors))
         return message.replace(tensors=tensors)
 
+    def counters_of(self, client_id: int) -> dict:
+        """One client's byte counters (variables), for its checkpoint."""
+        return {
+            "bytes_up": self.bytes_up[client_id],
+            "bytes_down": self.bytes_down[client_id],
+        }
+
     def byte_counts(self) -> dict:
         """Bytes sent so far: {'bytes_up': [per client], 'bytes_down': [...]}."""
         return {
