@@ -13,7 +13,7 @@ def get_config(arg=None):
     c.seed = 0  # seeds initial weights, dropout masks and the data order
     c.method = "split"  # split | centralized | fedavg | large_batch_sgd
     c.num_clients = 1  # clients; split with > 1 trains them round-robin
-    c.topology = "vanilla"  # vanilla (labels at server) | ushaped (2 cut layers)
+    c.topology = "vanilla"  # vanilla | ushaped (2 cut layers) | vertical
     c.weight_handoff = "peer"  # round-robin handoff: peer | server (AES-GCM)
 
     c.model = ml_collections.ConfigDict()
@@ -39,6 +39,12 @@ def get_config(arg=None):
     c.train.checkpoint_every_steps = 1000  # also saved at each epoch end
     c.train.max_steps = 0  # stop (and checkpoint) early at this step; 0 = no
     c.train.run_eagerly = False  # run steps eagerly, for debugging
+
+    c.vertical = ml_collections.ConfigDict()
+    c.vertical.merge = "mean"  # how the server merges clients' cut tensors
+
+    c.fedavg = ml_collections.ConfigDict()
+    c.fedavg.local_epochs = 1  # local passes per client per FedAvg round
 
     c.transport = ml_collections.ConfigDict()
     c.transport.codec = "float32"  # wire format of cut tensors: float32|16, bf16

@@ -31,7 +31,7 @@ log = logging.getLogger("splitkeras")
 __all__ = ["train_and_evaluate", "build_trainer", "METHODS"]
 
 METHODS = ("split", "centralized", "fedavg", "large_batch_sgd")
-TOPOLOGIES = ("vanilla", "ushaped")
+TOPOLOGIES = ("vanilla", "ushaped", "vertical")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,12 +50,12 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def build_model(config, arrays) -> keras.Model:
+def build_model(config, arrays, input_shape=None) -> keras.Model:
     """The uncut model of `config`, with weights drawn from `config.seed`."""
     keras.utils.set_random_seed(config.seed)
     return model_zoo.build_model(
         config.model.name,
-        input_shape=arrays.input_shape,
+        input_shape=input_shape or arrays.input_shape,
         num_classes=arrays.num_classes,
         **dict(config.model.get("kwargs", {})),
     )
@@ -69,7 +69,7 @@ def cut_layers(config) -> str | tuple[str, ...]:
             f"unknown config.topology {config.topology!r}; available: "
             f"{', '.join(TOPOLOGIES)}"
         )
-    expected = 2 if config.topology == "ushaped" else 1
+    expected = 2 if config.topology == "ushaped" else 1  # vertical: per client
     if len(at) != expected:
         raise ValueError(
             f"config.topology={config.topology!r} needs {expected} cut layer(s) "
@@ -90,6 +90,8 @@ def _uses_schedule(config) -> bool:
     _check_method(config)
     if config.method == "centralized":
         return False
+    if config.topology == "vertical":
+        return True
     return config.method != "split" or config.num_clients > 1
 
 
@@ -97,9 +99,24 @@ def build_schedule(config, arrays):
     """The multi-client schedule of `config.method` (see `federation`)."""
     from splitkeras.schedules import schedule_for
 
+    input_shape = arrays.input_shape
+    if config.topology == "vertical":
+        if config.method != "split":
+            raise ValueError(
+                f"config.topology='vertical' needs config.method='split', got "
+                f"{config.method!r}"
+            )
+        # Each client's segment sees its strip of the image (see federation).
+        height, width, channels = input_shape
+        if width % config.num_clients:
+            raise ValueError(
+                f"image width {width} does not split into config.num_clients="
+                f"{config.num_clients} equal strips"
+            )
+        input_shape = (height, width // config.num_clients, channels)
     return schedule_for(
         config,
-        build_model=lambda: build_model(config, arrays),
+        build_model=lambda: build_model(config, arrays, input_shape),
         make_optimizer=lambda: _optimizer(config),
         loss=_loss(),
         at=cut_layers(config) if config.method == "split" else None,
@@ -221,9 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _run_multi_client(config, workdir, arrays):
     schedule = build_schedule(config, arrays)
-    test_ds = data_lib.eval_dataset(
-        arrays.x_test, arrays.y_test, config.train.eval_batch_size
-    )
+    test_ds = federation.test_data(config, arrays)
     done = federation.run_schedule(
         config, workdir, schedule, arrays, lambda s: s.evaluate(test_ds)
     )

@@ -35,7 +35,40 @@ def client_shards(config, arrays) -> list:
     return [(arrays.x_train[i], arrays.y_train[i]) for i in indices]
 
 
-def _epoch_datasets(config, shards, epoch) -> list:
+def vertical_view(dataset, num_clients):
+    """(x, y, ids) batches as each client's strip of x, its ids, and y.
+
+    Client k holds the k-th of `num_clients` strips of each image along its
+    width (two clients: the left and the right half).
+    """
+
+    def split(x, y, ids):
+        strips = tf.split(x, num_clients, axis=2)
+        return tuple(strips), tuple([ids] * num_clients), y
+
+    return dataset.map(split)
+
+
+def test_data(config, arrays):
+    """The test split batched as the schedule of `config` expects it."""
+    vertical = config.topology == "vertical"
+    ds = data_lib.eval_dataset(
+        arrays.x_test, arrays.y_test, config.train.eval_batch_size, with_ids=vertical
+    )
+    return vertical_view(ds, config.num_clients) if vertical else ds
+
+
+def _epoch_datasets(config, arrays, shards, epoch):
+    if config.topology == "vertical":
+        ds = data_lib.train_dataset(
+            arrays.x_train,
+            arrays.y_train,
+            config.train.batch_size,
+            config.seed,
+            epoch,
+            with_ids=True,
+        )
+        return vertical_view(ds, config.num_clients)
     return [
         data_lib.train_dataset(
             x, y, config.train.batch_size, config.seed, epoch, stream=k
@@ -66,14 +99,16 @@ def run_schedule(config, workdir, schedule, arrays, evaluate) -> dict:
       evaluate: `evaluate(schedule) -> logs` on the test split.
 
     Returns:
-      {"epochs_done", "wall_seconds"} after training.
+      {"steps": training batches over all clients, "wall_seconds"}.
     """
-    shards = client_shards(config, arrays)
+    vertical = config.topology == "vertical"
+    shards = None if vertical else client_shards(config, arrays)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     wall_var = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+    steps_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoints = PartyCheckpoints(
         os.path.join(workdir, "checkpoints"),
-        schedule.checkpoints(epoch=epoch_var, wall_seconds=wall_var),
+        schedule.checkpoints(epoch=epoch_var, wall_seconds=wall_var, steps=steps_var),
     )
     if checkpoints.restore_latest() is not None:
         schedule.resumed(int(epoch_var.numpy()))
@@ -85,7 +120,9 @@ def run_schedule(config, workdir, schedule, arrays, evaluate) -> dict:
     start = time.perf_counter() - float(wall_var.numpy())
     for epoch in range(int(epoch_var.numpy()), config.train.epochs):
         began = time.perf_counter()
-        logs = schedule.train_epoch(_epoch_datasets(config, shards, epoch))
+        datasets = _epoch_datasets(config, arrays, shards, epoch)
+        logs = schedule.train_epoch(datasets)
+        steps_var.assign_add(_batches(config, datasets))
         seconds = time.perf_counter() - began
         val = evaluate(schedule)
         totals = _totals(schedule.byte_counts())
@@ -104,7 +141,16 @@ def run_schedule(config, workdir, schedule, arrays, evaluate) -> dict:
         epoch_var.assign(epoch + 1)
         wall_var.assign(time.perf_counter() - start)
         checkpoints.save(epoch + 1)
-    return {"wall_seconds": float(wall_var.numpy())}
+    return {"steps": int(steps_var.numpy()), "wall_seconds": float(wall_var.numpy())}
+
+
+def _batches(config, datasets) -> int:
+    """Training batches in one epoch, over all clients (client steps)."""
+    datasets = datasets if isinstance(datasets, list) else [datasets]
+    total = sum(int(ds.cardinality()) for ds in datasets)
+    if config.method == "fedavg":
+        total *= config.fedavg.local_epochs
+    return total
 
 
 def _rounded(logs: dict) -> dict:

@@ -44,6 +44,7 @@ def train_dataset(
     skip_batches: int = 0,
     drop_remainder: bool = False,
     stream: int | None = None,
+    with_ids: bool = False,
 ) -> tf.data.Dataset:
     """Returns one shuffled epoch of `(images, labels)` batches.
 
@@ -59,6 +60,8 @@ def train_dataset(
       drop_remainder: Whether to drop the last batch if it is smaller.
       stream: None, or the index of one of several independent orders drawn
         for the same (seed, epoch), e.g. one per client's shard.
+      with_ids: also yield each example's row index as its sample id, as
+        `(images, labels, ids)` (for aligning vertically split data).
 
     Returns:
       A dataset of (float32 images, int64 labels) batches, prefetched.
@@ -78,16 +81,19 @@ def train_dataset(
     entropy = [seed, epoch] if stream is None else [seed, epoch, stream]
     order = np.random.default_rng(entropy).permutation(len(x))
     order = order[skip_batches * batch_size :]
-    return _batches(x, y, order, batch_size, drop_remainder)
+    return _batches(x, y, order, batch_size, drop_remainder, with_ids)
 
 
-def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+def eval_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, with_ids: bool = False
+) -> tf.data.Dataset:
     """Returns `(images, labels)` batches in stored order, last one partial.
 
     Args:
       x: Images; uint8 values are scaled to [0, 1], float values are kept.
       y: Integer labels, shape (examples,).
       batch_size: Examples per batch, >= 1.
+      with_ids: also yield row indices as sample ids: `(images, labels, ids)`.
 
     Returns:
       A dataset of (float32 images, int64 labels) batches, prefetched.
@@ -97,7 +103,8 @@ def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Datas
     """
     _check_arrays(x, y)
     steps_per_epoch(len(x), batch_size)  # Validates batch_size.
-    return _batches(x, y, np.arange(len(x)), batch_size, drop_remainder=False)
+    order = np.arange(len(x))
+    return _batches(x, y, order, batch_size, drop_remainder=False, with_ids=with_ids)
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
@@ -110,7 +117,7 @@ def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-def _batches(x, y, order, batch_size, drop_remainder) -> tf.data.Dataset:
+def _batches(x, y, order, batch_size, drop_remainder, with_ids) -> tf.data.Dataset:
     # The arrays enter TensorFlow in their stored dtype; only the gathered
     # batch is converted, so no float copy of the whole dataset is made.
     images = tf.convert_to_tensor(x)
@@ -121,6 +128,8 @@ def _batches(x, y, order, batch_size, drop_remainder) -> tf.data.Dataset:
         batch = tf.cast(tf.gather(images, batch_indices), tf.float32)
         if scale:
             batch = batch / 255.0
+        if with_ids:
+            return batch, tf.gather(labels, batch_indices), batch_indices
         return batch, tf.gather(labels, batch_indices)
 
     dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64))

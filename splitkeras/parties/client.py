@@ -124,9 +124,13 @@ class Client:
         grads = tape.gradient(total, outputs + list(tail_vars))
         return grads[len(outputs) :], grads[: len(outputs)], loss
 
+    def infer(self, x) -> tuple:
+        """The cut tensors of `x` in inference mode."""
+        return flat(self.segment(x, training=False))
+
     def evaluate_step(self, link, step, x, y, sample_weight=None):
         """Runs inference; the label holder updates the metrics."""
-        cut = flat(self.segment(x, training=False))
+        cut = self.infer(x)
         reply = link.request(self._message(Kind.EVALUATE, step, cut, y, sample_weight))
         if self.tail is None:
             return reply.loss
@@ -135,7 +139,7 @@ class Client:
 
     def predict_step(self, link, step, x):
         """Returns the model's predictions for `x`."""
-        cut = flat(self.segment(x, training=False))
+        cut = self.infer(x)
         reply = link.request(self._message(Kind.PREDICT, step, cut))
         outputs = _unflat(list(reply.tensors))
         if self.tail is None:

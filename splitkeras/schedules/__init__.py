@@ -1,13 +1,36 @@
 """Schedules: who trains when, and how weights travel between parties."""
 
+from splitkeras.cut import cut
+from splitkeras.schedules.fedavg import FedAvg
+from splitkeras.schedules.large_batch_sgd import LargeBatchSGD
 from splitkeras.schedules.round_robin import RoundRobin
+from splitkeras.schedules.vertical import VerticalSplit, align, split_image_halves
 
-__all__ = ["RoundRobin", "schedule_for"]
+__all__ = [
+    "FedAvg",
+    "LargeBatchSGD",
+    "RoundRobin",
+    "VerticalSplit",
+    "align",
+    "schedule_for",
+    "split_image_halves",
+]
 
 
 def schedule_for(config, build_model, make_optimizer, loss, at):
     """The schedule for `config.method` with `config.num_clients` clients."""
     k = config.num_clients
+    if config.topology == "vertical":
+        segments = [cut(build_model(), at) for _ in range(k)]
+        return VerticalSplit(
+            [s.client for s in segments],
+            segments[0].server,
+            make_optimizer,
+            loss,
+            merge=config.vertical.merge,
+            codec=config.transport.codec,
+            run_eagerly=config.train.run_eagerly,
+        )
     if config.method == "split":
         return RoundRobin(
             build_model,
@@ -19,4 +42,14 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             codec=config.transport.codec,
             run_eagerly=config.train.run_eagerly,
         )
+    if config.method == "fedavg":
+        return FedAvg(
+            build_model,
+            k,
+            make_optimizer,
+            loss,
+            local_epochs=config.fedavg.local_epochs,
+        )
+    if config.method == "large_batch_sgd":
+        return LargeBatchSGD(build_model, k, make_optimizer, loss)
     raise ValueError(f"no multi-client schedule for config.method {config.method!r}")

@@ -20,6 +20,7 @@ import tensorflow as tf
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.objective import Objective
 from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.transport.counters import ByteCounters
 
 __all__ = ["FedAvg"]
 
@@ -77,8 +78,7 @@ class FedAvg:
         ]
         self._evaluate_step = tf.function(self._evaluate_batch, reduce_retracing=True)
         self._model_bytes = _WIRE_BYTES * sum(_size(w) for w in self._weights)
-        self.bytes_up = [0] * num_clients
-        self.bytes_down = [0] * num_clients
+        self.counters = ByteCounters(("bytes_up", "bytes_down"), num_clients)
 
     @property
     def num_clients(self) -> int:
@@ -124,7 +124,7 @@ class FedAvg:
         """Client k trains a copy of the global model; returns examples seen."""
         for local, weight in zip(self._local_weights[k], self._weights):
             local.assign(weight)
-        self.bytes_down[k] += self._model_bytes
+        self.counters.add("bytes_down", k, self._model_bytes)
         for variable, value in zip(
             self.optimizers[k].variables, self._fresh_optimizer_state[k]
         ):
@@ -134,7 +134,7 @@ class FedAvg:
             for x, y in dataset:
                 self._steps[k](x, y)
                 seen += int(tf.nest.flatten(x)[0].shape[0])
-        self.bytes_up[k] += self._model_bytes
+        self.counters.add("bytes_up", k, self._model_bytes)
         return seen
 
     def _average(self, examples: list) -> None:
@@ -172,7 +172,19 @@ class FedAvg:
 
     def byte_counts(self) -> dict:
         """Bytes so far: {'bytes_up': [per client], 'bytes_down': [...]}."""
-        return {"bytes_up": list(self.bytes_up), "bytes_down": list(self.bytes_down)}
+        return self.counters.as_dict()
+
+    def train_epoch(self, client_datasets) -> dict:
+        """One round per epoch (the experiment runner's interface)."""
+        return self.train_round(client_datasets)
+
+    def checkpoints(self, **extra) -> dict:
+        """{"server": checkpoint} with the byte counters (the runner's interface)."""
+        return {"server": self.checkpoint(**extra, **self.counters.variables())}
+
+    def resumed(self, epochs_done: int) -> None:
+        """Nothing to rebuild: the checkpoint holds the whole state."""
+        del epochs_done
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The server's state: the global model (+ `extra`, e.g. a round counter).

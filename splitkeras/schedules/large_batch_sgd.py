@@ -30,6 +30,7 @@ import tensorflow as tf
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.objective import Objective
 from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.transport.counters import ByteCounters
 
 __all__ = ["LargeBatchSGD"]
 
@@ -62,7 +63,9 @@ class LargeBatchSGD:
         metrics=("accuracy",),
     ):
         if not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+            raise ValueError(
+                f"num_clients must be a positive integer, got {num_clients!r}"
+            )
         self.num_clients = num_clients
         self.model = build_model()
         _check_float_weights(self.model)
@@ -78,8 +81,7 @@ class LargeBatchSGD:
         self._evaluate_step = tf.function(self._evaluate_batch, reduce_retracing=True)
         self._down_bytes = _WIRE_BYTES * _count(self.model.weights)
         self._up_bytes = _WIRE_BYTES * _count(self._trainable + self._state)
-        self.bytes_up = [0] * num_clients
-        self.bytes_down = [0] * num_clients
+        self.counters = ByteCounters(("bytes_up", "bytes_down"), num_clients)
 
     def _accumulate(self, x, y, fraction, state):
         """One client: its gradient and state update, scaled by `fraction`."""
@@ -113,9 +115,9 @@ class LargeBatchSGD:
         total = sum(sizes)
         state = [tf.convert_to_tensor(v) for v in self._state]
         for (k, (x, y)), size in zip(batches, sizes):
-            self.bytes_down[k] += self._down_bytes
+            self.counters.add("bytes_down", k, self._down_bytes)
             self._client_step(x, y, tf.constant(size / total, tf.float32), state)
-            self.bytes_up[k] += self._up_bytes
+            self.counters.add("bytes_up", k, self._up_bytes)
         self._apply_step(state)
 
     def _check_count(self, items: list, what: str) -> None:
@@ -178,7 +180,15 @@ class LargeBatchSGD:
 
     def byte_counts(self) -> dict:
         """Bytes so far: {'bytes_up': [per client], 'bytes_down': [...]}."""
-        return {"bytes_up": list(self.bytes_up), "bytes_down": list(self.bytes_down)}
+        return self.counters.as_dict()
+
+    def checkpoints(self, **extra) -> dict:
+        """{"server": checkpoint} with the byte counters (the runner's interface)."""
+        return {"server": self.checkpoint(**extra, **self.counters.variables())}
+
+    def resumed(self, epochs_done: int) -> None:
+        """Nothing to rebuild: the checkpoint holds the whole state."""
+        del epochs_done
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The server's state: the model and the optimizer (+ `extra`)."""

@@ -258,26 +258,6 @@ def _assert_same_ids(first, other):
     return tf.debugging.Assert(tf.logical_not(tf.reduce_any(differ)), [message])
 
 
-class _Carrier:
-    """Carries messages both ways through a `LocalTransport`'s codec and counters.
-
-    `LocalTransport.request` sends one message and expects one reply; a
-    vertical step sends K messages before the server can answer, so this uses
-    the transport's per-message carrying (encode, count bytes, decode).
-    """
-
-    def __init__(self, num_clients, codec):
-        self.transport = LocalTransport(None, num_clients, codec, codec)
-
-    def up(self, message):
-        t = self.transport
-        return t._carry(message, t.codec_up, t.bytes_up)
-
-    def down(self, message):
-        t = self.transport
-        return t._carry(message, t.codec_down, t.bytes_down)
-
-
 def _optimizer_factory(make_optimizer):
     if callable(make_optimizer):
         return make_optimizer
@@ -340,8 +320,9 @@ class VerticalSplit:
         )
         for party in [*self.clients, self.server]:
             party.build_optimizer()
-        self._carrier = _Carrier(self.num_clients, codec)
-        self.transport = self._carrier.transport
+        # A vertical step sends K messages before the server can answer, so
+        # it carries them one by one instead of using `request`.
+        self.transport = LocalTransport(None, self.num_clients, codec, codec)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
         if not run_eagerly:
@@ -362,9 +343,9 @@ class VerticalSplit:
         ]
 
     def _exchange(self, requests) -> list[Message]:
-        arrived = [self._carrier.up(m) for m in requests]
+        arrived = [self.transport.carry_up(m) for m in requests]
         replies = self.server.handle_batch(arrived)
-        return [self._carrier.down(r) for r in replies]
+        return [self.transport.carry_down(r) for r in replies]
 
     def _train_step(self, features, ids, y):
         step = self._step.assign_add(1)
@@ -377,9 +358,7 @@ class VerticalSplit:
 
     def _inference_cuts(self, features):
         # Each client runs its own segment in inference mode (no tape).
-        return [
-            flat(c.segment(x, training=False)) for c, x in zip(self.clients, features)
-        ]
+        return [c.infer(x) for c, x in zip(self.clients, features)]
 
     def _evaluate_step(self, features, ids, y):
         cuts = self._inference_cuts(features)
@@ -404,6 +383,10 @@ class VerticalSplit:
                 f"{len(features)} and {len(ids)}"
             )
         return features, ids, y
+
+    def resumed(self, epochs_done: int) -> None:
+        """Nothing to rebuild: every party's checkpoint holds its state."""
+        del epochs_done
 
     def train_step(self, batch) -> tf.Tensor:
         """One training step on `(features, ids, y)`; returns the batch loss."""

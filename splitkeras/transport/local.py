@@ -39,9 +39,15 @@ class LocalTransport:
 
     def request(self, message: Message) -> Message:
         """Sends `message` to the server and returns its reply."""
-        arrived = self._carry(message, self.codec_up, self.bytes_up)
-        reply = self.server.handle(arrived)
-        return self._carry(reply, self.codec_down, self.bytes_down)
+        return self.carry_down(self.server.handle(self.carry_up(message)))
+
+    def carry_up(self, message: Message) -> Message:
+        """Carries one message from its client towards the server (as arrived)."""
+        return self._carry(message, self.codec_up, self.bytes_up)
+
+    def carry_down(self, message: Message) -> Message:
+        """Carries one message from the server to its client (as arrived)."""
+        return self._carry(message, self.codec_down, self.bytes_down)
 
     def _carry(self, message, codec, counters):
         if not 0 <= message.client_id < len(counters):
