@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
 from configs import fashion_mnist_lenet
 from splitkeras import experiment
@@ -171,6 +172,35 @@ class ExperimentTest(base.TestCase):
         self.assertGreater(uninterrupted["per_client"]["handoff_bytes_received"][0], 0)
         for party in ("client_0", "client_1", "server"):
             self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", party)))
+
+    @parameterized.parameters("fedavg", "large_batch_sgd")
+    def test_federated_baselines_from_config(self, method):
+        config = _config(self.npz)
+        config.method = method
+        config.num_clients = 2
+        summary = experiment.train_and_evaluate(config, os.path.join(self.root, method))
+        self.assertTrue(np.isfinite(summary["test_loss"]))
+        # LeNet-5 with 2 classes: 61026 float32 parameters per model transfer.
+        model_bytes = 61026 * 4
+        # fedavg: 2 rounds, one model each way; large-batch SGD: 2 x 4 steps
+        # per client, gradients up and the model down each step.
+        transfers = 2 if method == "fedavg" else 2 * 4
+        expected = [transfers * model_bytes] * 2
+        self.assertEqual(summary["per_client"]["bytes_up"], expected)
+        self.assertEqual(summary["per_client"]["bytes_down"], expected)
+
+    def test_vertical_halves_from_config(self):
+        config = _config(self.npz)
+        config.topology = "vertical"
+        config.num_clients = 2
+        summary = experiment.train_and_evaluate(config, os.path.join(self.root, "v"))
+        self.assertEqual(summary["steps"], 16)
+        self.assertGreater(summary["test_accuracy"], 0.9)
+        # Each client sends its half's cut tensor (14x7x6 float32) and ids.
+        per_example = 14 * 7 * 6 * 4 + 8
+        up = summary["per_client"]["bytes_up"]
+        self.assertEqual(up[1], (16 * 32 + 3 * 64) * per_example)
+        self.assertGreater(up[0], up[1])  # client 0 also sends the labels
 
     def test_non_finite_loss_stops_the_run(self):
         config = _config(self.npz, optimizer="sgd", learning_rate=1e30)
