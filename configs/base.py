@@ -11,9 +11,11 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds initial weights, dropout masks and the data order
-    c.method = "split"  # split | centralized | fedavg | large_batch_sgd
+    # split | splitfed_v1 | splitfed_v2 | centralized | fedavg | large_batch_sgd
+    c.method = "split"
     c.num_clients = 1  # clients; split with > 1 trains them round-robin
-    c.topology = "vanilla"  # vanilla | ushaped (2 cut layers) | vertical
+    # vanilla | ushaped (2 cut layers) | vertical | multihop (2 cut layers)
+    c.topology = "vanilla"
     c.weight_handoff = "peer"  # round-robin handoff: peer | server (AES-GCM)
 
     c.model = ml_collections.ConfigDict()

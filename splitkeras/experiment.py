@@ -30,8 +30,16 @@ log = logging.getLogger("splitkeras")
 
 __all__ = ["train_and_evaluate", "build_trainer", "METHODS"]
 
-METHODS = ("split", "centralized", "fedavg", "large_batch_sgd")
-TOPOLOGIES = ("vanilla", "ushaped", "vertical")
+METHODS = (
+    "split",
+    "splitfed_v1",
+    "splitfed_v2",
+    "centralized",
+    "fedavg",
+    "large_batch_sgd",
+)
+TOPOLOGIES = ("vanilla", "ushaped", "vertical", "multihop")
+SPLIT_METHODS = ("split", "splitfed_v1", "splitfed_v2")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,7 +77,8 @@ def cut_layers(config) -> str | tuple[str, ...]:
             f"unknown config.topology {config.topology!r}; available: "
             f"{', '.join(TOPOLOGIES)}"
         )
-    expected = 2 if config.topology == "ushaped" else 1  # vertical: per client
+    # vertical: one cut per client's copy; multihop: client | relay | server.
+    expected = 2 if config.topology in ("ushaped", "multihop") else 1
     if len(at) != expected:
         raise ValueError(
             f"config.topology={config.topology!r} needs {expected} cut layer(s) "
@@ -90,7 +99,7 @@ def _uses_schedule(config) -> bool:
     _check_method(config)
     if config.method == "centralized":
         return False
-    if config.topology == "vertical":
+    if config.topology in ("vertical", "multihop"):
         return True
     return config.method != "split" or config.num_clients > 1
 
@@ -100,12 +109,17 @@ def build_schedule(config, arrays):
     from splitkeras.schedules import schedule_for
 
     input_shape = arrays.input_shape
+    if config.topology in ("vertical", "multihop") and config.method != "split":
+        raise ValueError(
+            f"config.topology={config.topology!r} needs config.method='split', "
+            f"got {config.method!r}"
+        )
+    if config.topology == "multihop" and config.num_clients != 1:
+        raise ValueError(
+            "config.topology='multihop' runs one client through one relay; "
+            f"set config.num_clients=1 (got {config.num_clients})"
+        )
     if config.topology == "vertical":
-        if config.method != "split":
-            raise ValueError(
-                f"config.topology='vertical' needs config.method='split', got "
-                f"{config.method!r}"
-            )
         # Each client's segment sees its strip of the image (see federation).
         height, width, channels = input_shape
         if width % config.num_clients:
@@ -119,7 +133,7 @@ def build_schedule(config, arrays):
         build_model=lambda: build_model(config, arrays, input_shape),
         make_optimizer=lambda: _optimizer(config),
         loss=_loss(),
-        at=cut_layers(config) if config.method == "split" else None,
+        at=cut_layers(config) if config.method in SPLIT_METHODS else None,
     )
 
 

@@ -189,6 +189,29 @@ class ExperimentTest(base.TestCase):
         self.assertEqual(summary["per_client"]["bytes_up"], expected)
         self.assertEqual(summary["per_client"]["bytes_down"], expected)
 
+    @parameterized.parameters("splitfed_v1", "splitfed_v2")
+    def test_splitfed_from_config(self, method):
+        config = _config(self.npz)
+        config.method = method
+        config.num_clients = 2
+        summary = experiment.train_and_evaluate(config, os.path.join(self.root, method))
+        self.assertEqual(summary["steps"], 16)
+        self.assertTrue(np.isfinite(summary["test_loss"]))
+        # Client segment of LeNet-5 up to pool1: 6 * (5 * 5 + 1) float32 weights,
+        # sent up and received back once per round.
+        per_client = summary["per_client"]
+        self.assertEqual(per_client["aggregation_bytes_sent"], [2 * 156 * 4] * 2)
+
+    def test_multihop_from_config(self):
+        config = _config(self.npz)
+        config.topology = "multihop"
+        config.model.cut = "pool1,fc1"
+        summary = experiment.train_and_evaluate(config, os.path.join(self.root, "mh"))
+        self.assertAlmostEqual(
+            summary["test_loss"], self.summary["test_loss"], places=5
+        )
+        self.assertEqual(summary["test_accuracy"], self.summary["test_accuracy"])
+
     def test_vertical_halves_from_config(self):
         config = _config(self.npz)
         config.topology = "vertical"

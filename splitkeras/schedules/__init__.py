@@ -3,13 +3,19 @@
 from splitkeras.cut import cut
 from splitkeras.schedules.fedavg import FedAvg
 from splitkeras.schedules.large_batch_sgd import LargeBatchSGD
+from splitkeras.schedules.multihop import MultiHop
+from splitkeras.schedules.multitask import MultiTask
 from splitkeras.schedules.round_robin import RoundRobin
+from splitkeras.schedules.splitfed import SplitFed
 from splitkeras.schedules.vertical import VerticalSplit, align, split_image_halves
 
 __all__ = [
     "FedAvg",
     "LargeBatchSGD",
+    "MultiHop",
+    "MultiTask",
     "RoundRobin",
+    "SplitFed",
     "VerticalSplit",
     "align",
     "schedule_for",
@@ -28,6 +34,26 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             make_optimizer,
             loss,
             merge=config.vertical.merge,
+            codec=config.transport.codec,
+            run_eagerly=config.train.run_eagerly,
+        )
+    if config.topology == "multihop":
+        return MultiHop(
+            build_model(),
+            at,
+            make_optimizer,
+            loss,
+            codec=config.transport.codec,
+            run_eagerly=config.train.run_eagerly,
+        )
+    if config.method in ("splitfed_v1", "splitfed_v2"):
+        return SplitFed(
+            build_model,
+            at,
+            k,
+            make_optimizer,
+            loss,
+            version=int(config.method[-1]),
             codec=config.transport.codec,
             run_eagerly=config.train.run_eagerly,
         )

@@ -1,0 +1,336 @@
+"""Multi-task split learning (Vepakomma et al. 2018, "Split learning for health").
+
+One client segment feeds several server heads, one per task. Each head is
+its own server party with its own optimizer, its own labels and its own
+loss. The client sends its cut tensors to every head (each head gets only
+the cut tensors it uses, and only its own task's labels), receives each
+head's gradients, sums them and applies one update:
+
+```
+client: x ──segment──► a ─task_0─► head 0: a ──► out_0, loss_0(y_0) ─► dL_0/da
+                         └task_1─► head 1: a ──► out_1, loss_1(y_1) ─► dL_1/da
+client: tape.gradient(a, vars, output_gradients=dL_0/da + dL_1/da)
+```
+
+With loss weights 1 this is the gradient of the uncut multi-output model's
+total loss, so with the same batches training equals `model.fit` with
+`loss=[loss_0, loss_1, ...]`. Each head is linked by its own
+`LocalTransport`, which encodes with the codec and counts bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from splitkeras.cut import cut
+from splitkeras.objective import Objective
+from splitkeras.parties import Client, Server
+from splitkeras.protocol import Kind, Message
+from splitkeras.transport.local import LocalTransport
+
+__all__ = ["MultiTask", "task_heads"]
+
+
+def _inputs_used(inputs, output) -> list[int]:
+    """Positions of the `inputs` tensors that `output` depends on."""
+    wanted = {id(t): j for j, t in enumerate(inputs)}
+    used, seen, stack = set(), set(), [output]
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in wanted:
+            used.add(wanted[id(tensor)])
+            continue
+        operation, node_index, _ = tensor._keras_history
+        if operation is not None:
+            stack.extend(operation._inbound_nodes[node_index].input_tensors)
+    return sorted(used)
+
+
+def _layer_name(tensor) -> str:
+    return tensor._keras_history[0].name
+
+
+def task_heads(server_segment: keras.Model, cut_layer: str) -> list:
+    """One head model per output of `server_segment`, sharing no layers.
+
+    Args:
+      server_segment: the server segment of a multi-output model.
+      cut_layer: the cut layer, for error messages.
+
+    Returns:
+      `(head, used)` per output: the head maps the cut tensors at positions
+      `used` (of the segment's inputs) to that output.
+
+    Raises:
+      ValueError: two outputs share a layer after the cut (named).
+    """
+    inputs = list(server_segment.inputs)
+    outputs = list(server_segment.outputs)
+    heads, owner = [], {}
+    for i, output in enumerate(outputs):
+        used = _inputs_used(inputs, output)
+        head_inputs = [inputs[j] for j in used]
+        head = keras.Model(
+            head_inputs[0] if len(head_inputs) == 1 else head_inputs,
+            output,
+            name=f"{server_segment.name}_head_{i}",
+        )
+        for layer in head.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            first = owner.setdefault(id(layer), i)
+            if first != i:
+                raise ValueError(
+                    f"layer '{layer.name}' is used by task heads {first} "
+                    f"(output '{_layer_name(outputs[first])}') and {i} (output "
+                    f"'{_layer_name(output)}') after the cut at '{cut_layer}'; "
+                    "each head is its own server party and must own its "
+                    f"layers. Cut at or after '{layer.name}' so the client "
+                    "holds it, or give each task its own copy."
+                )
+        heads.append((head, used))
+    return heads
+
+
+def _metrics_per_task(metrics, num_tasks) -> list:
+    """`metrics` for every task, or one sequence per task if given so."""
+    metrics = list(metrics)
+    per_task = metrics and all(isinstance(m, (list, tuple)) for m in metrics)
+    if not per_task:
+        return [metrics] * num_tasks
+    if len(metrics) != num_tasks:
+        raise ValueError(
+            f"got metrics for {len(metrics)} tasks but the model has "
+            f"{num_tasks} outputs"
+        )
+    return metrics
+
+
+def _optimizer_factory(make_optimizer):
+    if callable(make_optimizer):
+        return make_optimizer
+    return lambda: keras.optimizers.get(make_optimizer)
+
+
+class MultiTask:
+    """One client segment, one server head (party) per task.
+
+    Args:
+      model: a functional Keras model with H outputs, one per task; the
+        segments share its layers, so training them trains `model`.
+      at: the one cut layer. Every layer after it belongs to exactly one
+        task's head.
+      make_optimizer: zero-argument callable returning a new optimizer (one
+        per party), or an optimizer name.
+      losses: H Keras losses; head i computes `losses[i]` (loss weights 1).
+      metrics: metric names for every head ("accuracy": sparse categorical),
+        or H sequences, one per head.
+      codec: the wire codec of every client-head link (both directions).
+      run_eagerly: run steps eagerly instead of as `tf.function`s.
+
+    Attributes:
+      client: the `Client` holding the raw data and the client segment.
+      heads: H `Server`s; head i holds task i's segment, loss and metrics.
+      links: H `LocalTransport`s; link i carries messages to head i.
+
+    Raises:
+      ValueError: `at` names more than one layer, `losses` does not have H
+        entries, two heads share a layer, or `cut` refuses the cut.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        at: str | Sequence[str],
+        make_optimizer: Callable[[], keras.optimizers.Optimizer],
+        losses: Sequence,
+        metrics=("accuracy",),
+        codec: str = "float32",
+        run_eagerly: bool = False,
+    ):
+        names = (at,) if isinstance(at, str) else tuple(at)
+        if len(names) != 1:
+            raise ValueError(
+                f"multi-task split learning cuts at one layer; got {list(names)}"
+            )
+        num_tasks = len(model.outputs)
+        losses = list(losses)
+        if len(losses) != num_tasks:
+            raise ValueError(
+                f"model '{model.name}' has {num_tasks} outputs but got "
+                f"{len(losses)} losses; pass one loss per output"
+            )
+        make = _optimizer_factory(make_optimizer)
+        segments = cut(model, names[0])
+        heads = task_heads(segments.server, names[0])
+        metrics = _metrics_per_task(metrics, num_tasks)
+        self.objectives = [Objective(f, m) for f, m in zip(losses, metrics)]
+        self.heads = [
+            Server(head, make(), objective=objective)
+            for (head, _), objective in zip(heads, self.objectives)
+        ]
+        self._used = [used for _, used in heads]
+        self.links = [LocalTransport(h, 1, codec, codec) for h in self.heads]
+        self.client = Client(segments.client, make(), client_id=0)
+        for party in [self.client, *self.heads]:
+            party.build_optimizer()
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        steps = (self._train_step, self._evaluate_step, self._predict_step)
+        if not run_eagerly:
+            steps = [tf.function(f, reduce_retracing=True) for f in steps]
+        self._train_fn, self._evaluate_fn, self._predict_fn = steps
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.heads)
+
+    def _send(self, kind, step, cut_tensors, ys=None) -> list[Message]:
+        """Sends head i its cut tensors (and task i's labels); returns replies."""
+        replies = []
+        for i, (link, used) in enumerate(zip(self.links, self._used)):
+            request = Message(
+                kind=kind,
+                client_id=self.client.client_id,
+                step=step,
+                tensors=tuple(cut_tensors[j] for j in used),
+                labels=None if ys is None else ys[i],
+            )
+            replies.append(link.request(request))
+        return replies
+
+    def _summed_gradients(self, cut_tensors, replies) -> list:
+        total = [None] * len(cut_tensors)
+        for used, reply in zip(self._used, replies):
+            for j, grad in zip(used, reply.tensors):
+                total[j] = grad if total[j] is None else total[j] + grad
+        return [
+            tf.zeros_like(c) if g is None else g for c, g in zip(cut_tensors, total)
+        ]
+
+    def _train_step(self, x, ys):
+        forward = self.client.forward(x)
+        replies = self._send(Kind.TRAIN, self._step.assign_add(1), forward.cut, ys)
+        self.client.backward(forward, self._summed_gradients(forward.cut, replies))
+        return [r.loss for r in replies]
+
+    def _evaluate_step(self, x, ys):
+        replies = self._send(Kind.EVALUATE, self._step, self.client.infer(x), ys)
+        return [r.loss for r in replies]
+
+    def _predict_step(self, x):
+        replies = self._send(Kind.PREDICT, self._step, self.client.infer(x))
+        return [_unflat(r.tensors) for r in replies]
+
+    def _labels(self, ys) -> tuple:
+        ys = tuple(ys)
+        if len(ys) != self.num_tasks:
+            raise ValueError(
+                f"got {len(ys)} label tensors for {self.num_tasks} tasks; pass "
+                "one per task, in output order"
+            )
+        return ys
+
+    def train_step(self, x, ys) -> list:
+        """One training step; `ys` holds one label tensor per task.
+
+        Returns:
+          The H task losses of the batch.
+        """
+        return self._train_fn(x, self._labels(ys))
+
+    def _results(self, training) -> dict:
+        results = {}
+        for i, objective in enumerate(self.objectives):
+            for key, value in objective.result(training).items():
+                results[f"task_{i}/{key}"] = value
+        results["loss"] = sum(results[f"task_{i}/loss"] for i in range(self.num_tasks))
+        return results
+
+    def train_epoch(self, dataset, progress=None) -> dict:
+        """Trains on every `(x, (y_0, ..., y_H-1))` batch of `dataset`.
+
+        Args:
+          dataset: an iterable of batches, or a one-element list of one (the
+            client datasets `federation.run_schedule` passes).
+          progress: an optional `splitkeras.progress.Progress`, told the
+            global step after each batch.
+
+        Returns:
+          The epoch's mean metrics: "task_i/loss", "task_i/<metric>" per
+          task and "loss", the sum of the task losses.
+        """
+        if isinstance(dataset, (list, tuple)) and len(dataset) == 1:
+            (dataset,) = dataset
+        for objective in self.objectives:
+            objective.reset(training=True)
+        for x, ys in dataset:
+            self.train_step(x, ys)
+            if progress is not None:
+                step = int(self._step.numpy())
+                if progress.due(step):
+                    progress.report(step, self._results(training=True))
+        return self._results(training=True)
+
+    def evaluate(self, dataset) -> dict:
+        """Mean task losses and metrics over `(x, (y_0, ...))` batches.
+
+        Returns:
+          "task_i/loss", "task_i/<metric>" per task and "loss" (their sum).
+        """
+        for objective in self.objectives:
+            objective.reset(training=False)
+        for x, ys in dataset:
+            self._evaluate_fn(x, self._labels(ys))
+        return self._results(training=False)
+
+    def predict(self, x, batch_size=None) -> list:
+        """The H heads' outputs for `x`, in batches; a list of tensors."""
+        n = len(x)
+        size = batch_size or max(n, 1)
+        batches = [self._predict_fn(x[i : i + size]) for i in range(0, n, size)]
+        return [tf.concat(list(task), axis=0) for task in zip(*batches)]
+
+    def byte_counts(self) -> dict:
+        """Bytes carried so far on each client-head link, per direction.
+
+        Returns:
+          {"task_0/bytes_up": [n], "task_0/bytes_down": [n], "task_1/...":
+          ...}; each value lists the bytes per client (one), as
+          `LocalTransport` does.
+        """
+        counts = {}
+        for i, link in enumerate(self.links):
+            for key, values in link.byte_counts().items():
+                counts[f"task_{i}/{key}"] = values
+        return counts
+
+    def checkpoints(self, **extra) -> dict:
+        """One checkpoint per party: "client_0" and "head_0", "head_1", ...
+
+        The client (the sender on every link) keeps the links' byte counters.
+        """
+        state = {"step": self._step, **extra}
+        counters = {
+            f"task_{i}_{key}": variable
+            for i, link in enumerate(self.links)
+            for key, variable in link.counters_of(0).items()
+        }
+        parties = {"client_0": self.client.checkpoint(**state, **counters)}
+        for i, head in enumerate(self.heads):
+            parties[f"head_{i}"] = head.checkpoint(**state)
+        return parties
+
+    def resumed(self, epochs_done: int) -> None:
+        """Nothing to do after a restore: every party restores its own state."""
+        del epochs_done
+
+
+def _unflat(tensors):
+    tensors = list(tensors)
+    return tensors[0] if len(tensors) == 1 else tensors
