@@ -14,6 +14,19 @@ import tensorflow as tf
 __all__ = ["Objective"]
 
 
+class _Mean:
+    """A per-example loss function reduced as Keras does ("sum over batch")."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, y, y_pred, sample_weight=None):
+        per_example = self.fn(y, y_pred)
+        if sample_weight is not None:
+            per_example *= tf.cast(sample_weight, per_example.dtype)
+        return tf.reduce_mean(per_example)
+
+
 class Objective:
     """A loss plus running metrics (one set for training, one for evaluation).
 
@@ -24,7 +37,8 @@ class Objective:
     """
 
     def __init__(self, loss, metrics=("accuracy",)):
-        self.loss = keras.losses.get(loss)
+        found = keras.losses.get(loss)
+        self.loss = found if isinstance(found, keras.losses.Loss) else _Mean(found)
         self._trackers = {
             mode: [keras.metrics.Mean(name="loss")] + [self._metric(m) for m in metrics]
             for mode in (True, False)
@@ -32,9 +46,17 @@ class Objective:
 
     @staticmethod
     def _metric(metric):
+        """A fresh metric object (training and evaluation never share one)."""
         if metric == "accuracy":
             return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        return keras.metrics.get(metric)
+        if isinstance(metric, keras.metrics.Metric):
+            return metric.__class__.from_config(metric.get_config())
+        found = keras.metrics.get(metric)
+        if isinstance(found, keras.metrics.Metric):
+            return found
+        # A metric function such as "mae": track its mean over examples.
+        name = metric if isinstance(metric, str) else found.__name__
+        return keras.metrics.MeanMetricWrapper(found, name=name)
 
     def __call__(self, y, y_pred, sample_weight=None, training=True):
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
