@@ -55,6 +55,10 @@ def _mb(values) -> str:
     return f"{sum(values) / len(values) / 1e6:.1f}"
 
 
+def _kb(values) -> str:
+    return f"{sum(values) / len(values) / 1e3:.1f}"
+
+
 def main(argv):
     del argv
     names = _ROWS.value or list(ROWS)
@@ -71,7 +75,8 @@ def main(argv):
     )
     print(
         "| configuration | clients | test accuracy | vs centralized (points) | "
-        "MB up / client | MB down / client | handoff MB / client | seconds |"
+        "MB up / client | MB down / client | handoff or averaging kB / client | "
+        "seconds |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, s in results.items():
@@ -83,7 +88,7 @@ def main(argv):
         print(
             f"| {name} | {s['num_clients']} | {s['test_accuracy']:.4f} | {delta} | "
             f"{_mb(per['bytes_up'])} | {_mb(per['bytes_down'])} | "
-            f"{_mb(handoff) if handoff else '-'} | {s['wall_seconds']:.0f} |",
+            f"{_kb(handoff) if handoff else '-'} | {s['wall_seconds']:.0f} |",
             flush=True,
         )
 
