@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from splitkeras.checkpointing import party_checkpoint
+from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message, flat
 
 __all__ = ["Relay"]
 
 
-class Relay:
+class Relay(SegmentParty):
     """An intermediate party: a server upstream, a client downstream.
 
     It passes the labels it receives on unchanged (vanilla multi-hop: the
@@ -47,14 +47,6 @@ class Relay:
         self.optimizer = optimizer
         self.link = link
         self.client_id = client_id
-
-    @property
-    def trainable_variables(self) -> list:
-        return list(self.segment.trainable_variables)
-
-    def build_optimizer(self):
-        if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
 
     def handle(self, message: Message) -> Message:
         """Answers one message from the previous party.
@@ -120,10 +112,6 @@ class Relay:
             tensors=tuple(reply.tensors if tensors is None else tensors),
             loss=reply.loss,
         )
-
-    def checkpoint(self, **extra) -> tf.train.Checkpoint:
-        """The relay's own state: its segment and optimizer (+ `extra`)."""
-        return party_checkpoint([self.segment], self.optimizer, **extra)
 
 
 def _unflat(tensors):

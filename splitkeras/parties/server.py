@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from splitkeras.checkpointing import party_checkpoint
+from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message
 
 __all__ = ["Server"]
 
 
-class Server:
+class Server(SegmentParty):
     """The server of a split model.
 
     Args:
@@ -37,14 +37,6 @@ class Server:
     @property
     def holds_labels(self) -> bool:
         return self.objective is not None
-
-    @property
-    def trainable_variables(self) -> list:
-        return list(self.segment.trainable_variables)
-
-    def build_optimizer(self):
-        if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
 
     def handle(self, message: Message) -> Message:
         """Answers one message."""
@@ -123,7 +115,3 @@ class Server:
             tensors=tuple(tensors),
             loss=loss,
         )
-
-    def checkpoint(self, **extra) -> tf.train.Checkpoint:
-        """The server's own state: its segment and optimizer (+ `extra`)."""
-        return party_checkpoint([self.segment], self.optimizer, **extra)

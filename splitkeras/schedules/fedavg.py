@@ -18,16 +18,15 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
-from splitkeras.objective import Objective
 from splitkeras.parties.segment_step import apply_gradients, regularization
-from splitkeras.transport.counters import ByteCounters
+from splitkeras.schedules.whole_model import WholeModelBaseline
 
 __all__ = ["FedAvg"]
 
 _WIRE_BYTES = 4  # float32 per weight on the wire
 
 
-class FedAvg:
+class FedAvg(WholeModelBaseline):
     """FedAvg over `num_clients` in-process clients.
 
     Each client has its own model instance, optimizer and compiled train step,
@@ -71,14 +70,16 @@ class FedAvg:
         self._fresh_optimizer_state = [
             [v.numpy() for v in o.variables] for o in self.optimizers
         ]
-        self.objective = Objective(loss, metrics)
         self._steps = [
             tf.function(self._local_step(m, o), reduce_retracing=True)
             for m, o in zip(self.local_models, self.optimizers)
         ]
-        self._evaluate_step = tf.function(self._evaluate_batch, reduce_retracing=True)
         self._model_bytes = _WIRE_BYTES * sum(_size(w) for w in self._weights)
-        self.counters = ByteCounters(("bytes_up", "bytes_down"), num_clients)
+        self._init_baseline(num_clients, loss, metrics)
+
+    @property
+    def served_model(self):
+        return self.global_model
 
     @property
     def num_clients(self) -> int:
@@ -156,35 +157,9 @@ class FedAvg:
             )
             weight.assign_add(update)
 
-    def _evaluate_batch(self, x, y):
-        self.objective(y, self.global_model(x, training=False), training=False)
-
-    def evaluate(self, dataset) -> dict:
-        """The global model's mean loss and metrics on `dataset` of (x, y).
-
-        The loss is the data loss only, as for every `Objective`: unlike
-        `keras.Model.evaluate`, it leaves out regularization penalties.
-        """
-        self.objective.reset(training=False)
-        for x, y in dataset:
-            self._evaluate_step(x, y)
-        return self.objective.result(training=False)
-
-    def byte_counts(self) -> dict:
-        """Bytes so far: {'bytes_up': [per client], 'bytes_down': [...]}."""
-        return self.counters.as_dict()
-
     def train_epoch(self, client_datasets) -> dict:
         """One round per epoch (the experiment runner's interface)."""
         return self.train_round(client_datasets)
-
-    def checkpoints(self, **extra) -> dict:
-        """{"server": checkpoint} with the byte counters (the runner's interface)."""
-        return {"server": self.checkpoint(**extra, **self.counters.variables())}
-
-    def resumed(self, epochs_done: int) -> None:
-        """Nothing to rebuild: the checkpoint holds the whole state."""
-        del epochs_done
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The server's state: the global model (+ `extra`, e.g. a round counter).

@@ -28,16 +28,15 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
-from splitkeras.objective import Objective
 from splitkeras.parties.segment_step import apply_gradients, regularization
-from splitkeras.transport.counters import ByteCounters
+from splitkeras.schedules.whole_model import WholeModelBaseline
 
 __all__ = ["LargeBatchSGD"]
 
 _WIRE_BYTES = 4  # float32 per number on the wire
 
 
-class LargeBatchSGD:
+class LargeBatchSGD(WholeModelBaseline):
     """Large-batch synchronous SGD: K clients, one model, one optimizer.
 
     Per client and per step it takes part in, `byte_counts` counts the model
@@ -71,17 +70,19 @@ class LargeBatchSGD:
         _check_float_weights(self.model)
         self.optimizer = make_optimizer()
         self.optimizer.build(self.model.trainable_weights)
-        self.objective = Objective(loss, metrics)
         self._trainable = self.model.trainable_weights
         self._state = self.model.non_trainable_weights
         self._gradient_sum = [_zeros_like(v) for v in self._trainable]
         self._state_update_sum = [_zeros_like(v) for v in self._state]
         self._client_step = tf.function(self._accumulate, reduce_retracing=True)
         self._apply_step = tf.function(self._apply, reduce_retracing=True)
-        self._evaluate_step = tf.function(self._evaluate_batch, reduce_retracing=True)
         self._down_bytes = _WIRE_BYTES * _count(self.model.weights)
         self._up_bytes = _WIRE_BYTES * _count(self._trainable + self._state)
-        self.counters = ByteCounters(("bytes_up", "bytes_down"), num_clients)
+        self._init_baseline(num_clients, loss, metrics)
+
+    @property
+    def served_model(self):
+        return self.model
 
     def _accumulate(self, x, y, fraction, state):
         """One client: its gradient and state update, scaled by `fraction`."""
@@ -163,32 +164,6 @@ class LargeBatchSGD:
             if batches:
                 self._step(batches)
         return self.objective.result(training=True)
-
-    def _evaluate_batch(self, x, y):
-        self.objective(y, self.model(x, training=False), training=False)
-
-    def evaluate(self, dataset) -> dict:
-        """The model's mean loss and metrics on `dataset` of (x, y).
-
-        The loss is the data loss only, as for every `Objective`: unlike
-        `keras.Model.evaluate`, it leaves out regularization penalties.
-        """
-        self.objective.reset(training=False)
-        for x, y in dataset:
-            self._evaluate_step(x, y)
-        return self.objective.result(training=False)
-
-    def byte_counts(self) -> dict:
-        """Bytes so far: {'bytes_up': [per client], 'bytes_down': [...]}."""
-        return self.counters.as_dict()
-
-    def checkpoints(self, **extra) -> dict:
-        """{"server": checkpoint} with the byte counters (the runner's interface)."""
-        return {"server": self.checkpoint(**extra, **self.counters.variables())}
-
-    def resumed(self, epochs_done: int) -> None:
-        """Nothing to rebuild: the checkpoint holds the whole state."""
-        del epochs_done
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The server's state: the model and the optimizer (+ `extra`)."""

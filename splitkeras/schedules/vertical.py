@@ -26,9 +26,9 @@ import numpy as np
 import tensorflow as tf
 from keras import optimizers
 
-from splitkeras.checkpointing import party_checkpoint
 from splitkeras.objective import Objective
 from splitkeras.parties.client import Client
+from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message, flat
 from splitkeras.transport.local import LocalTransport
@@ -54,7 +54,7 @@ def merge_cut_tensors(tensors, merge: str) -> tf.Tensor:
     return total if merge == "sum" else total / len(tensors)
 
 
-class VerticalServer:
+class VerticalServer(SegmentParty):
     """The server of a vertical split: merges K clients' cut tensors.
 
     Args:
@@ -82,14 +82,6 @@ class VerticalServer:
         self.num_clients = num_clients
         self.merge = merge
         self.label_client = label_client
-
-    @property
-    def trainable_variables(self) -> list:
-        return list(self.segment.trainable_variables)
-
-    def build_optimizer(self):
-        if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
 
     def handle_batch(self, messages: list[Message]) -> list[Message]:
         """Answers one step's messages, one per client, with one reply each.
@@ -200,10 +192,6 @@ class VerticalServer:
             )
             for m, kind, t in zip(messages, kinds, tensors)
         ]
-
-    def checkpoint(self, **extra) -> tf.train.Checkpoint:
-        """The server's own state: its segment and optimizer (+ `extra`)."""
-        return party_checkpoint([self.segment], self.optimizer, **extra)
 
 
 def _alignment_checks(messages) -> list:
