@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
-__all__ = ["regularization", "apply_gradients"]
+__all__ = ["apply_gradients", "optimizer_factory", "regularization"]
 
 
 def regularization(*segments):
@@ -22,3 +23,14 @@ def apply_gradients(optimizer, gradients, variables):
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
     if pairs:
         optimizer.apply_gradients(pairs)
+
+
+def optimizer_factory(make_optimizer):
+    """A zero-argument optimizer factory from a factory or an optimizer name.
+
+    Every party needs its own optimizer instance; a name such as "adam"
+    becomes a factory that builds a fresh one per call.
+    """
+    if callable(make_optimizer):
+        return make_optimizer
+    return lambda: keras.optimizers.get(make_optimizer)

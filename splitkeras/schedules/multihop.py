@@ -27,6 +27,7 @@ from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.relay import Relay
+from splitkeras.parties.segment_step import optimizer_factory
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["MultiHop", "hop_segments"]
@@ -51,12 +52,6 @@ def hop_segments(model: keras.Model, at: Sequence[str]) -> list[keras.Model]:
     for name in names[2:]:
         segments[-1:] = list(cut(segments[-1], name))
     return segments
-
-
-def _optimizer_factory(make_optimizer):
-    if callable(make_optimizer):
-        return make_optimizer
-    return lambda: keras.optimizers.get(make_optimizer)
 
 
 class MultiHop:
@@ -92,7 +87,7 @@ class MultiHop:
         codec: str = "float32",
         run_eagerly: bool = False,
     ):
-        make = _optimizer_factory(make_optimizer)
+        make = optimizer_factory(make_optimizer)
         first, *middle, last = hop_segments(model, at)
         self.objective = Objective(loss, metrics)
         self.server = Server(last, make(), objective=self.objective)

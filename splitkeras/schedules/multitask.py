@@ -28,6 +28,7 @@ import tensorflow as tf
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
+from splitkeras.parties.segment_step import optimizer_factory
 from splitkeras.protocol import Kind, Message
 from splitkeras.transport.local import LocalTransport
 
@@ -112,12 +113,6 @@ def _metrics_per_task(metrics, num_tasks) -> list:
     return metrics
 
 
-def _optimizer_factory(make_optimizer):
-    if callable(make_optimizer):
-        return make_optimizer
-    return lambda: keras.optimizers.get(make_optimizer)
-
-
 class MultiTask:
     """One client segment, one server head (party) per task.
 
@@ -166,7 +161,7 @@ class MultiTask:
                 f"model '{model.name}' has {num_tasks} outputs but got "
                 f"{len(losses)} losses; pass one loss per output"
             )
-        make = _optimizer_factory(make_optimizer)
+        make = optimizer_factory(make_optimizer)
         segments = cut(model, names[0])
         heads = task_heads(segments.server, names[0])
         metrics = _metrics_per_task(metrics, num_tasks)

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from keras import optimizers
 
 from splitkeras.objective import Objective
 from splitkeras.parties.client import Client
 from splitkeras.parties.segment_party import SegmentParty
-from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.parties.segment_step import (
+    apply_gradients,
+    optimizer_factory,
+    regularization,
+)
 from splitkeras.protocol import Kind, Message, flat
 from splitkeras.transport.local import LocalTransport
 
@@ -246,13 +249,6 @@ def _assert_same_ids(first, other):
     return tf.debugging.Assert(tf.logical_not(tf.reduce_any(differ)), [message])
 
 
-def _optimizer_factory(make_optimizer):
-    if callable(make_optimizer):
-        return make_optimizer
-    # A name or config: `optimizers.get` builds a fresh instance every call.
-    return lambda: optimizers.get(make_optimizer)
-
-
 class VerticalSplit:
     """K clients holding different features of the same samples, one server.
 
@@ -291,7 +287,7 @@ class VerticalSplit:
         codec="float32",
         run_eagerly=False,
     ):
-        make = _optimizer_factory(make_optimizer)
+        make = optimizer_factory(make_optimizer)
         self.num_clients = len(client_segments)
         self.label_client = label_client
         self.clients = [
