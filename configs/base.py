@@ -15,6 +15,7 @@ def get_config(arg=None):
     c.method = "split"
     c.num_clients = 1  # clients; split with > 1 trains them round-robin
     # vanilla | ushaped (2 cut layers) | vertical | multihop (2 cut layers)
+    # | multitask (one client segment, one server head per task)
     c.topology = "vanilla"
     c.weight_handoff = "peer"  # round-robin handoff: peer | server (AES-GCM)
 
@@ -44,6 +45,11 @@ def get_config(arg=None):
 
     c.vertical = ml_collections.ConfigDict()
     c.vertical.merge = "mean"  # how the server merges clients' cut tensors
+
+    c.multitask = ml_collections.ConfigDict()
+    c.multitask.head_from = "fc2"  # layer feeding the second task's head
+    # second task's label of each class, e.g. "0,0,1,2" (class i -> group)
+    c.multitask.groups = ""
 
     c.fedavg = ml_collections.ConfigDict()
     c.fedavg.local_epochs = 1  # local passes per client per FedAvg round

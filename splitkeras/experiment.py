@@ -38,7 +38,8 @@ METHODS = (
     "fedavg",
     "large_batch_sgd",
 )
-TOPOLOGIES = ("vanilla", "ushaped", "vertical", "multihop")
+TOPOLOGIES = ("vanilla", "ushaped", "vertical", "multihop", "multitask")
+_ONE_CLIENT_TOPOLOGIES = ("multihop", "multitask")
 SPLIT_METHODS = ("split", "splitfed_v1", "splitfed_v2")
 
 
@@ -99,7 +100,7 @@ def _uses_schedule(config) -> bool:
     _check_method(config)
     if config.method == "centralized":
         return False
-    if config.topology in ("vertical", "multihop"):
+    if config.topology in ("vertical", *_ONE_CLIENT_TOPOLOGIES):
         return True
     return config.method != "split" or config.num_clients > 1
 
@@ -109,15 +110,17 @@ def build_schedule(config, arrays):
     from splitkeras.schedules import schedule_for
 
     input_shape = arrays.input_shape
-    if config.topology in ("vertical", "multihop") and config.method != "split":
+    if config.topology in ("vertical", *_ONE_CLIENT_TOPOLOGIES) and (
+        config.method != "split"
+    ):
         raise ValueError(
             f"config.topology={config.topology!r} needs config.method='split', "
             f"got {config.method!r}"
         )
-    if config.topology == "multihop" and config.num_clients != 1:
+    if config.topology in _ONE_CLIENT_TOPOLOGIES and config.num_clients != 1:
         raise ValueError(
-            "config.topology='multihop' runs one client through one relay; "
-            f"set config.num_clients=1 (got {config.num_clients})"
+            f"config.topology={config.topology!r} runs one client; set "
+            f"config.num_clients=1 (got {config.num_clients})"
         )
     if config.topology == "vertical":
         # Each client's segment sees its strip of the image (see federation).
@@ -128,9 +131,20 @@ def build_schedule(config, arrays):
                 f"{config.num_clients} equal strips"
             )
         input_shape = (height, width // config.num_clients, channels)
+
+    def build():
+        model = build_model(config, arrays, input_shape)
+        if config.topology == "multitask":
+            groups = federation.task_groups(config)
+            num_groups = int(tf.reduce_max(groups)) + 1
+            model = model_zoo.with_task_head(
+                model, config.multitask.head_from, num_groups, "task1_logits"
+            )
+        return model
+
     return schedule_for(
         config,
-        build_model=lambda: build_model(config, arrays, input_shape),
+        build_model=build,
         make_optimizer=lambda: _optimizer(config),
         loss=_loss(),
         at=cut_layers(config) if config.method in SPLIT_METHODS else None,
@@ -257,8 +271,16 @@ def _run_multi_client(config, workdir, arrays):
         config, workdir, schedule, arrays, lambda s: s.evaluate(test_ds)
     )
     test = schedule.evaluate(test_ds)
+    if "accuracy" not in test:  # multi-task: report task 0, keep every task
+        tasks = dict(test)
+        test = {"accuracy": tasks["task_0/accuracy"], "loss": tasks["task_0/loss"]}
+        test["tasks"] = tasks
     per_client = schedule.byte_counts()
     totals = {key: sum(values) for key, values in per_client.items()}
+    for direction in ("bytes_up", "bytes_down"):
+        # Multi-hop and multi-task count per link ("hop_0/bytes_up", ...).
+        links = [v for k, v in totals.items() if k.endswith("/" + direction)]
+        totals.setdefault(direction, sum(links))
     return test, {**totals, "per_client": per_client, **done}
 
 
@@ -271,6 +293,7 @@ def _finish(config, workdir, arrays, test, extra) -> dict:
         "topology": config.topology,
         "test_accuracy": float(test["accuracy"]),
         "test_loss": float(test["loss"]),
+        **({"test_tasks": test["tasks"]} if "tasks" in test else {}),
         "epochs": int(config.train.epochs),
         **extra,
     }

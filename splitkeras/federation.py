@@ -49,12 +49,30 @@ def vertical_view(dataset, num_clients):
     return dataset.map(split)
 
 
+def task_groups(config):
+    """The second task's label per class (multi-task), as an int64 tensor."""
+    groups = [int(g) for g in config.multitask.groups.split(",") if g.strip()]
+    if not groups:
+        raise ValueError(
+            "config.topology='multitask' needs config.multitask.groups: the "
+            "second task's label of each class, e.g. '0,0,1,2'"
+        )
+    return tf.constant(groups, tf.int64)
+
+
+def multitask_view(dataset, groups):
+    """(x, y) batches as (x, (y, second task's label))."""
+    return dataset.map(lambda x, y: (x, (y, tf.gather(groups, y))))
+
+
 def test_data(config, arrays):
     """The test split batched as the schedule of `config` expects it."""
     vertical = config.topology == "vertical"
     ds = data_lib.eval_dataset(
         arrays.x_test, arrays.y_test, config.train.eval_batch_size, with_ids=vertical
     )
+    if config.topology == "multitask":
+        return multitask_view(ds, task_groups(config))
     return vertical_view(ds, config.num_clients) if vertical else ds
 
 
@@ -69,6 +87,15 @@ def _epoch_datasets(config, arrays, shards, epoch):
             with_ids=True,
         )
         return vertical_view(ds, config.num_clients)
+    if config.topology == "multitask":
+        groups = task_groups(config)
+        return [
+            multitask_view(ds, groups) for ds in _client_datasets(config, shards, epoch)
+        ]
+    return _client_datasets(config, shards, epoch)
+
+
+def _client_datasets(config, shards, epoch):
     return [
         data_lib.train_dataset(
             x, y, config.train.batch_size, config.seed, epoch, stream=k

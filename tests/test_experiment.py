@@ -212,6 +212,20 @@ class ExperimentTest(base.TestCase):
         )
         self.assertEqual(summary["test_accuracy"], self.summary["test_accuracy"])
 
+    def test_multitask_from_config(self):
+        config = _config(self.npz)
+        config.topology = "multitask"
+        config.model.cut = "fc2"
+        config.multitask.groups = "0,1"  # the second task: the class again
+        summary = experiment.train_and_evaluate(config, os.path.join(self.root, "mt"))
+        tasks = summary["test_tasks"]
+        self.assertEqual(summary["test_accuracy"], tasks["task_0/accuracy"])
+        self.assertGreater(tasks["task_1/accuracy"], 0.9)
+        # fc2's 84 float32 go to each head with that head's int64 labels.
+        per_link = (16 * 32 + 3 * 64) * (84 * 4 + 8)
+        self.assertEqual(summary["task_1/bytes_up"], per_link)
+        self.assertEqual(summary["bytes_up"], 2 * per_link)
+
     def test_vertical_halves_from_config(self):
         config = _config(self.npz)
         config.topology = "vertical"

@@ -6,6 +6,7 @@ layer.
 """
 
 from splitkeras.models.alexnet import alexnet
+from splitkeras.models.heads import with_task_head
 from splitkeras.models.lenet import lenet5
 from splitkeras.models.registry import available_models, build_model, default_cut
 from splitkeras.models.resnet import resnet18, resnet50
@@ -20,4 +21,5 @@ __all__ = [
     "resnet18",
     "resnet50",
     "vgg",
+    "with_task_head",
 ]

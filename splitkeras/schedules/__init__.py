@@ -37,6 +37,16 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             codec=config.transport.codec,
             run_eagerly=config.train.run_eagerly,
         )
+    if config.topology == "multitask":
+        model = build_model()
+        return MultiTask(
+            model,
+            at,
+            make_optimizer,
+            [loss] * len(model.outputs),
+            codec=config.transport.codec,
+            run_eagerly=config.train.run_eagerly,
+        )
     if config.topology == "multihop":
         return MultiHop(
             build_model(),
