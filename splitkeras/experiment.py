@@ -260,7 +260,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.info("Resumed from step %d in %s", restored, workdir)
     _train(config, workdir, trainer, arrays, loop, checkpoints)
     test = _evaluate(trainer, arrays, config)
-    extra = {"steps": loop.step, **_bytes(trainer), "wall_seconds": loop.wall_seconds}
+    counts = _bytes(trainer)
+    per_client = {key: [value] for key, value in counts.items()}
+    extra = {
+        "steps": loop.step,
+        **counts,
+        "per_client": per_client,
+        "wall_seconds": loop.wall_seconds,
+    }
     return _finish(config, workdir, arrays, test, extra)
 
 

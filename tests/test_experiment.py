@@ -84,6 +84,7 @@ class ExperimentTest(base.TestCase):
         # plus 3 evaluations (2 epochs + final) of 64 examples.
         per_example_up = 14 * 14 * 6 * 4 + 8
         self.assertEqual(summary["bytes_up"], (16 * 32 + 3 * 64) * per_example_up)
+        self.assertEqual(summary["per_client"]["bytes_up"], [summary["bytes_up"]])
         with open(os.path.join(self.full, "config.json")) as f:
             self.assertEqual(json.load(f)["model"]["cut"], "pool1")
 
