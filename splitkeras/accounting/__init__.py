@@ -1,0 +1,1 @@
+"""Resource accounting: client FLOPs and bytes per client for each method."""
