@@ -54,6 +54,15 @@ def get_config(arg=None):
     c.fedavg = ml_collections.ConfigDict()
     c.fedavg.local_epochs = 1  # local passes per client per FedAvg round
 
+    # Resource tables (scripts/resource_table.py): 0 / "" = from the dataset.
+    c.accounting = ml_collections.ConfigDict()
+    c.accounting.num_examples = 0  # training examples shared by the clients
+    c.accounting.input_shape = ""  # e.g. "224,224,3"
+    c.accounting.num_classes = 0  # outputs of the model
+    c.accounting.epochs = 0  # 0 = config.train.epochs
+    c.accounting.batch_size = 0  # per-client batch; 0 = config.train.batch_size
+    c.accounting.clients = "100,500"  # client counts in the tables
+
     c.transport = ml_collections.ConfigDict()
     c.transport.codec = "float32"  # wire format of cut tensors: float32|16, bf16
     return c

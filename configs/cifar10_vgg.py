@@ -19,4 +19,8 @@ def get_config(arg=None):
     c.train.optimizer = "sgd"
     c.train.learning_rate = 0.01
     c.train.momentum = 0.9
+    # The seed's resource tables: CIFAR-10's 50,000 training images.
+    c.accounting.num_examples = 50000
+    c.accounting.input_shape = "32,32,3"
+    c.accounting.num_classes = 10
     return c
