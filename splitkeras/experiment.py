@@ -275,7 +275,12 @@ def _run_multi_client(config, workdir, arrays):
     schedule = build_schedule(config, arrays)
     test_ds = federation.test_data(config, arrays)
     done = federation.run_schedule(
-        config, workdir, schedule, arrays, lambda s: s.evaluate(test_ds)
+        config,
+        workdir,
+        schedule,
+        arrays,
+        lambda s: s.evaluate(test_ds),
+        client_flops_per_epoch=_client_flops_per_epoch(config, arrays),
     )
     test = schedule.evaluate(test_ds)
     if "accuracy" not in test:  # multi-task: report task 0, keep every task
@@ -289,6 +294,28 @@ def _run_multi_client(config, workdir, arrays):
         links = [v for k, v in totals.items() if k.endswith("/" + direction)]
         totals.setdefault(direction, sum(links))
     return test, {**totals, "per_client": per_client, **done}
+
+
+def _client_flops_per_epoch(config, arrays):
+    """One client's training FLOPs per epoch, for round-robin / SplitFed /
+    FedAvg / large-batch SGD with image data; None for other topologies."""
+    from splitkeras.accounting import tables
+
+    if config.topology not in ("vanilla", "ushaped"):
+        return None
+    a = tables.assumptions(config, arrays)
+    return tables.client_flops(a, _FLOPS_METHOD[config.method], config.num_clients) / (
+        a.epochs
+    )
+
+
+_FLOPS_METHOD = {
+    "split": "split",
+    "splitfed_v1": "splitfed",
+    "splitfed_v2": "splitfed",
+    "fedavg": "fedavg",
+    "large_batch_sgd": "large_batch_sgd",
+}
 
 
 def _finish(config, workdir, arrays, test, extra) -> dict:

@@ -114,7 +114,9 @@ def _totals(counts: dict) -> dict:
     return {key: sum(values) for key, values in counts.items()}
 
 
-def run_schedule(config, workdir, schedule, arrays, evaluate) -> dict:
+def run_schedule(
+    config, workdir, schedule, arrays, evaluate, client_flops_per_epoch=None
+) -> dict:
     """Trains `schedule` for `config.train.epochs`; returns byte counts.
 
     Args:
@@ -124,6 +126,8 @@ def run_schedule(config, workdir, schedule, arrays, evaluate) -> dict:
         `byte_counts()` and `checkpoints(**extra) -> {party: Checkpoint}`.
       arrays: the dataset.
       evaluate: `evaluate(schedule) -> logs` on the test split.
+      client_flops_per_epoch: one client's training FLOPs per epoch, logged
+        cumulatively as `client_tflops`, or None.
 
     Returns:
       {"steps": training batches over all clients, "wall_seconds"}.
@@ -153,9 +157,11 @@ def run_schedule(config, workdir, schedule, arrays, evaluate) -> dict:
         seconds = time.perf_counter() - began
         val = evaluate(schedule)
         totals = _totals(schedule.byte_counts())
-        _write(
-            writers["train"], {**logs, "epoch_seconds": seconds, **totals}, epoch + 1
-        )
+        scalars = {**logs, "epoch_seconds": seconds, **totals}
+        if client_flops_per_epoch is not None:
+            # What one client has computed so far (seed: accuracy vs client FLOPs).
+            scalars["client_tflops"] = (epoch + 1) * client_flops_per_epoch / 1e12
+        _write(writers["train"], scalars, epoch + 1)
         _write(writers["validation"], {**val, **totals}, epoch + 1)
         log.info(
             "epoch %d/%d (%.1f s): train %s validation %s",

@@ -173,6 +173,16 @@ class ExperimentTest(base.TestCase):
         self.assertGreater(uninterrupted["per_client"]["handoff_bytes_received"][0], 0)
         for party in ("client_0", "client_1", "server"):
             self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", party)))
+        flops = dict(
+            (event.step, float(tf.make_ndarray(v.tensor)))
+            for path in tf.io.gfile.glob(os.path.join(workdir, "train", "events*"))
+            for event in tf.compat.v1.train.summary_iterator(path)
+            for v in event.summary.value
+            if v.tag == "client_tflops"
+        )
+        # Cumulative client FLOPs, logged by epoch 1 and by the resumed epoch 2.
+        self.assertGreater(flops[1], 0)
+        self.assertAlmostEqual(flops[2] / flops[1], 2.0, places=5)
 
     @parameterized.parameters("fedavg", "large_batch_sgd")
     def test_federated_baselines_from_config(self, method):

@@ -55,9 +55,10 @@ def assumptions(config, arrays=None) -> Assumptions:
     model = model_zoo.build_model(
         config.model.name, input_shape=shape, num_classes=classes
     )
+    names = tuple(name.strip() for name in config.model.cut.split(","))
     return Assumptions(
         model,
-        config.model.cut,
+        names if len(names) > 1 else names[0],
         examples,
         acc.epochs or config.train.epochs,
         acc.batch_size or config.train.batch_size,
@@ -69,8 +70,10 @@ def client_flops(a: Assumptions, method: str, num_clients: int) -> float:
     """One client's training FLOPs over all epochs with `method`."""
     per_client_examples = a.num_examples / num_clients * a.epochs
     if method in ("split", "splitfed"):
-        segment = cut(a.model, a.at).client
-        return count_flops(segment).training * per_client_examples
+        segments = cut(a.model, a.at)  # U-shaped: the client runs the tail too
+        client = [s for s in (segments.client, segments.tail) if s is not None]
+        per_example = sum(count_flops(s).training for s in client)
+        return per_example * per_client_examples
     return count_flops(a.model).training * per_client_examples
 
 
