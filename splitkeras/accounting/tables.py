@@ -69,12 +69,16 @@ def assumptions(config, arrays=None) -> Assumptions:
 def client_flops(a: Assumptions, method: str, num_clients: int) -> float:
     """One client's training FLOPs over all epochs with `method`."""
     per_client_examples = a.num_examples / num_clients * a.epochs
+    # Nobody needs the gradient of the raw input: the segment the data enters
+    # skips it (`input_gradient=False`); a U-shaped tail does send gradients.
     if method in ("split", "splitfed"):
         segments = cut(a.model, a.at)  # U-shaped: the client runs the tail too
-        client = [s for s in (segments.client, segments.tail) if s is not None]
-        per_example = sum(count_flops(s).training for s in client)
+        per_example = count_flops(segments.client, input_gradient=False).training
+        if segments.tail is not None:
+            per_example += count_flops(segments.tail).training
         return per_example * per_client_examples
-    return count_flops(a.model).training * per_client_examples
+    whole = count_flops(a.model, input_gradient=False).training
+    return whole * per_client_examples
 
 
 def resource_tables(a: Assumptions, clients) -> str:
