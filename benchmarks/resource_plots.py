@@ -16,6 +16,7 @@ import shutil
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,6 +82,8 @@ def main(argv):
     left.set_xlabel("client-side training TFLOPs (per client)")
     right.set_xlabel("MB sent + received per client (measured)")
     for axis in (left, right):
+        # Minor log ticks unlabelled: their labels overlap on short ranges.
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_ylabel("validation accuracy")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()

@@ -1,5 +1,6 @@
 """splitkeras: split learning (SplitNN) for TensorFlow 2 / Keras 3."""
 
+from splitkeras.accounting import count_flops
 from splitkeras.cut import Segments, cut, cut_points
 from splitkeras.parties import Client, Relay, Server
 from splitkeras.protocol import Kind, Message
@@ -34,6 +35,7 @@ __all__ = [
     "SplitFed",
     "SplitModel",
     "VerticalSplit",
+    "count_flops",
     "cut",
     "cut_points",
     "get_codec",
