@@ -23,7 +23,8 @@ from splitkeras import data as data_lib
 from splitkeras import federation
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
-from splitkeras.progress import Progress
+from splitkeras.parties.segment_step import compiled
+from splitkeras.progress import Progress, write_scalars
 from splitkeras.split_model import SplitModel
 
 log = logging.getLogger("splitkeras")
@@ -203,27 +204,12 @@ def _bytes(trainer) -> dict:
     return {"bytes_up": 0, "bytes_down": 0}
 
 
-def _step_function(trainer, run_eagerly):
-    if run_eagerly:
-        return trainer.train_step
-    return tf.function(trainer.train_step, reduce_retracing=True)
-
-
 def _scalars(logs) -> dict:
     return {k: float(v) for k, v in logs.items()}
 
 
-def _write(writer, values: dict, step: int) -> None:
-    with writer.as_default(step=step):
-        for key, value in values.items():
-            tf.summary.scalar(key, value)
-
-
-def _evaluate(trainer, arrays, config) -> dict:
-    ds = data_lib.eval_dataset(
-        arrays.x_test, arrays.y_test, config.train.eval_batch_size
-    )
-    return trainer.evaluate(ds, verbose=0, return_dict=True)
+def _evaluate(trainer, test_ds) -> dict:
+    return trainer.evaluate(test_ds, verbose=0, return_dict=True)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -258,8 +244,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if restored is not None:
         loop.load()
         log.info("Resumed from step %d in %s", restored, workdir)
-    _train(config, workdir, trainer, arrays, loop, checkpoints)
-    test = _evaluate(trainer, arrays, config)
+    test_ds = federation.test_data(config, arrays)
+    test = _train(config, workdir, trainer, arrays, test_ds, loop, checkpoints)
+    if test is None:  # stopped early, or nothing left to train: evaluate now
+        test = _evaluate(trainer, test_ds)
     counts = _bytes(trainer)
     per_client = {key: [value] for key, value in counts.items()}
     extra = {
@@ -282,7 +270,8 @@ def _run_multi_client(config, workdir, arrays):
         lambda s: s.evaluate(test_ds),
         client_flops_per_epoch=_client_flops_per_epoch(config, arrays),
     )
-    test = schedule.evaluate(test_ds)
+    # The last epoch's validation is the final weights' test result.
+    test = done.pop("validation") or schedule.evaluate(test_ds)
     if "accuracy" not in test:  # multi-task: report task 0, keep every task
         tasks = dict(test)
         test = {"accuracy": tasks["task_0/accuracy"], "loss": tasks["task_0/loss"]}
@@ -373,8 +362,13 @@ def _save(checkpoints, loop, start, logs):
     checkpoints.save(loop.step)
 
 
-def _train(config, workdir, trainer, arrays, loop, checkpoints):
-    """The training loop: steps, logs, validation, checkpoints."""
+def _train(config, workdir, trainer, arrays, test_ds, loop, checkpoints):
+    """The training loop: steps, logs, validation, checkpoints.
+
+    Returns the last epoch's validation results if this call ran it (the
+    final weights' test figures), else None.
+    """
+    val = None
     bs, epochs = config.train.batch_size, config.train.epochs
     total = data_lib.steps_per_epoch(len(arrays.x_train), bs) * epochs
     max_steps = config.train.max_steps or None
@@ -382,7 +376,7 @@ def _train(config, workdir, trainer, arrays, loop, checkpoints):
         name: tf.summary.create_file_writer(os.path.join(workdir, name))
         for name in ("train", "validation")
     }
-    step_fn = _step_function(trainer, config.train.run_eagerly)
+    step_fn = compiled(trainer.train_step, config.train.run_eagerly)
     progress = Progress(total, config.train.log_every_seconds, loop.step)
     start = time.perf_counter() - loop.wall_seconds
     first_step = loop.step + 1
@@ -405,7 +399,7 @@ def _train(config, workdir, trainer, arrays, loop, checkpoints):
                 _check_finite(logs, loop)
                 progress.report(loop.step, logs)
                 scalars = {**logs, **progress.rates(), **_bytes(trainer)}
-                _write(writers["train"], scalars, loop.step)
+                write_scalars(writers["train"], scalars, loop.step)
             if loop.step == first_step:
                 progress.restart(loop.step)  # steps/s without tracing time
             stop = max_steps is not None and loop.step >= max_steps
@@ -413,15 +407,17 @@ def _train(config, workdir, trainer, arrays, loop, checkpoints):
                 _save(checkpoints, loop, start, _scalars(outputs))
             if stop:
                 log.info("Stopping at config.train.max_steps=%d", max_steps)
-                return
+                return None
         loop.epoch += 1
         loop.batch_in_epoch = 0
-        _end_epoch(config, trainer, arrays, loop, writers["validation"])
+        val = _end_epoch(config, trainer, test_ds, loop, writers["validation"])
         _save(checkpoints, loop, start, _scalars(outputs))
+    return val
 
 
-def _end_epoch(config, trainer, arrays, loop, writer):
-    val = _evaluate(trainer, arrays, config)
-    _write(writer, {**val, **_bytes(trainer)}, loop.step)
+def _end_epoch(config, trainer, test_ds, loop, writer) -> dict:
+    val = _evaluate(trainer, test_ds)
+    write_scalars(writer, {**val, **_bytes(trainer)}, loop.step)
     rounded = {k: round(float(v), 4) for k, v in val.items()}
     log.info("epoch %d/%d: validation %s", loop.epoch, config.train.epochs, rounded)
+    return val

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from splitkeras import data as data_lib
 from splitkeras.checkpointing import PartyCheckpoints
+from splitkeras.progress import write_scalars
 
 log = logging.getLogger("splitkeras")
 
@@ -104,12 +105,6 @@ def _client_datasets(config, shards, epoch):
     ]
 
 
-def _write(writer, values: dict, step: int) -> None:
-    with writer.as_default(step=step):
-        for key, value in values.items():
-            tf.summary.scalar(key, value)
-
-
 def _totals(counts: dict) -> dict:
     return {key: sum(values) for key, values in counts.items()}
 
@@ -130,7 +125,9 @@ def run_schedule(
         cumulatively as `client_tflops`, or None.
 
     Returns:
-      {"steps": training batches over all clients, "wall_seconds"}.
+      {"steps": training batches over all clients, "wall_seconds",
+      "validation": the last epoch's evaluation if this call ran it, else
+      None}.
     """
     vertical = config.topology == "vertical"
     shards = None if vertical else client_shards(config, arrays)
@@ -149,6 +146,7 @@ def run_schedule(
         for name in ("train", "validation")
     }
     start = time.perf_counter() - float(wall_var.numpy())
+    val = None
     for epoch in range(int(epoch_var.numpy()), config.train.epochs):
         began = time.perf_counter()
         datasets = _epoch_datasets(config, arrays, shards, epoch)
@@ -161,8 +159,8 @@ def run_schedule(
         if client_flops_per_epoch is not None:
             # What one client has computed so far (seed: accuracy vs client FLOPs).
             scalars["client_tflops"] = (epoch + 1) * client_flops_per_epoch / 1e12
-        _write(writers["train"], scalars, epoch + 1)
-        _write(writers["validation"], {**val, **totals}, epoch + 1)
+        write_scalars(writers["train"], scalars, epoch + 1)
+        write_scalars(writers["validation"], {**val, **totals}, epoch + 1)
         log.info(
             "epoch %d/%d (%.1f s): train %s validation %s",
             epoch + 1,
@@ -174,7 +172,11 @@ def run_schedule(
         epoch_var.assign(epoch + 1)
         wall_var.assign(time.perf_counter() - start)
         checkpoints.save(epoch + 1)
-    return {"steps": int(steps_var.numpy()), "wall_seconds": float(wall_var.numpy())}
+    return {
+        "steps": int(steps_var.numpy()),
+        "wall_seconds": float(wall_var.numpy()),
+        "validation": val,
+    }
 
 
 def _batches(config, datasets) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+import tensorflow as tf
+
 log = logging.getLogger("splitkeras")
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "write_scalars"]
 
 
 class Progress:
@@ -62,3 +64,10 @@ def _duration(seconds: float) -> str:
         return "?"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def write_scalars(writer, values: dict, step: int) -> None:
+    """Writes `values` as TensorBoard scalars at `step`."""
+    with writer.as_default(step=step):
+        for key, value in values.items():
+            tf.summary.scalar(key, value)

@@ -81,9 +81,9 @@ class ExperimentTest(base.TestCase):
         self.assertEqual(summary["steps"], 16)
         self.assertGreater(summary["test_accuracy"], 0.9)
         # 16 steps of 32 examples, 14x14x6 float32 cut tensor + int64 label up,
-        # plus 3 evaluations (2 epochs + final) of 64 examples.
+        # plus 2 evaluations (one per epoch; the last is the final test) of 64.
         per_example_up = 14 * 14 * 6 * 4 + 8
-        self.assertEqual(summary["bytes_up"], (16 * 32 + 3 * 64) * per_example_up)
+        self.assertEqual(summary["bytes_up"], (16 * 32 + 2 * 64) * per_example_up)
         self.assertEqual(summary["per_client"]["bytes_up"], [summary["bytes_up"]])
         with open(os.path.join(self.full, "config.json")) as f:
             self.assertEqual(json.load(f)["model"]["cut"], "pool1")
@@ -233,7 +233,7 @@ class ExperimentTest(base.TestCase):
         self.assertEqual(summary["test_accuracy"], tasks["task_0/accuracy"])
         self.assertGreater(tasks["task_1/accuracy"], 0.9)
         # fc2's 84 float32 go to each head with that head's int64 labels.
-        per_link = (16 * 32 + 3 * 64) * (84 * 4 + 8)
+        per_link = (16 * 32 + 2 * 64) * (84 * 4 + 8)
         self.assertEqual(summary["task_1/bytes_up"], per_link)
         self.assertEqual(summary["bytes_up"], 2 * per_link)
 
@@ -247,7 +247,7 @@ class ExperimentTest(base.TestCase):
         # Each client sends its half's cut tensor (14x7x6 float32) and ids.
         per_example = 14 * 7 * 6 * 4 + 8
         up = summary["per_client"]["bytes_up"]
-        self.assertEqual(up[1], (16 * 32 + 3 * 64) * per_example)
+        self.assertEqual(up[1], (16 * 32 + 2 * 64) * per_example)
         self.assertGreater(up[0], up[1])  # client 0 also sends the labels
 
     def test_non_finite_loss_stops_the_run(self):

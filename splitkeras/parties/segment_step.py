@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["apply_gradients", "optimizer_factory", "regularization"]
+__all__ = ["apply_gradients", "compiled", "optimizer_factory", "regularization"]
 
 
 def regularization(*segments):
@@ -34,3 +34,8 @@ def optimizer_factory(make_optimizer):
     if callable(make_optimizer):
         return make_optimizer
     return lambda: keras.optimizers.get(make_optimizer)
+
+
+def compiled(step, run_eagerly: bool = False):
+    """`step` as one `tf.function` (fused parties and transport), or as is."""
+    return step if run_eagerly else tf.function(step, reduce_retracing=True)

@@ -28,7 +28,7 @@ import tensorflow as tf
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
-from splitkeras.parties.segment_step import optimizer_factory
+from splitkeras.parties.segment_step import compiled, optimizer_factory
 from splitkeras.protocol import Kind, Message
 from splitkeras.transport.local import LocalTransport
 
@@ -177,8 +177,7 @@ class MultiTask:
             party.build_optimizer()
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
-        if not run_eagerly:
-            steps = [tf.function(f, reduce_retracing=True) for f in steps]
+        steps = [compiled(f, run_eagerly) for f in steps]
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
 
     @property

@@ -22,6 +22,7 @@ from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import WeightRelay, make_handoff
+from splitkeras.parties.segment_step import compiled
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["RoundRobin"]
@@ -104,7 +105,7 @@ class RoundRobin:
         def run(x, y):
             return step(self.transport, self._step.assign_add(1), x, y)
 
-        return run if run_eagerly else tf.function(run, reduce_retracing=True)
+        return compiled(run, run_eagerly)
 
     def resumed(self, epochs_done: int) -> None:
         """After a restore: every finished epoch ends with the last client."""

@@ -39,6 +39,7 @@ import tensorflow as tf
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
+from splitkeras.parties.segment_step import compiled
 from splitkeras.protocol import Message
 from splitkeras.transport.local import LocalTransport
 
@@ -134,7 +135,7 @@ class SplitFed:
         def run(x, y):
             return step(self.transport, self._step.assign_add(1), x, y)
 
-        return run if run_eagerly else tf.function(run, reduce_retracing=True)
+        return compiled(run, run_eagerly)
 
     def _label_holder(self, k) -> Objective:
         if self.ushaped:

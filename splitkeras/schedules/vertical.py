@@ -30,6 +30,7 @@ from splitkeras.parties.client import Client
 from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import (
     apply_gradients,
+    compiled,
     optimizer_factory,
     regularization,
 )
@@ -309,8 +310,7 @@ class VerticalSplit:
         self.transport = LocalTransport(None, self.num_clients, codec, codec)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
-        if not run_eagerly:
-            steps = [tf.function(f, reduce_retracing=True) for f in steps]
+        steps = [compiled(f, run_eagerly) for f in steps]
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
 
     def _requests(self, kind, step, cuts, ids, y=None):
