@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "HandoffError",
+    "seal",
+    "unseal",
     "PeerHandoff",
     "ServerRelayHandoff",
     "WeightRelay",
@@ -151,12 +153,8 @@ class ServerRelayHandoff:
     def upload(self, source, destination_id: int) -> None:
         """Client `source` encrypts its state and sends it to the server."""
         self._sequence += 1
-        # The header travels in the clear but is authenticated: it binds the
-        # ciphertext to its sender, receiver and position in the sequence.
-        header = f"{source.client_id}->{destination_id}#{self._sequence}".encode()
-        nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, pack_state(source), header)
-        blob = len(header).to_bytes(2, "big") + header + nonce + sealed
+        header = f"{source.client_id}->{destination_id}#{self._sequence}"
+        blob = seal(self._aead, header, pack_state(source))
         self.relay.upload(destination_id, blob)
         self.counters.sent[source.client_id].assign_add(len(blob))
 
@@ -164,25 +162,43 @@ class ServerRelayHandoff:
         """Client `destination` fetches, authenticates and loads its state."""
         blob = self.relay.fetch(destination.client_id)
         self.counters.received[destination.client_id].assign_add(len(blob))
-        size = int.from_bytes(blob[:2], "big")
-        header, nonce, sealed = (
-            blob[2 : 2 + size],
-            blob[2 + size : 14 + size],
-            blob[14 + size :],
-        )
-        try:
-            plain = self._aead.decrypt(nonce, sealed, header)
-        except InvalidTag:
-            raise HandoffError(
-                f"client-segment weights for client {destination.client_id} "
-                f"(header {header!r}) failed authentication: they were altered "
-                "on the way or encrypted with another key."
-            ) from None
+        _, plain = unseal(self._aead, blob, f"client {destination.client_id}")
         unpack_state(destination, plain)
 
     def transfer(self, source, destination) -> None:
         self.upload(source, destination.client_id)
         self.download(destination)
+
+
+def seal(aead: AESGCM, header: str, plain: bytes) -> bytes:
+    """Encrypts `plain` under `aead`; `header` travels in the clear, authenticated.
+
+    The header binds the ciphertext to its sender, receiver and position in
+    the sequence, so a relay cannot replay or redirect it unnoticed.
+    """
+    header = header.encode()
+    nonce = os.urandom(12)
+    sealed = aead.encrypt(nonce, plain, header)
+    return len(header).to_bytes(2, "big") + header + nonce + sealed
+
+
+def unseal(aead: AESGCM, blob: bytes, receiver: str) -> tuple[str, bytes]:
+    """(header, plaintext) of a `seal`ed blob; HandoffError if it fails."""
+    size = int.from_bytes(blob[:2], "big")
+    header, nonce, sealed = (
+        blob[2 : 2 + size],
+        blob[2 + size : 14 + size],
+        blob[14 + size :],
+    )
+    try:
+        plain = aead.decrypt(nonce, sealed, header)
+    except (InvalidTag, ValueError):
+        raise HandoffError(
+            f"client-segment weights for {receiver} (header {header!r}) failed "
+            "authentication: they were altered on the way or encrypted with "
+            "another key."
+        ) from None
+    return header.decode(errors="replace"), plain
 
 
 def make_handoff(mode: str, num_clients: int, relay=None, key=None):

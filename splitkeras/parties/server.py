@@ -80,7 +80,9 @@ class Server(SegmentParty):
             total = loss if reg is None else loss + reg
         grads = tape.gradient(total, cut + variables)
         apply_gradients(self.optimizer, grads[len(cut) :], variables)
-        return self._reply(message, Kind.GRADIENTS, grads[: len(cut)], loss=loss)
+        return self._reply(
+            message, Kind.GRADIENTS, _cut_gradients(grads, cut), loss=loss
+        )
 
     def _train_ushaped(self, message):
         cut, inputs = self._inputs(message)
@@ -96,7 +98,7 @@ class Server(SegmentParty):
             seeds.append(tf.ones_like(reg))
         grads = tape.gradient(targets, cut + variables, output_gradients=seeds)
         apply_gradients(self.optimizer, grads[len(cut) :], variables)
-        yield self._reply(message, Kind.GRADIENTS, grads[: len(cut)])
+        yield self._reply(message, Kind.GRADIENTS, _cut_gradients(grads, cut))
 
     def _infer(self, message):
         _, inputs = self._inputs(message)
@@ -115,3 +117,8 @@ class Server(SegmentParty):
             tensors=tuple(tensors),
             loss=loss,
         )
+
+
+def _cut_gradients(grads, cut) -> list:
+    """The cut tensors' gradients; zeros for a tensor the segment does not use."""
+    return [tf.zeros_like(c) if g is None else g for g, c in zip(grads, cut)]

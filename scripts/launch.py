@@ -1,0 +1,45 @@
+"""One command for a local distributed run: a server and K clients as processes.
+
+  python scripts/launch.py --config=configs/fashion_mnist_lenet.py \
+      --config.num_clients=2 --workdir=workdirs/grpc [--tls]
+
+Each party is its own process (scripts/serve.py, scripts/client.py) talking
+gRPC over 127.0.0.1; logs are workdir/server.log and workdir/client_K.log.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from splitkeras import launcher  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
+_TLS = flags.DEFINE_bool("tls", False, "TLS with per-client tokens.")
+_CLIENTS = flags.DEFINE_integer(
+    "clients", None, "Client processes (default: --config.num_clients, else 2)."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    # The --config flags go to the server and every client as given.
+    config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
+    num = _CLIENTS.value or _CONFIG.value.num_clients
+    config_args.append(f"--config.num_clients={num}")
+    run = launcher.launch(config_args, _WORKDIR.value, num, tls=_TLS.value)
+    summary = run.wait()
+    print(
+        f"done: test accuracy {summary.get('test_accuracy', float('nan')):.4f}, "
+        f"{summary['steps']} steps, {summary['wall_seconds']:.0f} s; "
+        f"summary in {_WORKDIR.value}/server/summary.json"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,386 @@
+"""Split learning across processes: a gRPC server and its clients.
+
+`serve(config, workdir, ...)` runs the server party of `config`'s split
+(round robin over `config.num_clients` clients, vanilla or U-shaped) until
+every epoch is trained; `run_client(config, target, client_id, ...)` runs one
+client. They build the same model from the same seed as the in-process run,
+cut it the same way, and the clients feed the same batches in the same order,
+so the final weights equal those of `experiment.train_and_evaluate` with the
+same config (tested within 1e-5 with codec float32).
+
+The clients hand their segment state on through the server, sealed with
+AES-GCM under a key only the clients share (`key_file`); the server stores
+and forwards it without being able to read it. A turn is a transaction: the
+server checkpoints at the end of every turn, and a turn that cannot finish
+(server restart, client crash, silence past `config.grpc.turn_timeout`)
+starts over from that checkpoint, so no step is lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import tensorflow as tf
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from splitkeras import data as data_lib
+from splitkeras import experiment, federation
+from splitkeras.cut import cut
+from splitkeras.objective import Objective
+from splitkeras.parties import Client, Server
+from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
+from splitkeras.parties.segment_step import compiled
+from splitkeras.progress import write_scalars
+from splitkeras.transport import codec as codec_lib
+from splitkeras.transport.grpc_client import Connection, GrpcLink, TurnRestarted
+from splitkeras.transport.grpc_server import SplitService, start_server
+from splitkeras.transport.proto import wire_pb2
+
+log = logging.getLogger("splitkeras")
+
+__all__ = ["read_key", "run_client", "serve", "write_key"]
+
+METRICS = ("accuracy",)
+
+
+def grpc_settings(config):
+    """`config.grpc` with defaults for the fields a config leaves out."""
+    defaults = {
+        "max_message_mb": 64,
+        "timeout_seconds": 120.0,
+        "retry_seconds": 300.0,
+        "turn_timeout_seconds": 600.0,
+    }
+    given = dict(config.get("grpc", {}))
+    return {**defaults, **given}
+
+
+def write_key(path: str) -> None:
+    """Writes a fresh AES-256 key for the clients' handoff (mode 0600)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(AESGCM.generate_key(256).hex().encode())
+
+
+def read_key(path: str) -> bytes:
+    """The clients' handoff key written by `write_key`."""
+    with open(path, "rb") as f:
+        key = bytes.fromhex(f.read().decode().strip())
+    if len(key) != 32:
+        raise ValueError(f"{path}: expected a 256-bit key (64 hex digits)")
+    return key
+
+
+def _check_supported(config):
+    if config.method != "split" or config.topology not in ("vanilla", "ushaped"):
+        raise ValueError(
+            "over gRPC, splitkeras runs config.method='split' with topology "
+            f"'vanilla' or 'ushaped' (round robin); got method={config.method!r}, "
+            f"topology={config.topology!r}"
+        )
+
+
+def _segments(config, arrays):
+    model = experiment.build_model(config, arrays)
+    return cut(model, experiment.cut_layers(config))
+
+
+def _codecs(config):
+    return codec_lib.codec_pair(config)
+
+
+def serve(
+    config,
+    workdir: str,
+    address: str = "127.0.0.1:0",
+    credentials=None,
+    tokens: dict | None = None,
+    on_started=None,
+) -> dict:
+    """Serves `config`'s split until every epoch is trained; returns the summary.
+
+    Args:
+      config: the experiment config (`config.grpc` for limits and timeouts).
+      workdir: the server's directory: checkpoints (resumed from if present),
+        TensorBoard, summary.json, the final server-segment weights.
+      address: "host:port" to listen on (port 0: any free port).
+      credentials: `grpc.ServerCredentials` (TLS), or None for plaintext.
+      tokens: {client id: token}; None accepts any client id (tests only).
+      on_started: called with the bound port once the server listens.
+    """
+    _check_supported(config)
+    settings = grpc_settings(config)
+    tf.io.gfile.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    segments = _segments(config, arrays)
+    loss = experiment._loss()
+    objective = None if segments.ushaped else Objective(loss, METRICS)
+    server = Server(segments.server, experiment._optimizer(config), objective)
+    server.build_optimizer()
+    writers = {
+        name: tf.summary.create_file_writer(os.path.join(workdir, name))
+        for name in ("train", "validation")
+    }
+    last = {}
+
+    def on_epoch_end(epoch, train, val):
+        totals = {k: sum(v) for k, v in service.byte_counts().items()}
+        write_scalars(writers["train"], {**train, **totals}, epoch + 1)
+        write_scalars(writers["validation"], val, epoch + 1)
+        log.info("epoch %d: train %s validation %s", epoch + 1, train, val)
+        last["validation"] = val
+
+    up, down = _codecs(config)
+    service = SplitService(
+        server,
+        config.num_clients,
+        config.train.epochs,
+        os.path.join(workdir, "checkpoints", "server"),
+        tokens=tokens,
+        codec_up=up,
+        codec_down=down,
+        turn_timeout=settings["turn_timeout_seconds"],
+        on_epoch_end=on_epoch_end,
+        run_eagerly=config.train.run_eagerly,
+    )
+    grpc_server, port = start_server(
+        service, address, credentials, settings["max_message_mb"] << 20
+    )
+    log.info("Serving on port %d (%d clients)", port, config.num_clients)
+    if on_started is not None:
+        on_started(port)
+    with service._changed:
+        while not service.done:
+            service._changed.wait(1.0)
+    time.sleep(0.5)  # let the last EndTurn reply leave
+    grpc_server.stop(grace=2.0).wait()
+    segments.server.save_weights(os.path.join(workdir, "server.weights.h5"))
+    summary = {
+        "method": config.method,
+        "topology": config.topology,
+        "transport": "grpc",
+        "codec_up": up,
+        "codec_down": down,
+        "num_clients": int(config.num_clients),
+        "epochs": int(config.train.epochs),
+        "steps": service.position()[2],
+        "wall_seconds": float(service.turns.wall_seconds.numpy()),
+        "per_client": service.byte_counts(),
+        "skipped_turns": service.skipped,
+        "refused_calls": service.refused,
+    }
+    validation = last.get("validation") or {}
+    if "accuracy" in validation:
+        summary["test_accuracy"] = float(validation["accuracy"])
+        summary["test_loss"] = float(validation["loss"])
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def run_client(
+    config,
+    target: str,
+    client_id: int,
+    key: bytes,
+    workdir: str | None = None,
+    token: str | None = None,
+    credentials=None,
+) -> dict:
+    """Runs client `client_id` of `config`'s split against the server at `target`.
+
+    The client loads the dataset and keeps only its own shard (the same
+    partition as the in-process run), trains its turn of every epoch, and
+    (the last client of each epoch) evaluates on the test split.
+
+    Args:
+      config: the experiment config (the server's).
+      target: the server's "host:port".
+      client_id: this client's id, 0..K-1.
+      key: the clients' shared AES-256 handoff key.
+      workdir: where this client writes summary.json and its final weights
+        (None: nowhere).
+      token: this client's token (if the server requires tokens).
+      credentials: `grpc.ChannelCredentials` (TLS), or None for plaintext.
+
+    Returns:
+      This client's summary: steps, bytes it sent and received, retries,
+      restarted turns.
+    """
+    _check_supported(config)
+    settings = grpc_settings(config)
+    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    x, y = federation.client_shards(config, arrays)[client_id]
+    test_ds = federation.test_data(config, arrays)
+    segments = _segments(config, arrays)
+    objective = Objective(experiment._loss(), METRICS) if segments.ushaped else None
+    client = Client(
+        segments.client,
+        experiment._optimizer(config),
+        client_id=client_id,
+        tail=segments.tail,
+        objective=objective,
+    )
+    client.build_optimizer()
+    initial = pack_state(client)
+    connection = Connection(
+        target,
+        client_id,
+        token=token,
+        credentials=credentials,
+        max_message_bytes=settings["max_message_mb"] << 20,
+        timeout=settings["timeout_seconds"],
+        retry_seconds=settings["retry_seconds"],
+    )
+    info = connection.call(
+        "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
+    )
+    up, down = _codecs(config)
+    if (info.codec_up, info.codec_down) != (up, down):
+        raise ValueError(
+            f"the server uses codecs {info.codec_up}/{info.codec_down}, this "
+            f"client's config {up}/{down}"
+        )
+    link = GrpcLink(
+        connection,
+        [t.dtype for t in segments.client.outputs],
+        [t.shape for t in segments.client.outputs],
+        list(info.output_dtypes),
+        [t.shape for t in segments.tail.inputs] if segments.ushaped else None,
+        ushaped=segments.ushaped,
+        codec_up=up,
+        codec_down=down,
+    )
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    train_fn = compiled(
+        lambda x, y: client.train_step(link, step.assign_add(1), x, y),
+        config.train.run_eagerly,
+    )
+    eval_fn = compiled(
+        lambda x, y: client.evaluate_step(link, eval_step.assign_add(1), x, y),
+        config.train.run_eagerly,
+    )
+    aead = AESGCM(key)
+    last_client = info.num_clients - 1
+    restarts, epoch = 0, int(info.epoch)
+    while epoch < info.epochs:
+        turn = _begin_turn(connection, client_id, epoch)
+        if turn is None:  # the run is over
+            break
+        if not turn.ready:  # our turn of this epoch has passed (skipped)
+            epoch += 1
+            continue
+        if turn.state:
+            _, plain = unseal(aead, turn.state, f"client {client_id}")
+            unpack_state(client, plain)
+        else:
+            unpack_state(client, initial)
+        step.assign(turn.step)
+        try:
+            metrics = _train_turn(
+                config,
+                client,
+                train_fn,
+                eval_fn,
+                eval_step,
+                (x, y),
+                epoch,
+                test_ds if client_id == last_client else None,
+            )
+            state = seal(
+                aead, f"epoch {epoch} from client {client_id}", pack_state(client)
+            )
+            connection.call(
+                "EndTurn",
+                wire_pb2.TurnEnd(
+                    client_id=client_id,
+                    epoch=epoch,
+                    step=int(step.numpy()),
+                    state=state,
+                    metrics=metrics,
+                ),
+                wire_pb2.TurnEndReply,
+            )
+        except (TurnRestarted, tf.errors.OpError) as e:
+            cause = _cause(e, link)
+            if not isinstance(cause, TurnRestarted):
+                raise cause from None
+            restarts += 1
+            log.warning(
+                "client %d: turn of epoch %d restarts: %s", client_id, epoch, cause
+            )
+            continue
+        epoch += 1
+    summary = {
+        "client_id": client_id,
+        "steps": int(step.numpy()),
+        "bytes_sent": connection.bytes_sent,
+        "bytes_received": connection.bytes_received,
+        "retries": connection.retries,
+        "restarted_turns": restarts,
+    }
+    if workdir:
+        tf.io.gfile.makedirs(workdir)
+        client.segment.save_weights(os.path.join(workdir, "client.weights.h5"))
+        if client.tail is not None:
+            client.tail.save_weights(os.path.join(workdir, "tail.weights.h5"))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    connection.close()
+    return summary
+
+
+def _cause(error, link):
+    """The exception behind an op error raised inside the link's round trip."""
+    if isinstance(error, tf.errors.OpError) and link.error is not None:
+        cause, link.error = link.error, None
+        return cause
+    return error
+
+
+def _begin_turn(connection, client_id, epoch):
+    """Waits for this client's turn of `epoch`; None when the run is over.
+
+    Returns a TurnReply with ready=False when the turn has already passed.
+    """
+    while True:
+        reply = connection.call(
+            "BeginTurn",
+            wire_pb2.TurnRequest(client_id=client_id, epoch=epoch),
+            wire_pb2.TurnReply,
+        )
+        if reply.done:
+            return None
+        if reply.ready or (reply.epoch, reply.turn) > (epoch, client_id):
+            return reply
+
+
+def _train_turn(config, client, train_fn, eval_fn, eval_step, shard, epoch, test_ds):
+    """Trains one turn on this client's shard; evaluates if `test_ds`."""
+    objective = client.objective
+    if objective is not None:
+        objective.reset(training=True)
+    dataset = data_lib.train_dataset(
+        *shard, config.train.batch_size, config.seed, epoch, stream=client.client_id
+    )
+    for xb, yb in dataset:
+        train_fn(xb, yb)
+    metrics = {}
+    if objective is not None:
+        logs = objective.result(training=True)
+        metrics.update({f"train_{k}": float(v) for k, v in logs.items()})
+    if test_ds is not None:
+        eval_step.assign(0)
+        if objective is not None:
+            objective.reset(training=False)
+        for xb, yb in test_ds:
+            eval_fn(xb, yb)
+        if objective is not None:
+            logs = objective.result(training=False)
+            metrics.update({f"val_{k}": float(v) for k, v in logs.items()})
+    return metrics
