@@ -64,5 +64,17 @@ def get_config(arg=None):
     c.accounting.clients = "100,500"  # client counts in the tables
 
     c.transport = ml_collections.ConfigDict()
-    c.transport.codec = "float32"  # wire format of cut tensors: float32|16, bf16
+    # wire format of cut tensors (both directions): float32 | float16 | bfloat16
+    # | int8 (1 scale) | int8_channel (1 scale per channel) | topk:F (keep
+    # the fraction F of largest |x|, e.g. topk:0.1; bare topk = topk:0.1)
+    c.transport.codec = "float32"
+    c.transport.activation_codec = ""  # client -> server; "" = transport.codec
+    c.transport.gradient_codec = ""  # server -> client; "" = transport.codec
+
+    # Server and clients as processes (scripts/serve.py, client.py, launch.py).
+    c.grpc = ml_collections.ConfigDict()
+    c.grpc.max_message_mb = 64  # largest message, both ends (gRPC default: 4)
+    c.grpc.timeout_seconds = 120.0  # deadline of every call
+    c.grpc.retry_seconds = 300.0  # clients retry an unreachable server this long
+    c.grpc.turn_timeout_seconds = 600.0  # a silent client's turn is then skipped
     return c

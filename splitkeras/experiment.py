@@ -26,6 +26,7 @@ from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.parties.segment_step import compiled
 from splitkeras.progress import Progress, write_scalars
 from splitkeras.split_model import SplitModel
+from splitkeras.transport.codec import codec_pair
 
 log = logging.getLogger("splitkeras")
 
@@ -170,7 +171,7 @@ def build_trainer(config, model) -> keras.Model:
             jit_compile=False,
         )
         return model
-    split = SplitModel(model, cut_layers(config), codec=config.transport.codec)
+    split = SplitModel(model, cut_layers(config), codec=codec_pair(config))
     split.compile(
         client_optimizer=_optimizer(config),
         server_optimizer=_optimizer(config),

@@ -18,6 +18,7 @@ from keras import optimizers
 
 from splitkeras.cut import Segments, cut
 from splitkeras.parties import Client, Server
+from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["SplitModel"]
@@ -36,7 +37,8 @@ class SplitModel(keras.Model):
       at: the cut layer name (vanilla: labels at the server) or two names
         (U-shaped: labels and loss stay on the client).
       codec: wire codec of the in-process transport, one name for both
-        directions or a pair (up, down): "float32", "float16", "bfloat16".
+        directions or a pair (up, down): "float32", "float16", "bfloat16",
+        "int8", "int8_channel", "topk:F" (see `splitkeras.transport.codec`).
       name: the model name.
 
     Example:
@@ -53,7 +55,7 @@ class SplitModel(keras.Model):
         super().__init__(name=name or f"split_{model.name}")
         self.segments: Segments = cut(model, at)
         self.original = model
-        self.codec = (codec, codec) if isinstance(codec, str) else tuple(codec)
+        self.codec = as_pair(codec)
         self.client_optimizer = None
         self.server_optimizer = None
         self._parties = None

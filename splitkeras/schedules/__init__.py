@@ -8,6 +8,7 @@ from splitkeras.schedules.multitask import MultiTask
 from splitkeras.schedules.round_robin import RoundRobin
 from splitkeras.schedules.splitfed import SplitFed
 from splitkeras.schedules.vertical import VerticalSplit, align, split_image_halves
+from splitkeras.transport.codec import codec_pair
 
 __all__ = [
     "FedAvg",
@@ -34,7 +35,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             make_optimizer,
             loss,
             merge=config.vertical.merge,
-            codec=config.transport.codec,
+            codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
         )
     if config.topology == "multitask":
@@ -44,7 +45,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             at,
             make_optimizer,
             [loss] * len(model.outputs),
-            codec=config.transport.codec,
+            codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
         )
     if config.topology == "multihop":
@@ -53,7 +54,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             at,
             make_optimizer,
             loss,
-            codec=config.transport.codec,
+            codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
         )
     if config.method in ("splitfed_v1", "splitfed_v2"):
@@ -64,7 +65,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             make_optimizer,
             loss,
             version=int(config.method[-1]),
-            codec=config.transport.codec,
+            codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
         )
     if config.method == "split":
@@ -75,7 +76,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             make_optimizer,
             loss,
             handoff=config.weight_handoff,
-            codec=config.transport.codec,
+            codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
         )
     if config.method == "fedavg":

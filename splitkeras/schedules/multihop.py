@@ -28,6 +28,7 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.relay import Relay
 from splitkeras.parties.segment_step import compiled, optimizer_factory
+from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["MultiHop", "hop_segments"]
@@ -66,7 +67,8 @@ class MultiHop:
         per party), or an optimizer name.
       loss: the Keras loss the server computes.
       metrics: metrics the server tracks ("accuracy": sparse categorical).
-      codec: the wire codec of every hop (both directions).
+      codec: the wire codec of every hop: one name (both directions) or an
+        (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as `tf.function`s.
 
     Attributes:
@@ -84,7 +86,7 @@ class MultiHop:
         make_optimizer: Callable[[], keras.optimizers.Optimizer],
         loss,
         metrics=("accuracy",),
-        codec: str = "float32",
+        codec: str | tuple[str, str] = "float32",
         run_eagerly: bool = False,
     ):
         make = optimizer_factory(make_optimizer)
@@ -92,12 +94,12 @@ class MultiHop:
         self.objective = Objective(loss, metrics)
         self.server = Server(last, make(), objective=self.objective)
         # Built from the server backwards: each party needs its link onward.
-        self.hops = [LocalTransport(self.server, 1, codec, codec)]
+        self.hops = [LocalTransport(self.server, 1, *as_pair(codec))]
         self.relays = []
         for segment in reversed(middle):
             relay = Relay(segment, make(), link=self.hops[0])
             self.relays.insert(0, relay)
-            self.hops.insert(0, LocalTransport(relay, 1, codec, codec))
+            self.hops.insert(0, LocalTransport(relay, 1, *as_pair(codec)))
         self.client = Client(first, make(), client_id=0)
         for party in self.parties.values():
             party.build_optimizer()

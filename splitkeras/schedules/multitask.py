@@ -30,6 +30,7 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.segment_step import compiled, optimizer_factory
 from splitkeras.protocol import Kind, Message
+from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["MultiTask", "task_heads"]
@@ -126,7 +127,8 @@ class MultiTask:
       losses: H Keras losses; head i computes `losses[i]` (loss weights 1).
       metrics: metric names for every head ("accuracy": sparse categorical),
         or H sequences, one per head.
-      codec: the wire codec of every client-head link (both directions).
+      codec: the wire codec of every client-head link: one name (both
+        directions) or an (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as `tf.function`s.
 
     Attributes:
@@ -146,7 +148,7 @@ class MultiTask:
         make_optimizer: Callable[[], keras.optimizers.Optimizer],
         losses: Sequence,
         metrics=("accuracy",),
-        codec: str = "float32",
+        codec: str | tuple[str, str] = "float32",
         run_eagerly: bool = False,
     ):
         names = (at,) if isinstance(at, str) else tuple(at)
@@ -171,7 +173,7 @@ class MultiTask:
             for (head, _), objective in zip(heads, self.objectives)
         ]
         self._used = [used for _, used in heads]
-        self.links = [LocalTransport(h, 1, codec, codec) for h in self.heads]
+        self.links = [LocalTransport(h, 1, *as_pair(codec)) for h in self.heads]
         self.client = Client(segments.client, make(), client_id=0)
         for party in [self.client, *self.heads]:
             party.build_optimizer()

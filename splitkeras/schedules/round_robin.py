@@ -23,6 +23,7 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import WeightRelay, make_handoff
 from splitkeras.parties.segment_step import compiled
+from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["RoundRobin"]
@@ -41,7 +42,8 @@ class RoundRobin:
       loss: a Keras loss for the label holder(s).
       metrics: metric names for the label holder(s).
       handoff: "peer" or "server".
-      codec: wire codec of the transport.
+      codec: wire codec of the transport: one name (both directions) or an
+        (activations, gradients) pair.
       key: the clients' shared AES key for the "server" handoff (None: a
         fresh one for this simulation).
       run_eagerly: do not compile steps, for debugging.
@@ -56,7 +58,7 @@ class RoundRobin:
         loss,
         metrics=("accuracy",),
         handoff: str = "peer",
-        codec: str = "float32",
+        codec: str | tuple[str, str] = "float32",
         key: bytes | None = None,
         run_eagerly: bool = False,
     ):
@@ -81,7 +83,7 @@ class RoundRobin:
         ]
         for party in [self.server, *self.clients]:
             party.build_optimizer()
-        self.transport = LocalTransport(self.server, num_clients, codec, codec)
+        self.transport = LocalTransport(self.server, num_clients, *as_pair(codec))
         self.relay = WeightRelay()
         self.handoff = make_handoff(handoff, num_clients, self.relay, key)
         self.active = 0  # the client holding the newest client-segment state

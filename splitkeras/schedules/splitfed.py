@@ -41,6 +41,7 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.segment_step import compiled
 from splitkeras.protocol import Message
+from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
 __all__ = ["FedServer", "ServerCopies", "SplitFed", "weighted_average"]
@@ -63,7 +64,8 @@ class SplitFed:
       metrics: metric names for the label holder(s).
       version: 1 (a server copy per client, averaged) or 2 (one server,
         trained on the clients in turn).
-      codec: wire codec of the transport (activations and gradients).
+      codec: wire codec of the transport: one name (activations and
+        gradients) or an (activations, gradients) pair.
       run_eagerly: do not compile steps, for debugging.
 
     Raises:
@@ -80,7 +82,7 @@ class SplitFed:
         loss,
         metrics=("accuracy",),
         version: int = 1,
-        codec: str = "float32",
+        codec: str | tuple[str, str] = "float32",
         run_eagerly: bool = False,
     ):
         if version not in VERSIONS:
@@ -100,7 +102,7 @@ class SplitFed:
         _check_same_start([s.segment.weights for s in self.servers], "server")
         # What the transport talks to: SFLV1's copies, or SFLV2's one server.
         self.server = ServerCopies(self.servers) if version == 1 else self.servers[0]
-        self.transport = LocalTransport(self.server, num_clients, codec, codec)
+        self.transport = LocalTransport(self.server, num_clients, *as_pair(codec))
         self.fed_server = FedServer(num_clients)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._train_fns = [

@@ -35,6 +35,7 @@ from splitkeras.parties.segment_step import (
     regularization,
 )
 from splitkeras.protocol import Kind, Message, flat
+from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
 __all__ = [
@@ -262,7 +263,8 @@ class VerticalSplit:
       metrics: metrics the server tracks ("accuracy": sparse categorical).
       merge: "concat" (last axis), "sum" or "mean" of the cut tensors.
       label_client: the client that owns the labels and sends them.
-      codec: the wire codec of the in-process transport (both directions).
+      codec: the wire codec of the in-process transport: one name (both
+        directions) or an (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as one `tf.function`.
 
     Batches are `(features, ids, y)`: K feature tensors, K id tensors (one
@@ -307,7 +309,7 @@ class VerticalSplit:
             party.build_optimizer()
         # A vertical step sends K messages before the server can answer, so
         # it carries them one by one instead of using `request`.
-        self.transport = LocalTransport(None, self.num_clients, codec, codec)
+        self.transport = LocalTransport(None, self.num_clients, *as_pair(codec))
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
         steps = [compiled(f, run_eagerly) for f in steps]

@@ -1,9 +1,10 @@
 """The in-process transport: a real transport without a network.
 
 It encodes every tensor with the codec, counts the bytes that would travel in
-each direction for each client, decodes on arrival and hands the message to
-the server. Everything is TensorFlow ops, so a step that goes through it can
-be compiled into one graph with the parties' computations.
+each direction for each client (every wire part of the codec, plus labels,
+sample weights, losses and ids as they are), decodes on arrival and hands the
+message to the server. Everything is TensorFlow ops, so a step that goes
+through it can be compiled into one graph with the parties' computations.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class LocalTransport:
     Args:
       server: the party that answers requests (has `handle(message)`).
       num_clients: how many clients talk through this transport.
-      codec_up: codec for tensors going to the server.
+      codec_up: codec (name or `Codec`) for tensors going to the server.
       codec_down: codec for tensors coming back.
     """
 
@@ -55,12 +56,14 @@ class LocalTransport:
                 f"client id {message.client_id} is not served by this transport "
                 f"(it serves clients 0..{len(counters) - 1})"
             )
-        wire = [codec.encode(t) for t in message.tensors]
+        tensors = [tf.convert_to_tensor(t) for t in message.tensors]
+        wire = [codec.encode(t) for t in tensors]
         extras = message.payload()[len(message.tensors) :]
-        sent = wire + [tf.convert_to_tensor(t) for t in extras]
+        sent = [p for parts in wire for p in parts]
+        sent += [tf.convert_to_tensor(t) for t in extras]
         counters[message.client_id].assign_add(_nbytes(sent))
-        tensors = tuple(codec.decode(w, t.dtype) for w, t in zip(wire, message.tensors))
-        return message.replace(tensors=tensors)
+        arrived = tuple(_decode(codec, parts, t) for parts, t in zip(wire, tensors))
+        return message.replace(tensors=arrived)
 
     def counters_of(self, client_id: int) -> dict:
         """One client's byte counters (variables), for its checkpoint."""
@@ -75,6 +78,13 @@ class LocalTransport:
             "bytes_up": [int(v.numpy()) for v in self.bytes_up],
             "bytes_down": [int(v.numpy()) for v in self.bytes_down],
         }
+
+
+def _decode(codec, parts, sent):
+    """`sent` as it arrives, with its static shape (a dynamic batch stays None)."""
+    tensor = codec.decode(parts, sent.dtype, tf.shape(sent))
+    tensor.set_shape(sent.shape)
+    return tensor
 
 
 def _nbytes(tensors) -> tf.Tensor:
