@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdirs/fashion_mnist_lenet
 
-.PHONY: install data train test lint format benchmark clean
+.PHONY: install data train test lint format benchmark proto clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ format: install
 
 benchmark: install
 	$(PY) benchmarks/throughput.py
+
+# Regenerates the checked-in wire format code from its .proto.
+proto: install
+	$(PY) -m pip install --quiet grpcio-tools
+	$(PY) -m grpc_tools.protoc -I. --python_out=. splitkeras/transport/proto/wire.proto
 
 clean:
 	rm -rf $(VENV) workdirs build *.egg-info

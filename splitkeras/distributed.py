@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import time
 
 import tensorflow as tf
@@ -41,21 +42,14 @@ from splitkeras.transport.proto import wire_pb2
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["read_key", "run_client", "serve", "write_key"]
+__all__ = ["RemoteClient", "read_key", "run_client", "serve", "write_key"]
 
 METRICS = ("accuracy",)
 
 
 def grpc_settings(config):
-    """`config.grpc` with defaults for the fields a config leaves out."""
-    defaults = {
-        "max_message_mb": 64,
-        "timeout_seconds": 120.0,
-        "retry_seconds": 300.0,
-        "turn_timeout_seconds": 600.0,
-    }
-    given = dict(config.get("grpc", {}))
-    return {**defaults, **given}
+    """`config.grpc`: message size limit, deadlines, retry and turn timeouts."""
+    return config.grpc
 
 
 def write_key(path: str) -> None:
@@ -157,6 +151,7 @@ def serve(
         while not service.done:
             service._changed.wait(1.0)
     time.sleep(0.5)  # let the last EndTurn reply leave
+    service.closed.set()
     grpc_server.stop(grace=2.0).wait()
     segments.server.save_weights(os.path.join(workdir, "server.weights.h5"))
     summary = {
@@ -172,6 +167,8 @@ def serve(
         "per_client": service.byte_counts(),
         "skipped_turns": service.skipped,
         "refused_calls": service.refused,
+        # Peak resident memory of the server process (Linux reports KiB).
+        "server_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     validation = last.get("validation") or {}
     if "accuracy" in validation:
@@ -180,6 +177,216 @@ def serve(
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
+
+
+class RemoteClient:
+    """One client of `config`'s split, connected to the server at `target`.
+
+    It loads the dataset and keeps only its own shard (the same partition as
+    the in-process run), builds and cuts the model from the config's seed,
+    joins the server and compiles its steps (`train_fn`, `eval_fn`): the
+    same `Client.train_step` as in-process, over a `GrpcLink`.
+
+    Args:
+      config: the experiment config (the server's).
+      target: the server's "host:port".
+      client_id: this client's id, 0..K-1.
+      key: the clients' shared AES-256 handoff key.
+      token: this client's token (if the server requires tokens).
+      credentials: `grpc.ChannelCredentials` (TLS), or None for plaintext.
+      arrays: the loaded dataset (None: load it from the config).
+    """
+
+    def __init__(
+        self,
+        config,
+        target: str,
+        client_id: int,
+        key: bytes,
+        token: str | None = None,
+        credentials=None,
+        arrays=None,
+    ):
+        _check_supported(config)
+        settings = grpc_settings(config)
+        self.config = config
+        self.client_id = client_id
+        if arrays is None:
+            arrays = data_lib.load(
+                config.data.name, config.data.path, config.data.download
+            )
+        self.shard = federation.client_shards(config, arrays)[client_id]
+        self.test_ds = federation.test_data(config, arrays)
+        segments = _segments(config, arrays)
+        objective = Objective(experiment._loss(), METRICS) if segments.ushaped else None
+        self.client = client = Client(
+            segments.client,
+            experiment._optimizer(config),
+            client_id=client_id,
+            tail=segments.tail,
+            objective=objective,
+        )
+        client.build_optimizer()
+        self._initial = pack_state(client)
+        self._aead = AESGCM(key)
+        self.connection = Connection(
+            target,
+            client_id,
+            token=token,
+            credentials=credentials,
+            max_message_bytes=settings["max_message_mb"] << 20,
+            timeout=settings["timeout_seconds"],
+            retry_seconds=settings["retry_seconds"],
+        )
+        self.info = info = self.connection.call(
+            "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
+        )
+        up, down = _codecs(config)
+        if (info.codec_up, info.codec_down) != (up, down):
+            raise ValueError(
+                f"the server uses codecs {info.codec_up}/{info.codec_down}, this "
+                f"client's config {up}/{down}"
+            )
+        self.link = link = GrpcLink(
+            self.connection,
+            [t.dtype for t in segments.client.outputs],
+            [t.shape for t in segments.client.outputs],
+            list(info.output_dtypes),
+            [t.shape for t in segments.tail.inputs] if segments.ushaped else None,
+            ushaped=segments.ushaped,
+            codec_up=up,
+            codec_down=down,
+        )
+        self.step = step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.eval_step = eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.train_fn = compiled(
+            lambda x, y: client.train_step(link, step.assign_add(1), x, y),
+            config.train.run_eagerly,
+        )
+        self.eval_fn = compiled(
+            lambda x, y: client.evaluate_step(link, eval_step.assign_add(1), x, y),
+            config.train.run_eagerly,
+        )
+        self.restarts = 0
+
+    def begin_turn(self, epoch: int):
+        """Waits for this client's turn of `epoch` and loads the handed-on state.
+
+        Returns the TurnReply (ready=False: the turn has passed), or None when
+        the run is over.
+        """
+        while True:
+            turn = self.connection.call(
+                "BeginTurn",
+                wire_pb2.TurnRequest(client_id=self.client_id, epoch=epoch),
+                wire_pb2.TurnReply,
+            )
+            if turn.done:
+                return None
+            if turn.ready or (turn.epoch, turn.turn) > (epoch, self.client_id):
+                break
+        if turn.ready:
+            if turn.state:
+                receiver = f"client {self.client_id}"
+                _, plain = unseal(self._aead, turn.state, receiver)
+                unpack_state(self.client, plain)
+            else:
+                unpack_state(self.client, self._initial)
+            self.step.assign(turn.step)
+        return turn
+
+    def end_turn(self, epoch: int, metrics: dict) -> None:
+        """Hands this client's sealed state on through the server."""
+        state = seal(
+            self._aead,
+            f"epoch {epoch} from client {self.client_id}",
+            pack_state(self.client),
+        )
+        self.connection.call(
+            "EndTurn",
+            wire_pb2.TurnEnd(
+                client_id=self.client_id,
+                epoch=epoch,
+                step=int(self.step.numpy()),
+                state=state,
+                metrics=metrics,
+            ),
+            wire_pb2.TurnEndReply,
+        )
+
+    def run(self) -> dict:
+        """Trains this client's turn of every epoch; returns its summary."""
+        last_client = self.info.num_clients - 1
+        epoch = int(self.info.epoch)
+        while epoch < self.info.epochs:
+            turn = self.begin_turn(epoch)
+            if turn is None:  # the run is over
+                break
+            if not turn.ready:  # our turn of this epoch has passed (skipped)
+                epoch += 1
+                continue
+            try:
+                evaluate = self.client_id == last_client
+                self.end_turn(epoch, self._train_turn(epoch, evaluate))
+            except (TurnRestarted, tf.errors.OpError) as e:
+                cause = _cause(e, self.link)
+                if not isinstance(cause, TurnRestarted):
+                    raise cause from None
+                self.restarts += 1
+                log.warning(
+                    "client %d: turn of epoch %d restarts: %s",
+                    self.client_id,
+                    epoch,
+                    cause,
+                )
+                continue
+            epoch += 1
+        return {
+            "client_id": self.client_id,
+            "steps": int(self.step.numpy()),
+            "bytes_sent": self.connection.bytes_sent,
+            "bytes_received": self.connection.bytes_received,
+            "retries": self.connection.retries,
+            "restarted_turns": self.restarts,
+        }
+
+    def _train_turn(self, epoch: int, evaluate: bool) -> dict:
+        """Trains one turn on the shard; evaluates on the test split if asked."""
+        config, objective = self.config, self.client.objective
+        if objective is not None:
+            objective.reset(training=True)
+        dataset = data_lib.train_dataset(
+            *self.shard,
+            config.train.batch_size,
+            config.seed,
+            epoch,
+            stream=self.client_id,
+        )
+        for xb, yb in dataset:
+            self.train_fn(xb, yb)
+        metrics = {}
+        if objective is not None:
+            logs = objective.result(training=True)
+            metrics.update({f"train_{k}": float(v) for k, v in logs.items()})
+        if evaluate:
+            self.eval_step.assign(0)
+            if objective is not None:
+                objective.reset(training=False)
+            for xb, yb in self.test_ds:
+                self.eval_fn(xb, yb)
+            if objective is not None:
+                logs = objective.result(training=False)
+                metrics.update({f"val_{k}": float(v) for k, v in logs.items()})
+        return metrics
+
+    def save(self, workdir: str, summary: dict) -> None:
+        """Writes the final segment weights and `summary` to `workdir`."""
+        tf.io.gfile.makedirs(workdir)
+        self.client.segment.save_weights(os.path.join(workdir, "client.weights.h5"))
+        if self.client.tail is not None:
+            self.client.tail.save_weights(os.path.join(workdir, "tail.weights.h5"))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
 
 
 def run_client(
@@ -193,145 +400,19 @@ def run_client(
 ) -> dict:
     """Runs client `client_id` of `config`'s split against the server at `target`.
 
-    The client loads the dataset and keeps only its own shard (the same
-    partition as the in-process run), trains its turn of every epoch, and
-    (the last client of each epoch) evaluates on the test split.
-
-    Args:
-      config: the experiment config (the server's).
-      target: the server's "host:port".
-      client_id: this client's id, 0..K-1.
-      key: the clients' shared AES-256 handoff key.
-      workdir: where this client writes summary.json and its final weights
-        (None: nowhere).
-      token: this client's token (if the server requires tokens).
-      credentials: `grpc.ChannelCredentials` (TLS), or None for plaintext.
+    Trains its turn of every epoch (the last client of each epoch also
+    evaluates on the test split) and writes its final weights and summary to
+    `workdir` (if given). Arguments as `RemoteClient`.
 
     Returns:
       This client's summary: steps, bytes it sent and received, retries,
       restarted turns.
     """
-    _check_supported(config)
-    settings = grpc_settings(config)
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    x, y = federation.client_shards(config, arrays)[client_id]
-    test_ds = federation.test_data(config, arrays)
-    segments = _segments(config, arrays)
-    objective = Objective(experiment._loss(), METRICS) if segments.ushaped else None
-    client = Client(
-        segments.client,
-        experiment._optimizer(config),
-        client_id=client_id,
-        tail=segments.tail,
-        objective=objective,
-    )
-    client.build_optimizer()
-    initial = pack_state(client)
-    connection = Connection(
-        target,
-        client_id,
-        token=token,
-        credentials=credentials,
-        max_message_bytes=settings["max_message_mb"] << 20,
-        timeout=settings["timeout_seconds"],
-        retry_seconds=settings["retry_seconds"],
-    )
-    info = connection.call(
-        "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
-    )
-    up, down = _codecs(config)
-    if (info.codec_up, info.codec_down) != (up, down):
-        raise ValueError(
-            f"the server uses codecs {info.codec_up}/{info.codec_down}, this "
-            f"client's config {up}/{down}"
-        )
-    link = GrpcLink(
-        connection,
-        [t.dtype for t in segments.client.outputs],
-        [t.shape for t in segments.client.outputs],
-        list(info.output_dtypes),
-        [t.shape for t in segments.tail.inputs] if segments.ushaped else None,
-        ushaped=segments.ushaped,
-        codec_up=up,
-        codec_down=down,
-    )
-    step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    train_fn = compiled(
-        lambda x, y: client.train_step(link, step.assign_add(1), x, y),
-        config.train.run_eagerly,
-    )
-    eval_fn = compiled(
-        lambda x, y: client.evaluate_step(link, eval_step.assign_add(1), x, y),
-        config.train.run_eagerly,
-    )
-    aead = AESGCM(key)
-    last_client = info.num_clients - 1
-    restarts, epoch = 0, int(info.epoch)
-    while epoch < info.epochs:
-        turn = _begin_turn(connection, client_id, epoch)
-        if turn is None:  # the run is over
-            break
-        if not turn.ready:  # our turn of this epoch has passed (skipped)
-            epoch += 1
-            continue
-        if turn.state:
-            _, plain = unseal(aead, turn.state, f"client {client_id}")
-            unpack_state(client, plain)
-        else:
-            unpack_state(client, initial)
-        step.assign(turn.step)
-        try:
-            metrics = _train_turn(
-                config,
-                client,
-                train_fn,
-                eval_fn,
-                eval_step,
-                (x, y),
-                epoch,
-                test_ds if client_id == last_client else None,
-            )
-            state = seal(
-                aead, f"epoch {epoch} from client {client_id}", pack_state(client)
-            )
-            connection.call(
-                "EndTurn",
-                wire_pb2.TurnEnd(
-                    client_id=client_id,
-                    epoch=epoch,
-                    step=int(step.numpy()),
-                    state=state,
-                    metrics=metrics,
-                ),
-                wire_pb2.TurnEndReply,
-            )
-        except (TurnRestarted, tf.errors.OpError) as e:
-            cause = _cause(e, link)
-            if not isinstance(cause, TurnRestarted):
-                raise cause from None
-            restarts += 1
-            log.warning(
-                "client %d: turn of epoch %d restarts: %s", client_id, epoch, cause
-            )
-            continue
-        epoch += 1
-    summary = {
-        "client_id": client_id,
-        "steps": int(step.numpy()),
-        "bytes_sent": connection.bytes_sent,
-        "bytes_received": connection.bytes_received,
-        "retries": connection.retries,
-        "restarted_turns": restarts,
-    }
+    remote = RemoteClient(config, target, client_id, key, token, credentials)
+    summary = remote.run()
     if workdir:
-        tf.io.gfile.makedirs(workdir)
-        client.segment.save_weights(os.path.join(workdir, "client.weights.h5"))
-        if client.tail is not None:
-            client.tail.save_weights(os.path.join(workdir, "tail.weights.h5"))
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
-    connection.close()
+        remote.save(workdir, summary)
+    remote.connection.close()
     return summary
 
 
@@ -341,46 +422,3 @@ def _cause(error, link):
         cause, link.error = link.error, None
         return cause
     return error
-
-
-def _begin_turn(connection, client_id, epoch):
-    """Waits for this client's turn of `epoch`; None when the run is over.
-
-    Returns a TurnReply with ready=False when the turn has already passed.
-    """
-    while True:
-        reply = connection.call(
-            "BeginTurn",
-            wire_pb2.TurnRequest(client_id=client_id, epoch=epoch),
-            wire_pb2.TurnReply,
-        )
-        if reply.done:
-            return None
-        if reply.ready or (reply.epoch, reply.turn) > (epoch, client_id):
-            return reply
-
-
-def _train_turn(config, client, train_fn, eval_fn, eval_step, shard, epoch, test_ds):
-    """Trains one turn on this client's shard; evaluates if `test_ds`."""
-    objective = client.objective
-    if objective is not None:
-        objective.reset(training=True)
-    dataset = data_lib.train_dataset(
-        *shard, config.train.batch_size, config.seed, epoch, stream=client.client_id
-    )
-    for xb, yb in dataset:
-        train_fn(xb, yb)
-    metrics = {}
-    if objective is not None:
-        logs = objective.result(training=True)
-        metrics.update({f"train_{k}": float(v) for k, v in logs.items()})
-    if test_ds is not None:
-        eval_step.assign(0)
-        if objective is not None:
-            objective.reset(training=False)
-        for xb, yb in test_ds:
-            eval_fn(xb, yb)
-        if objective is not None:
-            logs = objective.result(training=False)
-            metrics.update({f"val_{k}": float(v) for k, v in logs.items()})
-    return metrics

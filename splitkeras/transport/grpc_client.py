@@ -122,7 +122,6 @@ class Connection:
                     data,
                     timeout=timeout or self.timeout,
                     metadata=self.metadata,
-                    wait_for_ready=True,
                 )
             except grpc.RpcError as e:
                 code, details = e.code(), e.details()
@@ -262,14 +261,16 @@ class GrpcLink:
                 kind=int(kind), client_id=self.connection.client_id, step=int(step)
             )
             for (dtype, n), shape in zip(tensor_layout, shapes):
-                envelope.tensors.append(
-                    wire.encoded_from_parts(
-                        self.codec_up, dtype, shape.numpy(), args[:n]
-                    )
+                wire.encoded_from_parts(
+                    self.codec_up,
+                    dtype,
+                    shape.numpy(),
+                    args[:n],
+                    envelope.tensors.add(),
                 )
                 args = args[n:]
             for name, value in zip(extra_names, args):
-                getattr(envelope, name).CopyFrom(wire.to_array(value))
+                wire.fill_array(getattr(envelope, name), value)
             reply = self.connection.call("Exchange", envelope, wire_pb2.Envelope)
             return self._check_reply(reply, envelope, reply_kind, specs)
         except Exception as e:

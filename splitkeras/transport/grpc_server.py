@@ -139,6 +139,7 @@ class SplitService:
         self.turns = _Turns(num_clients)
         self.skipped = []  # (epoch, client) of turns skipped after a timeout
         self.refused = 0
+        self.closed = threading.Event()  # set: the watchdog stops
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._active = None  # client id training its turn, or None
@@ -278,6 +279,11 @@ class SplitService:
                 self._refuse(context, name, e.code, e.details)
             except Exception as e:  # a bug or an op error: say so, keep serving
                 log.exception("%s failed", name)
+                with self._lock:
+                    if name == "Exchange" and self._active is not None:
+                        # A step may have changed some state before failing:
+                        # back to the start of the turn, which starts over.
+                        self._rollback(f"an Exchange failed: {e!r}")
                 self._refuse(context, name, grpc.StatusCode.INTERNAL, repr(e))
             if name == "Exchange":
                 with self._lock:
@@ -460,6 +466,8 @@ class SplitService:
         batch = int(tensors[0].shape[0]) if tensors else None
         if any(int(t.shape[0]) != batch for t in tensors):
             raise _invalid("tensors disagree on the batch size")
+        if batch == 0:
+            raise _invalid("tensor 0 has batch size 0: nothing to train on")
         if not labels:
             if envelope.HasField("labels") or envelope.HasField("sample_weight"):
                 raise _invalid(
@@ -482,32 +490,34 @@ class SplitService:
                     f"sample_weight must be {batch} finite values, got shape "
                     f"{list(w.shape)}"
                 )
-            w = tf.constant(w)
-        return tensors, tf.constant(y), w
+            w = tf.constant(w, tf.float32)
+        # One dtype per argument, so the compiled step is traced once.
+        return tensors, tf.constant(y, tf.int64), w
 
     def _check_labels(self, y, batch):
-        if y.ndim < 1 or y.shape[0] != batch:
+        """Labels must be `batch` class ids of the server's classifier output."""
+        if y.shape != (batch,):
             raise _invalid(
-                f"labels have shape {list(y.shape)}, expected {batch} per batch"
+                f"labels have shape {list(y.shape)}, expected [{batch}] (one class "
+                "id per example)"
             )
-        if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
-            raise _invalid("labels have non-finite values")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise _invalid(f"labels must be integer class ids, got {y.dtype.name}")
         classes = self._outputs[0][1][-1]
-        if np.issubdtype(y.dtype, np.integer) and classes and y.ndim == 1:
-            if y.size and (y.min() < 0 or y.max() >= classes):
-                raise _invalid(
-                    f"labels must be class ids in [0, {classes}), got "
-                    f"[{y.min()}, {y.max()}]"
-                )
+        if classes and (y.min() < 0 or y.max() >= classes):
+            raise _invalid(
+                f"labels must be class ids in [0, {classes}), got "
+                f"[{y.min()}, {y.max()}]"
+            )
 
     def _envelope(self, request, kind, tensors, loss=None):
         reply = wire_pb2.Envelope(
             kind=int(kind), client_id=request.client_id, step=request.step
         )
         for t in tensors:
-            reply.tensors.append(wire.encode_tensor(self.codec_down, t))
+            wire.encode_tensor(self.codec_down, t, into=reply.tensors.add())
         if loss is not None:
-            reply.loss.CopyFrom(wire.to_array(tf.cast(loss, tf.float32)))
+            wire.fill_array(reply.loss, tf.cast(loss, tf.float32))
         return reply
 
     def end_turn(self, client, request):
@@ -612,8 +622,7 @@ def start_server(
     server.start()
 
     def watchdog():
-        while True:
-            time.sleep(1.0)
+        while not service.closed.wait(1.0):
             service.tick()
 
     threading.Thread(target=watchdog, daemon=True, name="turn-watchdog").start()

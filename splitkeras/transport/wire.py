@@ -10,6 +10,8 @@ server turns that into an INVALID_ARGUMENT status without touching its state.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
@@ -47,11 +49,22 @@ class WireError(ValueError):
 
 def to_array(value) -> wire_pb2.Array:
     """A tensor or numpy array as an `Array`."""
+    array = wire_pb2.Array()
+    fill_array(array, value)
+    return array
+
+
+def fill_array(array: wire_pb2.Array, value) -> None:
+    """Writes a tensor or numpy array into the message `array` in place.
+
+    Filling a field in place saves the copy that assigning a finished
+    message makes (it matters for activations of tens of megabytes).
+    """
     value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-    value = np.ascontiguousarray(value)
-    return wire_pb2.Array(
-        dtype=value.dtype.name, shape=value.shape, data=value.tobytes(order="C")
-    )
+    value = np.asarray(value, order="C")  # keeps 0-d arrays 0-d
+    array.dtype = value.dtype.name
+    array.shape[:] = value.shape
+    array.data = value.tobytes(order="C")
 
 
 def from_array(array: wire_pb2.Array, what: str) -> np.ndarray:
@@ -64,14 +77,15 @@ def from_array(array: wire_pb2.Array, what: str) -> np.ndarray:
     if any(d < 0 for d in array.shape):
         raise WireError(f"{what}: negative dimension in shape {list(array.shape)}")
     dtype = np.dtype(_DTYPES[array.dtype])
-    count = int(np.prod(array.shape, dtype=np.int64))
-    if len(array.data) != count * dtype.itemsize:
+    count = math.prod(int(d) for d in array.shape)  # Python ints: no overflow
+    data = array.data  # each read of a bytes field copies it: read once
+    if len(data) != count * dtype.itemsize:
         raise WireError(
-            f"{what}: payload has {len(array.data)} bytes, shape "
+            f"{what}: payload has {len(data)} bytes, shape "
             f"{list(array.shape)} of {array.dtype} needs {count * dtype.itemsize} "
             "(truncated or padded)"
         )
-    return np.frombuffer(array.data, dtype=dtype).reshape(tuple(array.shape))
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(array.shape))
 
 
 def parse(cls, data: bytes, what: str):
@@ -82,20 +96,26 @@ def parse(cls, data: bytes, what: str):
         raise WireError(f"{what} could not be parsed (truncated?): {e}") from None
 
 
-def encode_tensor(codec, tensor) -> wire_pb2.Encoded:
-    """One float (or integer) tensor, encoded with `codec`, as `Encoded`."""
-    parts = codec.encode(tf.convert_to_tensor(tensor))
-    return encoded_from_parts(codec, tensor.dtype, tensor.shape, parts)
+def encode_tensor(codec, tensor, into: wire_pb2.Encoded | None = None):
+    """One float (or integer) tensor encoded with `codec`, as `Encoded`.
 
-
-def encoded_from_parts(codec, dtype, shape, parts) -> wire_pb2.Encoded:
-    """`Encoded` from a codec's wire parts (tensors or numpy arrays)."""
-    return wire_pb2.Encoded(
-        codec=codec.name,
-        dtype=tf.as_dtype(dtype).name,
-        shape=[int(d) for d in shape],
-        parts=[to_array(p) for p in parts],
+    With `into` (e.g. `envelope.tensors.add()`) it is filled in place.
+    """
+    tensor = tf.convert_to_tensor(tensor)
+    return encoded_from_parts(
+        codec, tensor.dtype, tensor.shape, codec.encode(tensor), into
     )
+
+
+def encoded_from_parts(codec, dtype, shape, parts, into=None) -> wire_pb2.Encoded:
+    """`Encoded` from a codec's wire parts (tensors or numpy arrays)."""
+    encoded = wire_pb2.Encoded() if into is None else into
+    encoded.codec = codec.name
+    encoded.dtype = tf.as_dtype(dtype).name
+    encoded.shape[:] = [int(d) for d in shape]
+    for part in parts:
+        fill_array(encoded.parts.add(), part)
+    return encoded
 
 
 def check_encoded(encoded, codec, dtype, shape, what) -> list:
