@@ -111,7 +111,16 @@ class Connection:
           TurnRestarted: FAILED_PRECONDITION (the server rolled back).
           RemoteError: any other refusal, or no answer within retry_seconds.
         """
-        data = request.SerializeToString()
+        reply = self._send(method, request.SerializeToString(), timeout)
+        return wire.parse(reply_type, reply, f"{method} reply")
+
+    def exchange(self, envelope, payloads):
+        """Sends `envelope` framed with `payloads`; returns (reply, Payloads)."""
+        reply = self._send("Exchange", wire.frame(envelope, payloads))
+        return wire.open_body(reply, "Exchange reply")
+
+    def _send(self, method, data: bytes, timeout=None) -> bytes:
+        """The bytes of `method`'s reply to `data`, with retries."""
         give_up = time.monotonic() + self.retry_seconds
         delay = 0.05
         while True:
@@ -145,7 +154,7 @@ class Connection:
                 raise error(method, code, details) from None
             with self._lock:
                 self.bytes_received += len(reply) + FRAME_BYTES
-            return wire.parse(reply_type, reply, f"{method} reply")
+            return reply
 
     def close(self) -> None:
         self.channel.close()
@@ -260,6 +269,7 @@ class GrpcLink:
             envelope = wire_pb2.Envelope(
                 kind=int(kind), client_id=self.connection.client_id, step=int(step)
             )
+            payloads = []  # array bytes travel after the envelope (wire.frame)
             for (dtype, n), shape in zip(tensor_layout, shapes):
                 wire.encoded_from_parts(
                     self.codec_up,
@@ -267,17 +277,18 @@ class GrpcLink:
                     shape.numpy(),
                     args[:n],
                     envelope.tensors.add(),
+                    payloads,
                 )
                 args = args[n:]
             for name, value in zip(extra_names, args):
-                wire.fill_array(getattr(envelope, name), value)
-            reply = self.connection.call("Exchange", envelope, wire_pb2.Envelope)
-            return self._check_reply(reply, envelope, reply_kind, specs)
+                wire.fill_array(getattr(envelope, name), value, payloads)
+            reply, arrived = self.connection.exchange(envelope, payloads)
+            return self._check_reply(reply, arrived, envelope, reply_kind, specs)
         except Exception as e:
             self.error = e
             raise
 
-    def _check_reply(self, reply, sent, reply_kind, specs):
+    def _check_reply(self, reply, arrived, sent, reply_kind, specs):
         if reply.kind != reply_kind or reply.step != sent.step:
             raise wire.WireError(
                 f"expected a {reply_kind.name} reply for step {sent.step}, got "
@@ -290,13 +301,19 @@ class GrpcLink:
             )
         loss = np.float32(np.nan)
         if reply.HasField("loss"):
-            loss = np.float32(wire.from_array(reply.loss, "loss").reshape(()))
+            loss = np.float32(arrived.array(reply.loss, "loss", "loss").reshape(()))
         out = [loss]
         for i, (encoded, (dtype, shape)) in enumerate(zip(reply.tensors, specs)):
             rank = len(encoded.shape) if shape is None else len(shape)
             expected = [None] * rank if shape is None else list(shape)
             out += wire.check_encoded(
-                encoded, self.codec_down, dtype, expected, f"reply tensor {i}"
+                encoded,
+                self.codec_down,
+                dtype,
+                expected,
+                f"reply tensor {i}",
+                arrived,
+                i,
             )
             out.append(np.asarray(encoded.shape, np.int64))
         return out

@@ -145,6 +145,7 @@ class SplitService:
         self._active = None  # client id training its turn, or None
         self._last_seen = time.monotonic()
         self._cache = {}  # client id -> (step, kind, reply bytes)
+        self._payloads, self._framed = wire.Payloads(), False  # current body
         self._eval_step = {}  # client id -> last evaluation batch applied
         self._client_logs = {}  # epoch logs reported by clients at EndTurn
         self._started = time.monotonic() - float(self.turns.wall_seconds.numpy())
@@ -270,9 +271,17 @@ class SplitService:
     def _serve(self, name, request_type, method):
         def serve(data, context):
             try:
-                request = wire.parse(request_type, data, f"{name} request")
+                if name == "Exchange":  # a frame, or a plain envelope
+                    request, payloads = wire.open_body(data, "Exchange request")
+                    body = (payloads, data[:1] == b"\x00")
+                else:
+                    request = wire.parse(request_type, data, f"{name} request")
+                    body = None
                 client = self._authenticate(context, request.client_id)
-                reply = method(client, request).SerializeToString()
+                args = () if body is None else body
+                reply = method(client, request, *args)
+                if not isinstance(reply, bytes):
+                    reply = reply.SerializeToString()
             except wire.WireError as e:
                 self._refuse(context, name, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except Refused as e:
@@ -362,8 +371,15 @@ class SplitService:
         self.skipped.append({"epoch": epoch, "client": turn})
         self._advance(epoch, turn, {})
 
-    def exchange(self, client, envelope):
+    def exchange(self, client, envelope, payloads=None, framed=False):
+        """Answers one protocol message; returns the serialized reply.
+
+        `payloads` holds the out-of-line array bytes of a framed body; the
+        reply is framed the same way when the request was.
+        """
         with self._lock:
+            self._payloads = payloads or wire.Payloads()
+            self._framed = framed
             kind = envelope.kind
             if kind in (Kind.TRAIN, Kind.OUTPUT_GRADIENTS):
                 return self._train_message(client, envelope)
@@ -387,7 +403,7 @@ class SplitService:
         self._last_seen = time.monotonic()
         cached = self._cache.get(client)
         if cached and cached[:2] == (envelope.step, envelope.kind):
-            return wire.parse(wire_pb2.Envelope, cached[2], "cached reply")
+            return cached[2]
         if envelope.step != step + 1:
             raise _restart(
                 f"step {envelope.step} of client {client} is out of order: the "
@@ -409,7 +425,7 @@ class SplitService:
                 Message(Kind.TRAIN, client, envelope.step, tuple(tensors))
             )
             reply = self._envelope(envelope, Kind.SERVER_OUTPUT, answer.tensors)
-        self._cache[client] = (envelope.step, envelope.kind, reply.SerializeToString())
+        self._cache[client] = (envelope.step, envelope.kind, reply)
         return reply
 
     def _output_gradients(self, client, envelope):
@@ -430,7 +446,7 @@ class SplitService:
         last = self._eval_step.get(client, 0)
         cached = self._cache.get(("eval", client))
         if cached and cached[0] == envelope.step:
-            return wire.parse(wire_pb2.Envelope, cached[2], "cached reply")
+            return cached[2]
         if envelope.step not in (1, last + 1):
             raise _restart(
                 f"evaluation batch {envelope.step} of client {client} is out of "
@@ -446,7 +462,7 @@ class SplitService:
             outputs, _ = self._predict(tensors)
             reply = self._envelope(envelope, Kind.SERVER_OUTPUT, outputs)
         self._eval_step[client] = envelope.step
-        self._cache[("eval", client)] = (envelope.step, 0, reply.SerializeToString())
+        self._cache[("eval", client)] = (envelope.step, 0, reply)
         return reply
 
     def _arrival(self, envelope, specs, labels: bool):
@@ -461,7 +477,9 @@ class SplitService:
         tensors = []
         for i, (encoded, (dtype, shape)) in enumerate(zip(envelope.tensors, specs)):
             what = f"tensor {i}"
-            parts = wire.check_encoded(encoded, self.codec_up, dtype, shape, what)
+            parts = wire.check_encoded(
+                encoded, self.codec_up, dtype, shape, what, self._payloads, i
+            )
             tensors.append(wire.decode_tensor(self.codec_up, encoded, parts, what))
         batch = int(tensors[0].shape[0]) if tensors else None
         if any(int(t.shape[0]) != batch for t in tensors):
@@ -480,11 +498,13 @@ class SplitService:
                 f"{wire.kind_name(envelope.kind)} without labels, but this server "
                 "holds the loss (vanilla)"
             )
-        y = wire.from_array(envelope.labels, "labels")
+        y = self._payloads.array(envelope.labels, "labels", "labels")
         self._check_labels(y, batch)
         w = None
         if envelope.HasField("sample_weight"):
-            w = wire.from_array(envelope.sample_weight, "sample_weight")
+            w = self._payloads.array(
+                envelope.sample_weight, "sample_weight", "sample_weight"
+            )
             if w.shape != (batch,) or not np.all(np.isfinite(w)):
                 raise _invalid(
                     f"sample_weight must be {batch} finite values, got shape "
@@ -510,15 +530,19 @@ class SplitService:
                 f"[{y.min()}, {y.max()}]"
             )
 
-    def _envelope(self, request, kind, tensors, loss=None):
+    def _envelope(self, request, kind, tensors, loss=None) -> bytes:
+        """The serialized reply (a frame if the request was one)."""
         reply = wire_pb2.Envelope(
             kind=int(kind), client_id=request.client_id, step=request.step
         )
+        payloads = [] if self._framed else None
         for t in tensors:
-            wire.encode_tensor(self.codec_down, t, into=reply.tensors.add())
+            wire.encode_tensor(self.codec_down, t, reply.tensors.add(), payloads)
         if loss is not None:
-            wire.fill_array(reply.loss, tf.cast(loss, tf.float32))
-        return reply
+            wire.fill_array(reply.loss, tf.cast(loss, tf.float32), payloads)
+        if payloads is None:
+            return reply.SerializeToString()
+        return wire.frame(reply, payloads)
 
     def end_turn(self, client, request):
         with self._changed:

@@ -20,8 +20,11 @@ from splitkeras.protocol import Kind
 from splitkeras.transport.proto import wire_pb2
 
 __all__ = [
+    "Payloads",
     "WireError",
     "check_encoded",
+    "frame",
+    "open_body",
     "from_array",
     "parse",
     "to_array",
@@ -54,21 +57,96 @@ def to_array(value) -> wire_pb2.Array:
     return array
 
 
-def fill_array(array: wire_pb2.Array, value) -> None:
+def fill_array(array: wire_pb2.Array, value, payloads: list | None = None) -> None:
     """Writes a tensor or numpy array into the message `array` in place.
 
-    Filling a field in place saves the copy that assigning a finished
-    message makes (it matters for activations of tens of megabytes).
+    With `payloads` (a list), the bytes do not go into the message: the array
+    is appended to `payloads`, to travel after the envelope in a `frame`.
     """
     value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
     value = np.asarray(value, order="C")  # keeps 0-d arrays 0-d
     array.dtype = value.dtype.name
     array.shape[:] = value.shape
-    array.data = value.tobytes(order="C")
+    if payloads is None:
+        array.data = value.tobytes(order="C")
+    else:
+        payloads.append(value)
 
 
-def from_array(array: wire_pb2.Array, what: str) -> np.ndarray:
-    """The numpy array an `Array` holds; `WireError` if it is inconsistent."""
+def frame(envelope, payloads=()) -> bytes:
+    """An Exchange body: the envelope, then its arrays' bytes out of line.
+
+    Layout: one zero byte (a serialized message never starts with one), the
+    envelope's length (4 bytes, little endian), the envelope, then the raw
+    bytes of every `Array` left without `data`, in the order `open_body`
+    reads them. Large tensors are copied once, instead of into and out of
+    the protobuf message.
+    """
+    header = envelope.SerializeToString()
+    chunks = [b"\x00", len(header).to_bytes(4, "little"), header]
+    chunks += [memoryview(p.reshape(-1).view(np.uint8)) for p in payloads if p.size]
+    return b"".join(chunks)
+
+
+class Payloads:
+    """The out-of-line array bytes of an arrived body, by array position."""
+
+    def __init__(self, views=None):
+        self.views = views or {}
+
+    def array(self, array: wire_pb2.Array, key, what: str) -> np.ndarray:
+        """The numpy array of `array` (at position `key`), checked."""
+        if key in self.views:
+            return self.views[key]
+        return from_array(array, what)
+
+
+def _array_keys(envelope):
+    """(key, Array, name) of every array of an envelope, in frame order."""
+    for i, encoded in enumerate(envelope.tensors):
+        for j, part in enumerate(encoded.parts):
+            yield ("tensors", i, j), part, f"tensor {i} part {j}"
+    for name in ("labels", "sample_weight", "loss", "ids"):
+        if envelope.HasField(name):
+            yield name, getattr(envelope, name), name
+
+
+def open_body(data: bytes, what: str):
+    """(Envelope, Payloads) of an Exchange body: a `frame` or a plain envelope."""
+    if not data or data[:1] != b"\x00":
+        return parse(wire_pb2.Envelope, data, what), Payloads()
+    if len(data) < 5:
+        raise WireError(f"{what}: frame of {len(data)} bytes is truncated")
+    size = int.from_bytes(data[1:5], "little")
+    if 5 + size > len(data):
+        raise WireError(
+            f"{what}: frame header says {size} envelope bytes, only "
+            f"{len(data) - 5} follow (truncated)"
+        )
+    envelope = parse(wire_pb2.Envelope, data[5 : 5 + size], what)
+    tail, offset, views = memoryview(data)[5 + size :], 0, {}
+    for key, array, name in _array_keys(envelope):
+        if array.data:
+            continue  # carried in the message itself
+        dtype, count = _layout(array, name)
+        nbytes = count * dtype.itemsize
+        if offset + nbytes > len(tail):
+            raise WireError(
+                f"{name}: shape {list(array.shape)} of {array.dtype} needs "
+                f"{nbytes} bytes, the frame has {len(tail) - offset} left (truncated)"
+            )
+        view = np.frombuffer(tail, dtype=dtype, count=count, offset=offset)
+        views[key] = view.reshape(tuple(array.shape))
+        offset += nbytes
+    if offset != len(tail):
+        raise WireError(
+            f"{what}: {len(tail) - offset} bytes after the last array (padded)"
+        )
+    return envelope, Payloads(views)
+
+
+def _layout(array: wire_pb2.Array, what: str):
+    """(numpy dtype, element count) of an `Array`, checked."""
     if array.dtype not in _DTYPES:
         raise WireError(
             f"{what}: dtype {array.dtype!r} is not allowed on the wire "
@@ -77,7 +155,12 @@ def from_array(array: wire_pb2.Array, what: str) -> np.ndarray:
     if any(d < 0 for d in array.shape):
         raise WireError(f"{what}: negative dimension in shape {list(array.shape)}")
     dtype = np.dtype(_DTYPES[array.dtype])
-    count = math.prod(int(d) for d in array.shape)  # Python ints: no overflow
+    return dtype, math.prod(int(d) for d in array.shape)  # Python ints: no overflow
+
+
+def from_array(array: wire_pb2.Array, what: str) -> np.ndarray:
+    """The numpy array an `Array` holds; `WireError` if it is inconsistent."""
+    dtype, count = _layout(array, what)
     data = array.data  # each read of a bytes field copies it: read once
     if len(data) != count * dtype.itemsize:
         raise WireError(
@@ -96,29 +179,35 @@ def parse(cls, data: bytes, what: str):
         raise WireError(f"{what} could not be parsed (truncated?): {e}") from None
 
 
-def encode_tensor(codec, tensor, into: wire_pb2.Encoded | None = None):
+def encode_tensor(codec, tensor, into=None, payloads=None):
     """One float (or integer) tensor encoded with `codec`, as `Encoded`.
 
-    With `into` (e.g. `envelope.tensors.add()`) it is filled in place.
+    With `into` (e.g. `envelope.tensors.add()`) it is filled in place; with
+    `payloads` its bytes go out of line (see `frame`).
     """
     tensor = tf.convert_to_tensor(tensor)
     return encoded_from_parts(
-        codec, tensor.dtype, tensor.shape, codec.encode(tensor), into
+        codec, tensor.dtype, tensor.shape, codec.encode(tensor), into, payloads
     )
 
 
-def encoded_from_parts(codec, dtype, shape, parts, into=None) -> wire_pb2.Encoded:
-    """`Encoded` from a codec's wire parts (tensors or numpy arrays)."""
+def encoded_from_parts(
+    codec, dtype, shape, parts, into=None, payloads=None
+) -> wire_pb2.Encoded:
+    """`Encoded` from a codec's wire parts (tensors or numpy arrays).
+
+    `into` fills a message in place; `payloads` sends the bytes out of line.
+    """
     encoded = wire_pb2.Encoded() if into is None else into
     encoded.codec = codec.name
     encoded.dtype = tf.as_dtype(dtype).name
     encoded.shape[:] = [int(d) for d in shape]
     for part in parts:
-        fill_array(encoded.parts.add(), part)
+        fill_array(encoded.parts.add(), part, payloads)
     return encoded
 
 
-def check_encoded(encoded, codec, dtype, shape, what) -> list:
+def check_encoded(encoded, codec, dtype, shape, what, payloads=None, index=0) -> list:
     """The parts of `encoded` as numpy arrays, checked against expectations.
 
     Args:
@@ -127,6 +216,8 @@ def check_encoded(encoded, codec, dtype, shape, what) -> list:
       dtype: the decoded dtype the receiver expects.
       shape: the expected decoded shape; None entries match any size.
       what: names the tensor in error messages.
+      payloads: the body's `Payloads` (out-of-line bytes), if any.
+      index: the tensor's position in the envelope (to find its payloads).
 
     Raises:
       WireError: wrong codec, dtype, shape, part count or part dtype, or a
@@ -161,7 +252,11 @@ def check_encoded(encoded, codec, dtype, shape, what) -> list:
                 f"{what}: wire part {i} has dtype {part.dtype!r}, codec "
                 f"{codec.name!r} sends {wire_dtype.name!r}"
             )
-        parts.append(from_array(part, f"{what} part {i}"))
+        name = f"{what} part {i}"
+        if payloads is None:
+            parts.append(from_array(part, name))
+        else:
+            parts.append(payloads.array(part, ("tensors", index, i), name))
     return parts
 
 
