@@ -7,7 +7,6 @@ refused with a status code that names the problem (never INTERNAL).
 """
 
 import concurrent.futures
-import math
 import os
 import shutil
 import tempfile
@@ -122,8 +121,7 @@ class _Fixture:
         return connection
 
     def close(self):
-        # The watchdog of start_server cannot be stopped: make it harmless.
-        self.service.turn_timeout = math.inf
+        self.service.closed.set()  # stops start_server's watchdog
         for connection in self.connections:
             connection.close()
         self.grpc_server.stop(grace=None).wait()
@@ -167,7 +165,7 @@ class _Fixture:
 
 
 def _scalar(value, dtype):
-    """A 0-d `Array` (`wire.to_array` sends 0-d arrays with shape [1])."""
+    """A 0-d `Array` of `value`."""
     data = np.asarray(value, dtype).tobytes()
     return wire_pb2.Array(dtype=np.dtype(dtype).name, shape=[], data=data)
 
@@ -655,6 +653,55 @@ class HostileInputTest(base.TestCase):
         self.assertEqual(list(loss.shape), [])  # the loss is a scalar
         self.assertEqual(list(wire.to_array(np.float32(1.5)).shape), [])
         self.assertEqual(wire.from_array(wire.to_array(np.int64(2)), "x").shape, ())
+
+    def framed(self, step, images=None):
+        """A valid TRAIN body as the client link sends it (`wire.frame`)."""
+        envelope = wire_pb2.Envelope(kind=int(Kind.TRAIN), client_id=0, step=step)
+        payloads = []
+        wire.encode_tensor(
+            CODEC, self.f.cut_tensor(images), envelope.tensors.add(), payloads
+        )
+        wire.fill_array(envelope.labels, self.f.labels, payloads)
+        return wire.frame(envelope, payloads)
+
+    def test_malformed_frames_are_refused_and_change_nothing(self):
+        f = self.f
+        self.assertEqual(self.train(1)[0], Code.OK)
+        valid = self.framed(2)
+        header = int.from_bytes(valid[1:5], "little")
+        nan_images = f.images.copy()
+        nan_images[0, 0, 0, 0] = np.nan
+        rng = np.random.default_rng(7)
+        cases = [("frame with a NaN activation", self.framed(2, nan_images))]
+        for cut_at in rng.integers(1, len(valid) - 1, 40):
+            cases.append((f"frame cut at byte {cut_at}", valid[:cut_at]))
+        for extra in (1, 4, 100):
+            cases.append((f"{extra} trailing bytes", valid + bytes(extra)))
+        for size in (0, header - 1, header + 1, 1 << 31):
+            body = valid[:1] + size.to_bytes(4, "little") + valid[5:]
+            cases.append((f"header length {size}", body))
+        for i in range(20):
+            garbage = bytes(rng.integers(0, 256, int(rng.integers(1, 300)), np.uint8))
+            cases.append((f"garbage frame {i}", b"\x00" + garbage))
+        before = f.snapshot()
+        for name, body in cases:
+            code, details = _raw(f.c0, body)
+            self.assertEqual(code, Code.INVALID_ARGUMENT, f"{name}: {details}")
+        now = f.snapshot()
+        self.assertTrue(f.weights_equal(now["weights"], before["weights"]))
+        self.assertEqual(now["iterations"], before["iterations"])
+        self.assertEqual(now["position"], before["position"])
+        # The valid frame then trains, and the reply is framed too.
+        code, reply = _raw(f.c0, valid)
+        self.assertEqual(code, Code.OK, reply)
+        self.assertEqual(reply[:1], b"\x00")
+        envelope, payloads = wire.open_body(reply, "reply")
+        self.assertEqual(envelope.kind, Kind.GRADIENTS)
+        parts = wire.check_encoded(
+            envelope.tensors[0], CODEC, tf.float32, [BATCH, *CUT_SHAPE], "g", payloads
+        )
+        self.assertEqual(parts[0].shape, (BATCH, *CUT_SHAPE))
+        self.assertEqual(f.snapshot()["iterations"], before["iterations"] + 1)
 
     def test_label_rank_change_keeps_training_possible(self):
         # (batch, 1) labels pass the checks; whether the server accepts or
