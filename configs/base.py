@@ -71,6 +71,14 @@ def get_config(arg=None):
     c.transport.activation_codec = ""  # client -> server; "" = transport.codec
     c.transport.gradient_codec = ""  # server -> client; "" = transport.codec
 
+    # Privacy (splitkeras.privacy): defenses on every client, and leakage.
+    c.privacy = ml_collections.ConfigDict()
+    c.privacy.nopeek_alpha = 0.0  # weight of dCor(raw batch, cut) (NoPeekNN)
+    c.privacy.activation_noise = 0.0  # std of Gaussian noise on sent activations
+    c.privacy.gradient_max_norm = 0.0  # U-shaped: per-example bound on sent grads
+    c.privacy.gradient_noise = 0.0  # U-shaped: std of noise on sent output grads
+    c.privacy.leakage_examples = 512  # fixed test examples for leakage_dcor (0: off)
+
     # Server and clients as processes (scripts/serve.py, client.py, launch.py).
     c.grpc = ml_collections.ConfigDict()
     c.grpc.max_message_mb = 64  # largest message, both ends (gRPC default: 4)

@@ -34,6 +34,7 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
 from splitkeras.parties.segment_step import compiled
+from splitkeras.privacy import defenses as privacy_defenses
 from splitkeras.progress import write_scalars
 from splitkeras.transport import codec as codec_lib
 from splitkeras.transport.grpc_client import Connection, GrpcLink, TurnRestarted
@@ -225,6 +226,7 @@ class RemoteClient:
             client_id=client_id,
             tail=segments.tail,
             objective=objective,
+            privacy=privacy_defenses.from_config(config),
         )
         client.build_optimizer()
         self._initial = pack_state(client)

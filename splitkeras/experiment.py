@@ -24,6 +24,7 @@ from splitkeras import federation
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.parties.segment_step import compiled
+from splitkeras.privacy.leakage import Leakage, attach_privacy
 from splitkeras.progress import Progress, write_scalars
 from splitkeras.split_model import SplitModel
 from splitkeras.transport.codec import codec_pair
@@ -239,6 +240,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainer = build_trainer(config, build_model(config, arrays))
     if not isinstance(trainer, SplitModel):
         trainer.optimizer.build(trainer.trainable_variables)
+    attach_privacy(trainer, config)
+    leakage = Leakage(config, arrays)
     loop = _Loop()
     checkpoints = _checkpoints(trainer, workdir, loop.variables)
     restored = checkpoints.restore_latest()
@@ -246,9 +249,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         loop.load()
         log.info("Resumed from step %d in %s", restored, workdir)
     test_ds = federation.test_data(config, arrays)
-    test = _train(config, workdir, trainer, arrays, test_ds, loop, checkpoints)
+
+    def evaluate():
+        return {**_evaluate(trainer, test_ds), **leakage(trainer)}
+
+    test = _train(config, workdir, trainer, arrays, evaluate, loop, checkpoints)
     if test is None:  # stopped early, or nothing left to train: evaluate now
-        test = _evaluate(trainer, test_ds)
+        test = evaluate()
     counts = _bytes(trainer)
     per_client = {key: [value] for key, value in counts.items()}
     extra = {
@@ -262,21 +269,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _run_multi_client(config, workdir, arrays):
     schedule = build_schedule(config, arrays)
+    attach_privacy(schedule, config)
+    leakage = Leakage(config, arrays)
     test_ds = federation.test_data(config, arrays)
+
+    def evaluate(s):
+        return {**s.evaluate(test_ds), **leakage(s)}
+
     done = federation.run_schedule(
         config,
         workdir,
         schedule,
         arrays,
-        lambda s: s.evaluate(test_ds),
+        evaluate,
         client_flops_per_epoch=_client_flops_per_epoch(config, arrays),
     )
     # The last epoch's validation is the final weights' test result.
-    test = done.pop("validation") or schedule.evaluate(test_ds)
+    test = done.pop("validation") or evaluate(schedule)
+    leaked = {k: test.pop(k) for k in ["leakage_dcor"] if k in test}
     if "accuracy" not in test:  # multi-task: report task 0, keep every task
         tasks = dict(test)
         test = {"accuracy": tasks["task_0/accuracy"], "loss": tasks["task_0/loss"]}
         test["tasks"] = tasks
+    test.update(leaked)
     per_client = schedule.byte_counts()
     totals = {key: sum(values) for key, values in per_client.items()}
     for direction in ("bytes_up", "bytes_down"):
@@ -317,6 +332,12 @@ def _finish(config, workdir, arrays, test, extra) -> dict:
         "topology": config.topology,
         "test_accuracy": float(test["accuracy"]),
         "test_loss": float(test["loss"]),
+        **(
+            {"leakage_dcor": float(test["leakage_dcor"])}
+            if "leakage_dcor" in test
+            else {}
+        ),
+        "privacy": config.privacy.to_dict(),
         **({"test_tasks": test["tasks"]} if "tasks" in test else {}),
         "epochs": int(config.train.epochs),
         **extra,
@@ -363,7 +384,7 @@ def _save(checkpoints, loop, start, logs):
     checkpoints.save(loop.step)
 
 
-def _train(config, workdir, trainer, arrays, test_ds, loop, checkpoints):
+def _train(config, workdir, trainer, arrays, evaluate, loop, checkpoints):
     """The training loop: steps, logs, validation, checkpoints.
 
     Returns the last epoch's validation results if this call ran it (the
@@ -411,13 +432,13 @@ def _train(config, workdir, trainer, arrays, test_ds, loop, checkpoints):
                 return None
         loop.epoch += 1
         loop.batch_in_epoch = 0
-        val = _end_epoch(config, trainer, test_ds, loop, writers["validation"])
+        val = _end_epoch(config, trainer, evaluate, loop, writers["validation"])
         _save(checkpoints, loop, start, _scalars(outputs))
     return val
 
 
-def _end_epoch(config, trainer, test_ds, loop, writer) -> dict:
-    val = _evaluate(trainer, test_ds)
+def _end_epoch(config, trainer, evaluate, loop, writer) -> dict:
+    val = evaluate()
     write_scalars(writer, {**val, **_bytes(trainer)}, loop.step)
     rounded = {k: round(float(v), 4) for k, v in val.items()}
     log.info("epoch %d/%d: validation %s", loop.epoch, config.train.epochs, rounded)

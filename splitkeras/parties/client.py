@@ -38,9 +38,20 @@ class Client:
       tail: the U-shaped tail segment (server outputs -> predictions), or None.
       objective: U-shaped only: `objective(y, y_pred, sample_weight, training)`
         returning the loss (and updating metrics).
+      privacy: a `splitkeras.privacy.ClientPrivacy` (NoPeek loss, noise on
+        the activations, protection of the output gradients), or None. It
+        can also be set later (`client.privacy = ...`) before the first step.
     """
 
-    def __init__(self, segment, optimizer, client_id=0, tail=None, objective=None):
+    def __init__(
+        self,
+        segment,
+        optimizer,
+        client_id=0,
+        tail=None,
+        objective=None,
+        privacy=None,
+    ):
         if tail is not None and objective is None:
             raise ValueError(
                 "a U-shaped client holds the labels and needs an objective "
@@ -51,6 +62,7 @@ class Client:
         self.optimizer = optimizer
         self.client_id = client_id
         self.objective = objective
+        self.privacy = privacy
 
     @property
     def trainable_variables(self) -> list:
@@ -81,6 +93,10 @@ class Client:
         with tf.GradientTape() as tape:
             cut = flat(self.segment(x, training=True))
             reg = regularization(self.segment)
+            if self.privacy is not None:
+                # NoPeek: + alpha * dCor(x, cut) joins the regularization term,
+                # so backward adds its gradient to the task gradient.
+                cut, reg = self.privacy.protect_activations(x, cut, reg)
         return Forward(tape, cut, reg)
 
     def backward(self, forward: Forward, gradients, tail_grads=()) -> None:
@@ -108,6 +124,8 @@ class Client:
         tail_grads, loss = [], reply.loss
         if self.tail is not None:
             tail_grads, out_grads, loss = self._tail_step(reply, y, sample_weight)
+            if self.privacy is not None:
+                out_grads = self.privacy.protect_gradients(out_grads)
             reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
         self.backward(forward, reply.tensors, tail_grads)
         return loss
@@ -125,8 +143,11 @@ class Client:
         return grads[len(outputs) :], grads[: len(outputs)], loss
 
     def infer(self, x) -> tuple:
-        """The cut tensors of `x` in inference mode."""
-        return flat(self.segment(x, training=False))
+        """The cut tensors of `x` in inference mode (noised if configured)."""
+        cut = flat(self.segment(x, training=False))
+        if self.privacy is not None:
+            cut = self.privacy.noised(cut)
+        return cut
 
     def evaluate_step(self, link, step, x, y, sample_weight=None):
         """Runs inference; the label holder updates the metrics."""

@@ -18,6 +18,7 @@ from configs import fashion_mnist_lenet
 from splitkeras import data as data_lib
 from splitkeras import experiment, federation, launcher
 from splitkeras.cut import cut
+from splitkeras.privacy.leakage import attach_privacy
 from tests import base
 
 
@@ -69,6 +70,7 @@ def _in_process(config):
     """Trains the in-process round robin; returns (server, last client) segments."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
     schedule = experiment.build_schedule(config, arrays)
+    attach_privacy(schedule, config)
     shards = federation.client_shards(config, arrays)
     for epoch in range(config.train.epochs):
         schedule.train_epoch(federation._epoch_datasets(config, arrays, shards, epoch))
@@ -150,6 +152,10 @@ class GrpcRunTest(base.TestCase):
         )
         self.assertEqual(summary["steps"], 16)
         self.assertIn("test_accuracy", summary)
+        self.assertSameAsInProcess(config, workdir)
+
+    def test_nopeek_vanilla_equals_in_process(self):
+        config, workdir, _ = self._run("nopeek", **{"privacy.nopeek_alpha": 0.5})
         self.assertSameAsInProcess(config, workdir)
 
     def _killed(self, name, victim):

@@ -1,0 +1,54 @@
+"""The privacy report: accuracy vs dCor leakage vs reconstruction, per defense.
+
+  python scripts/privacy_report.py --config=configs/fashion_mnist_lenet.py \
+      --workdir=workdirs/privacy --config.train.epochs=3 \
+      [--alphas=0,0.01,0.1,0.5,1 --noises=0.5,1]
+
+Writes workdir/report.md, report.json, report.png and, per setting, the run's
+workdir with a reconstructions.png grid (see splitkeras/privacy/report.py).
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from splitkeras.privacy.report import privacy_report  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the report.")
+_ALPHAS = flags.DEFINE_list(
+    "alphas", ["0", "0.01", "0.1", "0.5", "1"], "NoPeek alphas."
+)
+_NOISES = flags.DEFINE_list("noises", ["0.5", "1"], "Activation noise std values.")
+_AUX = flags.DEFINE_integer(
+    "aux_examples", 1000, "Attacker's (input, activation) pairs."
+)
+_EVAL = flags.DEFINE_integer("eval_examples", 512, "Held-out inputs to reconstruct.")
+_DECODER_EPOCHS = flags.DEFINE_integer("decoder_epochs", 20, "Decoder training epochs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
+    privacy_report(
+        _CONFIG.value,
+        _WORKDIR.value,
+        alphas=[float(a) for a in _ALPHAS.value if a],
+        noises=[float(s) for s in _NOISES.value if s],
+        aux_examples=_AUX.value,
+        eval_examples=_EVAL.value,
+        decoder_epochs=_DECODER_EPOCHS.value,
+    )
+    with open(os.path.join(_WORKDIR.value, "report.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,74 @@
+"""Leakage measured during training: dCor(raw inputs, what the server gets).
+
+On a fixed evaluation set (the first `config.privacy.leakage_examples` test
+examples, so every run of a config measures the same inputs) the client's
+cut tensors, as they would be sent (inference mode, plus the activation
+noise if that defense is on), are compared with the raw inputs by distance
+correlation: 1 means the server could recover a function of the input up to
+a similarity transform, 0 means independence.
+"""
+
+from __future__ import annotations
+
+from splitkeras import data as data_lib
+from splitkeras.privacy.defenses import flat_batch, from_config
+from splitkeras.privacy.distance_correlation import distance_correlation
+
+__all__ = ["Leakage", "attach_privacy", "clients_of"]
+
+
+def clients_of(trainer) -> list:
+    """The `Client` parties of a SplitModel or a schedule (may be empty)."""
+    if hasattr(trainer, "clients"):
+        return list(trainer.clients)
+    client = getattr(trainer, "client", None)
+    return [] if client is None else [client]
+
+
+def _newest_client(trainer):
+    """The client whose segment the server would see next."""
+    clients = clients_of(trainer)
+    if not clients:
+        return None
+    return clients[getattr(trainer, "active", 0)]
+
+
+def attach_privacy(trainer, config) -> None:
+    """Gives every client of `trainer` the defenses of `config.privacy`."""
+    privacy = from_config(config)
+    if privacy is None:
+        return
+    clients = clients_of(trainer)
+    if not clients:
+        raise ValueError(
+            f"config.privacy defenses need client segments; config.method="
+            f"{config.method!r} has none"
+        )
+    for client in clients:
+        client.privacy = privacy
+
+
+class Leakage:
+    """Measures `leakage_dcor` of a trainer's newest client segment.
+
+    Args:
+      config: the experiment config (`config.privacy.leakage_examples`; 0
+        turns the measurement off).
+      arrays: the dataset; its first test examples are the fixed set.
+    """
+
+    def __init__(self, config, arrays):
+        n = min(int(config.privacy.leakage_examples), len(arrays.x_test))
+        self.enabled = n > 0 and config.topology != "vertical"
+        if self.enabled:
+            ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)
+            self.x = next(iter(ds))[0]
+
+    def __call__(self, trainer) -> dict:
+        """{"leakage_dcor": value}, or {} when there is nothing to measure."""
+        client = _newest_client(trainer) if self.enabled else None
+        if client is None:
+            return {}
+        cut = client.infer(self.x)
+        value = distance_correlation(flat_batch(self.x), flat_batch(cut))
+        return {"leakage_dcor": float(value)}
