@@ -286,7 +286,7 @@ def _run_multi_client(config, workdir, arrays):
     )
     # The last epoch's validation is the final weights' test result.
     test = done.pop("validation") or evaluate(schedule)
-    leaked = {k: test.pop(k) for k in ["leakage_dcor"] if k in test}
+    leaked = {k: test.pop(k) for k in list(test) if k.startswith(_LEAKAGE)}
     if "accuracy" not in test:  # multi-task: report task 0, keep every task
         tasks = dict(test)
         test = {"accuracy": tasks["task_0/accuracy"], "loss": tasks["task_0/loss"]}
@@ -323,6 +323,9 @@ _FLOPS_METHOD = {
 }
 
 
+_LEAKAGE = ("leakage_", "label_leak_")  # privacy measurements in the logs
+
+
 def _finish(config, workdir, arrays, test, extra) -> dict:
     summary = {
         "method": config.method,
@@ -332,11 +335,7 @@ def _finish(config, workdir, arrays, test, extra) -> dict:
         "topology": config.topology,
         "test_accuracy": float(test["accuracy"]),
         "test_loss": float(test["loss"]),
-        **(
-            {"leakage_dcor": float(test["leakage_dcor"])}
-            if "leakage_dcor" in test
-            else {}
-        ),
+        **{k: float(v) for k, v in test.items() if k.startswith(_LEAKAGE)},
         "privacy": config.privacy.to_dict(),
         **({"test_tasks": test["tasks"]} if "tasks" in test else {}),
         "epochs": int(config.train.epochs),

@@ -10,7 +10,12 @@ a similarity transform, 0 means independence.
 
 from __future__ import annotations
 
+import keras
+import numpy as np
+import tensorflow as tf
+
 from splitkeras import data as data_lib
+from splitkeras.privacy.attacks.label_leakage import label_leakage
 from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
 
@@ -62,7 +67,8 @@ class Leakage:
         self.enabled = n > 0 and config.topology != "vertical"
         if self.enabled:
             ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)
-            self.x = next(iter(ds))[0]
+            self.x, self.y = next(iter(ds))
+        self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def __call__(self, trainer) -> dict:
         """{"leakage_dcor": value}, or {} when there is nothing to measure."""
@@ -71,4 +77,29 @@ class Leakage:
             return {}
         cut = client.infer(self.x)
         value = distance_correlation(flat_batch(self.x), flat_batch(cut))
-        return {"leakage_dcor": float(value)}
+        logs = {"leakage_dcor": float(value)}
+        server = getattr(trainer, "server", None)
+        if client.tail is not None and server is not None:
+            logs.update(self._label_leakage(client, server.segment, cut))
+        return logs
+
+    def _label_leakage(self, client, server_segment, cut) -> dict:
+        """U-shaped: what the server's output gradients tell about the labels.
+
+        The gradients of the batch-mean loss with respect to the server's
+        outputs, as the client would send them (after its gradient
+        protection), scored by Li et al.'s norm and cosine attacks for one
+        class against the rest (class 0: binary, as in their setting).
+        """
+        outputs = tf.nest.flatten(
+            server_segment(cut[0] if len(cut) == 1 else list(cut), training=False)
+        )
+        with tf.GradientTape() as tape:
+            tape.watch(outputs)
+            y_pred = client.tail(outputs[0] if len(outputs) == 1 else outputs)
+            loss = self._loss(self.y, y_pred)
+        grads = tape.gradient(loss, outputs)
+        if client.privacy is not None:
+            grads = client.privacy.protect_gradients(grads)
+        aucs = label_leakage(flat_batch(grads).numpy(), np.equal(self.y, 0))
+        return {f"label_leak_{k}": float(v) for k, v in aucs.items()}

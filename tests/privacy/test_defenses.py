@@ -145,3 +145,28 @@ class ColorectalConfigTest(base.TestCase):
         )
         segments = cut(model, c.model.cut)
         self.assertEqual(len(segments.client.outputs), 1)
+
+
+class LabelLeakageInExperimentTest(base.TestCase):
+    def test_ushaped_runs_report_label_leakage_and_noise_blunts_it(self):
+        root = self.tempdir()
+        npz = _write_npz(os.path.join(root, "tiny.npz"))
+        results = {}
+        for name, noise in (("plain", 0.0), ("protected", 1.0)):
+            c = fashion_mnist_lenet.get_config()
+            c.data.path = npz
+            c.train.epochs = 1
+            c.train.batch_size = 64
+            c.topology = "ushaped"
+            c.model.cut = "pool1,fc2"
+            c.privacy.gradient_noise = noise
+            results[name] = experiment.train_and_evaluate(c, os.path.join(root, name))
+        with open(os.path.join(root, "plain", "summary.json")) as f:
+            summary = json.load(f)
+        for key in ("label_leak_norm_auc", "label_leak_cosine_auc"):
+            self.assertIn(key, summary)
+        # Two bright/dark classes: the server's gradients separate them.
+        plain = results["plain"]["label_leak_cosine_auc"]
+        self.assertGreater(abs(plain - 0.5), 0.3)
+        # Noise far above the gradients' scale leaves about chance.
+        self.assertLess(abs(results["protected"]["label_leak_cosine_auc"] - 0.5), 0.2)
