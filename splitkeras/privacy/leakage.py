@@ -68,6 +68,8 @@ class Leakage:
         if self.enabled:
             ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)
             self.x, self.y = next(iter(ds))
+        # Per-example gradients at the scale of a training batch's mean loss.
+        self._batch_size = int(config.train.batch_size)
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def __call__(self, trainer) -> dict:
@@ -86,8 +88,9 @@ class Leakage:
     def _label_leakage(self, client, server_segment, cut) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.
 
-        The gradients of the batch-mean loss with respect to the server's
-        outputs, as the client would send them (after its gradient
+        The gradients of the loss with respect to the server's outputs, at
+        the scale of a training batch's mean loss and as the client would send
+        them (after its gradient
         protection), scored by Li et al.'s norm and cosine attacks for one
         class against the rest (class 0: binary, as in their setting).
         """
@@ -97,7 +100,8 @@ class Leakage:
         with tf.GradientTape() as tape:
             tape.watch(outputs)
             y_pred = client.tail(outputs[0] if len(outputs) == 1 else outputs)
-            loss = self._loss(self.y, y_pred)
+            n = tf.cast(tf.shape(self.y)[0], tf.float32)
+            loss = self._loss(self.y, y_pred) * n / self._batch_size
         grads = tape.gradient(loss, outputs)
         if client.privacy is not None:
             grads = client.privacy.protect_gradients(grads)
