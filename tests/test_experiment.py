@@ -1,6 +1,7 @@
 """End to end: train_and_evaluate on a tiny synthetic dataset."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -249,6 +250,12 @@ class ExperimentTest(base.TestCase):
         up = summary["per_client"]["bytes_up"]
         self.assertEqual(up[1], (16 * 32 + 2 * 64) * per_example)
         self.assertGreater(up[0], up[1])  # client 0 also sends the labels
+        self.assertNotIn("leakage_dcor", summary)  # each client sees a strip
+        # NoPeek acts on every vertical client: the run trains differently.
+        config.privacy.nopeek_alpha = 2.0
+        nopeek = experiment.train_and_evaluate(config, os.path.join(self.root, "vn"))
+        self.assertNotEqual(nopeek["test_loss"], summary["test_loss"])
+        self.assertTrue(math.isfinite(nopeek["test_loss"]))
 
     def test_non_finite_loss_stops_the_run(self):
         config = _config(self.npz, optimizer="sgd", learning_rate=1e30)
