@@ -6,7 +6,8 @@
       [--tls_dir=certs [--mutual_tls]] [--token_file=certs/tokens.json]
 
 Every client of a run needs the same --key_file (make one with
-`python scripts/launch.py --make_key=PATH`): client segments travel between
+`python -c "from splitkeras.distributed import write_key; write_key('handoff.key')"`;
+scripts/launch.py makes one in its workdir): client segments travel between
 clients through the server encrypted under it, and the server has no copy.
 """
 

@@ -21,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
 _TLS = flags.DEFINE_bool("tls", False, "TLS with per-client tokens.")
 _CLIENTS = flags.DEFINE_integer(
-    "clients", None, "Client processes (default: --config.num_clients, else 2)."
+    "clients", None, "Client processes (default: --config.num_clients)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -12,8 +12,9 @@ The clients hand their segment state on through the server, sealed with
 AES-GCM under a key only the clients share (`key_file`); the server stores
 and forwards it without being able to read it. A turn is a transaction: the
 server checkpoints at the end of every turn, and a turn that cannot finish
-(server restart, client crash, silence past `config.grpc.turn_timeout`)
-starts over from that checkpoint, so no step is lost or applied twice.
+starts over from that checkpoint (server restart, client crash) or, after
+silence past `config.grpc.turn_timeout_seconds`, is skipped and rolled back
+(listed in summary.json), so no step is applied twice and none is half kept.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class RemoteClient:
             client_id=client_id,
             tail=segments.tail,
             objective=objective,
-            privacy=privacy_defenses.from_config(config),
+            privacy=privacy_defenses.from_config(config, client_id),
         )
         client.build_optimizer()
         self._initial = pack_state(client)

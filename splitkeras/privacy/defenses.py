@@ -124,14 +124,18 @@ class ClientPrivacy:
         return out
 
 
-def from_config(config) -> ClientPrivacy | None:
-    """The `ClientPrivacy` of `config.privacy`, or None when every defense is off."""
+def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
+    """The `ClientPrivacy` of `config.privacy`, or None when every defense is off.
+
+    `client_id` seeds the noise apart per client process (gRPC), so that no
+    two clients draw the same noise.
+    """
     p = config.privacy
     privacy = ClientPrivacy(
         nopeek_alpha=float(p.nopeek_alpha),
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),
-        seed=int(config.seed),
+        seed=int(config.seed) * 10007 + int(client_id),
     )
     return privacy if privacy.active else None

@@ -10,6 +10,8 @@ a similarity transform, 0 means independence.
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -18,6 +20,7 @@ from splitkeras import data as data_lib
 from splitkeras.privacy.attacks.label_leakage import label_leakage
 from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
+from splitkeras.protocol import flat
 
 __all__ = ["Leakage", "attach_privacy", "clients_of"]
 
@@ -70,6 +73,7 @@ class Leakage:
             self.x, self.y = next(iter(ds))
         # Per-example gradients at the scale of a training batch's mean loss.
         self._batch_size = int(config.train.batch_size)
+        self._noise = None
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def __call__(self, trainer) -> dict:
@@ -77,7 +81,15 @@ class Leakage:
         client = _newest_client(trainer) if self.enabled else None
         if client is None:
             return {}
-        cut = client.infer(self.x)
+        cut = flat(client.segment(self.x, training=False))
+        if client.privacy is not None and client.privacy.activation_noise:
+            # The noise the server would see, from a generator of its own so
+            # that measuring does not shift the training noise.
+            if self._noise is None:
+                self._noise = dataclasses.replace(
+                    client.privacy, seed=client.privacy.seed + 7919
+                )
+            cut = self._noise.noised(cut)
         value = distance_correlation(flat_batch(self.x), flat_batch(cut))
         logs = {"leakage_dcor": float(value)}
         server = getattr(trainer, "server", None)

@@ -82,6 +82,11 @@ class _Turns:
         self.bytes_down = counters()
         self.handoff_up = counters()
         self.handoff_down = counters()
+        # The last epoch in which each client ended its turn (-1: none), so
+        # that only a retry of an applied EndTurn is answered as success.
+        self.ended = [
+            tf.Variable(-1, dtype=tf.int64, trainable=False) for _ in range(num_clients)
+        ]
 
     def trackables(self) -> dict:
         named = {
@@ -91,7 +96,7 @@ class _Turns:
             "state": self.state,
             "wall_seconds": self.wall_seconds,
         }
-        for name in ("bytes_up", "bytes_down", "handoff_up", "handoff_down"):
+        for name in ("bytes_up", "bytes_down", "handoff_up", "handoff_down", "ended"):
             for k, v in enumerate(getattr(self, name)):
                 named[f"{name}_{k}"] = v
         return named
@@ -143,9 +148,10 @@ class SplitService:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._active = None  # client id training its turn, or None
-        self._last_seen = time.monotonic()
+        self._last_seen = None  # the silence clock starts with the first call
         self._cache = {}  # client id -> (step, kind, reply bytes)
         self._payloads, self._framed = wire.Payloads(), False  # current body
+        self._open_specs = {}  # client id -> U-shaped outputs awaiting gradients
         self._eval_step = {}  # client id -> last evaluation batch applied
         self._client_logs = {}  # epoch logs reported by clients at EndTurn
         self._started = time.monotonic() - float(self.turns.wall_seconds.numpy())
@@ -193,6 +199,7 @@ class SplitService:
         log.warning("Rolling back to the start of the turn: %s", why)
         self._restore()
         self.server._open_steps.clear()
+        self._open_specs.clear()
         self._cache.clear()
         self._active = None
 
@@ -278,6 +285,9 @@ class SplitService:
                     request = wire.parse(request_type, data, f"{name} request")
                     body = None
                 client = self._authenticate(context, request.client_id)
+                with self._lock:
+                    if self._last_seen is None:
+                        self._last_seen = time.monotonic()
                 args = () if body is None else body
                 reply = method(client, request, *args)
                 if not isinstance(reply, bytes):
@@ -288,11 +298,6 @@ class SplitService:
                 self._refuse(context, name, e.code, e.details)
             except Exception as e:  # a bug or an op error: say so, keep serving
                 log.exception("%s failed", name)
-                with self._lock:
-                    if name == "Exchange" and self._active is not None:
-                        # A step may have changed some state before failing:
-                        # back to the start of the turn, which starts over.
-                        self._rollback(f"an Exchange failed: {e!r}")
                 self._refuse(context, name, grpc.StatusCode.INTERNAL, repr(e))
             if name == "Exchange":
                 with self._lock:
@@ -333,10 +338,8 @@ class SplitService:
                 if (epoch, turn) == (request.epoch, client):
                     break
                 if (request.epoch, client) < (epoch, turn):
-                    raise _invalid(
-                        f"client {client}'s turn of epoch {request.epoch} is over "
-                        f"(the server is at epoch {epoch}, turn {turn})"
-                    )
+                    # That turn is over (trained, or skipped): go on.
+                    return wire_pb2.TurnReply(ready=False, epoch=epoch, turn=turn)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return wire_pb2.TurnReply(ready=False, epoch=epoch, turn=turn)
@@ -362,6 +365,8 @@ class SplitService:
 
     def _check_timeout(self):
         """Skips the turn of a client silent for `turn_timeout` seconds."""
+        if self._last_seen is None:
+            return
         if time.monotonic() - self._last_seen <= self.turn_timeout:
             return
         epoch, turn, _ = self.position()
@@ -380,18 +385,35 @@ class SplitService:
         with self._lock:
             self._payloads = payloads or wire.Payloads()
             self._framed = framed
-            kind = envelope.kind
-            if kind in (Kind.TRAIN, Kind.OUTPUT_GRADIENTS):
+            if self._active == client:
+                self._last_seen = time.monotonic()
+            try:
+                return self._dispatch(client, envelope)
+            finally:
+                self._payloads = wire.Payloads()  # do not keep the request's bytes
+
+    def _dispatch(self, client, envelope):
+        kind = envelope.kind
+        if kind in (Kind.TRAIN, Kind.OUTPUT_GRADIENTS):
+            try:
                 return self._train_message(client, envelope)
-            if kind == Kind.EVALUATE:
-                return self._evaluate_message(client, envelope)
-            if kind == Kind.PREDICT:
-                tensors, _, _ = self._arrival(envelope, self._inputs, labels=False)
-                outputs, _ = self._predict(tensors)
-                return self._envelope(envelope, Kind.SERVER_OUTPUT, outputs)
-            raise _invalid(
-                f"a client cannot send a {wire.kind_name(kind)} message to the server"
-            )
+            except (Refused, wire.WireError):
+                raise
+            except Exception as e:
+                # A step may have changed some state before failing: back to
+                # the start of the turn, which the client then trains again.
+                log.exception("training message of client %d failed", client)
+                self._rollback(f"a training message failed: {e!r}")
+                raise Refused(grpc.StatusCode.INTERNAL, repr(e)) from None
+        if kind == Kind.EVALUATE:
+            return self._evaluate_message(client, envelope)
+        if kind == Kind.PREDICT:
+            tensors, _, _ = self._arrival(envelope, self._inputs, labels=False)
+            outputs, _ = self._predict(tensors)
+            return self._envelope(envelope, Kind.SERVER_OUTPUT, outputs)
+        raise _invalid(
+            f"a client cannot send a {wire.kind_name(kind)} message to the server"
+        )
 
     def _train_message(self, client, envelope):
         epoch, turn, step = self.position()
@@ -424,6 +446,10 @@ class SplitService:
             answer = self.server.handle(
                 Message(Kind.TRAIN, client, envelope.step, tuple(tensors))
             )
+            # Their gradients must come back with exactly these shapes.
+            self._open_specs[client] = [
+                (t.dtype, list(t.shape)) for t in answer.tensors
+            ]
             reply = self._envelope(envelope, Kind.SERVER_OUTPUT, answer.tensors)
         self._cache[client] = (envelope.step, envelope.kind, reply)
         return reply
@@ -434,7 +460,8 @@ class SplitService:
                 f"OUTPUT_GRADIENTS of step {envelope.step} from client {client} "
                 "without a TRAIN message before it"
             )
-        tensors, _, _ = self._arrival(envelope, self._outputs, labels=False)
+        specs = self._open_specs[client]
+        tensors, _, _ = self._arrival(envelope, specs, labels=False)
         answer = self.server.handle(
             Message(Kind.OUTPUT_GRADIENTS, client, envelope.step, tuple(tensors))
         )
@@ -548,8 +575,13 @@ class SplitService:
         with self._changed:
             epoch, turn, step = self.position()
             if (request.epoch, client) < (epoch, turn) and self._active != client:
-                # A retried EndTurn whose first attempt was applied.
-                return wire_pb2.TurnEndReply(epoch=epoch, turn=turn, done=self.done)
+                if int(self.turns.ended[client].numpy()) == request.epoch:
+                    # A retried EndTurn whose first attempt was applied.
+                    return wire_pb2.TurnEndReply(epoch=epoch, turn=turn, done=self.done)
+                raise _restart(
+                    f"client {client}'s turn of epoch {request.epoch} was skipped "
+                    "(silent past the turn timeout); its steps were rolled back"
+                )
             if self._active != client or (request.epoch, client) != (epoch, turn):
                 raise _restart(
                     f"client {client} ends a turn it is not training (the server "
@@ -561,6 +593,7 @@ class SplitService:
                     f"server has applied {step}: begin the turn again"
                 )
             self.turns.state.assign(request.state)
+            self.turns.ended[client].assign(epoch)
             self.turns.handoff_up[client].assign_add(len(request.state))
             self._advance(epoch, turn, dict(request.metrics))
             epoch, turn, _ = self.position()

@@ -17,6 +17,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 from splitkeras.protocol import Kind
+from splitkeras.transport.codec import CastCodec, Int8Codec, TopKCodec
 from splitkeras.transport.proto import wire_pb2
 
 __all__ = [
@@ -257,7 +258,31 @@ def check_encoded(encoded, codec, dtype, shape, what, payloads=None, index=0) ->
             parts.append(from_array(part, name))
         else:
             parts.append(payloads.array(part, ("tensors", index, i), name))
+    expected = _part_shapes(codec, dtype, got)
+    for i, (part, want) in enumerate(zip(parts, expected)):
+        if list(part.shape) != want:
+            raise WireError(
+                f"{what}: wire part {i} has shape {list(part.shape)}, codec "
+                f"{codec.name!r} sends {want} for a tensor of shape {got}"
+            )
     return parts
+
+
+def _part_shapes(codec, dtype, shape) -> list:
+    """The exact shapes of the parts `codec` sends for a tensor of `shape`.
+
+    Checked before decoding, so a small message cannot decode (or broadcast)
+    into a huge tensor.
+    """
+    if not dtype.is_floating or isinstance(codec, CastCodec):
+        return [shape]
+    if isinstance(codec, Int8Codec):
+        return [shape, [shape[-1]] if codec.per_channel else []]
+    if isinstance(codec, TopKCodec):
+        size = math.prod(shape)
+        k = min(max(1, math.ceil(codec.fraction * size)), size)
+        return [[k], [k]]
+    raise WireError(f"codec {codec.name!r} has no wire-shape rule")
 
 
 def decode_tensor(codec, encoded, parts, what) -> tf.Tensor:

@@ -159,6 +159,15 @@ class GrpcRunTest(base.TestCase):
         self.assertEqual(summary["steps"], 16)
         self.assertIn("test_accuracy", summary)
         self.assertSameAsInProcess(config, workdir)
+        # NoPeek was on: without it the client segment ends elsewhere.
+        config.privacy.nopeek_alpha = 0.0
+        _, plain = _in_process(config)
+        loaded = _loaded(config, workdir, 1)
+        diff = max(
+            abs(a - b).max()
+            for a, b in zip(loaded.client.get_weights(), plain.segment.get_weights())
+        )
+        self.assertGreater(diff, 1e-4)
 
     def _killed(self, name, victim):
         """Kills `victim` ("server" or "client_1") mid-run, restarts it."""

@@ -540,11 +540,28 @@ class TurnTimeoutTest(base.TestCase):
         self.assertEqual(f.service.skipped, [{"epoch": 0, "client": 0}])
         self.assertEqual(f.service.position(), (0, 1, 0))
         self.assertRolledBack(f, start)
+        # Client 0's late calls: its turn is over (not ready: go on to the
+        # next epoch), its steps are refused, and ending the turn is refused.
+        passed = f.begin()
+        self.assertFalse(passed.ready)
+        self.assertEqual((passed.epoch, passed.turn), (0, 1))
         _refused(
             self,
-            Code.INVALID_ARGUMENT,
-            "client 0's turn of epoch 0 is over",
-            f.begin,
+            Code.FAILED_PRECONDITION,
+            "not training a turn",
+            f.c0.call,
+            "Exchange",
+            f.envelope(1),
+            wire_pb2.Envelope,
+        )
+        _refused(
+            self,
+            Code.FAILED_PRECONDITION,
+            "was skipped",
+            f.c0.call,
+            "EndTurn",
+            wire_pb2.TurnEnd(client_id=0, epoch=0, step=1),
+            wire_pb2.TurnEndReply,
         )
         reply = f.begin(f.c1)
         self.assertTrue(reply.ready)
@@ -745,7 +762,7 @@ def _malformed_cases(f):
         "part_count": "wire parts, codec 'float32' sends 1",
         "part_size": "(truncated or padded)",
         "part_dtype": "tensor 0: wire part 0 has dtype",
-        "part_shape": "tensor 0: wire parts do not decode to",
+        "part_shape": "tensor 0: wire part 0 has shape",
         "negative_dims": "negative dimension in shape",
         "non_finite": "tensor 0: has non-finite values",
         "labels_length": "labels have shape",
@@ -1083,3 +1100,35 @@ def _malformed_cases(f):
             oversized,
         )
     ]
+
+
+class CodecPartShapeTest(base.TestCase):
+    """A small message must not decode (or broadcast) into a huge tensor."""
+
+    def _encoded(self, codec_name, parts, shape):
+        codec = get_codec(codec_name)
+        return codec, wire.encoded_from_parts(codec, tf.float32, shape, parts)
+
+    def test_amplifying_parts_are_refused(self):
+        shape = [4096, 8, 8, 2]
+        cases = {
+            "topk:0.1": [np.ones(1, np.float32), np.zeros(1, np.int32)],
+            "int8": [np.ones((4096, 1, 1, 1), np.int8), np.ones((), np.float32)],
+            "int8_channel": [
+                np.ones(shape, np.int8),
+                np.ones((1, 8, 8, 2), np.float32),
+            ],
+        }
+        for name, parts in cases.items():
+            codec, encoded = self._encoded(name, parts, shape)
+            with self.assertRaisesRegex(wire.WireError, "wire part . has shape"):
+                wire.check_encoded(encoded, codec, tf.float32, [None, 8, 8, 2], "t")
+
+    def test_exact_parts_pass(self):
+        x = tf.random.normal([4, 8, 8, 2])
+        for name in ("float16", "int8", "int8_channel", "topk:0.1"):
+            codec = get_codec(name)
+            encoded = wire.encode_tensor(codec, x)
+            parts = wire.check_encoded(encoded, codec, tf.float32, [None, 8, 8, 2], "t")
+            decoded = wire.decode_tensor(codec, encoded, parts, "t")
+            self.assertEqual(decoded.shape, (4, 8, 8, 2))
