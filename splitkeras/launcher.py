@@ -31,21 +31,28 @@ class Launch:
         self.workdir = workdir
 
     def wait(self, timeout: float = 1800.0) -> dict:
+        """Waits for every process; the first to fail stops the run and is named."""
         deadline = time.monotonic() + timeout
-        for name, proc in [("server", self.server), *self.clients.items()]:
-            try:
-                code = proc.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        procs = {"server": self.server, **self.clients}
+        while any(p.poll() is None for p in procs.values()):
+            for name, proc in procs.items():
+                code = proc.poll()
+                if code not in (None, 0):
+                    self.kill()
+                    raise RuntimeError(
+                        f"{name} exited with {code}; its log: "
+                        f"{os.path.join(self.workdir, name + '.log')}"
+                    )
+            if time.monotonic() > deadline:
                 self.kill()
+                running = [n for n, p in procs.items() if p.poll() is None]
                 raise TimeoutError(
-                    f"{name} did not finish in {timeout:.0f} s"
-                ) from None
-            if code != 0:
-                self.kill()
-                raise RuntimeError(
-                    f"{name} exited with {code}; its log: "
-                    f"{os.path.join(self.workdir, name + '.log')}"
+                    f"{', '.join(running)} did not finish in {timeout:.0f} s"
                 )
+            time.sleep(0.2)
+        failed = {n: p.returncode for n, p in procs.items() if p.returncode}
+        if failed:
+            raise RuntimeError(f"processes failed: {failed}; logs in {self.workdir}")
         with open(os.path.join(self.workdir, "server", "summary.json")) as f:
             return json.load(f)
 
@@ -57,14 +64,14 @@ class Launch:
 
 
 def _python(script, args, log_path, env):
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", script), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env=env,
-    )
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "scripts", script), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
 
 
 def start_server(config_args, workdir, port=0, tls_args=(), env=None):
