@@ -314,7 +314,8 @@ class SplitService:
         context.abort(code, details)
 
     def join(self, client, request):
-        epoch, turn, _ = self.position()
+        with self._lock:  # epoch and turn change together under the lock
+            epoch, turn, _ = self.position()
         return wire_pb2.JoinReply(
             run=os.path.basename(os.path.dirname(self._manager.directory)),
             num_clients=self.num_clients,
