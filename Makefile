@@ -2,17 +2,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# A second environment without TensorFlow, for the edge client and its test.
+EDGE_VENV ?= .venv-edge
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdirs/fashion_mnist_lenet
 
-.PHONY: install data train test lint format benchmark proto clean
+.PHONY: install edge data train test lint format benchmark proto clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[tf,edge,test]"
+	touch $@
+
+# splitkeras[edge] alone: what a device installs (tests/edge checks that
+# TensorFlow cannot be imported there).
+edge: $(EDGE_VENV)/.installed
+
+$(EDGE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/python -m pip install --quiet -e ".[edge]"
 	touch $@
 
 # Real Fashion-MNIST IDX files from Debian; without them the quickstart falls
@@ -33,8 +45,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
-	$(PY) -m pytest tests -x -q
+test: lint edge
+	SPLITKERAS_EDGE_PYTHON=$(EDGE_VENV)/bin/python $(PY) -m pytest tests -x -q
 
 format: install
 	$(VENV)/bin/ruff check --fix .
@@ -49,4 +61,4 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I. --python_out=. splitkeras/transport/proto/wire.proto
 
 clean:
-	rm -rf $(VENV) workdirs build *.egg-info
+	rm -rf $(VENV) $(EDGE_VENV) workdirs build *.egg-info

@@ -4,9 +4,13 @@
       --config.num_clients=2 --workdir=workdirs/grpc_server --port=50051 \
       [--tls_dir=certs [--mutual_tls]] [--tokens=certs/tokens.json]
 
-Clients join with scripts/client.py. Start it again with the same --workdir
-to resume after a crash: it restores its last checkpoint (the end of the last
-finished turn) and the clients carry on from there.
+Clients join with scripts/client.py (or scripts/edge_client.py). Start it
+again with the same --workdir to resume after a crash: it restores its last
+checkpoint (the end of the last finished turn) and the clients carry on.
+
+With --predict it serves split inference instead (until stopped): the
+server segment trained in --workdir answers PREDICT messages, e.g. from
+scripts/predict.py.
 """
 
 import logging as std_logging
@@ -35,6 +39,9 @@ _MUTUAL = flags.DEFINE_bool("mutual_tls", False, "Require client certificates.")
 _TOKENS = flags.DEFINE_string(
     "tokens", None, "tokens.json of every client; without it any client id is accepted."
 )
+_PREDICT = flags.DEFINE_bool(
+    "predict", False, "Serve predictions with the server trained in --workdir."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,6 +62,16 @@ def main(argv):
                 f.write(str(port))
             os.replace(_PORT_FILE.value + ".tmp", _PORT_FILE.value)
 
+    if _PREDICT.value:
+        distributed.serve_predictions(
+            _CONFIG.value,
+            _WORKDIR.value,
+            address=f"{_HOST.value}:{_PORT.value}",
+            credentials=credentials,
+            tokens=tokens,
+            on_started=started,
+        )
+        return
     summary = distributed.serve(
         _CONFIG.value,
         _WORKDIR.value,

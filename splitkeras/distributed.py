@@ -38,13 +38,22 @@ from splitkeras.parties.segment_step import compiled
 from splitkeras.privacy import defenses as privacy_defenses
 from splitkeras.progress import write_scalars
 from splitkeras.transport import codec as codec_lib
-from splitkeras.transport.grpc_client import Connection, GrpcLink, TurnRestarted
+from splitkeras.transport.grpc_client import Connection, TurnRestarted
+from splitkeras.transport.grpc_link import GrpcLink
 from splitkeras.transport.grpc_server import SplitService, start_server
 from splitkeras.transport.proto import wire_pb2
+from splitkeras.transport.sealing import read_key, write_key
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["RemoteClient", "read_key", "run_client", "serve", "write_key"]
+__all__ = [
+    "RemoteClient",
+    "read_key",
+    "run_client",
+    "serve",
+    "serve_predictions",
+    "write_key",
+]
 
 METRICS = ("accuracy",)
 
@@ -52,21 +61,6 @@ METRICS = ("accuracy",)
 def grpc_settings(config):
     """`config.grpc`: message size limit, deadlines, retry and turn timeouts."""
     return config.grpc
-
-
-def write_key(path: str) -> None:
-    """Writes a fresh AES-256 key for the clients' handoff (mode 0600)."""
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(AESGCM.generate_key(256).hex().encode())
-
-
-def read_key(path: str) -> bytes:
-    """The clients' handoff key written by `write_key`."""
-    with open(path, "rb") as f:
-        key = bytes.fromhex(f.read().decode().strip())
-    if len(key) != 32:
-        raise ValueError(f"{path}: expected a 256-bit key (64 hex digits)")
-    return key
 
 
 def _check_supported(config):
@@ -179,6 +173,80 @@ def serve(
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
+
+
+def serve_predictions(
+    config,
+    workdir: str,
+    address: str = "127.0.0.1:0",
+    credentials=None,
+    tokens: dict | None = None,
+    on_started=None,
+    stop=None,
+):
+    """Serves split inference with the server segment trained in `workdir`.
+
+    Clients (a Keras `Client.predict_step` over a `GrpcLink`, or an edge
+    client's `predict`) send their cut tensors in PREDICT messages and get
+    the server segment's outputs back. No training, no checkpoints. Runs
+    until `stop` (a `threading.Event`) is set, or forever.
+
+    Args:
+      config: the run's config.
+      workdir: the trained server's directory (server.weights.h5, or a
+        `scripts/train.py` run's checkpoints/server).
+      address, credentials, tokens, on_started: as `serve`.
+      stop: an event that ends serving when set (None: never).
+    """
+    _check_supported(config)
+    settings = grpc_settings(config)
+    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    segments = _segments(config, arrays)
+    _load_server_weights(segments.server, workdir)
+    objective = None if segments.ushaped else Objective(experiment._loss(), METRICS)
+    server = Server(segments.server, experiment._optimizer(config), objective)
+    up, down = _codecs(config)
+    service = SplitService(
+        server,
+        config.num_clients,
+        epochs=0,
+        checkpoint_dir=None,
+        tokens=tokens,
+        codec_up=up,
+        codec_down=down,
+        run_eagerly=config.train.run_eagerly,
+    )
+    grpc_server, port = start_server(
+        service, address, credentials, settings["max_message_mb"] << 20
+    )
+    log.info("Serving predictions on port %d", port)
+    if on_started is not None:
+        on_started(port)
+    try:
+        while not (stop is not None and stop.wait(1.0)):
+            if stop is None:
+                time.sleep(1.0)
+    finally:
+        service.closed.set()
+        grpc_server.stop(grace=1.0).wait()
+
+
+def _load_server_weights(segment, workdir):
+    weights = os.path.join(workdir, "server.weights.h5")
+    if os.path.exists(weights):
+        segment.load_weights(weights)
+        return weights
+    directory = os.path.join(workdir, "checkpoints", "server")
+    path = tf.train.latest_checkpoint(directory)
+    if path is None:
+        raise FileNotFoundError(
+            f"{workdir} has neither server.weights.h5 nor checkpoints under "
+            f"{directory}: point it at a trained server's directory"
+        )
+    from splitkeras.checkpointing import party_checkpoint
+
+    party_checkpoint([segment]).restore(path).expect_partial()
+    return path
 
 
 class RemoteClient:

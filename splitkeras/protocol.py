@@ -13,8 +13,6 @@ import dataclasses
 import enum
 from typing import Any
 
-import tensorflow as tf
-
 __all__ = ["Kind", "Message"]
 
 
@@ -65,4 +63,6 @@ class Message:
 
 def flat(tensors) -> tuple:
     """A segment's input or output (one tensor or a list) as a tuple."""
+    import tensorflow as tf  # the messages themselves need no TensorFlow
+
     return tuple(tf.nest.flatten(tensors))

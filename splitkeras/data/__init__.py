@@ -1,15 +1,20 @@
-"""Datasets for splitkeras: loading, partitioning among clients, pipelines."""
+"""Datasets for splitkeras: loading, partitioning among clients, pipelines.
 
-from splitkeras.data.arrays import DatasetArrays
-from splitkeras.data.partition import partition
-from splitkeras.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
-from splitkeras.data.sources import load
+`load` and `partition` are numpy only; the tf.data pipelines load
+TensorFlow on first use (see `splitkeras._lazy`).
+"""
 
-__all__ = [
-    "DatasetArrays",
-    "eval_dataset",
-    "load",
-    "partition",
-    "steps_per_epoch",
-    "train_dataset",
-]
+from splitkeras._lazy import attach
+
+_EXPORTS = {
+    "DatasetArrays": "splitkeras.data.arrays",
+    "partition": "splitkeras.data.partition",
+    "eval_dataset": "splitkeras.data.pipeline",
+    "steps_per_epoch": "splitkeras.data.pipeline",
+    "train_dataset": "splitkeras.data.pipeline",
+    "load": "splitkeras.data.sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = attach(__name__, _EXPORTS)

@@ -16,13 +16,17 @@ client, apart from activation and gradient bytes.
 
 from __future__ import annotations
 
-import io
-import os
-
 import numpy as np
 import tensorflow as tf
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from splitkeras.transport.sealing import (
+    HandoffError,
+    pack_arrays,
+    seal,
+    unpack_arrays,
+    unseal,
+)
 
 __all__ = [
     "HandoffError",
@@ -39,10 +43,6 @@ __all__ = [
 HANDOFF_MODES = ("peer", "server")
 
 
-class HandoffError(RuntimeError):
-    """A handed-off state could not be authenticated or does not fit."""
-
-
 def _state_variables(client) -> list:
     segments = [s for s in (client.segment, client.tail) if s is not None]
     return [v for s in segments for v in s.variables] + list(client.optimizer.variables)
@@ -50,23 +50,21 @@ def _state_variables(client) -> list:
 
 def pack_state(client) -> bytes:
     """Serializes a client's segment and optimizer state to bytes."""
-    buffer = io.BytesIO()
-    np.savez(buffer, *[np.asarray(v.numpy()) for v in _state_variables(client)])
-    return buffer.getvalue()
+    return pack_arrays([np.asarray(v.numpy()) for v in _state_variables(client)])
 
 
 def unpack_state(client, blob: bytes) -> None:
     """Loads a state made by `pack_state` into `client` (same architecture)."""
-    arrays = np.load(io.BytesIO(blob))
+    arrays = unpack_arrays(blob)
     variables = _state_variables(client)
-    if len(arrays.files) != len(variables):
+    if len(arrays) != len(variables):
         raise HandoffError(
-            f"handed-off state has {len(arrays.files)} arrays but client "
+            f"handed-off state has {len(arrays)} arrays but client "
             f"{client.client_id} has {len(variables)} variables: the clients' "
             "segments or optimizers differ."
         )
     for i, variable in enumerate(variables):
-        value = arrays[f"arr_{i}"]
+        value = arrays[i]
         if tuple(value.shape) != tuple(variable.shape):
             raise HandoffError(
                 f"handed-off variable {i} ({variable.path}) has shape "
@@ -168,37 +166,6 @@ class ServerRelayHandoff:
     def transfer(self, source, destination) -> None:
         self.upload(source, destination.client_id)
         self.download(destination)
-
-
-def seal(aead: AESGCM, header: str, plain: bytes) -> bytes:
-    """Encrypts `plain` under `aead`; `header` travels in the clear, authenticated.
-
-    The header binds the ciphertext to its sender, receiver and position in
-    the sequence, so a relay cannot replay or redirect it unnoticed.
-    """
-    header = header.encode()
-    nonce = os.urandom(12)
-    sealed = aead.encrypt(nonce, plain, header)
-    return len(header).to_bytes(2, "big") + header + nonce + sealed
-
-
-def unseal(aead: AESGCM, blob: bytes, receiver: str) -> tuple[str, bytes]:
-    """(header, plaintext) of a `seal`ed blob; HandoffError if it fails."""
-    size = int.from_bytes(blob[:2], "big")
-    header, nonce, sealed = (
-        blob[2 : 2 + size],
-        blob[2 + size : 14 + size],
-        blob[14 + size :],
-    )
-    try:
-        plain = aead.decrypt(nonce, sealed, header)
-    except (InvalidTag, ValueError):
-        raise HandoffError(
-            f"client-segment weights for {receiver} (header {header!r}) failed "
-            "authentication: they were altered on the way or encrypted with "
-            "another key."
-        ) from None
-    return header.decode(errors="replace"), plain
 
 
 def make_handoff(mode: str, num_clients: int, relay=None, key=None):

@@ -2,11 +2,8 @@
 
 `Connection` is one client's channel to the server: authentication metadata,
 deadlines, retries with exponential backoff, and the bytes it actually sent
-and received. `GrpcLink` gives a `Client` the same `request(message)` as the
-in-process transport, so `Client.train_step` runs unchanged: the codec still
-runs as TensorFlow ops inside the compiled step, and the network round trip
-is a `tf.py_function` between the forward and the backward pass (the client's
-tape stays open across it, so nothing is recomputed).
+and received (no TensorFlow: the edge client uses it too). `GrpcLink`
+(`splitkeras.transport.grpc_link`) puts a Keras `Client` on top of it.
 
 Retried calls repeat the message's step id, and the server applies each step
 exactly once (it answers a repeated step from its cache). When the server has
@@ -23,17 +20,12 @@ import threading
 import time
 
 import grpc
-import numpy as np
-import tensorflow as tf
 
-from splitkeras.protocol import Kind, Message
 from splitkeras.transport import wire
-from splitkeras.transport.codec import get_codec
-from splitkeras.transport.proto import wire_pb2
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["Connection", "GrpcLink", "RemoteError", "TurnRestarted"]
+__all__ = ["Connection", "RemoteError", "TurnRestarted"]
 
 SERVICE = "/splitkeras.wire.SplitServer/"
 METHODS = ("Join", "BeginTurn", "Exchange", "EndTurn")
@@ -158,162 +150,3 @@ class Connection:
 
     def close(self) -> None:
         self.channel.close()
-
-
-class GrpcLink:
-    """`request(message)` over gRPC, for `Client.train_step` and friends.
-
-    Args:
-      connection: the client's `Connection`.
-      cut_dtypes: dtypes of the client's cut tensors (graph order).
-      cut_shapes: their static shapes (batch None), for the gradients.
-      output_dtypes: dtypes of the server segment's outputs.
-      output_shapes: their static shapes if known (U-shaped: the tail's
-        inputs), else None.
-      ushaped: the client keeps labels and loss (the server has none).
-      codec_up / codec_down: the codecs of activations and of gradients.
-    """
-
-    def __init__(
-        self,
-        connection: Connection,
-        cut_dtypes,
-        cut_shapes,
-        output_dtypes,
-        output_shapes=None,
-        ushaped: bool = False,
-        codec_up="float32",
-        codec_down="float32",
-    ):
-        self.connection = connection
-        self.cut = list(zip([tf.as_dtype(d) for d in cut_dtypes], cut_shapes))
-        output_shapes = output_shapes or [None] * len(output_dtypes)
-        self.outputs = list(zip([tf.as_dtype(d) for d in output_dtypes], output_shapes))
-        self.ushaped = ushaped
-        self.codec_up = get_codec(codec_up)
-        self.codec_down = get_codec(codec_down)
-        self.error = None  # the last exception raised inside the round trip
-
-    def _reply(self, kind):
-        """(reply kind, [(dtype, static shape)]) expected for a request kind."""
-        if kind == Kind.TRAIN:
-            if self.ushaped:
-                return Kind.SERVER_OUTPUT, self.outputs
-            return Kind.GRADIENTS, self.cut
-        if kind == Kind.OUTPUT_GRADIENTS:
-            return Kind.GRADIENTS, self.cut
-        if kind == Kind.EVALUATE and not self.ushaped:
-            return Kind.ACK, []
-        if kind in (Kind.EVALUATE, Kind.PREDICT):
-            return Kind.SERVER_OUTPUT, self.outputs
-        raise ValueError(f"a client does not send {Kind(kind).name} messages")
-
-    def request(self, message: Message) -> Message:
-        """Sends `message` to the server and returns its reply."""
-        kind = Kind(message.kind)
-        reply_kind, specs = self._reply(kind)
-        tensors = [tf.convert_to_tensor(t) for t in message.tensors]
-        parts = [self.codec_up.encode(t) for t in tensors]
-        extras = {
-            name: tf.convert_to_tensor(value)
-            for name, value in (
-                ("labels", message.labels),
-                ("sample_weight", message.sample_weight),
-            )
-            if value is not None
-        }
-        layout = (
-            kind,
-            reply_kind,
-            [(t.dtype, len(p)) for t, p in zip(tensors, parts)],
-            list(extras),
-            specs,
-        )
-        inputs = (
-            [tf.cast(message.step, tf.int64)]
-            + [tf.shape(t, out_type=tf.int64) for t in tensors]
-            + [p for ps in parts for p in ps]
-            + list(extras.values())
-        )
-        out_types = [tf.float32]
-        for dtype, _ in specs:
-            out_types += list(self.codec_down.wire_dtypes(dtype)) + [tf.int64]
-        outputs = tf.py_function(
-            lambda *args: self._round_trip(layout, *args), inputs, out_types
-        )
-        loss, outputs = outputs[0], list(outputs[1:])
-        loss.set_shape([])
-        decoded = []
-        for dtype, shape in specs:
-            n = len(self.codec_down.wire_dtypes(dtype))
-            wire_parts, size = outputs[:n], outputs[n]
-            outputs = outputs[n + 1 :]
-            tensor = self.codec_down.decode(tuple(wire_parts), dtype, size)
-            if shape is not None:
-                tensor = tf.ensure_shape(tensor, shape)
-            decoded.append(tensor)
-        return Message(
-            kind=reply_kind,
-            client_id=message.client_id,
-            step=message.step,
-            tensors=tuple(decoded),
-            loss=None if reply_kind == Kind.SERVER_OUTPUT else loss,
-        )
-
-    def _round_trip(self, layout, step, *args):
-        """The network part (eager, numpy): build, send, check the reply."""
-        kind, reply_kind, tensor_layout, extra_names, specs = layout
-        try:
-            args = list(args)
-            shapes, args = args[: len(tensor_layout)], args[len(tensor_layout) :]
-            envelope = wire_pb2.Envelope(
-                kind=int(kind), client_id=self.connection.client_id, step=int(step)
-            )
-            payloads = []  # array bytes travel after the envelope (wire.frame)
-            for (dtype, n), shape in zip(tensor_layout, shapes):
-                wire.encoded_from_parts(
-                    self.codec_up,
-                    dtype,
-                    shape.numpy(),
-                    args[:n],
-                    envelope.tensors.add(),
-                    payloads,
-                )
-                args = args[n:]
-            for name, value in zip(extra_names, args):
-                wire.fill_array(getattr(envelope, name), value, payloads)
-            reply, arrived = self.connection.exchange(envelope, payloads)
-            return self._check_reply(reply, arrived, envelope, reply_kind, specs)
-        except Exception as e:
-            self.error = e
-            raise
-
-    def _check_reply(self, reply, arrived, sent, reply_kind, specs):
-        if reply.kind != reply_kind or reply.step != sent.step:
-            raise wire.WireError(
-                f"expected a {reply_kind.name} reply for step {sent.step}, got "
-                f"{wire.kind_name(reply.kind)} for step {reply.step}"
-            )
-        if len(reply.tensors) != len(specs):
-            raise wire.WireError(
-                f"{reply_kind.name} reply has {len(reply.tensors)} tensors, "
-                f"expected {len(specs)}"
-            )
-        loss = np.float32(np.nan)
-        if reply.HasField("loss"):
-            loss = np.float32(arrived.array(reply.loss, "loss", "loss").reshape(()))
-        out = [loss]
-        for i, (encoded, (dtype, shape)) in enumerate(zip(reply.tensors, specs)):
-            rank = len(encoded.shape) if shape is None else len(shape)
-            expected = [None] * rank if shape is None else list(shape)
-            out += wire.check_encoded(
-                encoded,
-                self.codec_down,
-                dtype,
-                expected,
-                f"reply tensor {i}",
-                arrived,
-                i,
-            )
-            out.append(np.asarray(encoded.shape, np.int64))
-        return out

@@ -109,7 +109,8 @@ class SplitService:
       server: the `Server` party (segment, optimizer, objective if vanilla).
       num_clients: K.
       epochs: epochs to train.
-      checkpoint_dir: where the server checkpoints (one per turn end).
+      checkpoint_dir: where the server checkpoints (one per turn end); None
+        for a service that only answers PREDICT (epochs=0, nothing to save).
       tokens: {client id: token}, or None to accept any client id < K
         without a token (only for trusted networks and tests).
       codec_up / codec_down: the codecs of activations / gradients.
@@ -158,6 +159,9 @@ class SplitService:
         self._inputs = _specs(server.segment.inputs)
         self._outputs = _specs(server.segment.outputs)
         self._compile(run_eagerly)
+        self._manager = None
+        if checkpoint_dir is None:  # inference only: nothing to checkpoint
+            return
         self._manager = tf.train.CheckpointManager(
             party_checkpoint(
                 [server.segment], server.optimizer, **self.turns.trackables()
@@ -317,7 +321,9 @@ class SplitService:
         with self._lock:  # epoch and turn change together under the lock
             epoch, turn, _ = self.position()
         return wire_pb2.JoinReply(
-            run=os.path.basename(os.path.dirname(self._manager.directory)),
+            run=os.path.basename(os.path.dirname(self._manager.directory))
+            if self._manager is not None
+            else "predictions",
             num_clients=self.num_clients,
             epoch=epoch,
             turn=turn,

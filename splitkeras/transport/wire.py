@@ -6,18 +6,20 @@ Everything that arrives is checked before it is used: `parse_envelope` and
 `check_encoded` raise `WireError` naming what is wrong (a truncated payload,
 a dtype or shape the receiver does not expect, a non-finite value), and the
 server turns that into an INVALID_ARGUMENT status without touching its state.
+
+Arrays, frames and envelopes are numpy and protobuf only (the TensorFlow-free
+edge client uses them); encoding and decoding with a codec load TensorFlow.
 """
 
 from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
-import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 from splitkeras.protocol import Kind
-from splitkeras.transport.codec import CastCodec, Int8Codec, TopKCodec
 from splitkeras.transport.proto import wire_pb2
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
 
 # dtypes an array on the wire may have (anything else is refused).
 _DTYPES = {
-    name: tf.as_dtype(name).as_numpy_dtype
+    name: np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
     for name in (
         "float32",
         "float16",
@@ -45,6 +47,14 @@ _DTYPES = {
         "int64",
     )
 }
+
+
+def dtype_name(dtype) -> str:
+    """The wire name of a dtype (a name, numpy dtype or tf.DType)."""
+    if isinstance(dtype, str):
+        return dtype
+    name = getattr(dtype, "name", None)
+    return name if isinstance(name, str) else np.dtype(dtype).name
 
 
 class WireError(ValueError):
@@ -186,6 +196,8 @@ def encode_tensor(codec, tensor, into=None, payloads=None):
     With `into` (e.g. `envelope.tensors.add()`) it is filled in place; with
     `payloads` its bytes go out of line (see `frame`).
     """
+    import tensorflow as tf
+
     tensor = tf.convert_to_tensor(tensor)
     return encoded_from_parts(
         codec, tensor.dtype, tensor.shape, codec.encode(tensor), into, payloads
@@ -201,7 +213,7 @@ def encoded_from_parts(
     """
     encoded = wire_pb2.Encoded() if into is None else into
     encoded.codec = codec.name
-    encoded.dtype = tf.as_dtype(dtype).name
+    encoded.dtype = dtype_name(dtype)
     encoded.shape[:] = [int(d) for d in shape]
     for part in parts:
         fill_array(encoded.parts.add(), part, payloads)
@@ -224,6 +236,8 @@ def check_encoded(encoded, codec, dtype, shape, what, payloads=None, index=0) ->
       WireError: wrong codec, dtype, shape, part count or part dtype, or a
         truncated part.
     """
+    import tensorflow as tf
+
     dtype = tf.as_dtype(dtype)
     if encoded.codec != codec.name:
         raise WireError(
@@ -274,6 +288,8 @@ def _part_shapes(codec, dtype, shape) -> list:
     Checked before decoding, so a small message cannot decode (or broadcast)
     into a huge tensor.
     """
+    from splitkeras.transport.codec import CastCodec, Int8Codec, TopKCodec
+
     if not dtype.is_floating or isinstance(codec, CastCodec):
         return [shape]
     if isinstance(codec, Int8Codec):
@@ -285,8 +301,10 @@ def _part_shapes(codec, dtype, shape) -> list:
     raise WireError(f"codec {codec.name!r} has no wire-shape rule")
 
 
-def decode_tensor(codec, encoded, parts, what) -> tf.Tensor:
+def decode_tensor(codec, encoded, parts, what):
     """Decodes checked `parts`; `WireError` if they do not fit or are not finite."""
+    import tensorflow as tf
+
     dtype = tf.as_dtype(encoded.dtype)
     try:
         tensor = codec.decode(

@@ -1,0 +1,17 @@
+"""The edge client: an exported segment trained on a device without TensorFlow.
+
+- `LiteSegment` (runtime.py): the LiteRT signature runners of `client.tflite`.
+- `EdgeClient` (client.py): joins a splitkeras server over gRPC, trains its
+  turns, evaluates, and serves split inference (`predict`).
+- `EdgeSpec` (spec.py): edge.json, the run the segment belongs to.
+- codecs.py: the wire codecs in numpy.
+
+Install on the device with `pip install 'splitkeras[edge]'`; nothing here
+imports TensorFlow (tested in a virtual environment without it).
+"""
+
+from splitkeras.edge.client import EdgeClient
+from splitkeras.edge.runtime import LiteSegment
+from splitkeras.edge.spec import EdgeSpec
+
+__all__ = ["EdgeClient", "EdgeSpec", "LiteSegment"]

@@ -1,0 +1,375 @@
+"""A split-learning client that runs its segment with LiteRT, without TensorFlow.
+
+`EdgeClient` speaks the same gRPC protocol as the Keras client
+(`splitkeras.distributed.RemoteClient`) to an unchanged splitkeras server:
+Join, then round-robin turns (BeginTurn, one Exchange per training step,
+EndTurn with its sealed state), and Exchange PREDICT for split inference.
+One training step:
+
+    cut = segment.forward(x)                   # LiteRT, training mode
+    Exchange(TRAIN, encode(cut), labels)  ->  GRADIENTS d loss / d cut
+    segment.backward(x, gradients)             # LiteRT: update applied
+
+The state handed on between clients is the segment's variables and its
+optimizer's in `pack_state` order, sealed with the clients' AES key: edge
+and Keras clients can take turns in one run. Dependencies: numpy, grpcio,
+protobuf, cryptography and ai-edge-litert.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from splitkeras.edge import codecs
+from splitkeras.edge.runtime import LiteSegment
+from splitkeras.transport import wire
+from splitkeras.transport.grpc_client import Connection, TurnRestarted
+from splitkeras.transport.proto import wire_pb2
+from splitkeras.transport.sealing import pack_arrays, seal, unpack_arrays, unseal
+
+log = logging.getLogger("splitkeras")
+
+__all__ = ["EdgeClient", "batches", "eval_batches", "load_client_data"]
+
+# splitkeras.protocol.Kind, by number (the wire carries numbers).
+TRAIN, GRADIENTS, SERVER_OUTPUT, EVALUATE, PREDICT, ACK = 1, 2, 3, 5, 6, 7
+
+
+def _images(x) -> np.ndarray:
+    """uint8 images scaled to [0, 1] in float32 (as the Keras pipeline does)."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    return x.astype(np.float32, copy=False)
+
+
+def batches(x, y, batch_size: int, seed: int, epoch: int, stream=None):
+    """One epoch of (images, labels) in the order `data.train_dataset` uses."""
+    entropy = [seed, epoch] if stream is None else [seed, epoch, stream]
+    order = np.random.default_rng(entropy).permutation(len(x))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield _images(x[index]), np.asarray(y[index], np.int64)
+
+
+def eval_batches(x, y, batch_size: int):
+    for start in range(0, len(x), batch_size):
+        stop = start + batch_size
+        yield _images(x[start:stop]), np.asarray(y[start:stop], np.int64)
+
+
+def load_client_data(spec, path: str | None = None, client_id: int | None = None):
+    """(training shard, test split) of a client, as a Keras client takes them.
+
+    Reads an IDX folder or .npz file (`path`, else the spec's data path) and
+    keeps this client's shard of the run's partition (same seed, same
+    method), so a simulated device trains on exactly what a Keras client
+    with its id would. numpy only.
+    """
+    from splitkeras.data.partition import partition
+    from splitkeras.data.sources import load
+
+    arrays = load(spec.data_name, path or spec.data_path, download=False)
+    k = spec.client_id if client_id is None else client_id
+    indices = partition(
+        arrays.y_train,
+        spec.num_clients,
+        method=spec.partition,
+        alpha=spec.dirichlet_alpha,
+        seed=spec.seed,
+    )[k]
+    shard = (arrays.x_train[indices], arrays.y_train[indices])
+    return shard, (arrays.x_test, arrays.y_test)
+
+
+class EdgeClient:
+    """One client of a run, its segment an exported LiteRT model.
+
+    Args:
+      model: the exported `client.tflite` (path or bytes).
+      spec: the run's `EdgeSpec` (edge.json).
+      target: the server's "host:port".
+      client_id: this client's id, 0..K-1.
+      key: the clients' shared AES-256 handoff key (None: split inference
+        only, no turns).
+      shard: this client's (x, y) training data.
+      test: (x, y) to evaluate on when this client ends an epoch, or None.
+      token / credentials / max_message_bytes / timeout / retry_seconds:
+        as `splitkeras.transport.grpc_client.Connection`.
+      num_threads: LiteRT interpreter threads.
+    """
+
+    def __init__(
+        self,
+        model,
+        spec,
+        target: str,
+        client_id: int,
+        key: bytes | None = None,
+        shard=None,
+        test=None,
+        token: str | None = None,
+        credentials=None,
+        max_message_bytes: int = 64 << 20,
+        timeout: float = 60.0,
+        retry_seconds: float = 300.0,
+        num_threads: int | None = None,
+    ):
+        self.spec = spec
+        self.client_id = client_id
+        self.segment = LiteSegment(model, num_threads)
+        if self.segment.num_cuts != len(spec.cut_shapes):
+            raise ValueError(
+                f"the model has {self.segment.num_cuts} cut tensors, edge.json "
+                f"describes {len(spec.cut_shapes)}"
+            )
+        for codec in (spec.codec_up, spec.codec_down):
+            codecs.wire_dtypes(codec, np.float32)  # refuses codecs not here
+        self.shard = shard
+        self.test = test
+        self._initial = self.segment.state() if self.segment.trainable else None
+        self._aead = AESGCM(key) if key is not None else None
+        self.connection = Connection(
+            target,
+            client_id,
+            token=token,
+            credentials=credentials,
+            max_message_bytes=max_message_bytes,
+            timeout=timeout,
+            retry_seconds=retry_seconds,
+        )
+        self.info = info = self.connection.call(
+            "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
+        )
+        if (info.codec_up, info.codec_down) != (spec.codec_up, spec.codec_down):
+            raise ValueError(
+                f"the server uses codecs {info.codec_up}/{info.codec_down}, "
+                f"edge.json {spec.codec_up}/{spec.codec_down}"
+            )
+        self.output_dtypes = list(info.output_dtypes)
+        self.step = 0
+        self.losses = []  # (step, loss the server reported) of every step
+        self.restarts = 0
+        self._predictions = 0
+        self.timings = []  # (seconds on the device, seconds in the round trip)
+
+    # ------------------------------------------------------------ messages
+    def _envelope(self, kind, step, cuts, labels=None):
+        envelope = wire_pb2.Envelope(kind=kind, client_id=self.client_id, step=step)
+        payloads = []
+        for cut in cuts:
+            parts = codecs.encode(self.spec.codec_up, cut)
+            encoded = envelope.tensors.add()
+            encoded.codec = self.spec.codec_up
+            encoded.dtype = cut.dtype.name
+            encoded.shape[:] = cut.shape
+            for part in parts:
+                wire.fill_array(encoded.parts.add(), part, payloads)
+        if labels is not None:
+            wire.fill_array(envelope.labels, np.asarray(labels, np.int64), payloads)
+        return envelope, payloads
+
+    def _exchange(self, kind, step, cuts, labels, reply_kind, shapes, dtypes):
+        """Sends one message; returns (decoded reply tensors, loss or None)."""
+        envelope, payloads = self._envelope(kind, step, cuts, labels)
+        reply, arrived = self.connection.exchange(envelope, payloads)
+        if reply.kind != reply_kind or reply.step != step:
+            raise wire.WireError(
+                f"expected a {wire.kind_name(reply_kind)} reply for step {step}, "
+                f"got {wire.kind_name(reply.kind)} for step {reply.step}"
+            )
+        if len(reply.tensors) != len(shapes):
+            raise wire.WireError(
+                f"reply has {len(reply.tensors)} tensors, expected {len(shapes)}"
+            )
+        tensors = [
+            self._decode(encoded, shape, dtype, arrived, i)
+            for i, (encoded, shape, dtype) in enumerate(
+                zip(reply.tensors, shapes, dtypes)
+            )
+        ]
+        loss = None
+        if reply.HasField("loss"):
+            loss = float(arrived.array(reply.loss, "loss", "loss").reshape(()))
+        return tensors, loss
+
+    def _decode(self, encoded, shape, dtype, arrived, index) -> np.ndarray:
+        """A reply tensor, checked as the Keras client checks it."""
+        what = f"reply tensor {index}"
+        codec = self.spec.codec_down
+        if encoded.codec != codec:
+            raise wire.WireError(f"{what}: codec {encoded.codec!r}, expected {codec!r}")
+        if encoded.dtype != dtype:
+            raise wire.WireError(f"{what}: dtype {encoded.dtype!r}, expected {dtype!r}")
+        got = list(encoded.shape)
+        if shape is not None and got != list(shape):
+            raise wire.WireError(f"{what}: shape {got}, expected {list(shape)}")
+        wire_dtypes = codecs.wire_dtypes(codec, dtype)
+        if len(encoded.parts) != len(wire_dtypes):
+            raise wire.WireError(
+                f"{what}: {len(encoded.parts)} parts, codec {codec!r} sends "
+                f"{len(wire_dtypes)}"
+            )
+        parts = []
+        for i, (part, want, part_shape) in enumerate(
+            zip(encoded.parts, wire_dtypes, codecs.part_shapes(codec, dtype, got))
+        ):
+            if part.dtype != want.name:
+                raise wire.WireError(f"{what} part {i}: dtype {part.dtype!r}")
+            array = arrived.array(part, ("tensors", index, i), f"{what} part {i}")
+            if list(array.shape) != part_shape:
+                raise wire.WireError(
+                    f"{what} part {i}: shape {list(array.shape)}, expected {part_shape}"
+                )
+            parts.append(array)
+        tensor = codecs.decode(codec, parts, dtype)
+        if not np.all(np.isfinite(tensor.astype(np.float32))):
+            raise wire.WireError(f"{what}: has non-finite values (NaN or Inf)")
+        return tensor
+
+    # -------------------------------------------------------------- steps
+    def train_step(self, x, y) -> float:
+        """One training step on (x, y); returns the loss the server reported."""
+        x = np.asarray(x, np.float32)
+        cuts = self.segment.forward(x)
+        step = self.step + 1
+        shapes = [list(c.shape) for c in cuts]
+        grads, loss = self._exchange(
+            TRAIN, step, cuts, y, GRADIENTS, shapes, [c.dtype.name for c in cuts]
+        )
+        self.segment.backward(x, grads)
+        self.step = step
+        self.losses.append((step, loss))
+        return loss
+
+    def predict(self, x) -> list:
+        """Split inference: the server's outputs for `x` (LiteRT serve, then the
+        server segment); any time, also outside training. Each call's time on
+        the device and in the round trip is kept in `timings`."""
+        started = time.perf_counter()
+        cuts = self.segment.serve(np.asarray(x, np.float32))
+        served = time.perf_counter()
+        self._predictions += 1
+        outputs, _ = self._exchange(
+            PREDICT,
+            self._predictions,
+            cuts,
+            None,
+            SERVER_OUTPUT,
+            [None] * len(self.output_dtypes),
+            self.output_dtypes,
+        )
+        self.timings.append((served - started, time.perf_counter() - served))
+        return outputs
+
+    def latency_ms(self) -> dict:
+        """Medians and 90th percentiles of `timings` in milliseconds."""
+        if not self.timings:
+            return {}
+        device, trip = (np.asarray(t) * 1e3 for t in zip(*self.timings))
+        total = device + trip
+        figures = {}
+        for name, values in (
+            ("device", device),
+            ("round_trip", trip),
+            ("total", total),
+        ):
+            figures[f"{name}_ms_p50"] = float(np.median(values))
+            figures[f"{name}_ms_p90"] = float(np.percentile(values, 90))
+        return figures
+
+    def evaluate(self) -> None:
+        """Sends the test split for evaluation (the server computes metrics)."""
+        for i, (x, y) in enumerate(eval_batches(*self.test, self.spec.eval_batch_size)):
+            cuts = self.segment.serve(x)
+            self._exchange(EVALUATE, i + 1, cuts, y, ACK, [], [])
+
+    # -------------------------------------------------------------- turns
+    def begin_turn(self, epoch: int):
+        """Waits for this client's turn of `epoch` and loads the handed-on state.
+
+        Returns the TurnReply (ready=False: the turn has passed), or None
+        when the run is over.
+        """
+        while True:
+            turn = self.connection.call(
+                "BeginTurn",
+                wire_pb2.TurnRequest(client_id=self.client_id, epoch=epoch),
+                wire_pb2.TurnReply,
+            )
+            if turn.done:
+                return None
+            if turn.ready or (turn.epoch, turn.turn) > (epoch, self.client_id):
+                break
+        if turn.ready:
+            if turn.state:
+                _, plain = unseal(self._aead, turn.state, f"client {self.client_id}")
+                self.segment.load_state(unpack_arrays(plain))
+            else:
+                self.segment.load_state(self._initial)
+            self.step = int(turn.step)
+        return turn
+
+    def end_turn(self, epoch: int) -> None:
+        """Hands this client's sealed state on through the server."""
+        state = seal(
+            self._aead,
+            f"epoch {epoch} from client {self.client_id}",
+            pack_arrays(self.segment.state()),
+        )
+        self.connection.call(
+            "EndTurn",
+            wire_pb2.TurnEnd(
+                client_id=self.client_id, epoch=epoch, step=self.step, state=state
+            ),
+            wire_pb2.TurnEndReply,
+        )
+
+    def run(self) -> dict:
+        """Trains this client's turn of every epoch; returns its summary."""
+        started = time.monotonic()
+        last_client = self.info.num_clients - 1
+        epoch = int(self.info.epoch)
+        while epoch < self.info.epochs:
+            turn = self.begin_turn(epoch)
+            if turn is None:
+                break
+            if not turn.ready:
+                epoch += 1
+                continue
+            try:
+                self._train_turn(epoch)
+                if self.client_id == last_client and self.test is not None:
+                    self.evaluate()
+                self.end_turn(epoch)
+            except TurnRestarted as e:
+                self.restarts += 1
+                log.warning(
+                    "client %d: turn of epoch %d restarts: %s", self.client_id, epoch, e
+                )
+                continue
+            epoch += 1
+        return {
+            "client_id": self.client_id,
+            "steps": self.step,
+            "losses": [loss for _, loss in self.losses],
+            "bytes_sent": self.connection.bytes_sent,
+            "bytes_received": self.connection.bytes_received,
+            "retries": self.connection.retries,
+            "restarted_turns": self.restarts,
+            "wall_seconds": time.monotonic() - started,
+        }
+
+    def _train_turn(self, epoch: int):
+        spec = self.spec
+        for x, y in batches(
+            *self.shard, spec.batch_size, spec.seed, epoch, self.client_id
+        ):
+            self.train_step(x, y)
+
+    def close(self) -> None:
+        self.connection.close()

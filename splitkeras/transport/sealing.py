@@ -1,0 +1,91 @@
+"""Client state handed on through the server: packed, then sealed.
+
+A client's state (its segments' and optimizer's variables, in a fixed
+order) travels as an .npz archive of positional arrays (`pack_arrays`),
+sealed with AES-GCM under a key only the clients share (`seal`): the server
+stores and forwards it without being able to read or alter it. Keras clients
+and LiteRT edge clients use the same format, so they can hand state to each
+other. numpy and cryptography only (no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "HandoffError",
+    "pack_arrays",
+    "read_key",
+    "seal",
+    "unpack_arrays",
+    "unseal",
+    "write_key",
+]
+
+
+class HandoffError(RuntimeError):
+    """A handed-off state could not be authenticated or does not fit."""
+
+
+def pack_arrays(arrays) -> bytes:
+    """`arrays` (in order) as the bytes of an .npz archive."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *[np.asarray(a) for a in arrays])
+    return buffer.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> list:
+    """The arrays `pack_arrays` packed, in order (no pickled objects)."""
+    archive = np.load(io.BytesIO(blob), allow_pickle=False)
+    return [archive[f"arr_{i}"] for i in range(len(archive.files))]
+
+
+def seal(aead: AESGCM, header: str, plain: bytes) -> bytes:
+    """Encrypts `plain` under `aead`; `header` travels in the clear, authenticated.
+
+    The header binds the ciphertext to its sender, receiver and position in
+    the sequence, so a relay cannot replay or redirect it unnoticed.
+    """
+    header = header.encode()
+    nonce = os.urandom(12)
+    sealed = aead.encrypt(nonce, plain, header)
+    return len(header).to_bytes(2, "big") + header + nonce + sealed
+
+
+def unseal(aead: AESGCM, blob: bytes, receiver: str) -> tuple[str, bytes]:
+    """(header, plaintext) of a `seal`ed blob; HandoffError if it fails."""
+    size = int.from_bytes(blob[:2], "big")
+    header, nonce, sealed = (
+        blob[2 : 2 + size],
+        blob[2 + size : 14 + size],
+        blob[14 + size :],
+    )
+    try:
+        plain = aead.decrypt(nonce, sealed, header)
+    except (InvalidTag, ValueError):
+        raise HandoffError(
+            f"client-segment weights for {receiver} (header {header!r}) failed "
+            "authentication: they were altered on the way or encrypted with "
+            "another key."
+        ) from None
+    return header.decode(errors="replace"), plain
+
+
+def write_key(path: str) -> None:
+    """Writes a fresh AES-256 key for the clients' handoff (mode 0600)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(AESGCM.generate_key(256).hex().encode())
+
+
+def read_key(path: str) -> bytes:
+    """The clients' handoff key written by `write_key`."""
+    with open(path, "rb") as f:
+        key = bytes.fromhex(f.read().decode().strip())
+    if len(key) != 32:
+        raise ValueError(f"{path}: expected a 256-bit key (64 hex digits)")
+    return key

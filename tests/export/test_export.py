@@ -1,0 +1,158 @@
+"""Export of client segments: SavedModel and LiteRT give Keras's outputs and
+Keras's training step (forward, gradients of the cut tensors, optimizer)."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from splitkeras.cut import cut
+from splitkeras.edge.runtime import LiteSegment
+from splitkeras.export import LiteConversionError, export_segment, gradients
+from splitkeras.models.registry import build_model
+from tests import base
+
+# (model, input shape, cut, builder kwargs): a conv + pool (LeNet), conv/BN/
+# ReLU blocks (VGG), a residual block with a skip connection (ResNet), an
+# 11x11 stride-4 conv and an overlapping 3x3/2 max pool (AlexNet).
+MODELS = {
+    "lenet5": ((28, 28, 1), "pool1", {}),
+    "vgg16": ((32, 32, 3), "block1_pool", {"width": 0.25}),
+    "resnet18": ((32, 32, 3), "stage1_block1_out", {"width": 0.25}),
+    "alexnet": ((67, 67, 3), "pool1", {}),
+}
+
+
+def _segment(name):
+    shape, layer, kwargs = MODELS[name]
+    model = build_model(name, input_shape=shape, num_classes=10, **kwargs)
+    return cut(model, layer).client
+
+
+def _keras_step(segment, optimizer, x, grads):
+    """Client.backward's update: tape over the training forward pass."""
+    with tf.GradientTape() as tape:
+        cuts = tf.nest.flatten(segment(x, training=True))
+    variables = segment.trainable_variables
+    optimizer.apply_gradients(
+        zip(tape.gradient(cuts, variables, output_gradients=grads), variables)
+    )
+
+
+def _state(segment, optimizer):
+    return [np.asarray(v.numpy()) for v in segment.variables + optimizer.variables]
+
+
+def _assert_state_close(test, got, expected, tol):
+    """Each array within `tol` x max(1, its largest magnitude): weights are
+    O(1), Adam's moments scale with gradients that reach the hundreds."""
+    test.assertEqual(len(got), len(expected))
+    for i, (a, b) in enumerate(zip(got, expected)):
+        test.assertEqual(a.shape, b.shape, f"state {i}")
+        if b.size:
+            bound = tol * max(1.0, float(np.abs(b).max()))
+            diff = float(np.abs(a.astype(np.float64) - b).max())
+            test.assertLessEqual(diff, bound, f"state {i} differs by {diff}")
+
+
+class ExportTest(base.TestCase):
+    @parameterized.named_parameters((name, name) for name in MODELS)
+    def test_outputs_and_training_step_equal_keras(self, name):
+        segment = _segment(name)
+        optimizer = keras.optimizers.Adam(1e-2)
+        rng = np.random.default_rng(0)
+        x = rng.uniform(size=(5, *MODELS[name][0])).astype(np.float32)
+        out = self.tempdir()
+        report = export_segment(segment, optimizer, out, sample=x)
+        artifacts = report["artifacts"]
+        self.assertLessEqual(artifacts["saved_model"]["max_abs_diff"], 1e-5)
+        self.assertLessEqual(artifacts["client.tflite"]["max_abs_diff"], 1e-4)
+        for q in ("float16", "int8"):
+            self.assertIn(f"client_serve_{q}.tflite", artifacts)
+        with open(os.path.join(out, "export.json")) as f:
+            self.assertEqual(json.load(f)["artifacts"].keys(), artifacts.keys())
+
+        # Batch sizes differ from the sample's (dynamic batch dimension).
+        x = rng.uniform(size=(3, *MODELS[name][0])).astype(np.float32)
+        cut_shape = segment.outputs[0].shape[1:]
+        g = rng.normal(size=(3, *cut_shape)).astype(np.float32)
+        loaded = tf.saved_model.load(os.path.join(out, "saved_model"))
+        lite = LiteSegment(os.path.join(out, "client.tflite"))
+        # Training-mode forward passes (each moves batch-norm statistics once).
+        keras_cut = segment(x, training=True).numpy()
+        saved_cut = loaded.signatures["forward"](x=tf.constant(x))["cut_0"].numpy()
+        np.testing.assert_allclose(saved_cut, keras_cut, atol=1e-5)
+        np.testing.assert_allclose(lite.forward(x)[0], keras_cut, atol=1e-4)
+        before = _state(segment, optimizer)
+        self.assertWeightsClose(lite.state(), before, atol=1e-6)
+
+        _keras_step(segment, optimizer, x, g)
+        expected = _state(segment, optimizer)
+        loaded.signatures["forward"](x=tf.constant(x))
+        loaded.signatures["backward"](x=tf.constant(x), grad_0=tf.constant(g))
+        saved_state = loaded.signatures["save"]()
+        got = [saved_state[f"state_{i:03d}"].numpy() for i in range(len(expected))]
+        _assert_state_close(self, got, expected, 1e-5)
+
+        lite.forward(x)
+        self.assertEqual(lite.backward(x, [g]), 1)
+        _assert_state_close(self, lite.state(), expected, 1e-4)
+        # The update moved the weights (so equality above is not vacuous).
+        moved = max(np.abs(a - b).max() for a, b in zip(expected, before) if a.size)
+        self.assertGreater(moved, 1e-3)
+
+        # restore puts any state back (e.g. a handoff from a Keras client).
+        lite.load_state(before)
+        self.assertWeightsClose(lite.state(), before, atol=0)
+
+
+class LiteGradientsTest(base.TestCase):
+    @parameterized.parameters(
+        ("SAME", 1, 3),
+        ("VALID", 2, 3),
+        ("SAME", 2, 3),
+        ("VALID", 2, 2),
+        ("SAME", 3, 2),
+    )
+    def test_conv_and_pool_gradients_equal_tensorflow(self, padding, stride, pool):
+        """Builtin-only rules equal TF's gradients, inputs included, with ties."""
+        inputs = keras.Input((11, 9, 3))
+        h = keras.layers.Conv2D(4, 3, strides=stride, padding=padding.lower())(inputs)
+        h = keras.layers.ReLU()(h)
+        h = keras.layers.MaxPooling2D(pool, strides=2, padding=padding.lower())(h)
+        h = keras.layers.Conv2D(2, 2, padding="same", activation="relu6")(h)
+        model = keras.Model(inputs, h)
+        rng = np.random.default_rng(1)
+        # Rounded inputs make ties inside pooling windows likely.
+        x = tf.constant(np.round(rng.normal(size=(2, 11, 9, 3)) * 2) / 2, tf.float32)
+        g = tf.constant(rng.normal(size=(2, *h.shape[1:])), tf.float32)
+        variables = [v.value for v in model.trainable_variables]
+
+        @tf.function
+        def lite(x):
+            with gradients.override_gradients():
+                y = model(x)
+            return tf.gradients(y, [x, *variables], grad_ys=g)
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x)
+        expected = tape.gradient(y, [x, *model.trainable_variables], g)
+        for got, want in zip(lite(x), expected):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+    def test_op_without_builtin_gradient_is_named(self):
+        inputs = keras.Input((8, 8, 2))
+        h = keras.layers.Conv2D(2, 3)(inputs)
+        h = keras.layers.AveragePooling2D(2)(h)
+        segment = keras.Model(inputs, h)
+        with self.assertRaisesRegex(LiteConversionError, "AvgPoolGrad"):
+            export_segment(segment, keras.optimizers.SGD(), self.tempdir())
+        # Inference alone converts.
+        report = export_segment(
+            segment, keras.optimizers.SGD(), self.tempdir(), training=False
+        )
+        self.assertLessEqual(report["artifacts"]["client.tflite"]["max_abs_diff"], 1e-4)
