@@ -30,7 +30,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitkeras import data as data_lib
 from splitkeras import experiment, federation
-from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
@@ -72,11 +71,6 @@ def _check_supported(config):
         )
 
 
-def _segments(config, arrays):
-    model = experiment.build_model(config, arrays)
-    return cut(model, experiment.cut_layers(config))
-
-
 def _codecs(config):
     return codec_lib.codec_pair(config)
 
@@ -106,7 +100,7 @@ def serve(
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    segments = _segments(config, arrays)
+    segments = experiment.build_segments(config, arrays)
     loss = experiment._loss()
     objective = None if segments.ushaped else Objective(loss, METRICS)
     server = Server(segments.server, experiment._optimizer(config), objective)
@@ -201,7 +195,7 @@ def serve_predictions(
     _check_supported(config)
     settings = grpc_settings(config)
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    segments = _segments(config, arrays)
+    segments = experiment.build_segments(config, arrays)
     _load_server_weights(segments.server, workdir)
     objective = None if segments.ushaped else Objective(experiment._loss(), METRICS)
     server = Server(segments.server, experiment._optimizer(config), objective)
@@ -287,7 +281,7 @@ class RemoteClient:
             )
         self.shard = federation.client_shards(config, arrays)[client_id]
         self.test_ds = federation.test_data(config, arrays)
-        segments = _segments(config, arrays)
+        segments = experiment.build_segments(config, arrays)
         objective = Objective(experiment._loss(), METRICS) if segments.ushaped else None
         self.client = client = Client(
             segments.client,

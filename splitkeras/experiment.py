@@ -23,6 +23,7 @@ from splitkeras import data as data_lib
 from splitkeras import federation
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
+from splitkeras.cut import cut
 from splitkeras.parties.segment_step import compiled
 from splitkeras.privacy.leakage import Leakage, attach_privacy
 from splitkeras.progress import Progress, write_scalars
@@ -89,6 +90,11 @@ def cut_layers(config) -> str | tuple[str, ...]:
             f"in config.model.cut, got {config.model.cut!r}"
         )
     return at if len(at) > 1 else at[0]
+
+
+def build_segments(config, arrays):
+    """The config's model (seeded, as every party builds it) cut at its cut."""
+    return cut(build_model(config, arrays), cut_layers(config))
 
 
 def _check_method(config):

@@ -195,12 +195,10 @@ def export_from_workdir(
     """
     from splitkeras import data as data_lib
     from splitkeras import experiment
-    from splitkeras.cut import cut
     from splitkeras.edge.spec import EdgeSpec
 
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    model = experiment.build_model(config, arrays)
-    segments = cut(model, experiment.cut_layers(config))
+    segments = experiment.build_segments(config, arrays)
     training = kwargs.pop("training", not segments.ushaped)
     if training and segments.ushaped:
         raise ValueError(

@@ -7,7 +7,8 @@ the device). `lite_gradients` computes the same gradients with ops LiteRT
 has (slices, pads, reshapes, matmuls, transposed convolutions, compares), by
 overriding those ops' gradient functions while the forward pass is traced:
 
-- ReLU / ReLU6: the incoming gradient where the output is inside (0, cap).
+- ReLU / ReLU6: the incoming gradient where the output is inside (0, cap);
+  LeakyReLU: scaled by alpha where the input is not positive.
 - Conv2D: the kernel gradient as one matmul of the input patches (gathered
   by k*k strided slices of the padded input) with the output gradient; the
   input gradient as a transposed convolution.
@@ -108,6 +109,12 @@ def _relu6_grad(op, grad):
     y = op.outputs[0]
     inside = tf.logical_and(y > 0, y < 6)
     return grad * tf.cast(inside, grad.dtype)
+
+
+def _leaky_relu_grad(op, grad):
+    x = op.inputs[0]
+    alpha = tf.cast(op.get_attr("alpha"), grad.dtype)
+    return grad * tf.where(x > 0, tf.ones_like(grad), alpha * tf.ones_like(grad))
 
 
 def _conv2d_grad(op, grad):
@@ -211,6 +218,7 @@ _RULES = {
     "Sub": _sub_grad,
     "Relu": _relu_grad,
     "Relu6": _relu6_grad,
+    "LeakyRelu": _leaky_relu_grad,
     "Conv2D": _conv2d_grad,
     "MaxPool": _max_pool_grad,
 }

@@ -14,7 +14,6 @@ import numpy as np
 
 from splitkeras import data as data_lib
 from splitkeras import experiment, federation, launcher
-from splitkeras.cut import cut
 from splitkeras.edge import EdgeSpec
 from splitkeras.edge.client import batches
 from splitkeras.export import export_segment
@@ -37,8 +36,7 @@ LOSS_TOLERANCE = 1e-4
 def _keras_run(config, arrays):
     """(losses per step, client segment, server segment) of a Keras client
     trained in-process on client 0's batches, in the edge client's order."""
-    model = experiment.build_model(config, arrays)
-    segments = cut(model, experiment.cut_layers(config))
+    segments = experiment.build_segments(config, arrays)
     objective = Objective(experiment._loss(), ("accuracy",))
     server = Server(segments.server, experiment._optimizer(config), objective)
     client = Client(segments.client, experiment._optimizer(config))
@@ -99,9 +97,7 @@ class EdgeClientTest(base.TestCase):
         config, workdir = self.config, os.path.join(self.root, "run")
         os.makedirs(workdir, exist_ok=True)
         # The untrained client segment (the run's seed) goes to the device.
-        segments = cut(
-            experiment.build_model(config, self.arrays), experiment.cut_layers(config)
-        )
+        segments = experiment.build_segments(config, self.arrays)
         export = os.path.join(workdir, "export")
         export_segment(
             segments.client, experiment._optimizer(config), export, quantize=()
