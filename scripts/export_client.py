@@ -30,7 +30,10 @@ _QUANTIZE = flags.DEFINE_list(
     "quantize", ["float16", "int8"], "Quantized inference variants to write."
 )
 _TRAINING = flags.DEFINE_bool(
-    "training", True, "Export the on-device training signatures too."
+    "training",
+    None,
+    "Export the on-device training signatures too (default: yes for a "
+    "vanilla client, no for a U-shaped one).",
 )
 flags.mark_flags_as_required(["config", "workdir", "out"])
 
@@ -38,13 +41,11 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    options = {"quantize": tuple(q for q in _QUANTIZE.value if q)}
+    if _TRAINING.value is not None:
+        options["training"] = _TRAINING.value
     report = export_from_workdir(
-        _CONFIG.value,
-        _WORKDIR.value,
-        _OUT.value,
-        client_id=_CLIENT_ID.value,
-        training=_TRAINING.value,
-        quantize=tuple(q for q in _QUANTIZE.value if q),
+        _CONFIG.value, _WORKDIR.value, _OUT.value, client_id=_CLIENT_ID.value, **options
     )
     print(f"restored from {report['restored_from']}")
     print(f"{'artifact':32} {'bytes':>10} {'max |diff| vs Keras':>20}")

@@ -46,7 +46,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="LiteRT threads.")
     parser.add_argument("--summary", help="Write the summary (JSON) here.")
     parser.add_argument(
-        "--state", help="Load this state (.npz from edge_client.py) first."
+        "--state",
+        help="Load this state (.npz from edge_client.py) first; needs the "
+        "client.tflite with training signatures.",
     )
     parser.add_argument("--logits", help="Write the returned logits (.npy) here.")
     args = parser.parse_args()

@@ -95,7 +95,9 @@ class EdgeClient:
       target: the server's "host:port".
       client_id: this client's id, 0..K-1.
       key: the clients' shared AES-256 handoff key (None: split inference
-        only, no turns).
+        only, no turns). A turn that finds no handed-on state (the run's
+        first) starts from the state the model was exported with: export the
+        untrained segment of the run's seed to start as a Keras client does.
       shard: this client's (x, y) training data.
       test: (x, y) to evaluate on when this client ends an epoch, or None.
       token / credentials / max_message_bytes / timeout / retry_seconds:
@@ -119,6 +121,11 @@ class EdgeClient:
         retry_seconds: float = 300.0,
         num_threads: int | None = None,
     ):
+        if spec.ushaped:
+            raise ValueError(
+                "a U-shaped run keeps its tail and labels on the clients; the edge "
+                "client runs vanilla runs (labels at the server)"
+            )
         self.spec = spec
         self.client_id = client_id
         self.segment = LiteSegment(model, num_threads)
@@ -333,6 +340,10 @@ class EdgeClient:
         """Trains this client's turn of every epoch; returns its summary."""
         started = time.monotonic()
         last_client = self.info.num_clients - 1
+        if self.client_id == last_client and self.test is None:
+            raise ValueError(
+                "the last client of a round evaluates every epoch: pass test="
+            )
         epoch = int(self.info.epoch)
         while epoch < self.info.epochs:
             turn = self.begin_turn(epoch)
@@ -341,12 +352,14 @@ class EdgeClient:
             if not turn.ready:
                 epoch += 1
                 continue
+            turn_start = len(self.losses)
             try:
                 self._train_turn(epoch)
-                if self.client_id == last_client and self.test is not None:
+                if self.client_id == last_client:
                     self.evaluate()
                 self.end_turn(epoch)
             except TurnRestarted as e:
+                del self.losses[turn_start:]  # the server rolled these back
                 self.restarts += 1
                 log.warning(
                     "client %d: turn of epoch %d restarts: %s", self.client_id, epoch, e

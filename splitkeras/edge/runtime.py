@@ -98,21 +98,38 @@ class LiteSegment:
         return _ordered(self._runner("save")(), "state_")
 
     def load_state(self, arrays) -> None:
-        """Loads a `state()` (or a Keras client's `pack_state`) into the segment."""
+        """Loads a `state()` (or a Keras client's `pack_state`) into the segment.
+
+        Raises:
+          HandoffError: the arrays do not match the segment's variables in
+            number, shape or dtype (LiteRT would resize silently).
+        """
+        from splitkeras.transport.sealing import HandoffError
+
+        if not self.trainable:
+            raise ValueError(
+                "an inference-only export holds no state to load: use the "
+                "client.tflite that has the training signatures"
+            )
         arrays = list(arrays)
         if len(arrays) != self.num_state:
-            from splitkeras.transport.sealing import HandoffError
-
             raise HandoffError(
                 f"handed-off state has {len(arrays)} arrays, the exported segment "
                 f"has {self.num_state} variables: the clients' segments or "
                 "optimizers differ"
             )
-        details = self.signatures["restore"]["inputs"]
+        runner = self._runner("restore")
+        details = runner.get_input_details()
         feeds = {}
         for i, array in enumerate(arrays):
             name = f"state_{i:03d}"
-            if name not in details:
-                raise ValueError(f"restore signature has no input {name!r}")
-            feeds[name] = np.asarray(array)
-        self._runner("restore")(**feeds)
+            array = np.asarray(array)
+            want = details[name]
+            shape, dtype = tuple(want["shape"]), np.dtype(want["dtype"])
+            if array.shape != shape or array.dtype != dtype:
+                raise HandoffError(
+                    f"handed-off variable {i} is {array.dtype}{list(array.shape)}, "
+                    f"the exported segment has {dtype}{list(shape)}"
+                )
+            feeds[name] = array
+        runner(**feeds)

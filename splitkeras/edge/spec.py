@@ -30,6 +30,8 @@ class EdgeSpec:
       batch_size / eval_batch_size: examples per training / evaluation step.
       data_name / data_path: the dataset (IDX folder or .npz for the edge).
       partition / dirichlet_alpha: how the training split is shared.
+      ushaped: the run keeps labels and the tail on the clients (the edge
+        client cannot train or predict it).
     """
 
     input_shape: list
@@ -45,12 +47,27 @@ class EdgeSpec:
     data_path: str = ""
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
+    ushaped: bool = False
     format: int = FORMAT
 
     @classmethod
     def from_config(cls, config, segments, client_id: int = 0) -> EdgeSpec:
+        """The spec of `config`'s run; refuses what the edge client lacks.
+
+        Raises:
+          ValueError: the run uses client privacy defenses (NoPeek, noise on
+            activations or gradients), which the exported segment does not
+            apply: an edge client would silently send clear activations.
+        """
+        from splitkeras.privacy import defenses
         from splitkeras.transport.codec import codec_pair
 
+        if defenses.from_config(config, client_id) is not None:
+            raise ValueError(
+                "config.privacy sets client defenses (NoPeek, activation or "
+                "gradient noise); the exported segment does not apply them, so an "
+                "edge client cannot take part in this run"
+            )
         up, down = codec_pair(config)
         return cls(
             input_shape=[int(d) for d in segments.client.inputs[0].shape[1:]],
@@ -66,6 +83,7 @@ class EdgeSpec:
             data_path=str(config.data.path or ""),
             partition=str(config.data.partition),
             dirichlet_alpha=float(config.data.dirichlet_alpha),
+            ushaped=segments.ushaped,
         )
 
     def write(self, path: str) -> None:

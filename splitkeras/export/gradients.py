@@ -128,7 +128,7 @@ def _conv2d_grad(op, grad):
     height, width = _static(x, op.name)
     if x.shape[3] is not None and int(x.shape[3]) != channels:
         raise ValueError(f"Conv2D {op.name}: grouped convolutions are not supported")
-    ho, wo = _static(grad, op.name)
+    ho, wo = _static(op.outputs[0], op.name)
     top, bottom = _pads(height, kh, strides[0], padding)
     left, right = _pads(width, kw, strides[1], padding)
     padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
@@ -195,6 +195,12 @@ def _unbroadcast(grad, shape):
         raise ValueError("on-device training needs tensors of known rank")
     dims, out = shape.as_list(), grad.shape.as_list()
     lead = len(out) - len(dims)
+    for i, d in enumerate(dims):
+        if d is None and (lead + i != 0 or out[lead + i] is not None):
+            raise ValueError(
+                f"on-device training needs static shapes (but the batch): an "
+                f"input of shape {shape} meets a gradient of shape {grad.shape}"
+            )
     if lead:
         grad = tf.reduce_sum(grad, axis=list(range(lead)))
     ones = [i for i, d in enumerate(dims) if d == 1 and out[lead + i] != 1]

@@ -150,3 +150,13 @@ class Connection:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def __getattr__(name):
+    # GrpcLink needs TensorFlow; it lives in grpc_link.py since the edge client
+    # (no TensorFlow) uses this module. Old imports from here still work.
+    if name == "GrpcLink":
+        from splitkeras.transport.grpc_link import GrpcLink
+
+        return GrpcLink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -100,6 +100,13 @@ class EdgeSpecTest(base.TestCase):
         self.assertEqual((read.codec_up, read.codec_down), ("int8", "float32"))
         self.assertEqual((read.num_clients, read.client_id), (3, 2))
 
+    def test_privacy_defenses_are_refused(self):
+        config = fashion_mnist_lenet.get_config()
+        config.privacy.nopeek_alpha = 1.0
+        model = build_model("lenet5", input_shape=(28, 28, 1), num_classes=10)
+        with self.assertRaisesRegex(ValueError, "edge client cannot take part"):
+            EdgeSpec.from_config(config, cut(model, "pool1"))
+
     def test_unknown_format_is_refused(self):
         path = os.path.join(self.tempdir(), "edge.json")
         with open(path, "w") as f:

@@ -14,6 +14,7 @@ from splitkeras.edge.runtime import LiteSegment
 from splitkeras.export import LiteConversionError, export_segment, gradients
 from splitkeras.models.registry import build_model
 from splitkeras.parties import Client
+from splitkeras.transport.sealing import HandoffError
 from tests import base
 
 # (model, input shape, cut, builder kwargs): a conv + pool (LeNet), conv/BN/
@@ -114,6 +115,11 @@ class ExportTest(base.TestCase):
         # restore puts any state back (e.g. a handoff from a Keras client).
         lite.load_state(before)
         self.assertWeightsClose(lite.state(), before, atol=0)
+        # ... but not one that does not fit (LiteRT would resize silently).
+        wrong = [before[0][:1], *before[1:]]
+        with self.assertRaisesRegex(HandoffError, "handed-off variable 0 is"):
+            lite.load_state(wrong)
+        self.assertWeightsClose(lite.state(), before, atol=0)
 
     def test_other_layers_training_step(self):
         """Padding, regularizers, LeakyReLU, global pooling, tanh, sigmoid."""
@@ -167,6 +173,21 @@ class LiteGradientsTest(base.TestCase):
         expected = tape.gradient(y, [x, *model.trainable_variables], g)
         for got, want in zip(lite(x), expected):
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+    def test_broadcast_over_unknown_dimension_is_refused(self):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, None]),
+                tf.TensorSpec([None, 3]),
+            ]
+        )
+        def add_grad(x, y):
+            with gradients.override_gradients():
+                z = x + y
+            return tf.gradients(z, [x, y])
+
+        with self.assertRaisesRegex(ValueError, "needs static shapes"):
+            add_grad.get_concrete_function()
 
     def test_op_without_builtin_gradient_is_named(self):
         inputs = keras.Input((8, 8, 2))
