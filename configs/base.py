@@ -42,6 +42,10 @@ def get_config(arg=None):
     c.train.checkpoint_every_steps = 1000  # also saved at each epoch end
     c.train.max_steps = 0  # stop (and checkpoint) early at this step; 0 = no
     c.train.run_eagerly = False  # run steps eagerly, for debugging
+    # "" (float32) | mixed_float16 (GPUs) | mixed_bfloat16 (TPUs, recent CPUs):
+    # every party computes in it, keeps float32 weights, scales its own loss.
+    c.train.mixed_precision = ""
+    c.train.jit_compile = False  # XLA-compile every party's step
 
     c.vertical = ml_collections.ConfigDict()
     c.vertical.merge = "mean"  # how the server merges clients' cut tensors
@@ -78,6 +82,14 @@ def get_config(arg=None):
     c.privacy.gradient_max_norm = 0.0  # U-shaped: per-example bound on sent grads
     c.privacy.gradient_noise = 0.0  # U-shaped: std of noise on sent output grads
     c.privacy.leakage_examples = 512  # fixed test examples for leakage_dcor (0: off)
+
+    # The server party on several devices (splitkeras.distribute, README
+    # "Scaling out"): none | mirrored (one machine's GPUs) | multi_worker
+    # (several machines, TF_CONFIG). Vanilla round robin (split, vanilla).
+    c.server = ml_collections.ConfigDict()
+    c.server.strategy = "none"
+    c.server.devices = ""  # mirrored: comma-separated devices; "" = all GPUs
+    c.server.logical_cpus = 0  # >1: split the CPU into devices (tests, no GPU)
 
     # Server and clients as processes (scripts/serve.py, client.py, launch.py).
     c.grpc = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ import tensorflow as tf
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitkeras import data as data_lib
-from splitkeras import experiment, federation
+from splitkeras import distribute, experiment, federation
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
@@ -95,6 +95,7 @@ def serve(
       on_started: called with the bound port once the server listens.
     """
     _check_supported(config)
+    strategy = distribute.make_strategy(config.get("server", {}))  # first
     settings = grpc_settings(config)
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -103,7 +104,7 @@ def serve(
     segments = experiment.build_segments(config, arrays)
     loss = experiment._loss()
     objective = None if segments.ushaped else Objective(loss, METRICS)
-    server = Server(segments.server, experiment._optimizer(config), objective)
+    server = _server_party(config, segments, objective, strategy)
     server.build_optimizer()
     writers = {
         name: tf.summary.create_file_writer(os.path.join(workdir, name))
@@ -143,7 +144,7 @@ def serve(
     time.sleep(0.5)  # let the last EndTurn reply leave
     service.closed.set()
     grpc_server.stop(grace=2.0).wait()
-    segments.server.save_weights(os.path.join(workdir, "server.weights.h5"))
+    server.segment.save_weights(os.path.join(workdir, "server.weights.h5"))
     summary = {
         "method": config.method,
         "topology": config.topology,
@@ -153,6 +154,7 @@ def serve(
         "num_clients": int(config.num_clients),
         "epochs": int(config.train.epochs),
         "steps": service.position()[2],
+        "server_replicas": strategy.num_replicas_in_sync if strategy else 1,
         "wall_seconds": float(service.turns.wall_seconds.numpy()),
         "per_client": service.byte_counts(),
         "skipped_turns": service.skipped,
@@ -167,6 +169,20 @@ def serve(
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
+
+
+def _server_party(config, segments, objective, strategy):
+    """The server party, on `strategy`'s devices if given (vanilla only)."""
+    if strategy is None:
+        return Server(segments.server, experiment._optimizer(config), objective)
+    if objective is None:
+        raise ValueError(
+            "config.server.strategy runs vanilla splits; this run is U-shaped"
+        )
+    segment = distribute.replicate(segments.server, strategy)
+    with strategy.scope():
+        optimizer = experiment._optimizer(config)
+    return Server(segment, optimizer, objective, strategy=strategy)
 
 
 def serve_predictions(

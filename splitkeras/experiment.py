@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras import data as data_lib
-from splitkeras import federation
+from splitkeras import distribute, federation
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.cut import cut
@@ -111,10 +111,12 @@ def _uses_schedule(config) -> bool:
         return False
     if config.topology in ("vertical", *_ONE_CLIENT_TOPOLOGIES):
         return True
+    if config.get("server", {}).get("strategy", "none") != "none":
+        return True  # the round robin hosts the distributed server
     return config.method != "split" or config.num_clients > 1
 
 
-def build_schedule(config, arrays):
+def build_schedule(config, arrays, server_strategy=None):
     """The multi-client schedule of `config.method` (see `federation`)."""
     from splitkeras.schedules import schedule_for
 
@@ -157,6 +159,7 @@ def build_schedule(config, arrays):
         make_optimizer=lambda: _optimizer(config),
         loss=_loss(),
         at=cut_layers(config) if config.method in SPLIT_METHODS else None,
+        server_strategy=server_strategy,
     )
 
 
@@ -235,13 +238,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Raises:
       NonFiniteLossError: the training loss became NaN or infinite.
     """
+    # First: logical devices can only be set up before TensorFlow places ops.
+    strategy = distribute.make_strategy(config.get("server", {}))
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
     if _uses_schedule(config):
         return _finish(
-            config, workdir, arrays, *_run_multi_client(config, workdir, arrays)
+            config,
+            workdir,
+            arrays,
+            *_run_multi_client(config, workdir, arrays, strategy),
         )
     trainer = build_trainer(config, build_model(config, arrays))
     if not isinstance(trainer, SplitModel):
@@ -273,8 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return _finish(config, workdir, arrays, test, extra)
 
 
-def _run_multi_client(config, workdir, arrays):
-    schedule = build_schedule(config, arrays)
+def _run_multi_client(config, workdir, arrays, strategy=None):
+    schedule = build_schedule(config, arrays, strategy)
     attach_privacy(schedule, config)
     leakage = Leakage(config, arrays)
     test_ds = federation.test_data(config, arrays)

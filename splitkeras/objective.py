@@ -60,12 +60,22 @@ class Objective:
 
     def __call__(self, y, y_pred, sample_weight=None, training=True):
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
+        self.track(y, y_pred, loss, sample_weight, training)
+        return loss
+
+    def per_example_loss(self, y, y_pred):
+        """The loss of each example, unreduced (for `tf.distribute`)."""
+        if isinstance(self.loss, _Mean):
+            return self.loss.fn(y, y_pred)
+        return self.loss.call(y, y_pred)
+
+    def track(self, y, y_pred, loss, sample_weight=None, training=True):
+        """Updates the running loss and metrics with a batch's `loss`."""
         loss_tracker, *metrics = self._trackers[bool(training)]
         batch = tf.shape(tf.nest.flatten(y_pred)[0])[0]
         loss_tracker.update_state(loss, sample_weight=batch)
         for metric in metrics:
             metric.update_state(y, y_pred, sample_weight=sample_weight)
-        return loss
 
     def result(self, training=True) -> dict:
         """The running values, as Python floats."""

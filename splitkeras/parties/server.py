@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from splitkeras.distribute import gather, split_batch
 from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import apply_gradients, regularization
 from splitkeras.protocol import Kind, Message
@@ -26,13 +27,31 @@ class Server(SegmentParty):
       objective: vanilla only: `objective(y, y_pred, sample_weight, training)`
         returning the loss (and updating metrics). None for U-shaped, where
         the labels stay on the clients.
+      strategy: a `tf.distribute.Strategy` whose scope holds `segment`'s and
+        `optimizer`'s variables (`splitkeras.distribute.replicate`), or None
+        for one device. Each batch is split over the replicas; the loss is
+        averaged over the global batch, so updates and the cut tensors'
+        gradients equal the one-device server's. Vanilla only.
     """
 
-    def __init__(self, segment, optimizer, objective=None):
+    def __init__(self, segment, optimizer, objective=None, strategy=None):
+        if strategy is not None and objective is None:
+            raise ValueError(
+                "a distributed server (strategy=...) runs vanilla splits; a "
+                "U-shaped server holds its tape between two messages, which "
+                "does not span replicas"
+            )
         self.segment = segment
         self.optimizer = optimizer
         self.objective = objective
+        self.strategy = strategy
         self._open_steps = {}
+
+    def build_optimizer(self):
+        if self.strategy is None:
+            return super().build_optimizer()
+        with self.strategy.scope():
+            return super().build_optimizer()
 
     @property
     def holds_labels(self) -> bool:
@@ -70,6 +89,8 @@ class Server(SegmentParty):
                 "but this server holds the loss (vanilla). Send labels, or run "
                 "a U-shaped split (cut at two layers)."
             )
+        if self.strategy is not None:
+            return self._train_distributed(message)
         cut, inputs = self._inputs(message)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
@@ -83,6 +104,57 @@ class Server(SegmentParty):
         return self._reply(
             message, Kind.GRADIENTS, _cut_gradients(grads, cut), loss=loss
         )
+
+    def _train_distributed(self, message):
+        """The vanilla step with the batch split over the strategy's replicas."""
+        strategy, objective = self.strategy, self.objective
+        cut = list(message.tensors)
+        count = len(cut)
+        weighted = message.sample_weight is not None
+        extras = [message.labels] + ([message.sample_weight] if weighted else [])
+        global_batch = tf.shape(cut[0])[0]
+        variables = self.trainable_variables
+
+        def step(values):
+            pieces, y = values[:count], values[count]
+            w = values[count + 1] if weighted else None
+            with tf.GradientTape() as tape:
+                tape.watch(pieces)
+                inputs = pieces[0] if count == 1 else pieces
+                y_pred = self.segment(inputs, training=True)
+                loss = tf.nn.compute_average_loss(
+                    objective.per_example_loss(y, y_pred),
+                    sample_weight=w,
+                    global_batch_size=global_batch,
+                )
+                reg = regularization(self.segment)
+                total = (
+                    loss if reg is None else loss + tf.nn.scale_regularization_loss(reg)
+                )
+            grads = tape.gradient(total, pieces + variables)
+            # Inside a replica, the optimizer sums the replicas' gradients.
+            apply_gradients(self.optimizer, grads[count:], variables)
+            return _cut_gradients(grads[:count], pieces), y_pred, loss
+
+        values = split_batch(strategy, cut + extras)
+        cut_grads, y_pred, loss = strategy.run(step, args=(values,))
+        grads = [gather(strategy, g) for g in cut_grads]
+        y_pred = tf.nest.map_structure(lambda t: gather(strategy, t), y_pred)
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        objective.track(message.labels, y_pred, loss, message.sample_weight, True)
+        return self._reply(message, Kind.GRADIENTS, grads, loss=loss)
+
+    def _infer_distributed(self, inputs):
+        cut = tf.nest.flatten(inputs)
+
+        def forward(pieces):
+            outputs = self.segment(
+                pieces[0] if len(pieces) == 1 else pieces, training=False
+            )
+            return tf.nest.flatten(outputs)
+
+        outputs = self.strategy.run(forward, args=(split_batch(self.strategy, cut),))
+        return [gather(self.strategy, t) for t in outputs]
 
     def _train_ushaped(self, message):
         cut, inputs = self._inputs(message)
@@ -102,7 +174,11 @@ class Server(SegmentParty):
 
     def _infer(self, message):
         _, inputs = self._inputs(message)
-        outputs = self.segment(inputs, training=False)
+        if self.strategy is not None:
+            outputs = self._infer_distributed(inputs)
+            outputs = outputs[0] if len(outputs) == 1 else outputs
+        else:
+            outputs = self.segment(inputs, training=False)
         if message.kind == Kind.EVALUATE and self.holds_labels:
             loss = self.objective(message.labels, outputs, message.sample_weight, False)
             return self._reply(message, Kind.ACK, (), loss=loss)

@@ -24,9 +24,20 @@ __all__ = [
 ]
 
 
-def schedule_for(config, build_model, make_optimizer, loss, at):
-    """The schedule for `config.method` with `config.num_clients` clients."""
+def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=None):
+    """The schedule for `config.method` with `config.num_clients` clients.
+
+    `server_strategy` (a `tf.distribute.Strategy`) puts the server on several
+    devices; the split round robin (vanilla) supports it.
+    """
     k = config.num_clients
+    if server_strategy is not None and (
+        config.method != "split" or config.topology != "vanilla"
+    ):
+        raise ValueError(
+            "config.server.strategy runs the split round robin with a vanilla "
+            f"topology; got method={config.method!r}, topology={config.topology!r}"
+        )
     if config.topology == "vertical":
         segments = [cut(build_model(), at) for _ in range(k)]
         return VerticalSplit(
@@ -78,6 +89,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at):
             handoff=config.weight_handoff,
             codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
+            server_strategy=server_strategy,
         )
     if config.method == "fedavg":
         return FedAvg(

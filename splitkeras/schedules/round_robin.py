@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.cut import cut
+from splitkeras.distribute import replicate
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import WeightRelay, make_handoff
@@ -47,6 +48,8 @@ class RoundRobin:
       key: the clients' shared AES key for the "server" handoff (None: a
         fresh one for this simulation).
       run_eagerly: do not compile steps, for debugging.
+      server_strategy: a `tf.distribute.Strategy` for the server (vanilla
+        only; `splitkeras.distribute`), or None for one device.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class RoundRobin:
         codec: str | tuple[str, str] = "float32",
         key: bytes | None = None,
         run_eagerly: bool = False,
+        server_strategy=None,
     ):
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -68,9 +72,20 @@ class RoundRobin:
         ushaped = segments[0].ushaped
         self.objectives = [Objective(loss, metrics) for _ in range(num_clients)]
         self.server_objective = None if ushaped else Objective(loss, metrics)
-        self.server = Server(
-            segments[0].server, make_optimizer(), objective=self.server_objective
-        )
+        if server_strategy is None:
+            self.server = Server(
+                segments[0].server, make_optimizer(), objective=self.server_objective
+            )
+        else:
+            server_segment = replicate(segments[0].server, server_strategy)
+            with server_strategy.scope():
+                optimizer = make_optimizer()
+            self.server = Server(
+                server_segment,
+                optimizer,
+                objective=self.server_objective,
+                strategy=server_strategy,
+            )
         self.clients = [
             Client(
                 s.client,

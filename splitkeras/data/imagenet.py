@@ -1,0 +1,425 @@
+"""Streaming ImageNet (ILSVRC-2012) input pipelines over TFDS's TFRecords.
+
+ImageNet does not fit in memory, so unlike `splitkeras.data.pipeline` these
+pipelines read the encoded JPEGs from the prepared TFDS dataset and decode
+them on the fly, in parallel, with the standard AlexNet/ResNet
+preprocessing:
+
+- training: a random crop of 8% to 100% of the image area with an aspect
+  ratio in [3/4, 4/3] (`tf.image.decode_and_crop_jpeg` decodes only that
+  window), resized to `image_size` x `image_size`, flipped left-right with
+  probability 1/2, normalized by `MEAN` and `STD`;
+- evaluation: a centre crop of image_size / (image_size + crop_padding) of
+  the shorter side, resized to `image_size`, normalized.
+
+Each client of a split run reads its own disjoint shard of a split
+(`num_shards`, `shard_index`). The order of an epoch and every random crop
+and flip are drawn from (seed, epoch, shard_index), so a run is reproducible
+whatever the thread timing.
+
+ImageNet needs a manual download; nothing here ever downloads. The functions
+raise `FileNotFoundError` saying where the tar files go and how to prepare
+them if the dataset is not prepared.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+# Per-channel mean and standard deviation of ImageNet's training images,
+# RGB, on the [0, 1] scale.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# Evaluation crops image_size / (image_size + CROP_PADDING) of the shorter
+# side: 224 of 256.
+CROP_PADDING = 32
+# Random-resized-crop ranges: the share of the image area kept and the
+# crop's width / height.
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# Crops drawn before falling back to a centre crop.
+MAX_ATTEMPTS = 10
+
+_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+def info(name: str = "imagenet2012", data_dir: str | None = None):
+    """Returns the number of classes and the size of each prepared split.
+
+    Args:
+      name: TFDS dataset name.
+      data_dir: TFDS data directory; None for the TFDS default.
+
+    Returns:
+      `(num_classes, {split name: number of examples})`.
+
+    Raises:
+      ValueError: If TFDS has no dataset `name`.
+      FileNotFoundError: If the dataset is not prepared.
+    """
+    builder = _prepared_builder(name, data_dir)
+    splits = {split: s.num_examples for split, s in builder.info.splits.items()}
+    return builder.info.features["label"].num_classes, splits
+
+
+def train_dataset(
+    batch_size: int,
+    *,
+    data_dir: str | None = None,
+    name: str = "imagenet2012",
+    split: str = "train",
+    image_size: int = 224,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    seed: int | None = 0,
+    epoch: int = 0,
+    shuffle_buffer: int = 10_000,
+    cache: bool = False,
+    drop_remainder: bool = True,
+) -> tf.data.Dataset:
+    """Returns one shuffled, augmented epoch of a client's shard of `split`.
+
+    The shard is `tfds.even_splits(split, num_shards)[shard_index]`: the
+    shards are disjoint, cover the split and differ in size by at most one
+    example. Its files are read in an order seeded by (seed, epoch,
+    shard_index), then examples are shuffled through a buffer of
+    `shuffle_buffer` encoded JPEGs (about 110 kB each) with a seed drawn from
+    the same triple, and example i of the epoch gets crop and flip seeds
+    folded from it and i.
+
+    With an integer `seed` the dataset is deterministic: the same batches in
+    every run and on every iteration of the returned dataset. With
+    `seed=None`, order is not required, so `tf.data.Options.deterministic`
+    is False: the parallel reads and decodes hand on whichever example is
+    ready first, which is faster when decode times vary, and every
+    iteration differs.
+
+    Args:
+      batch_size: Examples per batch, >= 1.
+      data_dir: TFDS data directory; None for the TFDS default.
+      name: TFDS dataset name, e.g. 'imagenet2012' or 'imagenet2012_subset'.
+      split: Split to read, e.g. 'train' or 'train[:10%]'.
+      image_size: Height and width of the output images.
+      num_shards: Number of clients the split is divided among, >= 1.
+      shard_index: This client's shard, in [0, num_shards).
+      seed: Run seed, >= 0, or None for a non-reproducible, faster order.
+      epoch: Epoch number, >= 0; each epoch has its own order and crops.
+      shuffle_buffer: Encoded examples in the shuffle buffer, >= 1.
+      cache: Whether to keep the shard's encoded examples in memory after
+        the first pass, so iterating the returned dataset again (e.g. after
+        `.repeat()`) reads no files. Only for shards that fit in memory.
+      drop_remainder: Whether to drop the last batch if it is smaller.
+
+    Returns:
+      A dataset of (float32 images [batch, image_size, image_size, 3]
+      normalized by MEAN and STD, int64 labels [batch]) batches, prefetched.
+
+    Raises:
+      ValueError: If an argument is out of range, or TFDS has no dataset
+        `name`.
+      FileNotFoundError: If the dataset is not prepared.
+    """
+    _check_positive(batch_size=batch_size, image_size=image_size)
+    _check_positive(num_shards=num_shards, shuffle_buffer=shuffle_buffer)
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"shard_index={shard_index} must be in [0, num_shards={num_shards})."
+        )
+    if (seed is not None and seed < 0) or epoch < 0:
+        raise ValueError(f"seed={seed} and epoch={epoch} must both be >= 0.")
+    builder = _prepared_builder(name, data_dir)
+    import tensorflow_datasets as tfds
+
+    shard = tfds.even_splits(split, n=num_shards)[shard_index]
+    entropy = None if seed is None else [seed, epoch, shard_index]
+    file_seed, shuffle_seed, augment_seed = (
+        int(s) for s in np.random.SeedSequence(entropy).generate_state(3)
+    )
+    if seed is None:
+        file_seed = shuffle_seed = None
+    examples = _encoded_examples(builder, shard, file_seed, shuffle_files=True)
+    if cache:
+        examples = examples.cache()
+    examples = examples.shuffle(
+        shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
+    )
+    batches = train_batches(
+        examples,
+        batch_size,
+        image_size=image_size,
+        seed=augment_seed,
+        drop_remainder=drop_remainder,
+    )
+    options = tf.data.Options()
+    options.deterministic = seed is not None
+    return batches.with_options(options)
+
+
+def eval_dataset(
+    batch_size: int,
+    *,
+    data_dir: str | None = None,
+    name: str = "imagenet2012",
+    split: str = "validation",
+    image_size: int = 224,
+    crop_padding: int = CROP_PADDING,
+    cache: bool = False,
+) -> tf.data.Dataset:
+    """Returns centre-cropped `(images, labels)` batches, last one partial.
+
+    The order is fixed: every iteration and every run yields the same
+    batches.
+
+    Args:
+      batch_size: Examples per batch, >= 1.
+      data_dir: TFDS data directory; None for the TFDS default.
+      name: TFDS dataset name.
+      split: Split to read, e.g. 'validation'.
+      image_size: Height and width of the output images.
+      crop_padding: The centre crop keeps image_size / (image_size +
+        crop_padding) of the shorter side, >= 0.
+      cache: Whether to keep the encoded examples in memory after the first
+        pass, so evaluating again with the same dataset reads no files.
+
+    Returns:
+      A dataset of (float32 images [batch, image_size, image_size, 3]
+      normalized by MEAN and STD, int64 labels [batch]) batches, prefetched.
+
+    Raises:
+      ValueError: If an argument is out of range, or TFDS has no dataset
+        `name`.
+      FileNotFoundError: If the dataset is not prepared.
+    """
+    _check_positive(batch_size=batch_size, image_size=image_size)
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding={crop_padding} must be >= 0.")
+    builder = _prepared_builder(name, data_dir)
+    examples = _encoded_examples(builder, split, None, shuffle_files=False)
+    if cache:
+        examples = examples.cache()
+    batches = eval_batches(
+        examples, batch_size, image_size=image_size, crop_padding=crop_padding
+    )
+    options = tf.data.Options()
+    options.deterministic = True
+    return batches.with_options(options)
+
+
+def train_batches(
+    examples: tf.data.Dataset,
+    batch_size: int,
+    *,
+    image_size: int = 224,
+    seed: int = 0,
+    drop_remainder: bool = True,
+) -> tf.data.Dataset:
+    """Decodes, augments and batches `(jpeg bytes, label)` examples.
+
+    The tail of `train_dataset`, for any source of encoded JPEGs. Example i
+    gets the per-example seed fold_in([0, seed], i), so its crop and flip do
+    not depend on which thread decodes it.
+
+    Args:
+      examples: A dataset of (scalar string JPEG, integer label) pairs.
+      batch_size: Examples per batch, >= 1.
+      image_size: Height and width of the output images.
+      seed: Seed of the random crops and flips, in [0, 2**63).
+      drop_remainder: Whether to drop the last batch if it is smaller.
+
+    Returns:
+      A dataset of (float32 images, int64 labels) batches, prefetched.
+    """
+    key = tf.constant([0, seed], tf.int64)
+
+    def preprocess(index, example):
+        image_bytes, label = example
+        example_seed = tf.random.experimental.stateless_fold_in(key, index)
+        image = preprocess_train(image_bytes, example_seed, image_size)
+        return image, tf.cast(label, tf.int64)
+
+    batches = examples.enumerate().map(
+        preprocess, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    batches = batches.batch(batch_size, drop_remainder=drop_remainder)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_batches(
+    examples: tf.data.Dataset,
+    batch_size: int,
+    *,
+    image_size: int = 224,
+    crop_padding: int = CROP_PADDING,
+) -> tf.data.Dataset:
+    """Decodes, centre-crops and batches `(jpeg bytes, label)` examples.
+
+    Args:
+      examples: A dataset of (scalar string JPEG, integer label) pairs.
+      batch_size: Examples per batch, >= 1.
+      image_size: Height and width of the output images.
+      crop_padding: See `eval_dataset`.
+
+    Returns:
+      A dataset of (float32 images, int64 labels) batches, the last one
+      partial, prefetched.
+    """
+
+    def preprocess(image_bytes, label):
+        image = preprocess_eval(image_bytes, image_size, crop_padding)
+        return image, tf.cast(label, tf.int64)
+
+    batches = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    batches = batches.batch(batch_size)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def preprocess_train(
+    image_bytes: tf.Tensor,
+    seed: tf.Tensor,
+    image_size: int = 224,
+    crop_padding: int = CROP_PADDING,
+) -> tf.Tensor:
+    """Random-resized crop, flip and normalization of one JPEG.
+
+    The crop is drawn with `tf.image.stateless_sample_distorted_bounding_box`
+    over the whole image (AREA_RANGE, ASPECT_RATIO_RANGE, MAX_ATTEMPTS);
+    when no attempt fits, the centre crop of `preprocess_eval` is used.
+
+    Args:
+      image_bytes: Scalar string tensor, a JPEG image.
+      seed: Shape [2] integer tensor; the same seed gives the same output.
+      image_size: Height and width of the output image.
+      crop_padding: Padding of the fallback centre crop.
+
+    Returns:
+      float32 [image_size, image_size, 3], normalized by MEAN and STD.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed))
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=crop_seed,
+        # 0 so that AREA_RANGE alone bounds the crop (the default of 0.1
+        # would raise its lower end to 10% of the image).
+        min_object_covered=0.0,
+        aspect_ratio_range=ASPECT_RATIO_RANGE,
+        area_range=AREA_RANGE,
+        max_attempts=MAX_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    # After MAX_ATTEMPTS misses the sampler returns the whole image.
+    missed = tf.reduce_all(tf.equal(size[:2], shape[:2]))
+    window = tf.where(
+        missed, _centre_window(shape, image_size, crop_padding), window
+    )
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return normalize(image)
+
+
+def preprocess_eval(
+    image_bytes: tf.Tensor,
+    image_size: int = 224,
+    crop_padding: int = CROP_PADDING,
+) -> tf.Tensor:
+    """Centre crop, resize and normalization of one JPEG.
+
+    Args:
+      image_bytes: Scalar string tensor, a JPEG image.
+      image_size: Height and width of the output image.
+      crop_padding: The crop keeps image_size / (image_size + crop_padding)
+        of the shorter side.
+
+    Returns:
+      float32 [image_size, image_size, 3], normalized by MEAN and STD.
+    """
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    window = _centre_window(shape, image_size, crop_padding)
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return normalize(image)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """Maps [0, 255] RGB values to (value / 255 - MEAN) / STD, float32."""
+    scale = tf.constant([1 / (255 * s) for s in STD], tf.float32)
+    shift = tf.constant([m / s for m, s in zip(MEAN, STD)], tf.float32)
+    return tf.cast(image, tf.float32) * scale - shift
+
+
+def _centre_window(shape, image_size, crop_padding):
+    """[top, left, side, side] of the centre square decode window."""
+    height, width = shape[0], shape[1]
+    fraction = image_size / (image_size + crop_padding)
+    shorter = tf.cast(tf.minimum(height, width), tf.float32)
+    side = tf.maximum(tf.cast(fraction * shorter, tf.int32), 1)
+    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def _encoded_examples(builder, split, file_seed, shuffle_files):
+    """(JPEG bytes, label) pairs of `split`, undecoded."""
+    import tensorflow_datasets as tfds
+
+    read_config = tfds.ReadConfig(
+        shuffle_seed=file_seed,
+        shuffle_reshuffle_each_iteration=False,
+        # Caching is the `cache` argument's decision, not TFDS's.
+        try_autocache=False,
+    )
+    return builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle_files,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=read_config,
+        as_supervised=True,
+    )
+
+
+def _prepared_builder(name, data_dir):
+    # Imported here: importing TFDS takes seconds and only these pipelines
+    # need it.
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise ValueError(
+            f"unknown TFDS dataset {name!r}; use 'imagenet2012' or another "
+            "name from tfds.list_builders()."
+        ) from None
+    if not builder.is_prepared():
+        raise FileNotFoundError(_not_prepared_message(name, data_dir, builder))
+    return builder
+
+
+def _not_prepared_message(name, data_dir, builder) -> str:
+    import tensorflow_datasets as tfds
+
+    root = data_dir or tfds.core.constants.DATA_DIR
+    root = os.path.expanduser(os.fspath(root))
+    manual_dir = os.path.join(root, "downloads", "manual")
+    files = " and ".join(_MANUAL_FILES)
+    return (
+        f"TFDS dataset {name!r} is not prepared in '{builder.data_dir}'. "
+        "ImageNet cannot be downloaded automatically: get "
+        f"{files} from https://image-net.org/download-images (registration "
+        f"required), put them in '{manual_dir}/' and prepare them once (this "
+        "reads the tar files and writes TFRecords, about 150 GB, taking "
+        "hours):\n"
+        '  python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('{name}', data_dir='{root}').download_and_prepare()\"\n"
+        "or, with the TFDS command line (it needs apache-beam installed):\n"
+        f"  tfds build {name} --manual_dir={manual_dir} --data_dir={root}"
+    )
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"{key}={value} must be >= 1.")
