@@ -33,7 +33,7 @@ from splitkeras import distribute, experiment, federation
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
-from splitkeras.parties.segment_step import compiled
+from splitkeras.parties.segment_step import compiled, wire_dtype
 from splitkeras.privacy import defenses as privacy_defenses
 from splitkeras.progress import write_scalars
 from splitkeras.transport import codec as codec_lib
@@ -131,6 +131,7 @@ def serve(
         turn_timeout=settings["turn_timeout_seconds"],
         on_epoch_end=on_epoch_end,
         run_eagerly=config.train.run_eagerly,
+        jit_compile=bool(config.train.get("jit_compile", False)),
     )
     grpc_server, port = start_server(
         service, address, credentials, settings["max_message_mb"] << 20
@@ -330,7 +331,7 @@ class RemoteClient:
             )
         self.link = link = GrpcLink(
             self.connection,
-            [t.dtype for t in segments.client.outputs],
+            [wire_dtype(t.dtype) for t in segments.client.outputs],
             [t.shape for t in segments.client.outputs],
             list(info.output_dtypes),
             [t.shape for t in segments.tail.inputs] if segments.ushaped else None,

@@ -51,12 +51,35 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
+
+
+def _precision(config) -> str:
+    policy = config.train.get("mixed_precision", "") or ""
+    if policy not in MIXED_PRECISION:
+        raise ValueError(
+            f"unknown config.train.mixed_precision {policy!r}; choose one of "
+            f"{', '.join(repr(p) for p in MIXED_PRECISION)}"
+        )
+    if policy == "mixed_float16" and config.topology != "vanilla":
+        raise ValueError(
+            "mixed_float16 needs loss scaling, which splitkeras does for the "
+            "vanilla topology (each party scales its own backward pass); use "
+            "mixed_bfloat16 (no loss scaling needed) for this topology"
+        )
+    return policy
+
+
 def _optimizer(config) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for one party; loss-scaled under mixed_float16."""
     opt = config.train.optimizer
     kwargs = {"learning_rate": config.train.learning_rate}
     if opt == "sgd":
         kwargs["momentum"] = config.train.momentum
-    return keras.optimizers.get({"class_name": opt, "config": kwargs})
+    optimizer = keras.optimizers.get({"class_name": opt, "config": kwargs})
+    if _precision(config) == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def _loss():
@@ -66,12 +89,19 @@ def _loss():
 def build_model(config, arrays, input_shape=None) -> keras.Model:
     """The uncut model of `config`, with weights drawn from `config.seed`."""
     keras.utils.set_random_seed(config.seed)
-    return model_zoo.build_model(
-        config.model.name,
-        input_shape=input_shape or arrays.input_shape,
-        num_classes=arrays.num_classes,
-        **dict(config.model.get("kwargs", {})),
-    )
+    policy = _precision(config)
+    previous = keras.config.dtype_policy()
+    if policy:  # layers compute in 16 bits and keep float32 weights
+        keras.config.set_dtype_policy(policy)
+    try:
+        return model_zoo.build_model(
+            config.model.name,
+            input_shape=input_shape or arrays.input_shape,
+            num_classes=arrays.num_classes,
+            **dict(config.model.get("kwargs", {})),
+        )
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def cut_layers(config) -> str | tuple[str, ...]:
@@ -178,7 +208,7 @@ def build_trainer(config, model) -> keras.Model:
             loss=_loss(),
             metrics=["accuracy"],
             run_eagerly=run_eagerly,
-            jit_compile=False,
+            jit_compile=bool(config.train.get("jit_compile", False)),
         )
         return model
     split = SplitModel(model, cut_layers(config), codec=codec_pair(config))
@@ -188,6 +218,7 @@ def build_trainer(config, model) -> keras.Model:
         loss=_loss(),
         metrics=["accuracy"],
         run_eagerly=run_eagerly,
+        jit_compile=bool(config.train.get("jit_compile", False)),
     )
     return split
 

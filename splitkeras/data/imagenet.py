@@ -92,10 +92,10 @@ def train_dataset(
 
     With an integer `seed` the dataset is deterministic: the same batches in
     every run and on every iteration of the returned dataset. With
-    `seed=None`, order is not required, so `tf.data.Options.deterministic`
-    is False: the parallel reads and decodes hand on whichever example is
-    ready first, which is faster when decode times vary, and every
-    iteration differs.
+    `seed=None` each call draws its own order and crops, and since no order
+    is required `tf.data.Options.deterministic` is False: the parallel reads
+    and decodes hand on whichever example is ready first instead of waiting
+    for the next one in order, which helps when decode times vary.
 
     Args:
       batch_size: Examples per batch, >= 1.
@@ -240,9 +240,7 @@ def train_batches(
         image = preprocess_train(image_bytes, example_seed, image_size)
         return image, tf.cast(label, tf.int64)
 
-    batches = examples.enumerate().map(
-        preprocess, num_parallel_calls=tf.data.AUTOTUNE
-    )
+    batches = examples.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     batches = batches.batch(batch_size, drop_remainder=drop_remainder)
     return batches.prefetch(tf.data.AUTOTUNE)
 
@@ -314,9 +312,7 @@ def preprocess_train(
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
     # After MAX_ATTEMPTS misses the sampler returns the whole image.
     missed = tf.reduce_all(tf.equal(size[:2], shape[:2]))
-    window = tf.where(
-        missed, _centre_window(shape, image_size, crop_padding), window
-    )
+    window = tf.where(missed, _centre_window(shape, image_size, crop_padding), window)
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)

@@ -14,7 +14,12 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
-from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.parties.segment_step import (
+    apply_gradients,
+    loss_scale,
+    regularization,
+    wire_dtype,
+)
 from splitkeras.protocol import Kind, Message, flat
 
 __all__ = ["Client", "Forward"]
@@ -91,7 +96,11 @@ class Client:
         it to `backward` once the cut tensors' gradients arrive.
         """
         with tf.GradientTape() as tape:
-            cut = flat(self.segment(x, training=True))
+            # Mixed precision: 16-bit cut tensors cross in float32 (wire_dtype).
+            cut = tuple(
+                tf.cast(c, wire_dtype(c.dtype))
+                for c in flat(self.segment(x, training=True))
+            )
             reg = regularization(self.segment)
             if self.privacy is not None:
                 # NoPeek: + alpha * dCor(x, cut) joins the regularization term,
@@ -106,6 +115,15 @@ class Client:
         if forward.reg is not None:
             targets.append(forward.reg)
             seeds.append(tf.ones_like(forward.reg))
+        scale = loss_scale(self.optimizer)
+        if scale is not None:
+            # Mixed float16: this client scales its own backward pass (so
+            # small gradients do not underflow in float16); its loss scale
+            # optimizer unscales, and skips the update on overflow.
+            seeds = [s * tf.cast(scale, s.dtype) for s in seeds]
+            tail_grads = [
+                None if g is None else g * tf.cast(scale, g.dtype) for g in tail_grads
+            ]
         head_grads = forward.tape.gradient(targets, head_vars, output_gradients=seeds)
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
@@ -144,7 +162,10 @@ class Client:
 
     def infer(self, x) -> tuple:
         """The cut tensors of `x` in inference mode (noised if configured)."""
-        cut = flat(self.segment(x, training=False))
+        cut = tuple(
+            tf.cast(c, wire_dtype(c.dtype))
+            for c in flat(self.segment(x, training=False))
+        )
         if self.privacy is not None:
             cut = self.privacy.noised(cut)
         return cut

@@ -5,7 +5,15 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["apply_gradients", "compiled", "optimizer_factory", "regularization"]
+__all__ = [
+    "apply_gradients",
+    "compiled",
+    "loss_scale",
+    "optimizer_factory",
+    "regularization",
+    "unscale",
+    "wire_dtype",
+]
 
 
 def regularization(*segments):
@@ -36,6 +44,41 @@ def optimizer_factory(make_optimizer):
     return lambda: keras.optimizers.get(make_optimizer)
 
 
-def compiled(step, run_eagerly: bool = False):
-    """`step` as one `tf.function` (fused parties and transport), or as is."""
-    return step if run_eagerly else tf.function(step, reduce_retracing=True)
+def compiled(step, run_eagerly: bool = False, jit_compile: bool = False):
+    """`step` as one `tf.function` (fused parties and transport), or as is.
+
+    `jit_compile` compiles it with XLA.
+    """
+    if run_eagerly:
+        return step
+    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile or None)
+
+
+def wire_dtype(dtype) -> tf.DType:
+    """The dtype a cut tensor of `dtype` crosses the cut in: float32 for the
+    16-bit compute dtypes of mixed precision, so that gradients coming back
+    are float32 (a codec may still send them in 16 bits)."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
+def loss_scale(optimizer):
+    """The loss scale of a `keras.optimizers.LossScaleOptimizer` (its value
+    for this step, read before the update may change it), else None."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return tf.identity(optimizer.scale_loss(tf.constant(1.0)))
+    return None
+
+
+def unscale(gradients, scale):
+    """Gradients of a loss scaled by `scale`, unscaled in float32; all zeros
+    when any is not finite (the step overflowed and the loss scale
+    optimizer skips it: the other party must not take NaN or Inf)."""
+    if scale is None:
+        return list(gradients)
+    unscaled = [tf.cast(g, tf.float32) / scale for g in gradients]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in unscaled])
+    return [
+        tf.cast(tf.where(finite, g, tf.zeros_like(g)), original.dtype)
+        for g, original in zip(unscaled, gradients)
+    ]

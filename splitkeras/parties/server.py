@@ -12,7 +12,13 @@ import tensorflow as tf
 
 from splitkeras.distribute import gather, split_batch
 from splitkeras.parties.segment_party import SegmentParty
-from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.parties.segment_step import (
+    apply_gradients,
+    loss_scale,
+    regularization,
+    unscale,
+    wire_dtype,
+)
 from splitkeras.protocol import Kind, Message
 
 __all__ = ["Server"]
@@ -93,17 +99,20 @@ class Server(SegmentParty):
             return self._train_distributed(message)
         cut, inputs = self._inputs(message)
         variables = self.trainable_variables
+        scale = loss_scale(self.optimizer)
         with tf.GradientTape() as tape:
             tape.watch(cut)
             y_pred = self.segment(inputs, training=True)
             loss = self.objective(message.labels, y_pred, message.sample_weight, True)
             reg = regularization(self.segment)
             total = loss if reg is None else loss + reg
+            if scale is not None:  # mixed float16: the server's own loss scale
+                total = total * tf.cast(scale, total.dtype)
         grads = tape.gradient(total, cut + variables)
         apply_gradients(self.optimizer, grads[len(cut) :], variables)
-        return self._reply(
-            message, Kind.GRADIENTS, _cut_gradients(grads, cut), loss=loss
-        )
+        # The client gets the true gradients: unscaled (zeros on overflow).
+        cut_grads = unscale(_cut_gradients(grads, cut), scale)
+        return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
 
     def _train_distributed(self, message):
         """The vanilla step with the batch split over the strategy's replicas."""
@@ -114,6 +123,7 @@ class Server(SegmentParty):
         extras = [message.labels] + ([message.sample_weight] if weighted else [])
         global_batch = tf.shape(cut[0])[0]
         variables = self.trainable_variables
+        scale = loss_scale(self.optimizer)
 
         def step(values):
             pieces, y = values[:count], values[count]
@@ -138,7 +148,7 @@ class Server(SegmentParty):
 
         values = split_batch(strategy, cut + extras)
         cut_grads, y_pred, loss = strategy.run(step, args=(values,))
-        grads = [gather(strategy, g) for g in cut_grads]
+        grads = unscale([gather(strategy, g) for g in cut_grads], scale)
         y_pred = tf.nest.map_structure(lambda t: gather(strategy, t), y_pred)
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         objective.track(message.labels, y_pred, loss, message.sample_weight, True)
@@ -161,7 +171,10 @@ class Server(SegmentParty):
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             tape.watch(cut)
-            outputs = tf.nest.flatten(self.segment(inputs, training=True))
+            outputs = [
+                tf.cast(o, wire_dtype(o.dtype))  # 16-bit outputs cross in float32
+                for o in tf.nest.flatten(self.segment(inputs, training=True))
+            ]
             reg = regularization(self.segment)
         answer = yield self._reply(message, Kind.SERVER_OUTPUT, outputs)
         targets, seeds = list(outputs), list(answer.tensors)
@@ -179,6 +192,9 @@ class Server(SegmentParty):
             outputs = outputs[0] if len(outputs) == 1 else outputs
         else:
             outputs = self.segment(inputs, training=False)
+        outputs = tf.nest.map_structure(
+            lambda o: tf.cast(o, wire_dtype(o.dtype)), outputs
+        )
         if message.kind == Kind.EVALUATE and self.holds_labels:
             loss = self.objective(message.labels, outputs, message.sample_weight, False)
             return self._reply(message, Kind.ACK, (), loss=loss)

@@ -90,6 +90,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
             server_strategy=server_strategy,
+            jit_compile=bool(config.train.get("jit_compile", False)),
         )
     if config.method == "fedavg":
         return FedAvg(

@@ -50,6 +50,7 @@ class RoundRobin:
       run_eagerly: do not compile steps, for debugging.
       server_strategy: a `tf.distribute.Strategy` for the server (vanilla
         only; `splitkeras.distribute`), or None for one device.
+      jit_compile: compile the fused steps with XLA.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class RoundRobin:
         key: bytes | None = None,
         run_eagerly: bool = False,
         server_strategy=None,
+        jit_compile: bool = False,
     ):
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -104,10 +106,11 @@ class RoundRobin:
         self.active = 0  # the client holding the newest client-segment state
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._train_fns = [
-            self._compile(c.train_step, run_eagerly) for c in self.clients
+            self._compile(c.train_step, run_eagerly, jit_compile) for c in self.clients
         ]
         self._eval_fns = [
-            self._compile(c.evaluate_step, run_eagerly) for c in self.clients
+            self._compile(c.evaluate_step, run_eagerly, jit_compile)
+            for c in self.clients
         ]
 
     @property
@@ -118,11 +121,11 @@ class RoundRobin:
     def ushaped(self) -> bool:
         return self.server_objective is None
 
-    def _compile(self, step, run_eagerly):
+    def _compile(self, step, run_eagerly, jit_compile=False):
         def run(x, y):
             return step(self.transport, self._step.assign_add(1), x, y)
 
-        return compiled(run, run_eagerly)
+        return compiled(run, run_eagerly, jit_compile)
 
     def resumed(self, epochs_done: int) -> None:
         """After a restore: every finished epoch ends with the last client."""

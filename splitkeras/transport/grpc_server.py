@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
+from splitkeras.parties.segment_step import compiled, wire_dtype
 from splitkeras.protocol import Kind, Message
 from splitkeras.transport import wire
 from splitkeras.transport.codec import get_codec
@@ -119,6 +120,7 @@ class SplitService:
       on_epoch_end: called as `on_epoch_end(epoch, train_logs, val_logs)`
         after each epoch's last turn, before the checkpoint.
       run_eagerly: do not compile the server's steps.
+      jit_compile: compile them with XLA.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class SplitService:
         turn_timeout: float = 600.0,
         on_epoch_end=None,
         run_eagerly: bool = False,
+        jit_compile: bool = False,
     ):
         self.server = server
         self.num_clients = num_clients
@@ -158,7 +161,7 @@ class SplitService:
         self._started = time.monotonic() - float(self.turns.wall_seconds.numpy())
         self._inputs = _specs(server.segment.inputs)
         self._outputs = _specs(server.segment.outputs)
-        self._compile(run_eagerly)
+        self._compile(run_eagerly, jit_compile)
         self._manager = None
         if checkpoint_dir is None:  # inference only: nothing to checkpoint
             return
@@ -208,12 +211,10 @@ class SplitService:
         self._active = None
 
     # ------------------------------------------------------ compiled steps
-    def _compile(self, run_eagerly):
-        wrap = (
-            (lambda f: f)
-            if run_eagerly
-            else (lambda f: tf.function(f, reduce_retracing=True))
-        )
+    def _compile(self, run_eagerly, jit_compile=False):
+        def wrap(f):
+            return compiled(f, run_eagerly, jit_compile)
+
         server = self.server
 
         def train(tensors, labels, sample_weight):
@@ -656,9 +657,9 @@ class SplitService:
 
 
 def _specs(tensors) -> list:
-    """[(dtype, shape with None batch)] of Keras tensors."""
+    """[(dtype on the wire, shape with None batch)] of Keras tensors."""
     return [
-        (tf.as_dtype(t.dtype), [None] + [d for d in t.shape[1:]])
+        (wire_dtype(t.dtype), [None] + [d for d in t.shape[1:]])
         for t in tf.nest.flatten(tensors)
     ]
 

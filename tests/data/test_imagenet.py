@@ -12,6 +12,7 @@ import os
 import tarfile
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +23,18 @@ from tests.data.test_data import _mock_tfds, _prepare_mock_metadata
 
 MEAN = np.array(imagenet.MEAN)
 STD = np.array(imagenet.STD)
+
+# tests/base.py sets TMPDIR after `tempfile` has cached /tmp as its default:
+# forget it, so that the files autograph and TFDS write go under TMPDIR.
+_FORGET_CACHED_TEMPDIR = mock.patch.object(tempfile, "tempdir", None)
+
+
+def setUpModule():
+    _FORGET_CACHED_TEMPDIR.start()
+
+
+def tearDownModule():
+    _FORGET_CACHED_TEMPDIR.stop()
 
 
 def _jpeg(pixels: np.ndarray) -> bytes:
@@ -96,6 +109,21 @@ class PreprocessTest(base.TestCase):
         image = imagenet.preprocess_eval(_jpeg(pixels), image_size=64).numpy()
         grey = (128 / 255 - MEAN) / STD
         np.testing.assert_allclose(image, np.broadcast_to(grey, image.shape), atol=0.03)
+
+    def test_train_falls_back_to_the_centre_crop(self):
+        # 16 x 800: a crop of >= 8% of the area with an aspect ratio of at
+        # most 4/3 does not fit, so every attempt misses.
+        image_bytes = _noise_jpeg(np.random.default_rng(1), 16, 800)
+        centre = imagenet.preprocess_eval(image_bytes, image_size=32).numpy()
+        for i in range(4):
+            image = imagenet.preprocess_train(image_bytes, [0, i], image_size=32)
+            image = image.numpy()
+            flipped = image[:, ::-1]
+            self.assertTrue(
+                np.allclose(image, centre, atol=1e-6)
+                or np.allclose(flipped, centre, atol=1e-6),
+                f"seed [0, {i}]",
+            )
 
     def test_train_output_is_a_function_of_the_seed(self):
         image_bytes = _noise_jpeg(np.random.default_rng(0), 120, 90)

@@ -1,0 +1,167 @@
+"""Mixed precision and XLA: each party's loss scale stays its own (the client
+gets true gradients, neither scaled nor unscaled twice), overflow skips the
+step on both sides, and XLA-compiled steps equal the plain ones."""
+
+import contextlib
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from splitkeras import data as data_lib
+from splitkeras import experiment, federation
+from splitkeras.objective import Objective
+from splitkeras.parties import Client, Server
+from splitkeras.protocol import Kind, Message
+from tests import base
+from tests.distributed.test_grpc_run import _setup, _write_npz
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@contextlib.contextmanager
+def _policy(name):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _server_segment():
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def _client_segment():
+    inputs = keras.Input((8, 8, 2))
+    return keras.Model(inputs, keras.layers.Conv2D(3, 1, padding="same")(inputs))
+
+
+def _pair(build):
+    """(float32 model, mixed_float16 model) with the same weights."""
+    keras.utils.set_random_seed(0)
+    full = build()
+    with _policy("mixed_float16"):
+        half = build()
+    half.set_weights(full.get_weights())
+    return full, half
+
+
+def _max(x):
+    return float(tf.reduce_max(tf.abs(x)))
+
+
+class LossScaleTest(base.TestCase):
+    def _message(self):
+        rng = np.random.default_rng(0)
+        a = tf.constant(rng.normal(size=(6, 8, 8, 3)), tf.float32)
+        y = tf.constant(rng.integers(0, 3, 6), tf.int64)
+        return Message(Kind.TRAIN, 0, 1, (a,), y)
+
+    def test_server_sends_unscaled_gradients(self):
+        full, half = _pair(_server_segment)
+        reference = Server(full, keras.optimizers.SGD(0.1), Objective(LOSS))
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        server = Server(half, optimizer, Objective(LOSS))
+        before = half.get_weights()
+        expected = reference.handle(self._message())
+        reply = server.handle(self._message())
+        (got,), (want,) = reply.tensors, expected.tensors
+        self.assertEqual(got.dtype, tf.float32)  # 16-bit cut tensors cross as float32
+        self.assertGreater(optimizer.scale_loss(1.0), 1000)  # a real loss scale
+        # Equal to the float32 gradients up to float16 precision: not scaled.
+        self.assertLess(_max(got - want), 1e-2 * _max(want))
+        self.assertWeightsClose(half.get_weights(), full.get_weights(), atol=2e-3)
+        moved = max(np.abs(a - b).max() for a, b in zip(half.get_weights(), before))
+        self.assertGreater(moved, 1e-3)
+
+    def test_overflow_skips_the_step_and_sends_zeros(self):
+        _, half = _pair(_server_segment)
+        before = half.get_weights()
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=1e30
+        )
+        server = Server(half, optimizer, Objective(LOSS))
+        reply = server.handle(self._message())
+        self.assertEqual(_max(reply.tensors[0]), 0.0)  # no Inf/NaN reaches a client
+        self.assertWeightsClose(half.get_weights(), before, atol=0)
+        self.assertLess(float(optimizer.scale_loss(1.0)), 1e30)  # scale backed off
+
+    def test_client_scales_its_own_backward(self):
+        rng = np.random.default_rng(1)
+        x = tf.constant(rng.normal(size=(4, 8, 8, 2)), tf.float32)
+        # Gradients this small underflow in float16 unless scaled.
+        g = tf.constant(rng.normal(size=(4, 8, 8, 3)) * 1e-9, tf.float32)
+        updates = {}
+        for name in ("float32", "float16", "float16_scaled"):
+            full, half = _pair(_client_segment)
+            segment = full if name == "float32" else half
+            before = segment.get_weights()
+            optimizer = keras.optimizers.SGD(1e7)
+            if name == "float16_scaled":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            client = Client(segment, optimizer)
+            forward = client.forward(x)
+            self.assertEqual(forward.cut[0].dtype, tf.float32)
+            client.backward(forward, [g])
+            updates[name] = before[0] - segment.get_weights()[0]
+        self.assertGreater(np.abs(updates["float32"]).max(), 1e-2)
+        self.assertEqual(np.abs(updates["float16"]).max(), 0.0)  # underflowed
+        np.testing.assert_allclose(
+            updates["float16_scaled"],
+            updates["float32"],
+            atol=2e-2 * np.abs(updates["float32"]).max(),
+        )
+
+
+class RunTest(base.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        root = os.path.join(os.environ["TMPDIR"], "precision")
+        os.makedirs(root, exist_ok=True)
+        cls.data = _write_npz(os.path.join(root, "data.npz"), 128)
+
+    def _train(self, **overrides):
+        config, _ = _setup(self.data, **{"train.epochs": 1, **overrides})
+        arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+        schedule = experiment.build_schedule(config, arrays)
+        shards = federation.client_shards(config, arrays)
+        logs = schedule.train_epoch(
+            federation._epoch_datasets(config, arrays, shards, 0)
+        )
+        return schedule, logs
+
+    def test_xla_equals_plain(self):
+        sgd = {"train.optimizer": "sgd", "train.learning_rate": 0.05}
+        plain, _ = self._train(**sgd)
+        xla, _ = self._train(**sgd, **{"train.jit_compile": True})
+        self.assertWeightsClose(
+            xla.server.segment.get_weights(), plain.server.segment.get_weights()
+        )
+        self.assertWeightsClose(
+            xla.clients[1].segment.get_weights(), plain.clients[1].segment.get_weights()
+        )
+
+    def test_mixed_float16_trains_with_float32_weights(self):
+        schedule, logs = self._train(**{"train.mixed_precision": "mixed_float16"})
+        self.assertTrue(np.isfinite(logs["loss"]))
+        server = schedule.server
+        self.assertIsInstance(server.optimizer, keras.optimizers.LossScaleOptimizer)
+        self.assertEqual(server.segment.layers[1].compute_dtype, "float16")
+        for weight in server.segment.weights + schedule.clients[0].segment.weights:
+            self.assertEqual(weight.dtype, "float32")
+
+    def test_mixed_float16_needs_vanilla(self):
+        config, _ = _setup(
+            self.data,
+            **{"train.mixed_precision": "mixed_float16", "model.cut": "pool1,fc2"},
+        )
+        config.topology = "ushaped"
+        with self.assertRaisesRegex(ValueError, "use mixed_bfloat16"):
+            experiment._optimizer(config)
