@@ -46,6 +46,7 @@ def get_config(arg=None):
     # every party computes in it, keeps float32 weights, scales its own loss.
     c.train.mixed_precision = ""
     c.train.jit_compile = False  # XLA-compile every party's step
+    c.train.metrics = "accuracy"  # comma-separated: accuracy, top5, ...
 
     c.vertical = ml_collections.ConfigDict()
     c.vertical.merge = "mean"  # how the server merges clients' cut tensors

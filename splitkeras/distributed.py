@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitkeras import data as data_lib
 from splitkeras import distribute, experiment, federation
+from splitkeras.data.streaming import StreamingSource
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
@@ -54,7 +55,9 @@ __all__ = [
     "write_key",
 ]
 
-METRICS = ("accuracy",)
+
+def _objective(config):
+    return Objective(experiment._loss(), experiment.metrics(config))
 
 
 def grpc_settings(config):
@@ -100,10 +103,9 @@ def serve(
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    arrays = experiment.load_data(config)
     segments = experiment.build_segments(config, arrays)
-    loss = experiment._loss()
-    objective = None if segments.ushaped else Objective(loss, METRICS)
+    objective = None if segments.ushaped else _objective(config)
     server = _server_party(config, segments, objective, strategy)
     server.build_optimizer()
     writers = {
@@ -211,10 +213,14 @@ def serve_predictions(
     """
     _check_supported(config)
     settings = grpc_settings(config)
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    arrays = experiment.load_data(config)
     segments = experiment.build_segments(config, arrays)
     _load_server_weights(segments.server, workdir)
-    objective = None if segments.ushaped else Objective(experiment._loss(), METRICS)
+    objective = (
+        None
+        if segments.ushaped
+        else Objective(experiment._loss(), experiment.metrics(config))
+    )
     server = Server(segments.server, experiment._optimizer(config), objective)
     up, down = _codecs(config)
     service = SplitService(
@@ -293,13 +299,16 @@ class RemoteClient:
         self.config = config
         self.client_id = client_id
         if arrays is None:
-            arrays = data_lib.load(
-                config.data.name, config.data.path, config.data.download
-            )
+            arrays = experiment.load_data(config)
+        self.arrays = arrays
         self.shard = federation.client_shards(config, arrays)[client_id]
         self.test_ds = federation.test_data(config, arrays)
         segments = experiment.build_segments(config, arrays)
-        objective = Objective(experiment._loss(), METRICS) if segments.ushaped else None
+        objective = (
+            Objective(experiment._loss(), experiment.metrics(config))
+            if segments.ushaped
+            else None
+        )
         self.client = client = Client(
             segments.client,
             experiment._optimizer(config),
@@ -437,13 +446,22 @@ class RemoteClient:
         config, objective = self.config, self.client.objective
         if objective is not None:
             objective.reset(training=True)
-        dataset = data_lib.train_dataset(
-            *self.shard,
-            config.train.batch_size,
-            config.seed,
-            epoch,
-            stream=self.client_id,
-        )
+        if isinstance(self.arrays, StreamingSource):  # its shard of the files
+            dataset = self.arrays.train(
+                config.train.batch_size,
+                config.seed,
+                epoch,
+                self.shard,
+                config.num_clients,
+            )
+        else:
+            dataset = data_lib.train_dataset(
+                *self.shard,
+                config.train.batch_size,
+                config.seed,
+                epoch,
+                stream=self.client_id,
+            )
         for xb, yb in dataset:
             self.train_fn(xb, yb)
         metrics = {}

@@ -24,6 +24,7 @@ from splitkeras import distribute, federation
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.cut import cut
+from splitkeras.data.streaming import STREAMING, StreamingSource, open_source
 from splitkeras.parties.segment_step import compiled
 from splitkeras.privacy.leakage import Leakage, attach_privacy
 from splitkeras.progress import Progress, write_scalars
@@ -82,6 +83,12 @@ def _optimizer(config) -> keras.optimizers.Optimizer:
     return optimizer
 
 
+def metrics(config) -> tuple:
+    """`config.train.metrics` as metric names ("accuracy", "top5", ...)."""
+    names = config.train.get("metrics", "accuracy") or "accuracy"
+    return tuple(m.strip() for m in names.split(",") if m.strip())
+
+
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -120,6 +127,14 @@ def cut_layers(config) -> str | tuple[str, ...]:
             f"in config.model.cut, got {config.model.cut!r}"
         )
     return at if len(at) > 1 else at[0]
+
+
+def load_data(config):
+    """The dataset of `config.data`: numpy arrays, or a `StreamingSource`
+    for datasets read per epoch (imagenet2012)."""
+    if config.data.name in STREAMING:
+        return open_source(config)
+    return data_lib.load(config.data.name, config.data.path, config.data.download)
 
 
 def build_segments(config, arrays):
@@ -206,7 +221,7 @@ def build_trainer(config, model) -> keras.Model:
         model.compile(
             optimizer=_optimizer(config),
             loss=_loss(),
-            metrics=["accuracy"],
+            metrics=list(metrics(config)),
             run_eagerly=run_eagerly,
             jit_compile=bool(config.train.get("jit_compile", False)),
         )
@@ -216,7 +231,7 @@ def build_trainer(config, model) -> keras.Model:
         client_optimizer=_optimizer(config),
         server_optimizer=_optimizer(config),
         loss=_loss(),
-        metrics=["accuracy"],
+        metrics=list(metrics(config)),
         run_eagerly=run_eagerly,
         jit_compile=bool(config.train.get("jit_compile", False)),
     )
@@ -274,8 +289,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    if _uses_schedule(config):
+    arrays = load_data(config)
+    if _uses_schedule(config) or isinstance(arrays, StreamingSource):
         return _finish(
             config,
             workdir,
@@ -343,7 +358,13 @@ def _run_multi_client(config, workdir, arrays, strategy=None):
         # Multi-hop and multi-task count per link ("hop_0/bytes_up", ...).
         links = [v for k, v in totals.items() if k.endswith("/" + direction)]
         totals.setdefault(direction, sum(links))
-    return test, {**totals, "per_client": per_client, **done}
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    return test, {
+        **totals,
+        "per_client": per_client,
+        **done,
+        "server_replicas": replicas,
+    }
 
 
 def _client_flops_per_epoch(config, arrays):
@@ -353,6 +374,8 @@ def _client_flops_per_epoch(config, arrays):
 
     if config.topology not in ("vanilla", "ushaped"):
         return None
+    if isinstance(arrays, StreamingSource):
+        return None  # scripts/resource_table.py has the ImageNet figures
     a = tables.assumptions(config, arrays)
     return tables.client_flops(a, _FLOPS_METHOD[config.method], config.num_clients) / (
         a.epochs
@@ -380,6 +403,11 @@ def _finish(config, workdir, arrays, test, extra) -> dict:
         "topology": config.topology,
         "test_accuracy": float(test["accuracy"]),
         "test_loss": float(test["loss"]),
+        **(
+            {"test_top5_accuracy": float(test["top5_accuracy"])}
+            if "top5_accuracy" in test
+            else {}
+        ),
         **{k: float(v) for k, v in test.items() if k.startswith(_LEAKAGE)},
         "privacy": config.privacy.to_dict(),
         **({"test_tasks": test["tasks"]} if "tasks" in test else {}),

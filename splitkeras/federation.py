@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from splitkeras import data as data_lib
 from splitkeras.checkpointing import PartyCheckpoints
+from splitkeras.data.streaming import StreamingSource
 from splitkeras.progress import write_scalars
 
 log = logging.getLogger("splitkeras")
@@ -25,7 +26,10 @@ __all__ = ["client_shards", "run_schedule"]
 
 
 def client_shards(config, arrays) -> list:
-    """The (x, y) training shard of each client, per `config.data.partition`."""
+    """The (x, y) training shard of each client, per `config.data.partition`
+    (a streaming source: each client's shard index)."""
+    if isinstance(arrays, StreamingSource):
+        return list(range(config.num_clients))
     indices = data_lib.partition(
         arrays.y_train,
         config.num_clients,
@@ -68,6 +72,8 @@ def multitask_view(dataset, groups):
 
 def test_data(config, arrays):
     """The test split batched as the schedule of `config` expects it."""
+    if isinstance(arrays, StreamingSource):
+        return arrays.eval(config.train.eval_batch_size)
     vertical = config.topology == "vertical"
     ds = data_lib.eval_dataset(
         arrays.x_test, arrays.y_test, config.train.eval_batch_size, with_ids=vertical
@@ -78,6 +84,17 @@ def test_data(config, arrays):
 
 
 def _epoch_datasets(config, arrays, shards, epoch):
+    if isinstance(arrays, StreamingSource):
+        if config.topology != "vanilla" and config.topology != "ushaped":
+            raise ValueError(
+                f"{arrays.name} streams to round-robin style runs (vanilla, "
+                f"U-shaped); got config.topology={config.topology!r}"
+            )
+        k = len(shards)
+        return [
+            arrays.train(config.train.batch_size, config.seed, epoch, i, k)
+            for i in shards
+        ]
     if config.topology == "vertical":
         ds = data_lib.train_dataset(
             arrays.x_train,
@@ -151,7 +168,10 @@ def run_schedule(
         began = time.perf_counter()
         datasets = _epoch_datasets(config, arrays, shards, epoch)
         logs = schedule.train_epoch(datasets)
-        steps_var.assign_add(_batches(config, datasets))
+        batches = _batches(config, datasets)
+        if batches < 0:  # streams: the schedule counted its steps
+            batches = int(schedule.steps_in_epoch)
+        steps_var.assign_add(batches)
         seconds = time.perf_counter() - began
         val = evaluate(schedule)
         totals = _totals(schedule.byte_counts())
@@ -182,7 +202,10 @@ def run_schedule(
 def _batches(config, datasets) -> int:
     """Training batches in one epoch, over all clients (client steps)."""
     datasets = datasets if isinstance(datasets, list) else [datasets]
-    total = sum(int(ds.cardinality()) for ds in datasets)
+    counts = [int(ds.cardinality()) for ds in datasets]
+    if any(c < 0 for c in counts):  # a stream of unknown length
+        return -1
+    total = sum(counts)
     if config.method == "fedavg":
         total *= config.fedavg.local_epochs
     return total

@@ -33,7 +33,8 @@ class Objective:
     Args:
       loss: a Keras loss (name or instance), reduced over the batch.
       metrics: Keras metric names or instances (e.g. ["accuracy"]); the name
-        "accuracy" means sparse categorical accuracy on integer labels.
+        "accuracy" means sparse categorical accuracy on integer labels,
+        "top5" sparse top-5 accuracy (logged as top5_accuracy).
     """
 
     def __init__(self, loss, metrics=("accuracy",)):
@@ -49,6 +50,10 @@ class Objective:
         """A fresh metric object (training and evaluation never share one)."""
         if metric == "accuracy":
             return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        if metric == "top5":  # ImageNet's other figure
+            return keras.metrics.SparseTopKCategoricalAccuracy(
+                k=5, name="top5_accuracy"
+            )
         if isinstance(metric, keras.metrics.Metric):
             return metric.__class__.from_config(metric.get_config())
         found = keras.metrics.get(metric)

@@ -66,7 +66,9 @@ class Leakage:
     """
 
     def __init__(self, config, arrays):
-        n = min(int(config.privacy.leakage_examples), len(arrays.x_test))
+        # Streams (imagenet2012) have no fixed test arrays: nothing measured.
+        available = len(arrays.x_test) if hasattr(arrays, "x_test") else 0
+        n = min(int(config.privacy.leakage_examples), available)
         self.enabled = n > 0 and config.topology != "vertical"
         if self.enabled:
             ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)

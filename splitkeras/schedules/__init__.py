@@ -91,6 +91,9 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             run_eagerly=config.train.run_eagerly,
             server_strategy=server_strategy,
             jit_compile=bool(config.train.get("jit_compile", False)),
+            metrics=tuple(
+                m.strip() for m in config.train.get("metrics", "accuracy").split(",")
+            ),
         )
     if config.method == "fedavg":
         return FedAvg(

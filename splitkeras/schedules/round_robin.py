@@ -153,8 +153,11 @@ class RoundRobin:
             )
         for objective in {id(o): o for o in self._holders()}.values():
             objective.reset(training=True)
+        started = int(self._step.numpy())
         for k, dataset in enumerate(client_datasets):
             self.take_turn(k, dataset)
+        # Batches trained (streams may not know their length beforehand).
+        self.steps_in_epoch = int(self._step.numpy()) - started
         return _mean_results([o.result(training=True) for o in self._holders()])
 
     def _holders(self) -> list:
