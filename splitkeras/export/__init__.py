@@ -163,7 +163,8 @@ class _ServerModule(tf.Module):
         self.infer = tf.function(self._serve, input_signature=[specs])
 
     def _serve(self, cuts):
-        outputs = tf.nest.flatten(self.segment(list(cuts), training=False))
+        inputs = cuts[0] if len(cuts) == 1 else list(cuts)
+        outputs = tf.nest.flatten(self.segment(inputs, training=False))
         return {f"output_{i}": t for i, t in enumerate(outputs)}
 
 
