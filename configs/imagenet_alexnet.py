@@ -22,7 +22,6 @@ def get_config(arg=None):
     c.data.name = "imagenet2012"
     c.data.download = False  # ImageNet cannot be downloaded by TFDS
     c.data.image_size = 224
-    c.data.cache = False  # True caches the encoded examples in memory
     c.train.epochs = 100
     c.train.batch_size = 128  # per client step
     c.train.eval_batch_size = 250

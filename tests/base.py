@@ -8,6 +8,7 @@ from absl.testing import parameterized
 
 # Importing TFDS leaves temporary folders behind: keep them out of /tmp.
 os.environ.setdefault("TMPDIR", tempfile.mkdtemp(prefix="splitkeras-tests-"))
+tempfile.tempdir = None  # mkdtemp cached /tmp: look at TMPDIR again
 
 
 class TestCase(parameterized.TestCase):

@@ -74,8 +74,8 @@ def load(
     if name == "imagenet2012":
         raise NotImplementedError(
             "imagenet2012 does not fit in numpy arrays and cannot be loaded with "
-            "load(); the streaming ImageNet pipeline is tracked in the ImageNet "
-            "issue."
+            "load(); it is read as a stream: splitkeras.data.imagenet, or "
+            "experiment.load_data(config) with configs/imagenet_alexnet.py"
         )
     return tfds_source.load_tfds(
         name,
