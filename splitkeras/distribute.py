@@ -119,5 +119,6 @@ def split_batch(strategy, tensors):
 
 
 def gather(strategy, per_replica):
-    """The replicas' values concatenated in replica order (axis 0)."""
-    return tf.concat(strategy.experimental_local_results(per_replica), axis=0)
+    """Every replica's value, on every worker, concatenated in replica order
+    (axis 0): the inverse of `split_batch`."""
+    return strategy.gather(per_replica, axis=0)
