@@ -25,7 +25,14 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["STRATEGIES", "make_strategy", "replicate", "split_batch"]
+__all__ = [
+    "STRATEGIES",
+    "check_supported",
+    "gather",
+    "make_strategy",
+    "replicate",
+    "split_batch",
+]
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
 
@@ -65,6 +72,23 @@ def make_strategy(settings) -> tf.distribute.Strategy | None:
     )
 
 
+def check_supported(config, strategy) -> None:
+    """Refuses what a distributed server does not run (with reasons)."""
+    if strategy is None:
+        return
+    if config.method != "split" or config.topology != "vanilla":
+        raise ValueError(
+            "config.server.strategy runs the split round robin with a vanilla "
+            f"topology; got method={config.method!r}, topology={config.topology!r}"
+        )
+    if config.train.get("jit_compile", False):
+        raise ValueError(
+            "config.train.jit_compile with config.server.strategy: XLA cannot "
+            "compile a step that runs the strategy's replicas (their variables "
+            "live on other devices); turn one of them off"
+        )
+
+
 def _split_cpu(count: int) -> None:
     cpus = tf.config.list_physical_devices("CPU")
     current = tf.config.get_logical_device_configuration(cpus[0])
@@ -82,7 +106,10 @@ def _split_cpu(count: int) -> None:
 
 
 def _synchronized(layer):
-    """A fresh copy of `layer`; batch normalization becomes synchronized."""
+    """A fresh copy of `layer`; batch normalization becomes synchronized,
+    also inside nested models."""
+    if isinstance(layer, keras.Model):
+        return keras.models.clone_model(layer, clone_function=_synchronized)
     config = layer.get_config()
     if isinstance(layer, keras.layers.BatchNormalization):
         config["synchronized"] = True

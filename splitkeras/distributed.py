@@ -99,6 +99,7 @@ def serve(
     """
     _check_supported(config)
     strategy = distribute.make_strategy(config.get("server", {}))  # first
+    distribute.check_supported(config, strategy)
     settings = grpc_settings(config)
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:

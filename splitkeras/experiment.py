@@ -25,6 +25,7 @@ from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.cut import cut
 from splitkeras.data.streaming import STREAMING, StreamingSource, open_source
+from splitkeras.objective import metric_names
 from splitkeras.parties.segment_step import compiled
 from splitkeras.privacy.leakage import Leakage, attach_privacy
 from splitkeras.progress import Progress, write_scalars
@@ -62,11 +63,16 @@ def _precision(config) -> str:
             f"unknown config.train.mixed_precision {policy!r}; choose one of "
             f"{', '.join(repr(p) for p in MIXED_PRECISION)}"
         )
-    if policy == "mixed_float16" and config.topology != "vanilla":
+    scaled = ("split", "splitfed_v1", "splitfed_v2", "centralized")
+    if policy == "mixed_float16" and (
+        config.topology != "vanilla" or config.method not in scaled
+    ):
         raise ValueError(
             "mixed_float16 needs loss scaling, which splitkeras does for the "
-            "vanilla topology (each party scales its own backward pass); use "
-            "mixed_bfloat16 (no loss scaling needed) for this topology"
+            f"vanilla topology and the methods {', '.join(scaled)} (each party "
+            "scales its own backward pass); use mixed_bfloat16 (no loss "
+            f"scaling needed) for method={config.method!r}, "
+            f"topology={config.topology!r}"
         )
     return policy
 
@@ -85,8 +91,7 @@ def _optimizer(config) -> keras.optimizers.Optimizer:
 
 def metrics(config) -> tuple:
     """`config.train.metrics` as metric names ("accuracy", "top5", ...)."""
-    names = config.train.get("metrics", "accuracy") or "accuracy"
-    return tuple(m.strip() for m in names.split(",") if m.strip())
+    return metric_names(config)
 
 
 def _loss():
@@ -286,6 +291,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     # First: logical devices can only be set up before TensorFlow places ops.
     strategy = distribute.make_strategy(config.get("server", {}))
+    distribute.check_supported(config, strategy)
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -170,7 +170,7 @@ def run_schedule(
         logs = schedule.train_epoch(datasets)
         batches = _batches(config, datasets)
         if batches < 0:  # streams: the schedule counted its steps
-            batches = int(schedule.steps_in_epoch)
+            batches = int(getattr(schedule, "steps_in_epoch", 0))
         steps_var.assign_add(batches)
         seconds = time.perf_counter() - began
         val = evaluate(schedule)

@@ -11,7 +11,13 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "metric_names"]
+
+
+def metric_names(config) -> tuple:
+    """`config.train.metrics` as metric names ("accuracy", "top5", ...)."""
+    names = config.train.get("metrics", "accuracy") or "accuracy"
+    return tuple(m.strip() for m in names.split(",") if m.strip()) or ("accuracy",)
 
 
 class _Mean:
@@ -69,10 +75,22 @@ class Objective:
         return loss
 
     def per_example_loss(self, y, y_pred):
-        """The loss of each example, unreduced (for `tf.distribute`)."""
+        """The loss of each example in float32 (for `tf.distribute`): the
+        mean over any further axes, so that averaging over the global batch
+        gives the "sum over batch size" reduction of the one-device loss."""
         if isinstance(self.loss, _Mean):
-            return self.loss.fn(y, y_pred)
-        return self.loss.call(y, y_pred)
+            values = self.loss.fn(y, y_pred)
+        else:
+            if self.loss.reduction not in ("sum_over_batch_size", "auto"):
+                raise ValueError(
+                    f"a distributed server averages the loss over the batch; "
+                    f"loss reduction {self.loss.reduction!r} is not supported"
+                )
+            values = self.loss.call(y, y_pred)
+        values = tf.cast(values, tf.float32)
+        if values.shape.rank and values.shape.rank > 1:
+            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+        return values
 
     def track(self, y, y_pred, loss, sample_weight=None, training=True):
         """Updates the running loss and metrics with a batch's `loss`."""

@@ -33,6 +33,7 @@ from tensorflow.python.framework.convert_to_constants import (
 from splitkeras.edge.runtime import LiteSegment
 from splitkeras.export.litert import QUANTIZATIONS, LiteConversionError, to_litert
 from splitkeras.export.module import SIGNATURES, TrainableSegment
+from splitkeras.parties.segment_step import wire_dtype
 
 __all__ = [
     "LiteConversionError",
@@ -156,8 +157,8 @@ class _ServerModule(tf.Module):
     def __init__(self, segment):
         super().__init__(name="splitkeras_server")
         self.segment = segment
-        specs = [
-            tf.TensorSpec([None, *t.shape[1:]], t.dtype, f"cut_{i}")
+        specs = [  # 16-bit cut tensors arrive in float32 (wire_dtype)
+            tf.TensorSpec([None, *t.shape[1:]], wire_dtype(t.dtype), f"cut_{i}")
             for i, t in enumerate(segment.inputs)
         ]
         self.infer = tf.function(self._serve, input_signature=[specs])

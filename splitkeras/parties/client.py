@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
@@ -18,6 +19,7 @@ from splitkeras.parties.segment_step import (
     apply_gradients,
     loss_scale,
     regularization,
+    skipped,
     wire_dtype,
 )
 from splitkeras.protocol import Kind, Message, flat
@@ -119,8 +121,13 @@ class Client:
         if scale is not None:
             # Mixed float16: this client scales its own backward pass (so
             # small gradients do not underflow in float16); its loss scale
-            # optimizer unscales, and skips the update on overflow.
+            # optimizer unscales, and skips the update on overflow, here
+            # also when the server skipped its step (all-zero gradients).
             seeds = [s * tf.cast(scale, s.dtype) for s in seeds]
+            server_skipped = skipped(gradients)
+            seeds = [
+                tf.where(server_skipped, tf.fill(tf.shape(s), np.nan), s) for s in seeds
+            ]
             tail_grads = [
                 None if g is None else g * tf.cast(scale, g.dtype) for g in tail_grads
             ]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
+    "all_finite",
     "apply_gradients",
     "compiled",
     "loss_scale",
     "optimizer_factory",
     "regularization",
+    "skip_unless",
+    "skipped",
     "unscale",
     "wire_dtype",
 ]
@@ -70,15 +74,42 @@ def loss_scale(optimizer):
     return None
 
 
-def unscale(gradients, scale):
+def all_finite(gradients) -> tf.Tensor:
+    """True when no gradient (None ones skipped) holds NaN or Inf."""
+    checks = [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
+
+
+def skip_unless(finite, gradients) -> list:
+    """`gradients`, or NaN in all of them when not `finite`, so that a loss
+    scale optimizer skips the whole update (and backs its scale off)."""
+    return [
+        None if g is None else tf.where(finite, g, tf.fill(tf.shape(g), np.nan))
+        for g in gradients
+    ]
+
+
+def unscale(gradients, scale, finite=None):
     """Gradients of a loss scaled by `scale`, unscaled in float32; all zeros
-    when any is not finite (the step overflowed and the loss scale
-    optimizer skips it: the other party must not take NaN or Inf)."""
+    when the step overflowed (`finite` False; by default: any of these is
+    not finite): the other party must not take NaN or Inf, and knows from
+    the zeros that this step was skipped."""
     if scale is None:
         return list(gradients)
-    unscaled = [tf.cast(g, tf.float32) / scale for g in gradients]
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in unscaled])
+    if finite is None:
+        finite = all_finite(gradients)
     return [
-        tf.cast(tf.where(finite, g, tf.zeros_like(g)), original.dtype)
-        for g, original in zip(unscaled, gradients)
+        tf.cast(
+            tf.where(
+                finite, tf.cast(g, tf.float32) / scale, tf.zeros_like(g, tf.float32)
+            ),
+            g.dtype,
+        )
+        for g in gradients
     ]
+
+
+def skipped(gradients) -> tf.Tensor:
+    """True when every gradient that came back is exactly zero: the other
+    party skipped an overflowing loss-scaled step (see `unscale`)."""
+    return tf.reduce_all([tf.reduce_all(tf.equal(g, 0)) for g in gradients])

@@ -13,9 +13,11 @@ import tensorflow as tf
 from splitkeras.distribute import gather, split_batch
 from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import (
+    all_finite,
     apply_gradients,
     loss_scale,
     regularization,
+    skip_unless,
     unscale,
     wire_dtype,
 )
@@ -109,9 +111,15 @@ class Server(SegmentParty):
             if scale is not None:  # mixed float16: the server's own loss scale
                 total = total * tf.cast(scale, total.dtype)
         grads = tape.gradient(total, cut + variables)
-        apply_gradients(self.optimizer, grads[len(cut) :], variables)
-        # The client gets the true gradients: unscaled (zeros on overflow).
-        cut_grads = unscale(_cut_gradients(grads, cut), scale)
+        cut_grads, var_grads = _cut_gradients(grads, cut), grads[len(cut) :]
+        if scale is None:
+            apply_gradients(self.optimizer, var_grads, variables)
+            return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
+        # Mixed float16: one overflow anywhere skips the whole step, and the
+        # client gets the true gradients, unscaled (zeros when skipped).
+        finite = all_finite(cut_grads + var_grads)
+        apply_gradients(self.optimizer, skip_unless(finite, var_grads), variables)
+        cut_grads = unscale(cut_grads, scale, finite)
         return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
 
     def _train_distributed(self, message):
@@ -141,14 +149,27 @@ class Server(SegmentParty):
                 total = (
                     loss if reg is None else loss + tf.nn.scale_regularization_loss(reg)
                 )
+                if scale is not None:  # mixed float16: the server's loss scale
+                    total = total * tf.cast(scale, total.dtype)
             grads = tape.gradient(total, pieces + variables)
+            cut_grads, var_grads = _cut_gradients(grads[:count], pieces), grads[count:]
+            finite = tf.constant(True)
+            if scale is not None:  # skip on every replica if one overflowed
+                local = tf.cast(all_finite(cut_grads + var_grads), tf.float32)
+                context = tf.distribute.get_replica_context()
+                overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - local)
+                finite = overflowed == 0
+                var_grads = skip_unless(finite, var_grads)
             # Inside a replica, the optimizer sums the replicas' gradients.
-            apply_gradients(self.optimizer, grads[count:], variables)
-            return _cut_gradients(grads[:count], pieces), y_pred, loss
+            apply_gradients(self.optimizer, var_grads, variables)
+            return cut_grads, y_pred, loss, finite
 
         values = split_batch(strategy, cut + extras)
-        cut_grads, y_pred, loss = strategy.run(step, args=(values,))
-        grads = unscale([gather(strategy, g) for g in cut_grads], scale)
+        cut_grads, y_pred, loss, finite = strategy.run(step, args=(values,))
+        grads = [gather(strategy, g) for g in cut_grads]
+        if scale is not None:
+            finite = strategy.experimental_local_results(finite)[0]
+            grads = unscale(grads, scale, finite)
         y_pred = tf.nest.map_structure(lambda t: gather(strategy, t), y_pred)
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         objective.track(message.labels, y_pred, loss, message.sample_weight, True)

@@ -1,6 +1,8 @@
 """Schedules: who trains when, and how weights travel between parties."""
 
+from splitkeras import distribute
 from splitkeras.cut import cut
+from splitkeras.objective import metric_names
 from splitkeras.schedules.fedavg import FedAvg
 from splitkeras.schedules.large_batch_sgd import LargeBatchSGD
 from splitkeras.schedules.multihop import MultiHop
@@ -31,13 +33,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
     devices; the split round robin (vanilla) supports it.
     """
     k = config.num_clients
-    if server_strategy is not None and (
-        config.method != "split" or config.topology != "vanilla"
-    ):
-        raise ValueError(
-            "config.server.strategy runs the split round robin with a vanilla "
-            f"topology; got method={config.method!r}, topology={config.topology!r}"
-        )
+    distribute.check_supported(config, server_strategy)
     if config.topology == "vertical":
         segments = [cut(build_model(), at) for _ in range(k)]
         return VerticalSplit(
@@ -76,6 +72,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             version=int(config.method[-1]),
+            metrics=metric_names(config),
             codec=codec_pair(config),
             run_eagerly=config.train.run_eagerly,
         )
@@ -91,9 +88,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             run_eagerly=config.train.run_eagerly,
             server_strategy=server_strategy,
             jit_compile=bool(config.train.get("jit_compile", False)),
-            metrics=tuple(
-                m.strip() for m in config.train.get("metrics", "accuracy").split(",")
-            ),
+            metrics=metric_names(config),
         )
     if config.method == "fedavg":
         return FedAvg(
@@ -102,7 +97,8 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             local_epochs=config.fedavg.local_epochs,
+            metrics=metric_names(config),
         )
     if config.method == "large_batch_sgd":
-        return LargeBatchSGD(build_model, k, make_optimizer, loss)
+        return LargeBatchSGD(build_model, k, make_optimizer, loss, metric_names(config))
     raise ValueError(f"no multi-client schedule for config.method {config.method!r}")

@@ -113,6 +113,24 @@ class MirroredServerTest(base.TestCase):
             5,
         )
 
+    def test_nested_batch_norm_is_synchronized(self):
+        inner_inputs = keras.Input((4,))
+        inner = keras.Model(
+            inner_inputs, keras.layers.BatchNormalization()(inner_inputs)
+        )
+        inputs = keras.Input((4,))
+        outer = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
+        copy = distribute.replicate(outer, self.strategy)
+        norms = [
+            layer
+            for model in copy.layers
+            if isinstance(model, keras.Model)
+            for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        self.assertLen(norms, 1)
+        self.assertTrue(norms[0].synchronized)
+
     def test_ushaped_is_refused(self):
         with self.assertRaisesRegex(ValueError, "runs vanilla splits"):
             Server(_segment(), keras.optimizers.SGD(), None, strategy=self.strategy)

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import data as data_lib
-from splitkeras import experiment, federation
+from splitkeras import distribute, experiment, federation
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.protocol import Kind, Message
@@ -165,3 +165,79 @@ class RunTest(base.TestCase):
         config.topology = "ushaped"
         with self.assertRaisesRegex(ValueError, "use mixed_bfloat16"):
             experiment._optimizer(config)
+
+
+class DistributedLossScaleTest(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.strategy = distribute.make_strategy(
+            {"strategy": "mirrored", "logical_cpus": 2}
+        )
+
+    def _servers(self, initial_scale=2.0**15):
+        _, half = _pair(_server_segment)
+
+        def scaled():
+            return keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(0.1), initial_scale=initial_scale
+            )
+
+        replica = distribute.replicate(half, self.strategy)
+        with self.strategy.scope():
+            optimizer = scaled()
+        multi = Server(replica, optimizer, Objective(LOSS), strategy=self.strategy)
+        single = Server(half, scaled(), Objective(LOSS))
+        return single, multi
+
+    def test_mirrored_float16_server_equals_one_device(self):
+        single, multi = self._servers()
+        message = LossScaleTest._message(self)
+        expected, got = single.handle(message), multi.handle(message)
+        (g,), (e,) = got.tensors, expected.tensors
+        self.assertLess(_max(g - e), 1e-2 * _max(e))  # not 32768x off
+        self.assertGreater(_max(e), 1e-3)
+        self.assertWeightsClose(
+            multi.segment.get_weights(), single.segment.get_weights(), atol=1e-3
+        )
+
+    def test_mirrored_overflow_skips_on_every_replica(self):
+        _, multi = self._servers(initial_scale=1e30)
+        before = multi.segment.get_weights()
+        reply = multi.handle(LossScaleTest._message(self))
+        self.assertEqual(_max(reply.tensors[0]), 0.0)
+        self.assertWeightsClose(multi.segment.get_weights(), before, atol=0)
+
+    def test_client_skips_when_the_server_skipped(self):
+        _, half = _pair(_client_segment)
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1, momentum=0.9)
+        )
+        client = Client(half, optimizer)
+        x = tf.constant(np.random.default_rng(2).normal(size=(4, 8, 8, 2)), tf.float32)
+        g = tf.ones((4, 8, 8, 3)) * 0.1
+        client.backward(client.forward(x), [g])  # momentum now carries a step
+        before, steps = half.get_weights(), int(optimizer.iterations)
+        client.backward(client.forward(x), [tf.zeros_like(g)])  # server skipped
+        self.assertWeightsClose(half.get_weights(), before, atol=0)
+        self.assertEqual(int(optimizer.iterations), steps)
+
+
+class RefusedTest(base.TestCase):
+    def test_unsupported_combinations_are_refused(self):
+        config, _ = _setup("unused.npz")
+        strategy = distribute.make_strategy({"strategy": "mirrored", "logical_cpus": 2})
+        config.train.jit_compile = True
+        with self.assertRaisesRegex(ValueError, "XLA cannot compile"):
+            distribute.check_supported(config, strategy)
+        config.train.jit_compile = False
+        config.method = "fedavg"
+        with self.assertRaisesRegex(ValueError, "split round robin"):
+            distribute.check_supported(config, strategy)
+        config.train.mixed_precision = "mixed_float16"
+        with self.assertRaisesRegex(ValueError, "method='fedavg'"):
+            experiment._optimizer(config)
+        objective = Objective(
+            keras.losses.SparseCategoricalCrossentropy(reduction="sum")
+        )
+        with self.assertRaisesRegex(ValueError, "reduction 'sum' is not supported"):
+            objective.per_example_loss(tf.constant([0]), tf.constant([[1.0, 2.0]]))
