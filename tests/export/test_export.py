@@ -69,12 +69,16 @@ class ExportTest(base.TestCase):
         rng = np.random.default_rng(0)
         x = rng.uniform(size=(5, *MODELS[name][0])).astype(np.float32)
         out = self.tempdir()
-        report = export_segment(segment, optimizer, out, sample=x)
+        # Quantized variants once (benchmarks/export.py measures them all).
+        quantize = ("float16", "int8") if name == "lenet5" else ()
+        report = export_segment(segment, optimizer, out, sample=x, quantize=quantize)
         artifacts = report["artifacts"]
         self.assertLessEqual(artifacts["saved_model"]["max_abs_diff"], 1e-5)
         self.assertLessEqual(artifacts["client.tflite"]["max_abs_diff"], 1e-4)
-        for q in ("float16", "int8"):
-            self.assertIn(f"client_serve_{q}.tflite", artifacts)
+        for q in quantize:
+            self.assertLessEqual(
+                artifacts[f"client_serve_{q}.tflite"]["max_abs_diff"], 1e-2
+            )
         with open(os.path.join(out, "export.json")) as f:
             self.assertEqual(json.load(f)["artifacts"].keys(), artifacts.keys())
 
