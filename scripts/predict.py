@@ -25,26 +25,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras.edge import EdgeClient, EdgeSpec  # noqa: E402
-from splitkeras.edge.client import eval_batches, load_client_data  # noqa: E402
-from splitkeras.transport import tls  # noqa: E402
+from splitkeras.edge import cli  # noqa: E402
+from splitkeras.edge.client import eval_batches  # noqa: E402
 from splitkeras.transport.sealing import unpack_arrays  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Exported .tflite (serve).")
-    parser.add_argument("--spec", help="edge.json (default: next to the model).")
-    parser.add_argument("--server", required=True, help="The server's host:port.")
-    parser.add_argument("--client_id", type=int, default=0)
-    parser.add_argument("--data", help="IDX folder or .npz (default: edge.json's).")
+    cli.add_client_arguments(parser, client_id_required=False)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--batches", type=int, default=200, help="0: all.")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--tls_dir", help="Directory with ca.pem: use TLS.")
-    parser.add_argument("--token_file", help="tokens.json holding this client's.")
-    parser.add_argument("--threads", type=int, default=None, help="LiteRT threads.")
-    parser.add_argument("--summary", help="Write the summary (JSON) here.")
     parser.add_argument(
         "--state",
         help="Load this state (.npz from edge_client.py) first; needs the "
@@ -54,22 +45,7 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    spec_path = args.spec or os.path.join(os.path.dirname(args.model), "edge.json")
-    spec = EdgeSpec.read(spec_path)
-    _, (x_test, y_test) = load_client_data(spec, args.data, args.client_id)
-    credentials = tls.channel_credentials(args.tls_dir) if args.tls_dir else None
-    token = (
-        tls.read_tokens(args.token_file)[args.client_id] if args.token_file else None
-    )
-    predictor = EdgeClient(
-        args.model,
-        spec,
-        args.server,
-        args.client_id,
-        token=token,
-        credentials=credentials,
-        num_threads=args.threads,
-    )
+    predictor, (x_test, y_test) = cli.make_client(args)
     if args.state:
         with open(args.state, "rb") as f:
             predictor.segment.load_state(unpack_arrays(f.read()))
@@ -97,9 +73,7 @@ def main():
         **predictor.latency_ms(),
         "tensorflow_imported": "tensorflow" in sys.modules,
     }
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(summary, f, indent=2)
+    cli.write_summary(args, summary)
     print(json.dumps(summary, indent=2))
 
 

@@ -62,17 +62,8 @@ def main(argv):
                 f.write(str(port))
             os.replace(_PORT_FILE.value + ".tmp", _PORT_FILE.value)
 
-    if _PREDICT.value:
-        distributed.serve_predictions(
-            _CONFIG.value,
-            _WORKDIR.value,
-            address=f"{_HOST.value}:{_PORT.value}",
-            credentials=credentials,
-            tokens=tokens,
-            on_started=started,
-        )
-        return
-    summary = distributed.serve(
+    serve = distributed.serve_predictions if _PREDICT.value else distributed.serve
+    summary = serve(
         _CONFIG.value,
         _WORKDIR.value,
         address=f"{_HOST.value}:{_PORT.value}",

@@ -12,7 +12,7 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["party_checkpoint", "PartyCheckpoints"]
+__all__ = ["load_trained", "party_checkpoint", "PartyCheckpoints"]
 
 
 def _variables_by_path(models) -> dict:
@@ -78,3 +78,29 @@ class PartyCheckpoints:
             path = os.path.join(manager.directory, f"ckpt-{step}")
             manager.checkpoint.restore(path).assert_existing_objects_matched()
         return step
+
+
+def load_trained(models, workdir: str, party: str, weights_file: str, optimizer=None):
+    """Loads a trained party's `models` from `workdir`; returns what it read.
+
+    Either `workdir/weights_file` (a gRPC party's final weights; models[0])
+    or the newest checkpoint under `workdir/checkpoints/party` (a
+    `scripts/train.py` run; with `optimizer`, its state too).
+
+    Raises:
+      FileNotFoundError: `workdir` has neither.
+    """
+    weights = os.path.join(workdir, weights_file)
+    if os.path.exists(weights):
+        models[0].load_weights(weights)
+        return weights
+    directory = os.path.join(workdir, "checkpoints", party)
+    path = tf.train.latest_checkpoint(directory)
+    if path is None:
+        raise FileNotFoundError(
+            f"{workdir} has neither {weights_file} nor checkpoints under "
+            f"{directory}: point it at a trained run's directory"
+        )
+    restored = party_checkpoint(models, optimizer).restore(path).expect_partial()
+    restored.assert_existing_objects_matched()
+    return path

@@ -26,14 +26,12 @@ import resource
 import time
 
 import tensorflow as tf
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from splitkeras import data as data_lib
 from splitkeras import distribute, experiment, federation
-from splitkeras.data.streaming import StreamingSource
-from splitkeras.objective import Objective
+from splitkeras.checkpointing import load_trained
+from splitkeras.objective import Objective, metric_names
 from splitkeras.parties import Client, Server
-from splitkeras.parties.handoff import pack_state, seal, unpack_state, unseal
+from splitkeras.parties.handoff import pack_state, unpack_state
 from splitkeras.parties.segment_step import compiled, wire_dtype
 from splitkeras.privacy import defenses as privacy_defenses
 from splitkeras.progress import write_scalars
@@ -41,8 +39,8 @@ from splitkeras.transport import codec as codec_lib
 from splitkeras.transport.grpc_client import Connection, TurnRestarted
 from splitkeras.transport.grpc_link import GrpcLink
 from splitkeras.transport.grpc_server import SplitService, start_server
-from splitkeras.transport.proto import wire_pb2
 from splitkeras.transport.sealing import read_key, write_key
+from splitkeras.transport.turns import TurnClient
 
 log = logging.getLogger("splitkeras")
 
@@ -57,7 +55,7 @@ __all__ = [
 
 
 def _objective(config):
-    return Objective(experiment._loss(), experiment.metrics(config))
+    return Objective(experiment._loss(), metric_names(config))
 
 
 def grpc_settings(config):
@@ -216,12 +214,8 @@ def serve_predictions(
     settings = grpc_settings(config)
     arrays = experiment.load_data(config)
     segments = experiment.build_segments(config, arrays)
-    _load_server_weights(segments.server, workdir)
-    objective = (
-        None
-        if segments.ushaped
-        else Objective(experiment._loss(), experiment.metrics(config))
-    )
+    load_trained([segments.server], workdir, "server", "server.weights.h5")
+    objective = None if segments.ushaped else _objective(config)
     server = Server(segments.server, experiment._optimizer(config), objective)
     up, down = _codecs(config)
     service = SplitService(
@@ -249,25 +243,7 @@ def serve_predictions(
         grpc_server.stop(grace=1.0).wait()
 
 
-def _load_server_weights(segment, workdir):
-    weights = os.path.join(workdir, "server.weights.h5")
-    if os.path.exists(weights):
-        segment.load_weights(weights)
-        return weights
-    directory = os.path.join(workdir, "checkpoints", "server")
-    path = tf.train.latest_checkpoint(directory)
-    if path is None:
-        raise FileNotFoundError(
-            f"{workdir} has neither server.weights.h5 nor checkpoints under "
-            f"{directory}: point it at a trained server's directory"
-        )
-    from splitkeras.checkpointing import party_checkpoint
-
-    party_checkpoint([segment]).restore(path).expect_partial()
-    return path
-
-
-class RemoteClient:
+class RemoteClient(TurnClient):
     """One client of `config`'s split, connected to the server at `target`.
 
     It loads the dataset and keeps only its own shard (the same partition as
@@ -285,6 +261,9 @@ class RemoteClient:
       arrays: the loaded dataset (None: load it from the config).
     """
 
+    # A turn's failure inside the compiled step arrives as an op error.
+    restart_errors = (TurnRestarted, tf.errors.OpError)
+
     def __init__(
         self,
         config,
@@ -298,18 +277,13 @@ class RemoteClient:
         _check_supported(config)
         settings = grpc_settings(config)
         self.config = config
-        self.client_id = client_id
         if arrays is None:
             arrays = experiment.load_data(config)
         self.arrays = arrays
         self.shard = federation.client_shards(config, arrays)[client_id]
         self.test_ds = federation.test_data(config, arrays)
         segments = experiment.build_segments(config, arrays)
-        objective = (
-            Objective(experiment._loss(), experiment.metrics(config))
-            if segments.ushaped
-            else None
-        )
+        objective = _objective(config) if segments.ushaped else None
         self.client = client = Client(
             segments.client,
             experiment._optimizer(config),
@@ -320,8 +294,7 @@ class RemoteClient:
         )
         client.build_optimizer()
         self._initial = pack_state(client)
-        self._aead = AESGCM(key)
-        self.connection = Connection(
+        connection = Connection(
             target,
             client_id,
             token=token,
@@ -330,20 +303,13 @@ class RemoteClient:
             timeout=settings["timeout_seconds"],
             retry_seconds=settings["retry_seconds"],
         )
-        self.info = info = self.connection.call(
-            "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
-        )
         up, down = _codecs(config)
-        if (info.codec_up, info.codec_down) != (up, down):
-            raise ValueError(
-                f"the server uses codecs {info.codec_up}/{info.codec_down}, this "
-                f"client's config {up}/{down}"
-            )
+        super().__init__(connection, client_id, key, (up, down))
         self.link = link = GrpcLink(
             self.connection,
             [wire_dtype(t.dtype) for t in segments.client.outputs],
             [t.shape for t in segments.client.outputs],
-            list(info.output_dtypes),
+            list(self.info.output_dtypes),
             [t.shape for t in segments.tail.inputs] if segments.ushaped else None,
             ushaped=segments.ushaped,
             codec_up=up,
@@ -359,110 +325,37 @@ class RemoteClient:
             lambda x, y: client.evaluate_step(link, eval_step.assign_add(1), x, y),
             config.train.run_eagerly,
         )
-        self.restarts = 0
 
-    def begin_turn(self, epoch: int):
-        """Waits for this client's turn of `epoch` and loads the handed-on state.
+    @property
+    def steps(self) -> int:
+        return int(self.step.numpy())
 
-        Returns the TurnReply (ready=False: the turn has passed), or None when
-        the run is over.
-        """
-        while True:
-            turn = self.connection.call(
-                "BeginTurn",
-                wire_pb2.TurnRequest(client_id=self.client_id, epoch=epoch),
-                wire_pb2.TurnReply,
-            )
-            if turn.done:
-                return None
-            if turn.ready or (turn.epoch, turn.turn) > (epoch, self.client_id):
-                break
-        if turn.ready:
-            if turn.state:
-                receiver = f"client {self.client_id}"
-                _, plain = unseal(self._aead, turn.state, receiver)
-                unpack_state(self.client, plain)
-            else:
-                unpack_state(self.client, self._initial)
-            self.step.assign(turn.step)
-        return turn
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.step.assign(value)
 
-    def end_turn(self, epoch: int, metrics: dict) -> None:
-        """Hands this client's sealed state on through the server."""
-        state = seal(
-            self._aead,
-            f"epoch {epoch} from client {self.client_id}",
-            pack_state(self.client),
-        )
-        self.connection.call(
-            "EndTurn",
-            wire_pb2.TurnEnd(
-                client_id=self.client_id,
-                epoch=epoch,
-                step=int(self.step.numpy()),
-                state=state,
-                metrics=metrics,
-            ),
-            wire_pb2.TurnEndReply,
-        )
+    def _load_state(self, plain):
+        unpack_state(self.client, self._initial if plain is None else plain)
+
+    def _packed_state(self) -> bytes:
+        return pack_state(self.client)
+
+    def _restart_cause(self, error):
+        return _cause(error, self.link)
 
     def run(self) -> dict:
         """Trains this client's turn of every epoch; returns its summary."""
-        last_client = self.info.num_clients - 1
-        epoch = int(self.info.epoch)
-        while epoch < self.info.epochs:
-            turn = self.begin_turn(epoch)
-            if turn is None:  # the run is over
-                break
-            if not turn.ready:  # our turn of this epoch has passed (skipped)
-                epoch += 1
-                continue
-            try:
-                evaluate = self.client_id == last_client
-                self.end_turn(epoch, self._train_turn(epoch, evaluate))
-            except (TurnRestarted, tf.errors.OpError) as e:
-                cause = _cause(e, self.link)
-                if not isinstance(cause, TurnRestarted):
-                    raise cause from None
-                self.restarts += 1
-                log.warning(
-                    "client %d: turn of epoch %d restarts: %s",
-                    self.client_id,
-                    epoch,
-                    cause,
-                )
-                continue
-            epoch += 1
-        return {
-            "client_id": self.client_id,
-            "steps": int(self.step.numpy()),
-            "bytes_sent": self.connection.bytes_sent,
-            "bytes_received": self.connection.bytes_received,
-            "retries": self.connection.retries,
-            "restarted_turns": self.restarts,
-        }
+        self.run_turns()
+        return self.connection_summary()
 
     def _train_turn(self, epoch: int, evaluate: bool) -> dict:
         """Trains one turn on the shard; evaluates on the test split if asked."""
         config, objective = self.config, self.client.objective
         if objective is not None:
             objective.reset(training=True)
-        if isinstance(self.arrays, StreamingSource):  # its shard of the files
-            dataset = self.arrays.train(
-                config.train.batch_size,
-                config.seed,
-                epoch,
-                self.shard,
-                config.num_clients,
-            )
-        else:
-            dataset = data_lib.train_dataset(
-                *self.shard,
-                config.train.batch_size,
-                config.seed,
-                epoch,
-                stream=self.client_id,
-            )
+        dataset = federation.client_dataset(
+            config, self.arrays, self.shard, self.client_id, epoch
+        )
         for xb, yb in dataset:
             self.train_fn(xb, yb)
         metrics = {}

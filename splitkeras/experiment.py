@@ -89,11 +89,6 @@ def _optimizer(config) -> keras.optimizers.Optimizer:
     return optimizer
 
 
-def metrics(config) -> tuple:
-    """`config.train.metrics` as metric names ("accuracy", "top5", ...)."""
-    return metric_names(config)
-
-
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -226,7 +221,7 @@ def build_trainer(config, model) -> keras.Model:
         model.compile(
             optimizer=_optimizer(config),
             loss=_loss(),
-            metrics=list(metrics(config)),
+            metrics=list(metric_names(config)),
             run_eagerly=run_eagerly,
             jit_compile=bool(config.train.get("jit_compile", False)),
         )
@@ -236,7 +231,7 @@ def build_trainer(config, model) -> keras.Model:
         client_optimizer=_optimizer(config),
         server_optimizer=_optimizer(config),
         loss=_loss(),
-        metrics=list(metrics(config)),
+        metrics=list(metric_names(config)),
         run_eagerly=run_eagerly,
         jit_compile=bool(config.train.get("jit_compile", False)),
     )

@@ -22,7 +22,7 @@ from splitkeras.progress import write_scalars
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["client_shards", "run_schedule"]
+__all__ = ["client_dataset", "client_shards", "run_schedule"]
 
 
 def client_shards(config, arrays) -> list:
@@ -84,17 +84,14 @@ def test_data(config, arrays):
 
 
 def _epoch_datasets(config, arrays, shards, epoch):
-    if isinstance(arrays, StreamingSource):
-        if config.topology != "vanilla" and config.topology != "ushaped":
-            raise ValueError(
-                f"{arrays.name} streams to round-robin style runs (vanilla, "
-                f"U-shaped); got config.topology={config.topology!r}"
-            )
-        k = len(shards)
-        return [
-            arrays.train(config.train.batch_size, config.seed, epoch, i, k)
-            for i in shards
-        ]
+    if isinstance(arrays, StreamingSource) and config.topology not in (
+        "vanilla",
+        "ushaped",
+    ):
+        raise ValueError(
+            f"{arrays.name} streams to round-robin style runs (vanilla, "
+            f"U-shaped); got config.topology={config.topology!r}"
+        )
     if config.topology == "vertical":
         ds = data_lib.train_dataset(
             arrays.x_train,
@@ -108,17 +105,29 @@ def _epoch_datasets(config, arrays, shards, epoch):
     if config.topology == "multitask":
         groups = task_groups(config)
         return [
-            multitask_view(ds, groups) for ds in _client_datasets(config, shards, epoch)
+            multitask_view(ds, groups)
+            for ds in _client_datasets(config, arrays, shards, epoch)
         ]
-    return _client_datasets(config, shards, epoch)
+    return _client_datasets(config, arrays, shards, epoch)
 
 
-def _client_datasets(config, shards, epoch):
-    return [
-        data_lib.train_dataset(
-            x, y, config.train.batch_size, config.seed, epoch, stream=k
+def client_dataset(config, arrays, shard, k, epoch):
+    """Client `k`'s training batches of `epoch`: its (x, y) shard in the
+    order of (seed, epoch, k), or its part of a stream's files."""
+    if isinstance(arrays, StreamingSource):
+        return arrays.train(
+            config.train.batch_size, config.seed, epoch, shard, config.num_clients
         )
-        for k, (x, y) in enumerate(shards)
+    x, y = shard
+    return data_lib.train_dataset(
+        x, y, config.train.batch_size, config.seed, epoch, stream=k
+    )
+
+
+def _client_datasets(config, arrays, shards, epoch):
+    return [
+        client_dataset(config, arrays, shard, k, epoch)
+        for k, shard in enumerate(shards)
     ]
 
 

@@ -18,20 +18,17 @@ protobuf, cryptography and ai-edge-litert.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitkeras.edge import codecs
 from splitkeras.edge.runtime import LiteSegment
 from splitkeras.transport import wire
-from splitkeras.transport.grpc_client import Connection, TurnRestarted
+from splitkeras.transport.grpc_client import Connection
 from splitkeras.transport.proto import wire_pb2
-from splitkeras.transport.sealing import pack_arrays, seal, unpack_arrays, unseal
-
-log = logging.getLogger("splitkeras")
+from splitkeras.transport.sealing import pack_arrays, unpack_arrays
+from splitkeras.transport.turns import TurnClient
 
 __all__ = ["EdgeClient", "batches", "eval_batches", "load_client_data"]
 
@@ -86,7 +83,7 @@ def load_client_data(spec, path: str | None = None, client_id: int | None = None
     return shard, (arrays.x_test, arrays.y_test)
 
 
-class EdgeClient:
+class EdgeClient(TurnClient):
     """One client of a run, its segment an exported LiteRT model.
 
     Args:
@@ -127,7 +124,6 @@ class EdgeClient:
                 "client runs vanilla runs (labels at the server)"
             )
         self.spec = spec
-        self.client_id = client_id
         self.segment = LiteSegment(model, num_threads)
         if self.segment.num_cuts != len(spec.cut_shapes):
             raise ValueError(
@@ -139,8 +135,7 @@ class EdgeClient:
         self.shard = shard
         self.test = test
         self._initial = self.segment.state() if self.segment.trainable else None
-        self._aead = AESGCM(key) if key is not None else None
-        self.connection = Connection(
+        connection = Connection(
             target,
             client_id,
             token=token,
@@ -149,18 +144,10 @@ class EdgeClient:
             timeout=timeout,
             retry_seconds=retry_seconds,
         )
-        self.info = info = self.connection.call(
-            "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
-        )
-        if (info.codec_up, info.codec_down) != (spec.codec_up, spec.codec_down):
-            raise ValueError(
-                f"the server uses codecs {info.codec_up}/{info.codec_down}, "
-                f"edge.json {spec.codec_up}/{spec.codec_down}"
-            )
-        self.output_dtypes = list(info.output_dtypes)
-        self.step = 0
+        super().__init__(connection, client_id, key, (spec.codec_up, spec.codec_down))
+        self.output_dtypes = list(self.info.output_dtypes)
+        self.steps = 0
         self.losses = []  # (step, loss the server reported) of every step
-        self.restarts = 0
         self._predictions = 0
         self.timings = []  # (seconds on the device, seconds in the round trip)
 
@@ -168,14 +155,12 @@ class EdgeClient:
     def _envelope(self, kind, step, cuts, labels=None):
         envelope = wire_pb2.Envelope(kind=kind, client_id=self.client_id, step=step)
         payloads = []
+        codec = self.spec.codec_up
         for cut in cuts:
-            parts = codecs.encode(self.spec.codec_up, cut)
-            encoded = envelope.tensors.add()
-            encoded.codec = self.spec.codec_up
-            encoded.dtype = cut.dtype.name
-            encoded.shape[:] = cut.shape
-            for part in parts:
-                wire.fill_array(encoded.parts.add(), part, payloads)
+            parts = codecs.encode(codec, cut)
+            wire.encoded_from_parts(
+                codec, cut.dtype, cut.shape, parts, envelope.tensors.add(), payloads
+            )
         if labels is not None:
             wire.fill_array(envelope.labels, np.asarray(labels, np.int64), payloads)
         return envelope, payloads
@@ -243,13 +228,13 @@ class EdgeClient:
         """One training step on (x, y); returns the loss the server reported."""
         x = np.asarray(x, np.float32)
         cuts = self.segment.forward(x)
-        step = self.step + 1
+        step = self.steps + 1
         shapes = [list(c.shape) for c in cuts]
         grads, loss = self._exchange(
             TRAIN, step, cuts, y, GRADIENTS, shapes, [c.dtype.name for c in cuts]
         )
         self.segment.backward(x, grads)
-        self.step = step
+        self.steps = step
         self.losses.append((step, loss))
         return loss
 
@@ -296,93 +281,44 @@ class EdgeClient:
             self._exchange(EVALUATE, i + 1, cuts, y, ACK, [], [])
 
     # -------------------------------------------------------------- turns
-    def begin_turn(self, epoch: int):
-        """Waits for this client's turn of `epoch` and loads the handed-on state.
-
-        Returns the TurnReply (ready=False: the turn has passed), or None
-        when the run is over.
-        """
-        while True:
-            turn = self.connection.call(
-                "BeginTurn",
-                wire_pb2.TurnRequest(client_id=self.client_id, epoch=epoch),
-                wire_pb2.TurnReply,
-            )
-            if turn.done:
-                return None
-            if turn.ready or (turn.epoch, turn.turn) > (epoch, self.client_id):
-                break
-        if turn.ready:
-            if turn.state:
-                _, plain = unseal(self._aead, turn.state, f"client {self.client_id}")
-                self.segment.load_state(unpack_arrays(plain))
-            else:
-                self.segment.load_state(self._initial)
-            self.step = int(turn.step)
-        return turn
-
-    def end_turn(self, epoch: int) -> None:
-        """Hands this client's sealed state on through the server."""
-        state = seal(
-            self._aead,
-            f"epoch {epoch} from client {self.client_id}",
-            pack_arrays(self.segment.state()),
+    def _load_state(self, plain):
+        self.segment.load_state(
+            self._initial if plain is None else unpack_arrays(plain)
         )
-        self.connection.call(
-            "EndTurn",
-            wire_pb2.TurnEnd(
-                client_id=self.client_id, epoch=epoch, step=self.step, state=state
-            ),
-            wire_pb2.TurnEndReply,
-        )
+
+    def _packed_state(self) -> bytes:
+        return pack_arrays(self.segment.state())
+
+    def _turn_restarted(self) -> None:
+        # The server rolled the turn back: its losses no longer count.
+        del self.losses[self._turn_start :]
 
     def run(self) -> dict:
         """Trains this client's turn of every epoch; returns its summary."""
-        started = time.monotonic()
-        last_client = self.info.num_clients - 1
-        if self.client_id == last_client and self.test is None:
+        if self.client_id == self.info.num_clients - 1 and self.test is None:
             raise ValueError(
                 "the last client of a round evaluates every epoch: pass test="
             )
-        epoch = int(self.info.epoch)
-        while epoch < self.info.epochs:
-            turn = self.begin_turn(epoch)
-            if turn is None:
-                break
-            if not turn.ready:
-                epoch += 1
-                continue
-            turn_start = len(self.losses)
-            try:
-                self._train_turn(epoch)
-                if self.client_id == last_client:
-                    self.evaluate()
-                self.end_turn(epoch)
-            except TurnRestarted as e:
-                del self.losses[turn_start:]  # the server rolled these back
-                self.restarts += 1
-                log.warning(
-                    "client %d: turn of epoch %d restarts: %s", self.client_id, epoch, e
-                )
-                continue
-            epoch += 1
+        started = time.monotonic()
+        self.run_turns()
         return {
-            "client_id": self.client_id,
-            "steps": self.step,
+            **self.connection_summary(),
             "losses": [loss for _, loss in self.losses],
-            "bytes_sent": self.connection.bytes_sent,
-            "bytes_received": self.connection.bytes_received,
-            "retries": self.connection.retries,
-            "restarted_turns": self.restarts,
             "wall_seconds": time.monotonic() - started,
         }
 
-    def _train_turn(self, epoch: int):
+    def _train_turn(self, epoch: int, evaluate: bool) -> dict:
+        """Trains one turn on the shard, then evaluates if asked; the server
+        holds the loss and the metrics, so there is nothing to report."""
+        self._turn_start = len(self.losses)
         spec = self.spec
         for x, y in batches(
             *self.shard, spec.batch_size, spec.seed, epoch, self.client_id
         ):
             self.train_step(x, y)
+        if evaluate:
+            self.evaluate()
+        return {}
 
     def close(self) -> None:
         self.connection.close()

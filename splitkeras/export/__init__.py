@@ -226,32 +226,22 @@ def export_from_workdir(
 
 
 def _restore(workdir, segments, optimizer, client_id) -> dict:
-    """Loads the trained client (and server) segments found in `workdir`."""
-    from splitkeras.checkpointing import party_checkpoint
+    """Loads the trained client (and, if there, server) segments of `workdir`."""
+    from splitkeras.checkpointing import load_trained
 
-    restored = {}
-    weights = os.path.join(workdir, "client.weights.h5")
-    directory = os.path.join(workdir, "checkpoints", f"client_{client_id}")
-    if os.path.exists(weights):
-        segments.client.load_weights(weights)
-        restored["client"] = weights
-    elif tf.train.latest_checkpoint(directory):
-        path = tf.train.latest_checkpoint(directory)
-        checkpoint = party_checkpoint([segments.client, segments.tail], optimizer)
-        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-        restored["client"] = path
-    else:
-        raise FileNotFoundError(
-            f"{workdir} has neither client.weights.h5 nor checkpoints under "
-            f"{directory}: point --workdir at a training run's directory"
+    restored = {
+        "client": load_trained(
+            [segments.client, segments.tail],
+            workdir,
+            f"client_{client_id}",
+            "client.weights.h5",
+            optimizer,
         )
-    server_weights = os.path.join(workdir, "server.weights.h5")
-    server_dir = os.path.join(workdir, "checkpoints", "server")
-    if os.path.exists(server_weights):
-        segments.server.load_weights(server_weights)
-        restored["server"] = server_weights
-    elif tf.train.latest_checkpoint(server_dir):
-        path = tf.train.latest_checkpoint(server_dir)
-        party_checkpoint([segments.server]).restore(path).expect_partial()
-        restored["server"] = path
+    }
+    try:
+        restored["server"] = load_trained(
+            [segments.server], workdir, "server", "server.weights.h5"
+        )
+    except FileNotFoundError:
+        pass  # a client's own workdir holds no server
     return restored

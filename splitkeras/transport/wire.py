@@ -210,9 +210,10 @@ def encoded_from_parts(
     """`Encoded` from a codec's wire parts (tensors or numpy arrays).
 
     `into` fills a message in place; `payloads` sends the bytes out of line.
+    `codec` is a codec or its name (the edge client's codecs are numpy).
     """
     encoded = wire_pb2.Encoded() if into is None else into
-    encoded.codec = codec.name
+    encoded.codec = codec if isinstance(codec, str) else codec.name
     encoded.dtype = dtype_name(dtype)
     encoded.shape[:] = [int(d) for d in shape]
     for part in parts:

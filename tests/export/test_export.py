@@ -205,3 +205,40 @@ class LiteGradientsTest(base.TestCase):
             segment, keras.optimizers.SGD(), self.tempdir(), training=False
         )
         self.assertLessEqual(report["artifacts"]["client.tflite"]["max_abs_diff"], 1e-4)
+
+
+class ExportFromWorkdirTest(base.TestCase):
+    def test_a_client_workdir_exports_its_trained_weights(self):
+        from splitkeras import experiment
+        from splitkeras.edge import EdgeSpec
+        from splitkeras.export import export_from_workdir
+        from tests.distributed.test_grpc_run import _setup, _write_npz
+
+        root = self.tempdir()
+        config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
+        segments = experiment.build_segments(config, experiment.load_data(config))
+        trained = [w + 0.5 for w in segments.client.get_weights()]
+        segments.client.set_weights(trained)
+        workdir = os.path.join(root, "client_0")
+        os.makedirs(workdir)
+        segments.client.save_weights(os.path.join(workdir, "client.weights.h5"))
+        out = os.path.join(root, "export")
+        report = export_from_workdir(config, workdir, out, quantize=())
+        self.assertEqual(
+            report["restored_from"],
+            {"client": os.path.join(workdir, "client.weights.h5")},
+        )
+        lite = LiteSegment(os.path.join(out, "client.tflite"))
+        self.assertWeightsClose(lite.state()[: len(trained)], trained, atol=0)
+        spec = EdgeSpec.read(os.path.join(out, "edge.json"))
+        self.assertEqual(spec.num_clients, config.num_clients)
+        self.assertTrue(os.path.isdir(os.path.join(out, "server_saved_model")))
+
+    def test_a_workdir_without_weights_is_refused(self):
+        from splitkeras.export import export_from_workdir
+        from tests.distributed.test_grpc_run import _setup, _write_npz
+
+        root = self.tempdir()
+        config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
+        with self.assertRaisesRegex(FileNotFoundError, "neither client.weights.h5"):
+            export_from_workdir(config, root, os.path.join(root, "export"))
