@@ -193,31 +193,17 @@ class EdgeClient(TurnClient):
         """A reply tensor, checked as the Keras client checks it."""
         what = f"reply tensor {index}"
         codec = self.spec.codec_down
-        if encoded.codec != codec:
-            raise wire.WireError(f"{what}: codec {encoded.codec!r}, expected {codec!r}")
-        if encoded.dtype != dtype:
-            raise wire.WireError(f"{what}: dtype {encoded.dtype!r}, expected {dtype!r}")
-        got = list(encoded.shape)
-        if shape is not None and got != list(shape):
-            raise wire.WireError(f"{what}: shape {got}, expected {list(shape)}")
-        wire_dtypes = codecs.wire_dtypes(codec, dtype)
-        if len(encoded.parts) != len(wire_dtypes):
-            raise wire.WireError(
-                f"{what}: {len(encoded.parts)} parts, codec {codec!r} sends "
-                f"{len(wire_dtypes)}"
-            )
-        parts = []
-        for i, (part, want, part_shape) in enumerate(
-            zip(encoded.parts, wire_dtypes, codecs.part_shapes(codec, dtype, got))
-        ):
-            if part.dtype != want.name:
-                raise wire.WireError(f"{what} part {i}: dtype {part.dtype!r}")
-            array = arrived.array(part, ("tensors", index, i), f"{what} part {i}")
-            if list(array.shape) != part_shape:
-                raise wire.WireError(
-                    f"{what} part {i}: shape {list(array.shape)}, expected {part_shape}"
-                )
-            parts.append(array)
+        parts = wire.check_parts(
+            encoded,
+            codec,
+            dtype,
+            shape,
+            [d.name for d in codecs.wire_dtypes(codec, dtype)],
+            lambda got: codecs.part_shapes(codec, dtype, got),
+            what,
+            arrived,
+            index,
+        )
         tensor = codecs.decode(codec, parts, dtype)
         if not np.all(np.isfinite(tensor.astype(np.float32))):
             raise wire.WireError(f"{what}: has non-finite values (NaN or Inf)")

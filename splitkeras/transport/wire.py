@@ -26,6 +26,7 @@ __all__ = [
     "Payloads",
     "WireError",
     "check_encoded",
+    "check_parts",
     "frame",
     "open_body",
     "from_array",
@@ -240,45 +241,70 @@ def check_encoded(encoded, codec, dtype, shape, what, payloads=None, index=0) ->
     import tensorflow as tf
 
     dtype = tf.as_dtype(dtype)
-    if encoded.codec != codec.name:
+    return check_parts(
+        encoded,
+        codec.name,
+        dtype.name,
+        shape,
+        [d.name for d in codec.wire_dtypes(dtype)],
+        lambda got: _part_shapes(codec, dtype, got),
+        what,
+        payloads,
+        index,
+    )
+
+
+def check_parts(
+    encoded, codec, dtype, shape, wire_dtypes, part_shapes, what, payloads, index
+) -> list:
+    """`check_encoded` with the codec described by names (no TensorFlow).
+
+    Args:
+      codec, dtype: the expected codec and decoded dtype names.
+      shape: the expected decoded shape (None entries match any size), or
+        None for any shape.
+      wire_dtypes: the dtype names of the parts the codec sends.
+      part_shapes: `part_shapes(decoded shape)` -> the parts' exact shapes.
+      The other arguments as `check_encoded`.
+    """
+    if encoded.codec != codec:
         raise WireError(
             f"{what}: encoded with codec {encoded.codec!r}, this party expects "
-            f"{codec.name!r}"
+            f"{codec!r}"
         )
-    if encoded.dtype != dtype.name:
-        raise WireError(f"{what}: dtype {encoded.dtype!r}, expected {dtype.name!r}")
+    if encoded.dtype != dtype:
+        raise WireError(f"{what}: dtype {encoded.dtype!r}, expected {dtype!r}")
     got = list(encoded.shape)
-    if len(got) != len(shape) or any(
-        e is not None and g != e for g, e in zip(got, shape)
+    if shape is not None and (
+        len(got) != len(shape)
+        or any(e is not None and g != e for g, e in zip(got, shape))
     ):
         expected = ["batch" if e is None else e for e in shape]
         raise WireError(f"{what}: shape {got}, expected {expected}")
     if any(d < 0 for d in got):
         raise WireError(f"{what}: negative dimension in shape {got}")
-    wire_dtypes = codec.wire_dtypes(dtype)
     if len(encoded.parts) != len(wire_dtypes):
         raise WireError(
-            f"{what}: {len(encoded.parts)} wire parts, codec {codec.name!r} "
+            f"{what}: {len(encoded.parts)} wire parts, codec {codec!r} "
             f"sends {len(wire_dtypes)}"
         )
     parts = []
     for i, (part, wire_dtype) in enumerate(zip(encoded.parts, wire_dtypes)):
-        if part.dtype != wire_dtype.name:
+        if part.dtype != wire_dtype:
             raise WireError(
                 f"{what}: wire part {i} has dtype {part.dtype!r}, codec "
-                f"{codec.name!r} sends {wire_dtype.name!r}"
+                f"{codec!r} sends {wire_dtype!r}"
             )
         name = f"{what} part {i}"
         if payloads is None:
             parts.append(from_array(part, name))
         else:
             parts.append(payloads.array(part, ("tensors", index, i), name))
-    expected = _part_shapes(codec, dtype, got)
-    for i, (part, want) in enumerate(zip(parts, expected)):
+    for i, (part, want) in enumerate(zip(parts, part_shapes(got))):
         if list(part.shape) != want:
             raise WireError(
                 f"{what}: wire part {i} has shape {list(part.shape)}, codec "
-                f"{codec.name!r} sends {want} for a tensor of shape {got}"
+                f"{codec!r} sends {want} for a tensor of shape {got}"
             )
     return parts
 
