@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 EDGE_VENV ?= .venv-edge
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdirs/fashion_mnist_lenet
+# pytest worker processes (pytest-xdist); one test file stays on one worker,
+# so its module-level fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install edge data train test lint format benchmark proto clean
 
@@ -46,7 +49,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: lint edge
-	SPLITKERAS_EDGE_PYTHON=$(EDGE_VENV)/bin/python $(PY) -m pytest tests -x -q
+	SPLITKERAS_EDGE_PYTHON=$(EDGE_VENV)/bin/python $(PY) -m pytest tests -x -q -n $(TEST_WORKERS) --dist loadfile
 
 format: install
 	$(VENV)/bin/ruff check --fix .
