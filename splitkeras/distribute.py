@@ -17,10 +17,19 @@ contiguous slice per replica, the loss is averaged over the global batch
 (`tf.nn.compute_average_loss`, so summing the replicas' gradients gives the
 one-device gradients), and the cut tensors' gradients come back in order.
 Batch normalization in the server segment is made synchronized, so its
-statistics are those of the whole batch, as on one device.
+statistics are those of the whole batch, as on one device, and random layers
+(dropout) draw different masks on different replicas.
+
+A batch with fewer examples than replicas is padded with copies of its rows
+that weigh nothing in the loss, so every replica has at least one example.
+The loss, the cut tensors' gradients and the update are then still exact for
+layers that treat examples independently; batch normalization's statistics
+of such a step include the copies.
 """
 
 from __future__ import annotations
+
+import os
 
 import keras
 import tensorflow as tf
@@ -32,6 +41,7 @@ __all__ = [
     "make_strategy",
     "replicate",
     "split_batch",
+    "worker_workdir",
 ]
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
@@ -83,10 +93,28 @@ def check_supported(config, strategy) -> None:
         )
     if config.train.get("jit_compile", False):
         raise ValueError(
-            "config.train.jit_compile with config.server.strategy: XLA cannot "
-            "compile a step that runs the strategy's replicas (their variables "
-            "live on other devices); turn one of them off"
+            "config.train.jit_compile with config.server.strategy: the "
+            "distributed server's replica step holds synchronization points "
+            "(gradient aggregation, synchronized batch norm), which tf.distribute "
+            "cannot run inside an XLA-compiled function; turn one of them off"
         )
+
+
+def worker_workdir(strategy, workdir: str) -> str:
+    """Where this process writes its run: `workdir` for the chief (worker 0
+    when the cluster has no "chief" task) or a one-process strategy, else
+    `workdir/worker_<index>`, so that workers sharing a file system do not
+    overwrite each other's checkpoints and summaries (each resumes from its
+    own)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if task_type is None or task_type == "chief":
+        return workdir
+    index = int(resolver.task_id)
+    if task_type == "worker" and index == 0:
+        if "chief" not in resolver.cluster_spec().as_dict():
+            return workdir
+    return os.path.join(workdir, f"{task_type}_{index}")
 
 
 def _split_cpu(count: int) -> None:
@@ -105,15 +133,39 @@ def _split_cpu(count: int) -> None:
         ) from e
 
 
+class _ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """A seed generator whose draws differ between replicas.
+
+    Keras mirrors a layer's seed state, so under a strategy every replica
+    would draw the same seed and, for slices of one shape, the same dropout
+    mask: the replica id is folded into each draw.
+    """
+
+    def next(self, ordered=True):
+        seed = super().next(ordered=ordered)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return seed
+        folded = tf.random.experimental.stateless_fold_in(
+            seed, context.replica_id_in_sync_group
+        )
+        return tf.cast(folded, seed.dtype)
+
+
 def _synchronized(layer):
-    """A fresh copy of `layer`; batch normalization becomes synchronized,
-    also inside nested models."""
+    """A fresh copy of `layer`: batch normalization synchronized and random
+    draws (dropout, noise) per replica, also inside nested models."""
     if isinstance(layer, keras.Model):
         return keras.models.clone_model(layer, clone_function=_synchronized)
     config = layer.get_config()
     if isinstance(layer, keras.layers.BatchNormalization):
         config["synchronized"] = True
-    return layer.__class__.from_config(config)
+    copy = layer.__class__.from_config(config)
+    for value in vars(copy).values():
+        if type(value) is keras.random.SeedGenerator:
+            # Same state, one method more: the layer keeps tracking it.
+            value.__class__ = _ReplicaSeedGenerator
+    return copy
 
 
 def replicate(segment, strategy):
@@ -130,13 +182,29 @@ def replicate(segment, strategy):
 
 def split_batch(strategy, tensors):
     """Per-replica values: replica i gets the i-th contiguous slice of every
-    tensor in `tensors` (a list, all with the same batch size). With B
-    examples and n replicas the first B mod n replicas get one more."""
+    tensor in `tensors` (a list, all with the same batch size), and last a
+    float32 vector saying which of its rows are the batch's own (1) and which
+    are padding (0).
+
+    With B >= n examples and n replicas the first B mod n replicas get one
+    more example. With 0 < B < n the batch is first padded to n rows by
+    repeating its rows, so no replica gets an empty slice (TensorFlow's CPU
+    convolutions mishandle empty batches); give padding rows zero weight.
+    """
     n = strategy.num_replicas_in_sync
     batch = tf.shape(tensors[0])[0]
-    base, extra = batch // n, batch % n
-    sizes = tf.stack([base + tf.cast(i < extra, batch.dtype) for i in range(n)])
-    pieces = [tf.split(t, sizes, num=n, axis=0) for t in tensors]
+    size = tf.maximum(batch, n)
+    real = tf.cast(tf.range(size) < batch, tf.float32)
+
+    def padded():
+        rows = tf.range(size) % tf.maximum(batch, 1)
+        return [tf.gather(t, rows) for t in tensors]
+
+    if len(tensors) and n > 1:
+        tensors = tf.cond(batch < n, padded, lambda: [tf.identity(t) for t in tensors])
+    base, extra = size // n, size % n
+    sizes = tf.stack([base + tf.cast(i < extra, size.dtype) for i in range(n)])
+    pieces = [tf.split(t, sizes, num=n, axis=0) for t in [*tensors, real]]
 
     def value(context):
         i = context.replica_id_in_sync_group
@@ -145,7 +213,9 @@ def split_batch(strategy, tensors):
     return strategy.experimental_distribute_values_from_function(value)
 
 
-def gather(strategy, per_replica):
+def gather(strategy, per_replica, batch=None):
     """Every replica's value, on every worker, concatenated in replica order
-    (axis 0): the inverse of `split_batch`."""
-    return strategy.gather(per_replica, axis=0)
+    (axis 0): the inverse of `split_batch`. `batch` (the batch size before
+    `split_batch` padded it) drops the padding rows."""
+    gathered = strategy.gather(per_replica, axis=0)
+    return gathered if batch is None else gathered[:batch]

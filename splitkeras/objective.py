@@ -20,6 +20,11 @@ def metric_names(config) -> tuple:
     return tuple(m.strip() for m in names.split(",") if m.strip()) or ("accuracy",)
 
 
+def _in_float32(tensor):
+    tensor = tf.convert_to_tensor(tensor)
+    return tf.cast(tensor, tf.float32) if tensor.dtype.is_floating else tensor
+
+
 class _Mean:
     """A per-example loss function reduced as Keras does ("sum over batch")."""
 
@@ -78,6 +83,9 @@ class Objective:
         """The loss of each example in float32 (for `tf.distribute`): the
         mean over any further axes, so that averaging over the global batch
         gives the "sum over batch size" reduction of the one-device loss."""
+        # As Keras's Loss.__call__ does: 16-bit outputs of a mixed-precision
+        # segment are scored in float32.
+        y_pred = tf.nest.map_structure(_in_float32, y_pred)
         if isinstance(self.loss, _Mean):
             values = self.loss.fn(y, y_pred)
         else:

@@ -118,6 +118,7 @@ class Client:
             targets.append(forward.reg)
             seeds.append(tf.ones_like(forward.reg))
         scale = loss_scale(self.optimizer)
+        server_skipped = None
         if scale is not None:
             # Mixed float16: this client scales its own backward pass (so
             # small gradients do not underflow in float16); its loss scale
@@ -131,6 +132,9 @@ class Client:
             tail_grads = [
                 None if g is None else g * tf.cast(scale, g.dtype) for g in tail_grads
             ]
+            self.build_optimizer()
+            state = [self.optimizer.dynamic_scale, self.optimizer.step_counter]
+            kept = [tf.identity(v) for v in state]
         head_grads = forward.tape.gradient(targets, head_vars, output_gradients=seeds)
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
@@ -139,6 +143,10 @@ class Client:
             list(head_grads) + list(tail_grads),
             list(head_vars) + list(tail_vars),
         )
+        if server_skipped is not None:
+            # The overflow was the server's: this client's scale stays.
+            for variable, value in zip(state, kept):
+                variable.assign(tf.where(server_skipped, value, variable))
 
     def train_step(self, link, step, x, y, sample_weight=None):
         """One training step; returns the loss reported by the label holder."""

@@ -124,68 +124,70 @@ class Server(SegmentParty):
 
     def _train_distributed(self, message):
         """The vanilla step with the batch split over the strategy's replicas."""
-        strategy, objective = self.strategy, self.objective
+        strategy = self.strategy
         cut = list(message.tensors)
-        count = len(cut)
-        weighted = message.sample_weight is not None
-        extras = [message.labels] + ([message.sample_weight] if weighted else [])
-        global_batch = tf.shape(cut[0])[0]
-        variables = self.trainable_variables
+        batch = tf.shape(cut[0])[0]
+        weights = message.sample_weight
+        if weights is None:  # ones: the loss is then exactly the unweighted one
+            weights = tf.ones([batch], tf.float32)
+        weights = tf.cast(weights, tf.float32)
+        values = split_batch(strategy, [*cut, message.labels, weights])
         scale = loss_scale(self.optimizer)
-
-        def step(values):
-            pieces, y = values[:count], values[count]
-            w = values[count + 1] if weighted else None
-            with tf.GradientTape() as tape:
-                tape.watch(pieces)
-                inputs = pieces[0] if count == 1 else pieces
-                y_pred = self.segment(inputs, training=True)
-                loss = tf.nn.compute_average_loss(
-                    objective.per_example_loss(y, y_pred),
-                    sample_weight=w,
-                    global_batch_size=global_batch,
-                )
-                reg = regularization(self.segment)
-                total = (
-                    loss if reg is None else loss + tf.nn.scale_regularization_loss(reg)
-                )
-                if scale is not None:  # mixed float16: the server's loss scale
-                    total = total * tf.cast(scale, total.dtype)
-            grads = tape.gradient(total, pieces + variables)
-            cut_grads, var_grads = _cut_gradients(grads[:count], pieces), grads[count:]
-            finite = tf.constant(True)
-            if scale is not None:  # skip on every replica if one overflowed
-                local = tf.cast(all_finite(cut_grads + var_grads), tf.float32)
-                context = tf.distribute.get_replica_context()
-                overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - local)
-                finite = overflowed == 0
-                var_grads = skip_unless(finite, var_grads)
-            # Inside a replica, the optimizer sums the replicas' gradients.
-            apply_gradients(self.optimizer, var_grads, variables)
-            return cut_grads, y_pred, loss, finite
-
-        values = split_batch(strategy, cut + extras)
-        cut_grads, y_pred, loss, finite = strategy.run(step, args=(values,))
-        grads = [gather(strategy, g) for g in cut_grads]
+        cut_grads, y_pred, loss, finite = strategy.run(
+            lambda v: self._replica_step(v, len(cut), batch, scale), args=(values,)
+        )
+        grads = [gather(strategy, g, batch) for g in cut_grads]
         if scale is not None:
             finite = strategy.experimental_local_results(finite)[0]
             grads = unscale(grads, scale, finite)
-        y_pred = tf.nest.map_structure(lambda t: gather(strategy, t), y_pred)
+        y_pred = tf.nest.map_structure(lambda t: gather(strategy, t, batch), y_pred)
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-        objective.track(message.labels, y_pred, loss, message.sample_weight, True)
+        self.objective.track(
+            message.labels, y_pred, loss, message.sample_weight, training=True
+        )
         return self._reply(message, Kind.GRADIENTS, grads, loss=loss)
+
+    def _replica_step(self, values, count, global_batch, scale):
+        """One replica's part of `_train_distributed`: its slice's loss as a
+        share of the global batch's mean; the optimizer sums the replicas'
+        gradients."""
+        pieces, (y, weights, real) = list(values[:count]), values[count:]
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            tape.watch(pieces)
+            y_pred = self.segment(
+                pieces[0] if count == 1 else pieces, training=True
+            )
+            loss = tf.nn.compute_average_loss(
+                self.objective.per_example_loss(y, y_pred),
+                sample_weight=weights * real,
+                global_batch_size=global_batch,
+            )
+            total = loss + _regularization_share(self.segment, real, global_batch)
+            if scale is not None:  # mixed float16: the server's loss scale
+                total = total * tf.cast(scale, total.dtype)
+        grads = tape.gradient(total, pieces + variables)
+        cut_grads, var_grads = _cut_gradients(grads[:count], pieces), grads[count:]
+        finite = tf.constant(True)
+        if scale is not None:  # one overflow on any replica skips every replica
+            finite = _finite_everywhere(cut_grads + var_grads)
+            var_grads = skip_unless(finite, var_grads)
+        apply_gradients(self.optimizer, var_grads, variables)
+        return cut_grads, y_pred, loss, finite
 
     def _infer_distributed(self, inputs):
         cut = tf.nest.flatten(inputs)
+        batch = tf.shape(cut[0])[0]
 
-        def forward(pieces):
+        def forward(values):
+            pieces = values[:-1]  # the last one marks padding rows
             outputs = self.segment(
                 pieces[0] if len(pieces) == 1 else pieces, training=False
             )
             return tf.nest.flatten(outputs)
 
         outputs = self.strategy.run(forward, args=(split_batch(self.strategy, cut),))
-        return [gather(self.strategy, t) for t in outputs]
+        return [gather(self.strategy, t, batch) for t in outputs]
 
     def _train_ushaped(self, message):
         cut, inputs = self._inputs(message)
@@ -230,6 +232,26 @@ class Server(SegmentParty):
             tensors=tuple(tensors),
             loss=loss,
         )
+
+
+def _regularization_share(segment, real, global_batch):
+    """This replica's share of the segment's regularization: the fraction of
+    the global batch it holds (`real` marks its own rows). Weight penalties
+    then add up to one copy over the replicas, and activity penalties, which
+    Keras divides by the local batch, to the one-device value even when the
+    slices differ in size."""
+    reg = regularization(segment)
+    if reg is None:
+        return 0.0
+    share = tf.reduce_sum(real) / tf.cast(global_batch, tf.float32)
+    return reg * tf.cast(share, reg.dtype)
+
+
+def _finite_everywhere(gradients):
+    """True on every replica when no replica's `gradients` overflowed."""
+    local = tf.cast(all_finite(gradients), tf.float32)
+    context = tf.distribute.get_replica_context()
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - local) == 0
 
 
 def _cut_gradients(grads, cut) -> list:

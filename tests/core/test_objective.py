@@ -39,3 +39,16 @@ class ObjectiveTest(base.TestCase):
         self.assertAlmostEqual(
             float(mse(np.ones((2, 1)), np.zeros((2, 1)), np.array([1.0, 0.0]))), 0.5
         )
+
+    def test_per_example_loss_scores_16_bit_outputs_in_float32(self):
+        import tensorflow as tf
+
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        rng = np.random.default_rng(0)
+        logits = tf.constant(rng.normal(size=(64, 1000)) * 4, tf.float16)
+        y = tf.constant(rng.integers(0, 1000, 64))
+        values = Objective(loss).per_example_loss(y, logits)
+        self.assertEqual(values.dtype, tf.float32)
+        # Keras's own loss casts the float16 logits to float32 first.
+        expected = float(loss(y, logits))
+        self.assertAlmostEqual(float(tf.reduce_mean(values)), expected, places=5)

@@ -19,19 +19,24 @@ from tests.distributed.test_grpc_run import _loaded, _setup, _write_npz
 SETTINGS = {"strategy": "mirrored", "logical_cpus": 2}
 
 
-def _segment():
+def _segment(batch_norm=True):
+    """Conv (+ batch norm) -> ReLU -> Dense with a weight penalty; without
+    batch norm the Dense layer also has an activity penalty (Keras divides
+    it by the local batch, so uneven slices test its scaling)."""
     inputs = keras.Input((6, 6, 4))
     h = keras.layers.Conv2D(5, 3, padding="same")(inputs)
-    h = keras.layers.BatchNormalization()(h)
+    if batch_norm:
+        h = keras.layers.BatchNormalization()(h)
     h = keras.layers.ReLU()(h)
     h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(3, kernel_regularizer="l2")(h)
+    activity = None if batch_norm else keras.regularizers.L2(0.5)
+    h = keras.layers.Dense(3, kernel_regularizer="l2", activity_regularizer=activity)(h)
     return keras.Model(inputs, h)
 
 
-def _servers(strategy):
+def _servers(strategy, batch_norm=True):
     keras.utils.set_random_seed(0)
-    segment = _segment()
+    segment = _segment(batch_norm)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     # SGD: Adam's first steps turn rounding noise in near-zero gradients
     # into +-lr, which would test the noise rather than the gradients.
@@ -112,6 +117,55 @@ class MirroredServerTest(base.TestCase):
             single.objective.result(training=False)["loss"],
             5,
         )
+
+    def test_activity_penalty_and_batches_smaller_than_the_replicas(self):
+        """Uneven slices (7 = 4 + 3) and a single example (padded to one row
+        per replica) give the one-device loss, gradients and weights."""
+        single, multi = _servers(self.strategy, batch_norm=False)
+        rng = np.random.default_rng(3)
+        for batch in (7, 1):
+            a = tf.constant(rng.normal(size=(batch, 6, 6, 4)), tf.float32)
+            y = tf.constant(rng.integers(0, 3, batch), tf.int64)
+            message = Message(Kind.TRAIN, 0, 1, (a,), y)
+            expected, got = single.handle(message), multi.handle(message)
+            self.assertEqual(got.tensors[0].shape, a.shape)
+            np.testing.assert_allclose(
+                got.tensors[0].numpy(), expected.tensors[0].numpy(), atol=1e-6
+            )
+            np.testing.assert_allclose(float(got.loss), float(expected.loss), atol=1e-6)
+            self.assertWeightsClose(
+                multi.segment.get_weights(), single.segment.get_weights(), atol=1e-6
+            )
+        for kind in (Kind.PREDICT, Kind.EVALUATE):
+            message = Message(kind, 0, 2, (a,), y)
+            expected, got = single.handle(message), multi.handle(message)
+            for e, g in zip(expected.tensors, got.tensors):
+                self.assertEqual(g.shape, e.shape)
+                np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5)
+        self.assertAlmostEqual(
+            multi.objective.result(training=False)["loss"],
+            single.objective.result(training=False)["loss"],
+            5,
+        )
+
+    def test_replicas_draw_different_dropout_masks(self):
+        inputs = keras.Input((64,))
+        outputs = keras.layers.Dense(2)(keras.layers.Dropout(0.5)(inputs))
+        segment = keras.Model(inputs, outputs)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        copy = distribute.replicate(segment, self.strategy)
+        with self.strategy.scope():
+            optimizer = keras.optimizers.SGD(0.0)
+        server = Server(copy, optimizer, Objective(loss), strategy=self.strategy)
+        server.build_optimizer()
+        # Identical rows: a row's input gradient is zero where it was dropped.
+        a, y = tf.ones((4, 64)), tf.zeros([4], tf.int64)
+        kept = server.handle(Message(Kind.TRAIN, 0, 1, (a,), y)).tensors[0] != 0
+        kept = kept.numpy()
+        self.assertFalse(np.array_equal(kept[:2], kept[2:]))  # replica 0 vs 1
+        self.assertFalse(np.array_equal(kept[0], kept[1]))  # rows of one replica
+        self.assertGreater(kept.mean(), 0.3)
+        self.assertLess(kept.mean(), 0.7)
 
     def test_nested_batch_norm_is_synchronized(self):
         inner_inputs = keras.Input((4,))

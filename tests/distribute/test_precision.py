@@ -8,6 +8,7 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
 from splitkeras import data as data_lib
 from splitkeras import distribute, experiment, federation
@@ -18,6 +19,7 @@ from tests import base
 from tests.distributed.test_grpc_run import _setup, _write_npz
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+ONE = {"num_clients": 1}  # topologies of one client
 
 
 @contextlib.contextmanager
@@ -141,12 +143,85 @@ class RunTest(base.TestCase):
         sgd = {"train.optimizer": "sgd", "train.learning_rate": 0.05}
         plain, _ = self._train(**sgd)
         xla, _ = self._train(**sgd, **{"train.jit_compile": True})
+        self.assertTrue(all(f._jit_compile for f in _step_functions(xla)))
         self.assertWeightsClose(
             xla.server.segment.get_weights(), plain.server.segment.get_weights()
         )
         self.assertWeightsClose(
             xla.clients[1].segment.get_weights(), plain.clients[1].segment.get_weights()
         )
+
+    def test_split_model_fit_with_xla_equals_plain(self):
+        weights = {}
+        for jit in (False, True):
+            settings = {"num_clients": 1, "train.optimizer": "sgd"}
+            config, _ = _setup(self.data, **settings, **{"train.jit_compile": jit})
+            arrays = data_lib.load(config.data.name, config.data.path, False)
+            trainer = experiment.build_trainer(
+                config, experiment.build_model(config, arrays)
+            )
+            dataset = data_lib.train_dataset(
+                arrays.x_train, arrays.y_train, 32, config.seed, 0
+            )
+            trainer.fit(dataset, epochs=1, verbose=0)
+            self.assertEqual(bool(trainer.jit_compile), jit)
+            weights[jit] = trainer.get_weights()
+        self.assertWeightsClose(weights[True], weights[False])
+
+    def test_grpc_service_steps_compile_with_xla(self):
+        from splitkeras.transport.grpc_server import SplitService
+
+        full, served = _server_segment(), _server_segment()
+        served.set_weights(full.get_weights())
+        reference = Server(full, keras.optimizers.SGD(0.1), Objective(LOSS))
+        service = SplitService(
+            Server(served, keras.optimizers.SGD(0.1), Objective(LOSS)),
+            num_clients=1,
+            epochs=1,
+            checkpoint_dir=self.tempdir(),
+            jit_compile=True,
+        )
+        for function in (service._train, service._evaluate, service._predict):
+            self.assertTrue(function._jit_compile)
+        message = LossScaleTest._message(self)
+        grads, loss = service._train(list(message.tensors), message.labels, None)
+        expected = reference.handle(message)
+        np.testing.assert_allclose(
+            grads[0].numpy(), expected.tensors[0].numpy(), atol=1e-5
+        )
+        self.assertAlmostEqual(float(loss), float(expected.loss), places=5)
+        self.assertWeightsClose(
+            service.server.segment.get_weights(), full.get_weights()
+        )
+
+    @parameterized.named_parameters(
+        ("ushaped", {"topology": "ushaped", "model.cut": "pool1,fc2"}),
+        ("splitfed_v1", {"method": "splitfed_v1"}),
+        ("vertical", {"topology": "vertical"}),
+        ("multihop", {"topology": "multihop", "model.cut": "pool1,fc1", **ONE}),
+        ("multitask", {"topology": "multitask", "model.cut": "fc2", **ONE}),
+        ("fedavg", {"method": "fedavg"}),
+        ("large_batch_sgd", {"method": "large_batch_sgd"}),
+    )
+    def test_every_schedule_compiles_with_xla(self, overrides):
+        settings = {
+            "train.optimizer": "sgd",
+            "train.learning_rate": 0.05,
+            "multitask.groups": "0,1,1",
+            **overrides,
+        }
+        results = {}
+        for jit in (False, True):
+            schedule, _ = self._train(**settings, **{"train.jit_compile": jit})
+            functions = _step_functions(schedule)
+            self.assertNotEmpty(functions)
+            self.assertTrue(all(bool(f._jit_compile) == jit for f in functions))
+            config, _ = _setup(self.data, **settings)
+            arrays = data_lib.load(config.data.name, config.data.path, False)
+            results[jit] = schedule.evaluate(federation.test_data(config, arrays))
+        self.assertEqual(results[True].keys(), results[False].keys())
+        for key, value in results[False].items():
+            self.assertAlmostEqual(results[True][key], value, places=4, msg=key)
 
     def test_mixed_float16_trains_with_float32_weights(self):
         schedule, logs = self._train(**{"train.mixed_precision": "mixed_float16"})
@@ -165,6 +240,19 @@ class RunTest(base.TestCase):
         config.topology = "ushaped"
         with self.assertRaisesRegex(ValueError, "use mixed_bfloat16"):
             experiment._optimizer(config)
+
+
+def _step_functions(schedule) -> list:
+    """The `tf.function`s a schedule compiled its steps into (not the vertical
+    server's id check, which runs beside an XLA step: XLA cannot hold it)."""
+    found = []
+    for name, value in vars(schedule).items():
+        if name == "_check_fn":
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, tf.types.experimental.PolymorphicFunction):
+                found.append(item)
+    return found
 
 
 class DistributedLossScaleTest(base.TestCase):
@@ -200,12 +288,17 @@ class DistributedLossScaleTest(base.TestCase):
             multi.segment.get_weights(), single.segment.get_weights(), atol=1e-3
         )
 
-    def test_mirrored_overflow_skips_on_every_replica(self):
-        _, multi = self._servers(initial_scale=1e30)
+    def test_an_overflow_on_one_replica_skips_every_replica(self):
+        _, multi = self._servers()
         before = multi.segment.get_weights()
-        reply = multi.handle(LossScaleTest._message(self))
+        message = LossScaleTest._message(self)
+        # Only the second replica's slice (rows 3-5) overflows in float16.
+        a = message.tensors[0].numpy()
+        a[3:] *= 3e3
+        reply = multi.handle(message.replace(tensors=(tf.constant(a),)))
         self.assertEqual(_max(reply.tensors[0]), 0.0)
         self.assertWeightsClose(multi.segment.get_weights(), before, atol=0)
+        self.assertEqual(float(multi.optimizer.scale_loss(1.0)), 2.0**14)  # halved once
 
     def test_client_skips_when_the_server_skipped(self):
         _, half = _pair(_client_segment)
@@ -217,9 +310,22 @@ class DistributedLossScaleTest(base.TestCase):
         g = tf.ones((4, 8, 8, 3)) * 0.1
         client.backward(client.forward(x), [g])  # momentum now carries a step
         before, steps = half.get_weights(), int(optimizer.iterations)
+        scale = float(optimizer.scale_loss(1.0))
         client.backward(client.forward(x), [tf.zeros_like(g)])  # server skipped
         self.assertWeightsClose(half.get_weights(), before, atol=0)
         self.assertEqual(int(optimizer.iterations), steps)
+        # The overflow was not this client's: its own loss scale stays.
+        self.assertEqual(float(optimizer.scale_loss(1.0)), scale)
+
+    def test_client_backs_off_on_its_own_overflow(self):
+        _, half = _pair(_client_segment)
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        client = Client(half, optimizer)
+        x = tf.constant(np.random.default_rng(2).normal(size=(4, 8, 8, 2)), tf.float32)
+        before = half.get_weights()
+        client.backward(client.forward(x), [tf.ones((4, 8, 8, 3)) * 1e3])
+        self.assertWeightsClose(half.get_weights(), before, atol=0)
+        self.assertEqual(float(optimizer.scale_loss(1.0)), 2.0**14)
 
 
 class RefusedTest(base.TestCase):
@@ -227,7 +333,7 @@ class RefusedTest(base.TestCase):
         config, _ = _setup("unused.npz")
         strategy = distribute.make_strategy({"strategy": "mirrored", "logical_cpus": 2})
         config.train.jit_compile = True
-        with self.assertRaisesRegex(ValueError, "XLA cannot compile"):
+        with self.assertRaisesRegex(ValueError, "inside an XLA-compiled function"):
             distribute.check_supported(config, strategy)
         config.train.jit_compile = False
         config.method = "fedavg"
