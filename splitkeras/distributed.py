@@ -96,6 +96,14 @@ def serve(
       on_started: called with the bound port once the server listens.
     """
     _check_supported(config)
+    if config.get("server", {}).get("strategy", "none") == "multi_worker":
+        # Only the worker a client calls would enter each step's collectives.
+        raise ValueError(
+            "config.server.strategy='multi_worker' does not serve gRPC clients "
+            "yet (the first worker does not relay their messages to the "
+            "others): serve with 'mirrored' on one machine, or run multi_worker "
+            "in-process with scripts/train.py on every worker"
+        )
     strategy = distribute.make_strategy(config.get("server", {}))  # first
     distribute.check_supported(config, strategy)
     settings = grpc_settings(config)

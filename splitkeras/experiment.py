@@ -276,7 +276,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     Args:
       config: an `ml_collections.ConfigDict` from `configs/`.
-      workdir: where the run writes everything (created if missing).
+      workdir: where the run writes everything (created if missing); a
+        non-chief worker of a multi_worker server writes into
+        `workdir/worker_<index>` instead (`distribute.worker_workdir`).
 
     Returns:
       The summary written to `workdir/summary.json`.
@@ -287,6 +289,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # First: logical devices can only be set up before TensorFlow places ops.
     strategy = distribute.make_strategy(config.get("server", {}))
     distribute.check_supported(config, strategy)
+    workdir = distribute.worker_workdir(strategy, workdir)
     tf.io.gfile.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

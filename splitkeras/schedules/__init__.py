@@ -34,6 +34,16 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
     """
     k = config.num_clients
     distribute.check_supported(config, server_strategy)
+    # What every schedule takes from config.train.
+    common = {
+        "metrics": metric_names(config),
+        "jit_compile": bool(config.train.get("jit_compile", False)),
+    }
+    split_common = {
+        **common,
+        "codec": codec_pair(config),
+        "run_eagerly": config.train.run_eagerly,
+    }
     if config.topology == "vertical":
         segments = [cut(build_model(), at) for _ in range(k)]
         return VerticalSplit(
@@ -42,8 +52,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             merge=config.vertical.merge,
-            codec=codec_pair(config),
-            run_eagerly=config.train.run_eagerly,
+            **split_common,
         )
     if config.topology == "multitask":
         model = build_model()
@@ -52,8 +61,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             at,
             make_optimizer,
             [loss] * len(model.outputs),
-            codec=codec_pair(config),
-            run_eagerly=config.train.run_eagerly,
+            **split_common,
         )
     if config.topology == "multihop":
         return MultiHop(
@@ -61,8 +69,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             at,
             make_optimizer,
             loss,
-            codec=codec_pair(config),
-            run_eagerly=config.train.run_eagerly,
+            **split_common,
         )
     if config.method in ("splitfed_v1", "splitfed_v2"):
         return SplitFed(
@@ -72,9 +79,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             version=int(config.method[-1]),
-            metrics=metric_names(config),
-            codec=codec_pair(config),
-            run_eagerly=config.train.run_eagerly,
+            **split_common,
         )
     if config.method == "split":
         return RoundRobin(
@@ -84,11 +89,8 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             handoff=config.weight_handoff,
-            codec=codec_pair(config),
-            run_eagerly=config.train.run_eagerly,
             server_strategy=server_strategy,
-            jit_compile=bool(config.train.get("jit_compile", False)),
-            metrics=metric_names(config),
+            **split_common,
         )
     if config.method == "fedavg":
         return FedAvg(
@@ -97,8 +99,8 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             local_epochs=config.fedavg.local_epochs,
-            metrics=metric_names(config),
+            **common,
         )
     if config.method == "large_batch_sgd":
-        return LargeBatchSGD(build_model, k, make_optimizer, loss, metric_names(config))
+        return LargeBatchSGD(build_model, k, make_optimizer, loss, **common)
     raise ValueError(f"no multi-client schedule for config.method {config.method!r}")

@@ -18,7 +18,11 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
-from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.parties.segment_step import (
+    apply_gradients,
+    compiled,
+    regularization,
+)
 from splitkeras.schedules.whole_model import WholeModelBaseline
 
 __all__ = ["FedAvg"]
@@ -44,6 +48,7 @@ class FedAvg(WholeModelBaseline):
       loss: a Keras loss (name or instance), reduced over the batch.
       metrics: metric names or instances for training and evaluation.
       local_epochs: passes each client makes over its dataset per round.
+      jit_compile: compile the local steps with XLA.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class FedAvg(WholeModelBaseline):
         loss,
         metrics=("accuracy",),
         local_epochs: int = 1,
+        jit_compile: bool = False,
     ):
         _check_positive("num_clients", num_clients)
         _check_positive("local_epochs", local_epochs)
@@ -71,11 +77,11 @@ class FedAvg(WholeModelBaseline):
             [v.numpy() for v in o.variables] for o in self.optimizers
         ]
         self._steps = [
-            tf.function(self._local_step(m, o), reduce_retracing=True)
+            compiled(self._local_step(m, o), jit_compile=jit_compile)
             for m, o in zip(self.local_models, self.optimizers)
         ]
         self._model_bytes = _WIRE_BYTES * sum(_size(w) for w in self._weights)
-        self._init_baseline(num_clients, loss, metrics)
+        self._init_baseline(num_clients, loss, metrics, jit_compile)
 
     @property
     def served_model(self):

@@ -28,7 +28,11 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
-from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.parties.segment_step import (
+    apply_gradients,
+    compiled,
+    regularization,
+)
 from splitkeras.schedules.whole_model import WholeModelBaseline
 
 __all__ = ["LargeBatchSGD"]
@@ -51,6 +55,7 @@ class LargeBatchSGD(WholeModelBaseline):
       make_optimizer: zero-argument callable returning a new Keras optimizer.
       loss: a Keras loss (name or instance), reduced over the batch.
       metrics: metric names or instances for training and evaluation.
+      jit_compile: compile the steps with XLA.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class LargeBatchSGD(WholeModelBaseline):
         make_optimizer: Callable[[], keras.optimizers.Optimizer],
         loss,
         metrics=("accuracy",),
+        jit_compile: bool = False,
     ):
         if not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(
@@ -74,11 +80,11 @@ class LargeBatchSGD(WholeModelBaseline):
         self._state = self.model.non_trainable_weights
         self._gradient_sum = [_zeros_like(v) for v in self._trainable]
         self._state_update_sum = [_zeros_like(v) for v in self._state]
-        self._client_step = tf.function(self._accumulate, reduce_retracing=True)
-        self._apply_step = tf.function(self._apply, reduce_retracing=True)
+        self._client_step = compiled(self._accumulate, jit_compile=jit_compile)
+        self._apply_step = compiled(self._apply, jit_compile=jit_compile)
         self._down_bytes = _WIRE_BYTES * _count(self.model.weights)
         self._up_bytes = _WIRE_BYTES * _count(self._trainable + self._state)
-        self._init_baseline(num_clients, loss, metrics)
+        self._init_baseline(num_clients, loss, metrics, jit_compile)
 
     @property
     def served_model(self):

@@ -70,6 +70,7 @@ class MultiHop:
       codec: the wire codec of every hop: one name (both directions) or an
         (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as `tf.function`s.
+      jit_compile: compile the steps with XLA.
 
     Attributes:
       client: the `Client` (segment 0, the raw data).
@@ -88,6 +89,7 @@ class MultiHop:
         metrics=("accuracy",),
         codec: str | tuple[str, str] = "float32",
         run_eagerly: bool = False,
+        jit_compile: bool = False,
     ):
         make = optimizer_factory(make_optimizer)
         first, *middle, last = hop_segments(model, at)
@@ -105,7 +107,7 @@ class MultiHop:
             party.build_optimizer()
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
-        steps = [compiled(f, run_eagerly) for f in steps]
+        steps = [compiled(f, run_eagerly, jit_compile) for f in steps]
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
 
     @property

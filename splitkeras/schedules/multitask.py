@@ -130,6 +130,7 @@ class MultiTask:
       codec: the wire codec of every client-head link: one name (both
         directions) or an (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as `tf.function`s.
+      jit_compile: compile the steps with XLA.
 
     Attributes:
       client: the `Client` holding the raw data and the client segment.
@@ -150,6 +151,7 @@ class MultiTask:
         metrics=("accuracy",),
         codec: str | tuple[str, str] = "float32",
         run_eagerly: bool = False,
+        jit_compile: bool = False,
     ):
         names = (at,) if isinstance(at, str) else tuple(at)
         if len(names) != 1:
@@ -179,7 +181,7 @@ class MultiTask:
             party.build_optimizer()
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
-        steps = [compiled(f, run_eagerly) for f in steps]
+        steps = [compiled(f, run_eagerly, jit_compile) for f in steps]
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
 
     @property

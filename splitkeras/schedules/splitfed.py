@@ -67,6 +67,7 @@ class SplitFed:
       codec: wire codec of the transport: one name (activations and
         gradients) or an (activations, gradients) pair.
       run_eagerly: do not compile steps, for debugging.
+      jit_compile: compile the steps with XLA.
 
     Raises:
       ValueError: for an unknown version, fewer than one client, or a
@@ -84,6 +85,7 @@ class SplitFed:
         version: int = 1,
         codec: str | tuple[str, str] = "float32",
         run_eagerly: bool = False,
+        jit_compile: bool = False,
     ):
         if version not in VERSIONS:
             raise ValueError(
@@ -106,9 +108,11 @@ class SplitFed:
         self.fed_server = FedServer(num_clients)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._train_fns = [
-            self._compile(c.train_step, run_eagerly) for c in self.clients
+            self._compile(c.train_step, run_eagerly, jit_compile) for c in self.clients
         ]
-        self._evaluate_fn = self._compile(self.clients[0].evaluate_step, run_eagerly)
+        self._evaluate_fn = self._compile(
+            self.clients[0].evaluate_step, run_eagerly, jit_compile
+        )
 
     def _parties(self, segments, make_optimizer, loss, metrics):
         """The clients, and the server copies (one per client in SFLV1)."""
@@ -133,11 +137,11 @@ class SplitFed:
     def num_clients(self) -> int:
         return len(self.clients)
 
-    def _compile(self, step, run_eagerly):
+    def _compile(self, step, run_eagerly, jit_compile):
         def run(x, y):
             return step(self.transport, self._step.assign_add(1), x, y)
 
-        return compiled(run, run_eagerly)
+        return compiled(run, run_eagerly, jit_compile)
 
     def _label_holder(self, k) -> Objective:
         if self.ushaped:

@@ -87,6 +87,9 @@ class VerticalServer(SegmentParty):
         self.num_clients = num_clients
         self.merge = merge
         self.label_client = label_client
+        # False when the schedule runs `alignment_checks` itself, outside an
+        # XLA-compiled step (XLA cannot compile their formatted messages).
+        self.checks_alignment = True
 
     def handle_batch(self, messages: list[Message]) -> list[Message]:
         """Answers one step's messages, one per client, with one reply each.
@@ -109,7 +112,7 @@ class VerticalServer(SegmentParty):
             mismatching position and the two ids.
         """
         messages = self._validate(messages)
-        checks = _alignment_checks(messages)
+        checks = _alignment_checks(messages) if self.checks_alignment else []
         with tf.control_dependencies(checks):
             cuts = [tf.identity(m.tensors[0]) for m in messages]
         kind = messages[0].kind
@@ -266,6 +269,7 @@ class VerticalSplit:
       codec: the wire codec of the in-process transport: one name (both
         directions) or an (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as one `tf.function`.
+      jit_compile: compile the steps with XLA.
 
     Batches are `(features, ids, y)`: K feature tensors, K id tensors (one
     per client; they travel as int64 and must list the same samples in the
@@ -289,6 +293,7 @@ class VerticalSplit:
         label_client=0,
         codec="float32",
         run_eagerly=False,
+        jit_compile=False,
     ):
         make = optimizer_factory(make_optimizer)
         self.num_clients = len(client_segments)
@@ -312,8 +317,22 @@ class VerticalSplit:
         self.transport = LocalTransport(None, self.num_clients, *as_pair(codec))
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         steps = (self._train_step, self._evaluate_step, self._predict_step)
-        steps = [compiled(f, run_eagerly) for f in steps]
+        steps = [compiled(f, run_eagerly, jit_compile) for f in steps]
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
+        self._check_fn = None
+        if jit_compile and not run_eagerly:
+            self.server.checks_alignment = False
+            self._check_fn = compiled(self._check_alignment)
+
+    def _check_alignment(self, ids):
+        """The server's id alignment check, as a graph of its own."""
+        requests = self._requests(Kind.TRAIN, self._step, [()] * len(ids), ids)
+        _alignment_checks(requests)
+
+    def _checked(self, ids):
+        if self._check_fn is not None:
+            self._check_fn(ids)
+        return ids
 
     def _requests(self, kind, step, cuts, ids, y=None):
         return [
@@ -376,7 +395,8 @@ class VerticalSplit:
 
     def train_step(self, batch) -> tf.Tensor:
         """One training step on `(features, ids, y)`; returns the batch loss."""
-        return self._train_fn(*self._unpack(batch))
+        features, ids, y = self._unpack(batch)
+        return self._train_fn(features, self._checked(ids), y)
 
     def train_epoch(self, dataset, progress=None) -> dict:
         """Trains on every batch of `dataset`; returns the epoch's mean metrics.
@@ -400,7 +420,8 @@ class VerticalSplit:
         """Mean loss and metrics over `dataset`'s `(features, ids, y)` batches."""
         self.server.objective.reset(training=False)
         for batch in dataset:
-            self._evaluate_fn(*self._unpack(batch))
+            features, ids, y = self._unpack(batch)
+            self._evaluate_fn(features, self._checked(ids), y)
         return self.server.objective.result(training=False)
 
     def predict(self, features, ids, batch_size=None) -> tf.Tensor:
@@ -413,7 +434,8 @@ class VerticalSplit:
         size = batch_size or max(n, 1)
         outputs = [
             self._predict_fn(
-                [x[i : i + size] for x in features], [d[i : i + size] for d in ids]
+                [x[i : i + size] for x in features],
+                self._checked([d[i : i + size] for d in ids]),
             )
             for i in range(0, n, size)
         ]

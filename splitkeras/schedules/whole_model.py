@@ -7,9 +7,8 @@ evaluation, byte reporting and experiment-runner interface.
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from splitkeras.objective import Objective
+from splitkeras.parties.segment_step import compiled
 from splitkeras.transport.counters import ByteCounters
 
 __all__ = ["WholeModelBaseline"]
@@ -24,10 +23,10 @@ class WholeModelBaseline:
 
     served_model = None
 
-    def _init_baseline(self, num_clients: int, loss, metrics) -> None:
+    def _init_baseline(self, num_clients: int, loss, metrics, jit_compile=False):
         self.objective = Objective(loss, metrics)
         self.counters = ByteCounters(("bytes_up", "bytes_down"), num_clients)
-        self._evaluate_step = tf.function(self._evaluate_batch, reduce_retracing=True)
+        self._evaluate_step = compiled(self._evaluate_batch, jit_compile=jit_compile)
 
     def _evaluate_batch(self, x, y):
         self.objective(y, self.served_model(x, training=False), training=False)

@@ -64,3 +64,41 @@ class MultiWorkerTest(base.TestCase):
             self.assertAlmostEqual(float(got["accuracy"]), test["accuracy"], 6)
             for key, value in expected.items():
                 np.testing.assert_allclose(got[key], value, atol=1e-5, err_msg=key)
+
+
+class _Resolver:
+    def __init__(self, task_type, task_id, jobs):
+        self.task_type, self.task_id, self._jobs = task_type, task_id, jobs
+
+    def cluster_spec(self):
+        import tensorflow as tf
+
+        return tf.train.ClusterSpec({job: ["h:1"] for job in self._jobs})
+
+
+class _Strategy:
+    def __init__(self, *resolver):
+        self.cluster_resolver = _Resolver(*resolver) if resolver else None
+
+
+class WorkerWorkdirTest(base.TestCase):
+    def test_only_the_chief_writes_into_the_workdir(self):
+        from splitkeras.distribute import worker_workdir
+
+        cases = [
+            ((), "run"),  # one process
+            (("worker", 0, ["worker"]), "run"),  # worker 0 is the chief
+            (("worker", 1, ["worker"]), "run/worker_1"),
+            (("chief", 0, ["chief", "worker"]), "run"),
+            (("worker", 0, ["chief", "worker"]), "run/worker_0"),
+        ]
+        for resolver, expected in cases:
+            self.assertEqual(worker_workdir(_Strategy(*resolver), "run"), expected)
+        self.assertEqual(worker_workdir(None, "run"), "run")
+
+    def test_multi_worker_is_refused_over_grpc(self):
+        from splitkeras import distributed
+
+        config, _ = _setup("unused.npz", **{"server.strategy": "multi_worker"})
+        with self.assertRaisesRegex(ValueError, "does not serve gRPC clients yet"):
+            distributed.serve(config, self.tempdir())

@@ -203,10 +203,14 @@ class ProtocolTest(base.TestCase):
                 self.assertEqual(message.ids.dtype, tf.int64)
             np.testing.assert_array_equal(batch[label_client].labels, labels)
 
-    @parameterized.parameters(False, True)
-    def test_mismatched_ids_raise_naming_position_and_ids(self, run_eagerly):
+    @parameterized.named_parameters(
+        ("compiled", {}),
+        ("eager", {"run_eagerly": True}),
+        ("xla", {"jit_compile": True}),  # the check runs beside the XLA step
+    )
+    def test_mismatched_ids_raise_naming_position_and_ids(self, mode):
         images, ids, y = _data(4)
-        split = _split("sum", run_eagerly=run_eagerly)
+        split = _split("sum", **mode)
         before = _split_weights(split)
         left, right = vertical.split_image_halves(images)
         swapped = np.array([0, 1, 3, 2], np.int64)
