@@ -30,6 +30,12 @@ def get_config(arg=None):
     c.data.download = True  # may TFDS download the dataset if missing
     c.data.partition = "iid"  # how training data is spread: iid | dirichlet
     c.data.dirichlet_alpha = 0.5  # label skew of "dirichlet" (smaller = more)
+    # Streaming datasets (imagenet2012), read per epoch from TFDS files:
+    c.data.image_size = 224  # side of the square crops the model sees
+    c.data.shuffle_buffer = 10_000  # encoded examples in each client's buffer
+    c.data.cache = False  # keep each client's encoded shard in memory
+    c.data.eval_split = "validation"  # the split evaluation reads
+    c.data.drop_remainder = True  # drop each client's last partial batch
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 10  # passes over the training set

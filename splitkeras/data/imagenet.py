@@ -77,8 +77,8 @@ def train_dataset(
     seed: int | None = 0,
     epoch: int = 0,
     shuffle_buffer: int = 10_000,
-    cache: bool = False,
     drop_remainder: bool = True,
+    examples: tf.data.Dataset | None = None,
 ) -> tf.data.Dataset:
     """Returns one shuffled, augmented epoch of a client's shard of `split`.
 
@@ -108,10 +108,13 @@ def train_dataset(
       seed: Run seed, >= 0, or None for a non-reproducible, faster order.
       epoch: Epoch number, >= 0; each epoch has its own order and crops.
       shuffle_buffer: Encoded examples in the shuffle buffer, >= 1.
-      cache: Whether to keep the shard's encoded examples in memory after
-        the first pass, so iterating the returned dataset again (e.g. after
-        `.repeat()`) reads no files. Only for shards that fit in memory.
       drop_remainder: Whether to drop the last batch if it is smaller.
+      examples: This shard's undecoded examples from `shard_examples`, for
+        instance cached in memory (`.cache()`) and passed again every epoch
+        so that the files are read once; each epoch still shuffles them
+        through the buffer and draws its crops from (seed, epoch,
+        shard_index). None reads the shard's files, in an order seeded by
+        (seed, epoch, shard_index).
 
     Returns:
       A dataset of (float32 images [batch, image_size, image_size, 3]
@@ -123,26 +126,25 @@ def train_dataset(
       FileNotFoundError: If the dataset is not prepared.
     """
     _check_positive(batch_size=batch_size, image_size=image_size)
-    _check_positive(num_shards=num_shards, shuffle_buffer=shuffle_buffer)
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(
-            f"shard_index={shard_index} must be in [0, num_shards={num_shards})."
-        )
+    _check_positive(shuffle_buffer=shuffle_buffer)
+    _check_shard(num_shards, shard_index)
     if (seed is not None and seed < 0) or epoch < 0:
         raise ValueError(f"seed={seed} and epoch={epoch} must both be >= 0.")
-    builder = _prepared_builder(name, data_dir)
-    import tensorflow_datasets as tfds
-
-    shard = tfds.even_splits(split, n=num_shards)[shard_index]
     entropy = None if seed is None else [seed, epoch, shard_index]
     file_seed, shuffle_seed, augment_seed = (
         int(s) for s in np.random.SeedSequence(entropy).generate_state(3)
     )
     if seed is None:
         file_seed = shuffle_seed = None
-    examples = _encoded_examples(builder, shard, file_seed, shuffle_files=True)
-    if cache:
-        examples = examples.cache()
+    if examples is None:
+        examples = shard_examples(
+            data_dir=data_dir,
+            name=name,
+            split=split,
+            num_shards=num_shards,
+            shard_index=shard_index,
+            file_seed=file_seed,
+        )
     examples = examples.shuffle(
         shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
     )
@@ -156,6 +158,33 @@ def train_dataset(
     options = tf.data.Options()
     options.deterministic = seed is not None
     return batches.with_options(options)
+
+
+def shard_examples(
+    *,
+    data_dir: str | None = None,
+    name: str = "imagenet2012",
+    split: str = "train",
+    num_shards: int = 1,
+    shard_index: int = 0,
+    file_seed: int | None = None,
+) -> tf.data.Dataset:
+    """A client's shard of `split` as undecoded `(JPEG bytes, label)` pairs.
+
+    The shard is `tfds.even_splits(split, num_shards)[shard_index]`; its
+    files are read in an order drawn from `file_seed` (None: a new order on
+    each call). `train_dataset` decodes and augments them.
+
+    Raises:
+      ValueError: If the shard is out of range or TFDS has no dataset `name`.
+      FileNotFoundError: If the dataset is not prepared.
+    """
+    _check_shard(num_shards, shard_index)
+    builder = _prepared_builder(name, data_dir)
+    import tensorflow_datasets as tfds
+
+    shard = tfds.even_splits(split, n=num_shards)[shard_index]
+    return _encoded_examples(builder, shard, file_seed, shuffle_files=True)
 
 
 def eval_dataset(
@@ -413,6 +442,14 @@ def _not_prepared_message(name, data_dir, builder) -> str:
         "or, with the TFDS command line (it needs apache-beam installed):\n"
         f"  tfds build {name} --manual_dir={manual_dir} --data_dir={root}"
     )
+
+
+def _check_shard(num_shards: int, shard_index: int) -> None:
+    _check_positive(num_shards=num_shards)
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"shard_index={shard_index} must be in [0, num_shards={num_shards})."
+        )
 
 
 def _check_positive(**values: int) -> None:

@@ -7,8 +7,11 @@ ILSVRC-2012 tar files, for what depends on TFDS reading the split (shards,
 file order).
 """
 
+import dataclasses
+import glob
 import io
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -18,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.data import imagenet
+from splitkeras.data.streaming import StreamingSource
 from tests import base
 from tests.data.test_data import _mock_tfds, _prepare_mock_metadata
 
@@ -250,9 +254,34 @@ class PreparedImagenetTest(base.TestCase):
         self.assertFalse(np.array_equal(order, self._labels(seed=5, epoch=2)))
         np.testing.assert_array_equal(np.sort(order), np.arange(self.NUM_TRAIN))
 
-    def test_unseeded_train_and_cache(self):
-        labels = self._labels(seed=None, cache=True)
+    def test_unseeded_train(self):
+        labels = self._labels(seed=None)
         np.testing.assert_array_equal(np.sort(labels), np.arange(self.NUM_TRAIN))
+
+    def test_a_cached_shard_reads_its_files_once(self):
+        data_dir = tempfile.mkdtemp(dir=os.environ["TMPDIR"])
+        shutil.copytree(self.data_dir, data_dir, dirs_exist_ok=True)
+        source = StreamingSource(
+            "imagenet2012", data_dir, 16, 1000, {}, cache=True, drop_remainder=False
+        )
+
+        def epoch(number, source=source):
+            return _labels(source.train(2, 7, number, shard_index=1, num_shards=2))
+
+        first = epoch(0)
+        records = glob.glob(
+            os.path.join(data_dir, "**", "*-train.tfrecord*"), recursive=True
+        )
+        self.assertNotEmpty(records)
+        for path in records:  # later epochs must come from memory
+            os.remove(path)
+        second = epoch(1)
+        np.testing.assert_array_equal(np.sort(first), np.sort(second))
+        self.assertLen(first, self.NUM_TRAIN // 2)
+        self.assertFalse(np.array_equal(first, second))  # each epoch reshuffles
+        uncached = dataclasses.replace(source, cache=False, _shards={})
+        with self.assertRaises(tf.errors.NotFoundError):
+            epoch(1, uncached)
 
     def test_eval_order_is_fixed(self):
         dataset = imagenet.eval_dataset(2, data_dir=self.data_dir, image_size=16)
