@@ -155,9 +155,7 @@ class Server(SegmentParty):
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             tape.watch(pieces)
-            y_pred = self.segment(
-                pieces[0] if count == 1 else pieces, training=True
-            )
+            y_pred = self.segment(pieces[0] if count == 1 else pieces, training=True)
             loss = tf.nn.compute_average_loss(
                 self.objective.per_example_loss(y, y_pred),
                 sample_weight=weights * real,
