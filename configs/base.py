@@ -44,6 +44,14 @@ def get_config(arg=None):
     c.train.optimizer = "adam"  # each party gets its own instance
     c.train.learning_rate = 1e-3  # for every party's optimizer
     c.train.momentum = 0.9  # used by sgd only
+    # Keras's decoupled weight decay: each step w -= lr * weight_decay * w.
+    c.train.weight_decay = 0.0
+    # learning rate per epoch (splitkeras/learning_rate.py): constant | step
+    # (x lr_decay_factor at each of lr_decay_epochs) | cosine
+    c.train.lr_schedule = "constant"
+    c.train.lr_decay_epochs = ""  # step: e.g. "30,60,90"
+    c.train.lr_decay_factor = 0.1  # step: the factor at each decay epoch
+    c.train.warmup_epochs = 0  # linear warm-up over the first epochs
     c.train.log_every_seconds = 5.0  # progress line and TensorBoard period
     c.train.checkpoint_every_steps = 1000  # also saved at each epoch end
     c.train.max_steps = 0  # stop (and checkpoint) early at this step; 0 = no

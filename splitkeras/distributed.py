@@ -27,7 +27,7 @@ import time
 
 import tensorflow as tf
 
-from splitkeras import distribute, experiment, federation
+from splitkeras import distribute, experiment, federation, learning_rate
 from splitkeras.checkpointing import load_trained
 from splitkeras.objective import Objective, metric_names
 from splitkeras.parties import Client, Server
@@ -141,6 +141,9 @@ def serve(
         on_epoch_end=on_epoch_end,
         run_eagerly=config.train.run_eagerly,
         jit_compile=bool(config.train.get("jit_compile", False)),
+        on_turn_begin=lambda epoch: learning_rate.start_epoch(
+            config.train, [server.optimizer], epoch
+        ),
     )
     grpc_server, port = start_server(
         service, address, credentials, settings["max_message_mb"] << 20
@@ -361,6 +364,8 @@ class RemoteClient(TurnClient):
         config, objective = self.config, self.client.objective
         if objective is not None:
             objective.reset(training=True)
+        # After the handed-on state (which holds the last turn's rate).
+        learning_rate.start_epoch(config.train, [self.client.optimizer], epoch)
         dataset = federation.client_dataset(
             config, self.arrays, self.shard, self.client_id, epoch
         )

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras import data as data_lib
-from splitkeras import distribute, federation
+from splitkeras import distribute, federation, learning_rate
 from splitkeras import models as model_zoo
 from splitkeras.checkpointing import PartyCheckpoints, party_checkpoint
 from splitkeras.cut import cut
@@ -80,7 +80,9 @@ def _precision(config) -> str:
 def _optimizer(config) -> keras.optimizers.Optimizer:
     """A fresh optimizer for one party; loss-scaled under mixed_float16."""
     opt = config.train.optimizer
-    kwargs = {"learning_rate": config.train.learning_rate}
+    kwargs = {"learning_rate": learning_rate.for_epoch(config.train, 0)}
+    if config.train.get("weight_decay", 0.0):
+        kwargs["weight_decay"] = config.train.weight_decay
     if opt == "sgd":
         kwargs["momentum"] = config.train.momentum
     optimizer = keras.optimizers.get({"class_name": opt, "config": kwargs})
@@ -480,6 +482,9 @@ def _train(config, workdir, trainer, arrays, evaluate, loop, checkpoints):
     first_step = loop.step + 1
     while loop.epoch < epochs:
         trainer.reset_metrics()
+        rate = learning_rate.start_epoch(config.train, _optimizers(trainer), loop.epoch)
+        if rate is not None:
+            write_scalars(writers["train"], {"learning_rate": rate}, loop.step)
         ds = data_lib.train_dataset(
             arrays.x_train,
             arrays.y_train,
@@ -511,6 +516,12 @@ def _train(config, workdir, trainer, arrays, evaluate, loop, checkpoints):
         val = _end_epoch(config, trainer, evaluate, loop, writers["validation"])
         _save(checkpoints, loop, start, _scalars(outputs))
     return val
+
+
+def _optimizers(trainer) -> list:
+    if isinstance(trainer, SplitModel):
+        return trainer.optimizers
+    return [trainer.optimizer]
 
 
 def _end_epoch(config, trainer, evaluate, loop, writer) -> dict:

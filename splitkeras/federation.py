@@ -16,6 +16,7 @@ import time
 import tensorflow as tf
 
 from splitkeras import data as data_lib
+from splitkeras import learning_rate
 from splitkeras.checkpointing import PartyCheckpoints
 from splitkeras.data.streaming import StreamingSource
 from splitkeras.progress import write_scalars
@@ -175,6 +176,7 @@ def run_schedule(
     val = None
     for epoch in range(int(epoch_var.numpy()), config.train.epochs):
         began = time.perf_counter()
+        rate = learning_rate.start_epoch(config.train, schedule.optimizers, epoch)
         datasets = _epoch_datasets(config, arrays, shards, epoch)
         logs = schedule.train_epoch(datasets)
         batches = _batches(config, datasets)
@@ -185,6 +187,8 @@ def run_schedule(
         val = evaluate(schedule)
         totals = _totals(schedule.byte_counts())
         scalars = {**logs, "epoch_seconds": seconds, **totals}
+        if rate is not None:
+            scalars["learning_rate"] = rate
         if client_flops_per_epoch is not None:
             # What one client has computed so far (seed: accuracy vs client FLOPs).
             scalars["client_tflops"] = (epoch + 1) * client_flops_per_epoch / 1e12

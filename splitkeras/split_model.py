@@ -63,6 +63,11 @@ class SplitModel(keras.Model):
         self.built = True  # the segments are built models already
 
     @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [self.client_optimizer, self.server_optimizer]
+
+    @property
     def ushaped(self) -> bool:
         return self.segments.ushaped
 

@@ -57,6 +57,30 @@ def _final_variables(workdir):
     return found
 
 
+def _learning_rates(workdir) -> dict:
+    """{party: its optimizer's learning rate} in the newest checkpoints."""
+    root = os.path.join(workdir, "checkpoints")
+    rates = {}
+    for party in sorted(os.listdir(root)):
+        reader = tf.train.load_checkpoint(
+            tf.train.latest_checkpoint(os.path.join(root, party))
+        )
+        name = "optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE"
+        rates[party] = round(float(reader.get_tensor(name)), 9)
+    return rates
+
+
+def _scalars(workdir, tag) -> dict:
+    """{step: value} of a scalar in workdir/train's TensorBoard events."""
+    return {
+        event.step: round(float(tf.make_ndarray(v.tensor)), 9)
+        for path in tf.io.gfile.glob(os.path.join(workdir, "train", "events*"))
+        for event in tf.compat.v1.train.summary_iterator(path)
+        for v in event.summary.value
+        if v.tag == tag
+    }
+
+
 class ExperimentTest(base.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -125,6 +149,25 @@ class ExperimentTest(base.TestCase):
         for key in ("bytes_up", "bytes_down"):
             self.assertEqual(second[key], self.summary[key], key)
 
+    def test_learning_rate_schedule_survives_a_resume(self):
+        decay = {"lr_schedule": "step", "lr_decay_epochs": "1", "lr_decay_factor": 0.5}
+        workdir = os.path.join(self.root, "decay_resumed")
+        experiment.train_and_evaluate(_config(self.npz, max_steps=11, **decay), workdir)
+        experiment.train_and_evaluate(_config(self.npz, **decay), workdir)
+        full = os.path.join(self.root, "decay_full")
+        experiment.train_and_evaluate(_config(self.npz, **decay), full)
+        expected, resumed = _final_variables(full), _final_variables(workdir)
+        for name in expected:
+            np.testing.assert_allclose(resumed[name], expected[name], atol=1e-6)
+        # 1e-2 x 0.5 in the client's and the server's optimizer.
+        self.assertEqual(_learning_rates(full), {"client_0": 5e-3, "server": 5e-3})
+        self.assertEqual(_learning_rates(workdir), _learning_rates(full))
+        # Different weights than the constant rate's run.
+        constant = _final_variables(self.full)
+        self.assertTrue(
+            any(np.abs(constant[k] - v).max() > 1e-4 for k, v in expected.items())
+        )
+
     def test_centralized_matches_split(self):
         workdir = os.path.join(self.root, "centralized")
         config = _config(self.npz)
@@ -152,7 +195,10 @@ class ExperimentTest(base.TestCase):
             experiment.train_and_evaluate(config, os.path.join(self.root, "topo"))
 
     def test_round_robin_clients_resume_and_report_per_client_bytes(self):
-        config = _config(self.npz)
+        # With a rate that halves at epoch 1: the resumed run must set it too.
+        config = _config(
+            self.npz, lr_schedule="step", lr_decay_epochs="1", lr_decay_factor=0.5
+        )
         config.num_clients = 2
         config.weight_handoff = "server"
         workdir = os.path.join(self.root, "rr")
@@ -174,12 +220,11 @@ class ExperimentTest(base.TestCase):
         self.assertGreater(uninterrupted["per_client"]["handoff_bytes_received"][0], 0)
         for party in ("client_0", "client_1", "server"):
             self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", party)))
-        flops = dict(
-            (event.step, float(tf.make_ndarray(v.tensor)))
-            for path in tf.io.gfile.glob(os.path.join(workdir, "train", "events*"))
-            for event in tf.compat.v1.train.summary_iterator(path)
-            for v in event.summary.value
-            if v.tag == "client_tflops"
+        flops = _scalars(workdir, "client_tflops")
+        self.assertEqual(_scalars(workdir, "learning_rate"), {1: 1e-2, 2: 5e-3})
+        self.assertEqual(
+            _learning_rates(workdir),
+            {"client_0": 5e-3, "client_1": 5e-3, "server": 5e-3},
         )
         # Cumulative client FLOPs, logged by epoch 1 and by the resumed epoch 2.
         self.assertGreater(flops[1], 0)

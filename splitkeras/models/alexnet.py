@@ -45,9 +45,15 @@ def alexnet(
     ``drop6`` -> ``fc7`` (4096) -> ``drop7`` -> ``logits``. Convolutions use
     "same" padding and ReLU; pools are 3x3 with stride 2 ("valid",
     overlapping). At 224x224 this gives the paper's 27 -> 13 -> 6 feature
-    maps and a 9216-wide flatten. Local response normalization is left out:
-    Keras has no LRN layer and later work found it adds little. The two GPU
-    towers of the paper are merged into one.
+    maps and a 9216-wide flatten.
+
+    Where it differs from Krizhevsky et al. (2012): conv1's "same" padding
+    gives 56x56 maps where the paper's 224 -> 55 arithmetic does not add up
+    (pool1 is 27x27 either way); local response normalization is left out
+    (Keras has no LRN layer, and later work found it adds little); the two
+    GPU towers are one; weights start from Keras's Glorot-uniform and zero
+    biases rather than N(0, 0.01) and biases of 1, which need the paper's
+    hand-tuned schedule to get going.
 
     The default cut is ``"pool1"`` (`ALEXNET_DEFAULT_CUT`); for a 224x224x3
     input its output is 27x27x96.

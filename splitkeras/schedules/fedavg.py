@@ -132,10 +132,11 @@ class FedAvg(WholeModelBaseline):
         for local, weight in zip(self._local_weights[k], self._weights):
             local.assign(weight)
         self.counters.add("bytes_down", k, self._model_bytes)
-        for variable, value in zip(
-            self.optimizers[k].variables, self._fresh_optimizer_state[k]
-        ):
+        optimizer = self.optimizers[k]
+        rate = float(optimizer.learning_rate)  # this epoch's (learning_rate.py)
+        for variable, value in zip(optimizer.variables, self._fresh_optimizer_state[k]):
             variable.assign(value)
+        optimizer.learning_rate = rate
         seen = 0
         for _ in range(self.local_epochs):
             for x, y in dataset:

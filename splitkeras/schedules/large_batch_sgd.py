@@ -87,6 +87,11 @@ class LargeBatchSGD(WholeModelBaseline):
         self._init_baseline(num_clients, loss, metrics, jit_compile)
 
     @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [self.optimizer]
+
+    @property
     def served_model(self):
         return self.model
 

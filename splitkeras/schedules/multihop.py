@@ -111,6 +111,11 @@ class MultiHop:
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
 
     @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [p.optimizer for p in [self.client, *self.relays, self.server]]
+
+    @property
     def parties(self) -> dict:
         """{"client_0", "relay" (or "relay_0", "relay_1", ...), "server"}."""
         if len(self.relays) == 1:

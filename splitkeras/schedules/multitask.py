@@ -185,6 +185,11 @@ class MultiTask:
         self._train_fn, self._evaluate_fn, self._predict_fn = steps
 
     @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [p.optimizer for p in [self.client, *self.heads]]
+
+    @property
     def num_tasks(self) -> int:
         return len(self.heads)
 

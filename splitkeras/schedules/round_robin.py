@@ -114,6 +114,11 @@ class RoundRobin:
         ]
 
     @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [c.optimizer for c in self.clients] + [self.server.optimizer]
+
+    @property
     def num_clients(self) -> int:
         return len(self.clients)
 

@@ -114,6 +114,11 @@ class SplitFed:
             self.clients[0].evaluate_step, run_eagerly, jit_compile
         )
 
+    @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [p.optimizer for p in [*self.clients, *self.servers]]
+
     def _parties(self, segments, make_optimizer, loss, metrics):
         """The clients, and the server copies (one per client in SFLV1)."""
 

@@ -324,6 +324,11 @@ class VerticalSplit:
             self.server.checks_alignment = False
             self._check_fn = compiled(self._check_alignment)
 
+    @property
+    def optimizers(self) -> list:
+        """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
+        return [p.optimizer for p in [*self.clients, self.server]]
+
     def _check_alignment(self, ids):
         """The server's id alignment check, as a graph of its own."""
         requests = self._requests(Kind.TRAIN, self._step, [()] * len(ids), ids)

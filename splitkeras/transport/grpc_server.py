@@ -119,6 +119,8 @@ class SplitService:
         before its turn is skipped (rolled back; the next client goes on).
       on_epoch_end: called as `on_epoch_end(epoch, train_logs, val_logs)`
         after each epoch's last turn, before the checkpoint.
+      on_turn_begin: called as `on_turn_begin(epoch)` when a client's turn
+        begins (e.g. to set the epoch's learning rate).
       run_eagerly: do not compile the server's steps.
       jit_compile: compile them with XLA.
     """
@@ -136,6 +138,7 @@ class SplitService:
         on_epoch_end=None,
         run_eagerly: bool = False,
         jit_compile: bool = False,
+        on_turn_begin=None,
     ):
         self.server = server
         self.num_clients = num_clients
@@ -145,6 +148,7 @@ class SplitService:
         self.codec_down = get_codec(codec_down)
         self.turn_timeout = turn_timeout
         self.on_epoch_end = on_epoch_end
+        self.on_turn_begin = on_turn_begin
         self.turns = _Turns(num_clients)
         self.skipped = []  # (epoch, client) of turns skipped after a timeout
         self.refused = 0
@@ -361,6 +365,8 @@ class SplitService:
             self._cache.pop(("eval", client), None)
             if turn == 0 and self.server.objective is not None:
                 self.server.objective.reset(training=True)
+            if self.on_turn_begin is not None:
+                self.on_turn_begin(epoch)
             state = self.turns.state.numpy()
             self.turns.handoff_down[client].assign_add(len(state))
             return wire_pb2.TurnReply(ready=True, step=step, state=state, epoch=epoch)

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from configs import fashion_mnist_lenet
 from splitkeras import data as data_lib
-from splitkeras import experiment, federation, launcher
+from splitkeras import experiment, federation, launcher, learning_rate
 from splitkeras.cut import cut
 from splitkeras.privacy.leakage import attach_privacy
 from tests import base
@@ -41,6 +41,13 @@ def _write_npz(path, n_train, n_test=64):
         y_test=y_test,
     )
     return path
+
+
+STEP_DECAY = {
+    "train.lr_schedule": "step",
+    "train.lr_decay_epochs": "1",
+    "train.lr_decay_factor": 0.5,
+}
 
 
 def _setup(data_path, **overrides):
@@ -73,6 +80,7 @@ def _in_process(config):
     attach_privacy(schedule, config)
     shards = federation.client_shards(config, arrays)
     for epoch in range(config.train.epochs):
+        learning_rate.start_epoch(config.train, schedule.optimizers, epoch)
         schedule.train_epoch(federation._epoch_datasets(config, arrays, shards, epoch))
     client = schedule.clients[schedule.active]
     return schedule.server.segment, client
@@ -134,7 +142,8 @@ class GrpcRunTest(base.TestCase):
         return config, workdir, summary
 
     def test_vanilla_equals_in_process(self):
-        config, workdir, summary = self._run("vanilla")
+        # A rate that halves after the first epoch: both ends follow it.
+        config, workdir, summary = self._run("vanilla", **STEP_DECAY)
         self.assertEqual(summary["steps"], 16)  # 2 epochs x 2 clients x 4 batches
         self.assertEqual(summary["refused_calls"], 0)
         self.assertEqual(summary["skipped_turns"], [])
