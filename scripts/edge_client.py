@@ -21,13 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras.edge import cli  # noqa: E402
+import edge_flags  # noqa: E402  (scripts/, beside this file)
+
 from splitkeras.transport.sealing import pack_arrays, read_key  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_client_arguments(parser, client_id_required=True)
+    edge_flags.add_client_arguments(parser, client_id_required=True)
     parser.add_argument("--key_file", required=True, help="Clients' handoff key.")
     parser.add_argument(
         "--save_state", help="Write the trained segment's state (.npz) here."
@@ -35,14 +36,14 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    client, _ = cli.make_client(args, read_key(args.key_file))
+    client, _ = edge_flags.client_from_args(args, read_key(args.key_file))
     summary = client.run()
     client.close()
     if args.save_state:
         with open(args.save_state, "wb") as f:
             f.write(pack_arrays(client.segment.state()))
     summary["tensorflow_imported"] = "tensorflow" in sys.modules
-    cli.write_summary(args, summary)
+    edge_flags.write_summary(args, summary)
     losses = summary["losses"]
     print(
         f"edge client {args.client_id} done: {summary['steps']} steps, loss "

@@ -4,6 +4,9 @@
 - `EdgeClient` (client.py): joins a splitkeras server over gRPC, trains its
   turns, evaluates, and serves split inference (`predict`).
 - `EdgeSpec` (spec.py): edge.json, the run the segment belongs to.
+- `connect` (connect.py): an `EdgeClient` from the files a device holds.
+- `split_inference` (inference.py): a test split through PREDICT, its
+  accuracy and latency.
 - codecs.py: the wire codecs in numpy.
 
 Install on the device with `pip install 'splitkeras[edge]'`; nothing here

@@ -18,6 +18,7 @@ protobuf, cryptography and ai-edge-litert.
 
 from __future__ import annotations
 
+import pathlib
 import time
 
 import numpy as np
@@ -66,11 +67,17 @@ def load_client_data(spec, path: str | None = None, client_id: int | None = None
     keeps this client's shard of the run's partition (same seed, same
     method), so a simulated device trains on exactly what a Keras client
     with its id would. numpy only.
+
+    Raises:
+      ValueError: neither `path` nor the spec names an IDX folder or a .npz
+        file (a run that reads TFDS, which the edge has not).
+      FileNotFoundError: the path does not exist.
     """
     from splitkeras.data.partition import partition
     from splitkeras.data.sources import load
 
-    arrays = load(spec.data_name, path or spec.data_path, download=False)
+    source = _local_source(spec, path)
+    arrays = load(spec.data_name, source, download=False)
     k = spec.client_id if client_id is None else client_id
     indices = partition(
         arrays.y_train,
@@ -81,6 +88,46 @@ def load_client_data(spec, path: str | None = None, client_id: int | None = None
     )[k]
     shard = (arrays.x_train[indices], arrays.y_train[indices])
     return shard, (arrays.x_test, arrays.y_test)
+
+
+def _local_source(spec, path):
+    """`path` or the spec's data path, if it is an IDX folder or a .npz file."""
+    from splitkeras.data.idx import find_idx_files
+
+    source = path or spec.data_path
+    ask = (
+        f"the edge client reads {spec.data_name!r} from an IDX folder or a .npz "
+        "file (it has no TFDS): pass one (scripts: --data=PATH)"
+    )
+    if not source:
+        raise ValueError(f"edge.json names no data path; {ask}")
+    source = pathlib.Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"data path {str(source)!r} does not exist; {ask}")
+    if source.is_file() and source.suffix == ".npz":
+        return source
+    if source.is_dir() and find_idx_files(source):
+        return source
+    raise ValueError(
+        f"data path {str(source)!r} is neither a .npz file nor a folder of IDX "
+        f"files (a TFDS data_dir?); {ask}"
+    )
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _check_shapes(segment, spec) -> None:
+    """The spec describes this model: same input and cut shapes."""
+    got = (segment.input_shape, segment.cut_shapes)
+    want = (list(spec.input_shape), [list(s) for s in spec.cut_shapes])
+    if got != want:
+        raise ValueError(
+            f"the model takes inputs of shape {got[0]} and gives cut tensors of "
+            f"shapes {got[1]}; edge.json describes {want[0]} and {want[1]}: pass "
+            "the edge.json exported with this model"
+        )
 
 
 class EdgeClient(TurnClient):
@@ -97,9 +144,16 @@ class EdgeClient(TurnClient):
         untrained segment of the run's seed to start as a Keras client does.
       shard: this client's (x, y) training data.
       test: (x, y) to evaluate on when this client ends an epoch, or None.
-      token / credentials / max_message_bytes / timeout / retry_seconds:
-        as `splitkeras.transport.grpc_client.Connection`.
+      token / credentials: as `splitkeras.transport.grpc_client.Connection`.
+      max_message_bytes / timeout / retry_seconds: override the spec's
+        `max_message_mb`, `timeout_seconds`, `retry_seconds` (None: the
+        spec's, i.e. the run's `config.grpc`).
       num_threads: LiteRT interpreter threads.
+
+    Raises:
+      ValueError: the spec does not describe the model (shapes), the run is
+        U-shaped, a codec is not available on the edge, or a `key` comes
+        with an inference-only model.
     """
 
     def __init__(
@@ -113,9 +167,9 @@ class EdgeClient(TurnClient):
         test=None,
         token: str | None = None,
         credentials=None,
-        max_message_bytes: int = 64 << 20,
-        timeout: float = 60.0,
-        retry_seconds: float = 300.0,
+        max_message_bytes: int | None = None,
+        timeout: float | None = None,
+        retry_seconds: float | None = None,
         num_threads: int | None = None,
     ):
         if spec.ushaped:
@@ -125,10 +179,13 @@ class EdgeClient(TurnClient):
             )
         self.spec = spec
         self.segment = LiteSegment(model, num_threads)
-        if self.segment.num_cuts != len(spec.cut_shapes):
+        _check_shapes(self.segment, spec)
+        if key is not None and not self.segment.trainable:
             raise ValueError(
-                f"the model has {self.segment.num_cuts} cut tensors, edge.json "
-                f"describes {len(spec.cut_shapes)}"
+                "a handoff key makes this client take training turns, but the "
+                "model is an inference-only export (no forward/backward/save/"
+                "restore signatures): pass the client.tflite exported with "
+                "training, or no key for split inference"
             )
         for codec in (spec.codec_up, spec.codec_down):
             codecs.wire_dtypes(codec, np.float32)  # refuses codecs not here
@@ -140,9 +197,9 @@ class EdgeClient(TurnClient):
             client_id,
             token=token,
             credentials=credentials,
-            max_message_bytes=max_message_bytes,
-            timeout=timeout,
-            retry_seconds=retry_seconds,
+            max_message_bytes=_given(max_message_bytes, spec.max_message_mb << 20),
+            timeout=_given(timeout, spec.timeout_seconds),
+            retry_seconds=_given(retry_seconds, spec.retry_seconds),
         )
         super().__init__(connection, client_id, key, (spec.codec_up, spec.codec_down))
         self.output_dtypes = list(self.info.output_dtypes)

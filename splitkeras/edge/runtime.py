@@ -44,6 +44,10 @@ def _index(name: str) -> int:
 class LiteSegment:
     """An exported client segment: split inference and on-device training.
 
+    `input_shape` and `cut_shapes` are the serve signature's (without the
+    batch dimension); `trainable` says whether the training signatures are
+    there.
+
     Args:
       model: the .tflite file (path) or its bytes.
       num_threads: interpreter threads (None: LiteRT's default).
@@ -62,8 +66,15 @@ class LiteSegment:
         if "init" in self.signatures:
             # LiteRT's resource variables start empty: load the exported values.
             self._runner("init")()
-        serve = self.signatures["serve"]
-        self.num_cuts = len(serve["outputs"])
+        serve = self._runner("serve")
+        (x,) = serve.get_input_details().values()
+        self.input_shape = [int(d) for d in x["shape_signature"][1:]]
+        outputs = serve.get_output_details()
+        # Each cut tensor's shape without the batch dimension, in cut order.
+        self.cut_shapes = [
+            [int(d) for d in outputs[name]["shape_signature"][1:]]
+            for name in sorted(outputs, key=_index)
+        ]
         self.trainable = all(k in self.signatures for k in TRAINING_SIGNATURES)
         self.num_state = (
             len(self.signatures["save"]["outputs"]) if self.trainable else 0

@@ -3,7 +3,7 @@
 `export_segment(segment, optimizer, out_dir)` writes
 
 - `saved_model/`: the segment with the signatures serve, forward, backward,
-  save and restore (`splitkeras.export.module`), dynamic batch;
+  save, restore and init (`splitkeras.export.module`), dynamic batch;
 - `client.tflite`: the same signatures in LiteRT, builtin ops only, so the
   `ai-edge-litert` interpreter runs and trains it without TensorFlow
   (`splitkeras.edge`);
@@ -15,8 +15,10 @@
   from the Keras segment on a sample batch.
 
 `export_from_workdir(config, workdir, out_dir)` does this for a trained
-client (and writes the server segment's SavedModel and the `edge.json` a
-device needs to join a run). `scripts/export_client.py` is its command line.
+client (or, with no workdir, the untrained one of the config's seed), writes
+the server segment's SavedModel when the workdir holds the trained server,
+and the `edge.json` a device needs to join the run.
+`scripts/export_client.py` is its command line.
 """
 
 from __future__ import annotations
@@ -88,33 +90,25 @@ def export_segment(
 
     Raises:
       LiteConversionError: the segment has ops without a LiteRT builtin.
+      ValueError: the segment computes in 16 bits (mixed precision), which
+        LiteRT's builtin kernels do not: export a float32 build of it with
+        the same weights (`export_from_workdir` does).
     """
+    _check_float32(segment)
     tf.io.gfile.makedirs(out_dir)
     module = TrainableSegment(segment, optimizer)
-    signatures = module.signatures()
     keys = SIGNATURES if training else ("serve",)
     saved_dir = os.path.join(out_dir, "saved_model")
     tf.saved_model.save(
-        module, saved_dir, {k: signatures[k] for k in keys}, options=_SAVE_OPTIONS
+        module, saved_dir, module.signatures(keys), options=_SAVE_OPTIONS
     )
     serve_dir = _save_frozen_serve(module, os.path.join(out_dir, "serve_saved_model"))
     x = _sample(segment, sample)
-    reference = [t.numpy() for t in tf.nest.flatten(segment(x, training=False))]
-    loaded = tf.saved_model.load(saved_dir)
-    outputs = loaded.signatures["serve"](x=tf.constant(x))
-    saved = [outputs[f"cut_{i}"].numpy() for i in range(len(reference))]
-    report = {
-        "signatures": list(keys),
-        "input_shape": [None, *segment.inputs[0].shape[1:]],
-        "cut_shapes": [[None, *t.shape[1:]] for t in segment.outputs],
-        "parameters": int(sum(np.prod(v.shape) for v in segment.trainable_variables)),
-        "sample_batch": int(x.shape[0]),
-        "artifacts": {
-            "saved_model": {
-                "bytes": _directory_bytes(saved_dir),
-                "max_abs_diff": _max_diff(saved, reference),
-            }
-        },
+    reference = _keras_outputs(segment, x)
+    report = _report(segment, keys, x)
+    report["artifacts"]["saved_model"] = {
+        "bytes": _directory_bytes(saved_dir),
+        "max_abs_diff": _max_diff(_saved_outputs(saved_dir, x), reference),
     }
     # Training needs the variables; inference converts the frozen weights
     # (which is also what lets the quantizer see them).
@@ -123,20 +117,64 @@ def export_segment(
         (f"client_serve_{q}.tflite", serve_dir, ("serve",), q) for q in quantize
     ]
     for name, source, variant_keys, quantization in variants:
-        blob = to_litert(source, variant_keys, quantization)
-        path = os.path.join(out_dir, name)
-        with open(path, "wb") as f:
-            f.write(blob)
-        lite = LiteSegment(path).serve(x)
-        report["artifacts"][name] = {
-            "bytes": len(blob),
-            "quantization": quantization or "none",
-            "signatures": list(variant_keys),
-            "max_abs_diff": _max_diff(lite, reference),
-        }
+        report["artifacts"][name] = _write_lite(
+            out_dir, name, source, variant_keys, quantization, x, reference
+        )
+    _write_report(out_dir, report)
+    return report
+
+
+def _check_float32(segment) -> None:
+    low = sorted({layer.compute_dtype for layer in segment.layers} - {"float32"})
+    if low:
+        raise ValueError(
+            f"segment {segment.name!r} computes in {', '.join(low)} (mixed "
+            "precision); LiteRT's builtin kernels compute in float32: export a "
+            "float32 build of it with the same weights (export_from_workdir "
+            "does, for inference)"
+        )
+
+
+def _keras_outputs(segment, x) -> list:
+    """The segment's inference outputs, as they cross the cut (wire_dtype)."""
+    outputs = tf.nest.flatten(segment(x, training=False))
+    return [tf.cast(t, wire_dtype(t.dtype)).numpy() for t in outputs]
+
+
+def _saved_outputs(saved_dir, x) -> list:
+    serve = tf.saved_model.load(saved_dir).signatures["serve"]
+    outputs = serve(x=tf.constant(x))
+    return [outputs[f"cut_{i}"].numpy() for i in range(len(outputs))]
+
+
+def _report(segment, keys, x) -> dict:
+    return {
+        "signatures": list(keys),
+        "input_shape": [None, *segment.inputs[0].shape[1:]],
+        "cut_shapes": [[None, *t.shape[1:]] for t in segment.outputs],
+        "parameters": int(sum(np.prod(v.shape) for v in segment.trainable_variables)),
+        "sample_batch": int(x.shape[0]),
+        "artifacts": {},
+    }
+
+
+def _write_lite(out_dir, name, source, keys, quantization, x, reference) -> dict:
+    """Converts `keys` of the SavedModel `source` to `out_dir/name`; its report."""
+    blob = to_litert(source, keys, quantization)
+    path = os.path.join(out_dir, name)
+    with open(path, "wb") as f:
+        f.write(blob)
+    return {
+        "bytes": len(blob),
+        "quantization": quantization or "none",
+        "signatures": list(keys),
+        "max_abs_diff": _max_diff(LiteSegment(path).serve(x), reference),
+    }
+
+
+def _write_report(out_dir, report) -> None:
     with open(os.path.join(out_dir, "export.json"), "w") as f:
         json.dump(report, f, indent=2)
-    return report
 
 
 def _save_frozen_serve(module, path) -> str:
@@ -186,43 +224,154 @@ def _directory_bytes(path) -> int:
 
 
 def export_from_workdir(
-    config, workdir: str, out_dir: str, client_id: int = 0, **kwargs
+    config,
+    workdir: str | None,
+    out_dir: str,
+    client_id: int = 0,
+    *,
+    training: bool | None = None,
+    quantize=QUANTIZATIONS,
+    sample_size: int = 8,
 ) -> dict:
-    """Exports client `client_id` of a trained run (and its server segment).
+    """Exports client `client_id` of a run (and its server segment, if trained).
 
-    `workdir` is a `scripts/train.py` run (party checkpoints under
-    `checkpoints/`) or a gRPC client's workdir (`client.weights.h5`; the
-    optimizer then starts fresh). Writes `edge.json` next to the model:
-    what a device needs to join the run (`splitkeras.edge`).
+    Writes what `export_segment` writes, `edge.json` next to the model (what
+    a device needs to join the run, `splitkeras.edge`) and, when `workdir`
+    holds the trained server segment, `server_saved_model/`.
+
+    Args:
+      config: the run's config.
+      workdir: a `scripts/train.py` run (party checkpoints under
+        `checkpoints/`: the client's optimizer state is exported too, the
+        server segment as well) or a gRPC client's workdir
+        (`client.weights.h5`; no server there, the optimizer starts fresh);
+        None: the untrained segment of `config.seed`, as a run starts (what
+        a device that trains from a run's first turn needs).
+      out_dir: where to write.
+      client_id: the client to export.
+      training: export the on-device training signatures (None: for a
+        vanilla float32 client at a constant learning rate; not for a
+        U-shaped one, nor under mixed precision, whose clients scale their
+        own loss, nor with a per-epoch learning-rate schedule).
+      quantize: the quantized inference variants to write.
+      sample_size: test examples (noise for streamed datasets) the exported
+        outputs are compared with Keras's on.
+
+    A mixed-precision run's client is exported as a float32 build with the
+    trained weights (LiteRT computes in float32); its cut tensors cross in
+    float32 as a Keras client's do.
+
+    Returns:
+      The report written to export.json: artifacts, `restored_from` and
+      `server` (its SavedModel, or why it was not exported).
+
+    Raises:
+      FileNotFoundError: `workdir` holds no trained client.
+      ValueError: the run cannot be exported this way (a U-shaped client
+        with training, or what `EdgeSpec.from_config` refuses).
     """
-    from splitkeras import data as data_lib
     from splitkeras import experiment
+    from splitkeras.data.streaming import StreamingSource
     from splitkeras.edge.spec import EdgeSpec
 
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    segments = experiment.build_segments(config, arrays)
-    training = kwargs.pop("training", not segments.ushaped)
+    data = experiment.load_data(config)  # a stream reads no examples here
+    segments = experiment.build_segments(config, data)
+    precision = experiment._precision(config)
+    training = _check_training(training, segments, precision, config.train)
+    spec = EdgeSpec.from_config(config, segments, client_id)  # before any file
+    optimizer = experiment._optimizer(config)
+    optimizer.build(segments.client.trainable_variables)
+    restored = (
+        {} if workdir is None else _restore(workdir, segments, optimizer, client_id)
+    )
+    client = segments.client
+    if precision:  # LiteRT computes in float32: the same weights, in float32
+        float32 = config.copy_and_resolve_references()
+        float32.train.mixed_precision = ""
+        client = experiment.build_segments(float32, data).client
+        client.set_weights(segments.client.get_weights())
+        optimizer = experiment._optimizer(float32)  # inference: not exported
+    if isinstance(data, StreamingSource):
+        sample = _sample(client, None, batch=sample_size)
+    else:
+        sample = _images(data.x_test[:sample_size])
+    report = export_segment(
+        client, optimizer, out_dir, training=training, quantize=quantize, sample=sample
+    )
+    report["mixed_precision"] = precision or None
+    report["restored_from"] = restored
+    report["server"], server_artifact = _export_server(
+        segments, restored, workdir, sample, out_dir
+    )
+    if server_artifact is not None:
+        report["artifacts"]["server_saved_model"] = server_artifact
+    spec.write(os.path.join(out_dir, "edge.json"))
+    _write_report(out_dir, report)
+    return report
+
+
+def _check_training(training, segments, precision, train) -> bool:
+    """`training`, or its default; refuses what a device cannot train."""
+    from splitkeras import learning_rate
+
+    constant_rate = learning_rate.is_constant(train)
+    if training is None:
+        return not segments.ushaped and not precision and constant_rate
+    if training and not constant_rate:
+        raise ValueError(
+            f"config.train.lr_schedule={train.lr_schedule!r} (warm-up "
+            f"{train.warmup_epochs} epochs) changes the learning rate each epoch; "
+            "an exported segment trains at one constant rate: export it with "
+            "training=False (inference), or train this run with Keras clients"
+        )
     if training and segments.ushaped:
         raise ValueError(
             "on-device training exports a vanilla client; a U-shaped client also "
             "trains its tail: export it with training=False (inference)"
         )
-    optimizer = experiment._optimizer(config)
-    optimizer.build(segments.client.trainable_variables)
-    restored = _restore(workdir, segments, optimizer, client_id)
-    sample = arrays.x_test[: kwargs.pop("sample_size", 8)]
-    if sample.dtype == np.uint8:
-        sample = sample.astype(np.float32) / np.float32(255.0)
-    report = export_segment(
-        segments.client, optimizer, out_dir, training=training, sample=sample, **kwargs
+    if training and precision:
+        raise ValueError(
+            f"the run trains in {precision}: its clients compute in 16 bits and "
+            "scale their own loss, which a LiteRT device does not; export it "
+            "with training=False (inference, in float32)"
+        )
+    return bool(training)
+
+
+def _images(x) -> np.ndarray:
+    """uint8 images scaled to [0, 1] in float32 (as the Keras pipeline does)."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    return np.asarray(x, np.float32)
+
+
+def _export_server(segments, restored, workdir, sample, out_dir):
+    """(status, artifact report or None) of the server segment's SavedModel.
+
+    Only a trained server segment is exported (an untrained one would answer
+    split inference with noise); its outputs are compared with Keras's on
+    the client's cut tensors of `sample`.
+    """
+    if "server" not in restored:
+        if workdir is None:
+            reason = "an untrained export has no trained server segment"
+        else:
+            reason = f"{workdir} holds no trained server segment (a client's workdir)"
+        return {"exported": False, "reason": reason}, None
+    path = export_server_segment(segments.server, out_dir)
+    cuts = tf.nest.flatten(segments.client(sample, training=False))
+    inputs = cuts[0] if len(cuts) == 1 else cuts
+    reference = tf.nest.flatten(segments.server(inputs, training=False))
+    served = tf.saved_model.load(path).signatures["serve"](
+        **{f"cut_{i}": tf.cast(c, wire_dtype(c.dtype)) for i, c in enumerate(cuts)}
     )
-    export_server_segment(segments.server, out_dir)
-    report["restored_from"] = restored
-    spec = EdgeSpec.from_config(config, segments, client_id)
-    spec.write(os.path.join(out_dir, "edge.json"))
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    return report
+    outputs = [served[f"output_{i}"] for i in range(len(reference))]
+    return {"exported": True, "path": path}, {
+        "bytes": _directory_bytes(path),
+        "max_abs_diff": _max_diff(
+            outputs, [tf.cast(t, o.dtype) for t, o in zip(reference, outputs)]
+        ),
+    }
 
 
 def _restore(workdir, segments, optimizer, client_id) -> dict:
@@ -243,5 +392,5 @@ def _restore(workdir, segments, optimizer, client_id) -> dict:
             [segments.server], workdir, "server", "server.weights.h5"
         )
     except FileNotFoundError:
-        pass  # a client's own workdir holds no server
+        pass  # a client's own workdir holds no server: _export_server says so
     return restored

@@ -242,25 +242,26 @@ def override_gradients():
         yield
 
 
-def lite_gradients(segment, inputs, output_gradients, training=True):
-    """(outputs, regularization, gradients of the trainable variables).
+def lite_gradients(segment, inputs, output_gradients) -> list:
+    """The gradients of `segment.trainable_variables` for one training step.
 
-    Runs `segment` on `inputs` (inside a `tf.function`) with builtin-only
-    gradient rules and returns the gradients of
+    Runs `segment` on `inputs` in training mode (inside a `tf.function`) with
+    builtin-only gradient rules and returns the gradients of
     sum(outputs * output_gradients) + the segment's regularization losses
-    with respect to `segment.trainable_variables` (None for a variable the
-    outputs do not depend on), as `Client.backward` computes them.
+    (None for a variable the outputs do not depend on), as `Client.backward`
+    computes them. Each output is cast to its gradient's dtype first (16-bit
+    cut tensors cross in float32, and their gradients come back in it).
     """
     if tf.executing_eagerly():
         raise RuntimeError("lite_gradients runs inside a tf.function")
+    seeds = list(output_gradients)
     with override_gradients():
-        outputs = tf.nest.flatten(segment(inputs, training=training))
+        outputs = tf.nest.flatten(segment(inputs, training=True))
+        targets = [tf.cast(t, g.dtype) for t, g in zip(outputs, seeds)]
         losses = list(segment.losses)
-    targets, seeds = list(outputs), list(output_gradients)
-    regularization = tf.add_n(losses) if losses else None
-    if regularization is not None:
+    if losses:
+        regularization = tf.add_n(losses)
         targets.append(regularization)
         seeds.append(tf.ones_like(regularization))
     variables = [v.value for v in segment.trainable_variables]
-    gradients = tf.gradients(targets, variables, grad_ys=seeds)
-    return outputs, regularization, gradients
+    return tf.gradients(targets, variables, grad_ys=seeds)

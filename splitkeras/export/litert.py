@@ -59,12 +59,12 @@ def to_litert(saved_model_dir: str, signature_keys, quantize: str | None = None)
     try:
         return converter.convert()
     except Exception as e:  # the converter raises its own ConverterError
-        text = str(e)
-        ops = re.search(r"TF Select ops: ([^\n]*)", text)
-        named = f": {ops.group(1)}" if ops else ""
+        ops = re.search(r"TF Select ops: ([^\n]*)", str(e))
+        if ops is None:
+            raise  # not a missing kernel: the converter's own error
         raise LiteConversionError(
             f"signatures {', '.join(signature_keys)} of {saved_model_dir} use ops "
-            f"that LiteRT has no builtin kernel for{named}. Layers whose "
+            f"that LiteRT has no builtin kernel for: {ops.group(1)}. Layers whose "
             "training gradients LiteRT lacks can still be exported for "
             "inference (training=False)."
         ) from e

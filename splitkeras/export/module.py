@@ -22,16 +22,20 @@ Signatures (inputs and outputs are named; the batch dimension is dynamic):
   loading (`splitkeras.edge.LiteSegment` does); the values are constants
   of this signature.
 
-Every signature converts to LiteRT with builtin ops only (no Flex delegate),
-so a device runs it with the `ai-edge-litert` interpreter and no TensorFlow.
+Cut tensors cross the cut in `wire_dtype` (float32 for the 16-bit compute
+dtypes of mixed precision), as a Keras client sends them, and their
+gradients come back in it. Every signature of a float32 segment converts
+to LiteRT with builtin ops only (no Flex delegate), so a device runs it
+with the `ai-edge-litert` interpreter and no TensorFlow.
 """
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from splitkeras.export.gradients import lite_gradients
-from splitkeras.parties.segment_step import apply_gradients
+from splitkeras.parties.segment_step import apply_gradients, wire_dtype
 
 __all__ = ["SIGNATURES", "TrainableSegment", "state_name"]
 
@@ -47,7 +51,8 @@ def _cut_names(count):
 
 
 class TrainableSegment(tf.Module):
-    """`segment` and `optimizer` with the device signatures (module docstring).
+    """`segment` and `optimizer` with the device signatures (module docstring);
+    `signatures(keys)` makes them.
 
     Args:
       segment: the client's Keras segment (one input; one or more outputs).
@@ -76,7 +81,7 @@ class TrainableSegment(tf.Module):
         (inputs,) = segment.inputs
         self.input_spec = tf.TensorSpec([None, *inputs.shape[1:]], inputs.dtype, "x")
         self.cut_specs = [
-            tf.TensorSpec([None, *t.shape[1:]], t.dtype, name)
+            tf.TensorSpec([None, *t.shape[1:]], wire_dtype(t.dtype), name)
             for t, name in zip(segment.outputs, _cut_names(len(segment.outputs)))
         ]
         self.grad_specs = [
@@ -88,18 +93,23 @@ class TrainableSegment(tf.Module):
             for i, v in enumerate(self._state)
         ]
 
-        # Each signature is a tf.function over this module's variables.
+        # Each signature is a tf.function over this module's variables; the
+        # others are made by `signatures` for the keys it is asked for (a
+        # SavedModel traces every tf.function attribute it finds).
         self.infer = tf.function(self._serve, input_signature=[self.input_spec])
-        self.forward = tf.function(self._forward, input_signature=[self.input_spec])
-        self.backward = tf.function(
-            self._backward, input_signature=[self.input_spec, self.grad_specs]
-        )
-        self.save = tf.function(self._save, input_signature=[])
-        self.restore = tf.function(self._restore, input_signature=[self.state_specs])
-        self.init = tf.function(self._init, input_signature=[])
+        self._inputs = {
+            "forward": [self.input_spec],
+            "backward": [self.input_spec, self.grad_specs],
+            "save": [],
+            "restore": [self.state_specs],
+            "init": [],
+        }
 
     def _named(self, outputs):
-        return dict(zip(_cut_names(len(self.cut_specs)), tf.nest.flatten(outputs)))
+        return {
+            spec.name: tf.cast(t, spec.dtype)
+            for spec, t in zip(self.cut_specs, tf.nest.flatten(outputs))
+        }
 
     def _serve(self, x):
         return self._named(self.segment(x, training=False))
@@ -112,7 +122,7 @@ class TrainableSegment(tf.Module):
     def _backward(self, x, grads):
         for before, variable in zip(self._before, self._non_trainable):
             variable.assign(before.value())
-        _, _, gradients = lite_gradients(self.segment, x, grads)
+        gradients = lite_gradients(self.segment, x, grads)
         apply_gradients(self.optimizer, gradients, self.segment.trainable_variables)
         return {"step": tf.identity(self.optimizer.iterations)}
 
@@ -122,6 +132,9 @@ class TrainableSegment(tf.Module):
     def _restore(self, values):
         for variable, value in zip(self._state, values):
             variable.assign(value)
+        # A backward pass right after restores the statistics loaded here.
+        for before, variable in zip(self._before, self._non_trainable):
+            before.assign(variable.value)
         return {"restored": tf.constant(len(self._state), tf.int32)}
 
     def _init(self):
@@ -130,19 +143,33 @@ class TrainableSegment(tf.Module):
             variable.assign(tf.constant(value))
         return {"initialized": tf.constant(len(variables), tf.int32)}
 
-    def signatures(self) -> dict:
-        """{signature key: concrete function} for `tf.saved_model.save`.
+    def signatures(self, keys=SIGNATURES) -> dict:
+        """{signature key: concrete function} of `keys`, for `tf.saved_model.save`.
 
         `init` holds the variables' values of this moment.
+
+        Raises:
+          ValueError: an unknown key, or `backward` with a loss-scaled
+            (mixed_float16) optimizer, whose scaling the device does not do.
         """
+        unknown = sorted(set(keys) - set(SIGNATURES))
+        if unknown:
+            raise ValueError(f"unknown signatures {unknown}; there are {SIGNATURES}")
+        if "backward" in keys and isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            raise ValueError(
+                "on-device training does not scale its loss as a mixed_float16 "
+                "Keras client does (LossScaleOptimizer): export this segment for "
+                "inference (training=False)"
+            )
         self._init_values = [v.numpy() for v in self._state + self._before]
-        self.init = tf.function(self._init, input_signature=[])
-        functions = {
-            "serve": self.infer,
-            "forward": self.forward,
-            "backward": self.backward,
-            "save": self.save,
-            "restore": self.restore,
-            "init": self.init,
-        }
-        return {key: f.get_concrete_function() for key, f in functions.items()}
+        functions = {"serve": self.infer}
+        for key in keys:
+            if key != "serve":
+                function = tf.function(
+                    getattr(self, f"_{key}"), input_signature=self._inputs[key]
+                )
+                setattr(self, key, function)
+                functions[key] = function
+        return {key: functions[key].get_concrete_function() for key in keys}

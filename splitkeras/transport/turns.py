@@ -75,12 +75,24 @@ class TurnClient:
         """Called before a rolled-back turn is trained again."""
 
     # ------------------------------------------------------------- turns
+    def _check_key(self) -> None:
+        if self._aead is None:
+            raise ValueError(
+                f"client {self.client_id} was made without the clients' handoff "
+                "key (key=None: split inference only); taking turns needs it to "
+                "open and seal the handed-on state"
+            )
+
     def begin_turn(self, epoch: int):
         """Waits for this client's turn of `epoch` and loads the handed-on state.
 
         Returns the TurnReply (ready=False: the turn has passed), or None
         when the run is over.
+
+        Raises:
+          ValueError: this client has no handoff key.
         """
+        self._check_key()
         while True:
             turn = self.connection.call(
                 "BeginTurn",
@@ -101,6 +113,7 @@ class TurnClient:
 
     def end_turn(self, epoch: int, metrics: dict | None = None) -> None:
         """Hands this client's sealed state on through the server."""
+        self._check_key()
         state = seal(
             self._aead,
             f"epoch {epoch} from client {self.client_id}",
@@ -121,6 +134,7 @@ class TurnClient:
     def run_turns(self) -> None:
         """Trains this client's turn of every epoch (the last client of each
         round also evaluates); a rolled-back turn is trained again."""
+        self._check_key()  # before any turn is waited for or trained
         last_client = self.info.num_clients - 1
         epoch = int(self.info.epoch)
         while epoch < self.info.epochs:

@@ -90,6 +90,7 @@ class EdgeSpecTest(base.TestCase):
         config = fashion_mnist_lenet.get_config()
         config.num_clients = 3
         config.transport.activation_codec = "int8"
+        config.data.path = None  # TFDS's default directory
         model = build_model("lenet5", input_shape=(28, 28, 1), num_classes=10)
         spec = EdgeSpec.from_config(config, cut(model, "pool1"), client_id=2)
         path = os.path.join(self.tempdir(), "edge.json")
@@ -99,6 +100,17 @@ class EdgeSpecTest(base.TestCase):
         self.assertEqual(read.cut_shapes, [[14, 14, 6]])
         self.assertEqual((read.codec_up, read.codec_down), ("int8", "float32"))
         self.assertEqual((read.num_clients, read.client_id), (3, 2))
+        self.assertEqual(read.input_shape, [28, 28, 1])
+        # The run's gRPC limits, not the edge client's own.
+        self.assertEqual(
+            (read.max_message_mb, read.timeout_seconds, read.retry_seconds),
+            (
+                config.grpc.max_message_mb,
+                config.grpc.timeout_seconds,
+                config.grpc.retry_seconds,
+            ),
+        )
+        self.assertIsNone(read.data_path)  # the config reads TFDS's default
 
     def test_privacy_defenses_are_refused(self):
         config = fashion_mnist_lenet.get_config()
@@ -113,3 +125,23 @@ class EdgeSpecTest(base.TestCase):
             f.write('{"format": 99}')
         with self.assertRaisesRegex(ValueError, "edge spec format 99"):
             EdgeSpec.read(path)
+
+    def test_the_edge_reads_only_local_files(self):
+        """A run on TFDS (no path, or a TFDS data_dir): the edge asks for
+        --data, since it has no TFDS; an IDX folder or .npz file is read."""
+        from splitkeras.edge.client import load_client_data
+        from tests.distributed.test_grpc_run import _write_npz
+
+        spec = EdgeSpec([28, 28, 1], [[14, 14, 6]], 64, 120.0, 300.0)
+        with self.assertRaisesRegex(ValueError, "names no data path.*--data"):
+            load_client_data(spec)
+        spec.data_path = self.tempdir()  # e.g. a TFDS data_dir
+        with self.assertRaisesRegex(ValueError, "neither a .npz file nor.*--data"):
+            load_client_data(spec)
+        with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+            load_client_data(spec, os.path.join(spec.data_path, "missing.npz"))
+        npz = _write_npz(os.path.join(self.tempdir(), "data.npz"), 12, 5)
+        (x, y), (x_test, _) = load_client_data(spec, npz)
+        self.assertEqual(
+            (x.shape, y.shape, x_test.shape), ((12, 28, 28, 1), (12,), (5, 28, 28, 1))
+        )
