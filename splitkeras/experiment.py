@@ -334,6 +334,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _run_multi_client(config, workdir, arrays, strategy=None):
+    if config.train.max_steps:
+        raise ValueError(
+            f"config.train.max_steps={config.train.max_steps} stops single-client "
+            "runs mid-epoch; this run (several clients, a baseline or a stream) "
+            "trains and checkpoints whole epochs: set config.train.epochs instead"
+        )
     schedule = build_schedule(config, arrays, strategy)
     attach_privacy(schedule, config)
     leakage = Leakage(config, arrays)

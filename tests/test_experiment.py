@@ -149,6 +149,12 @@ class ExperimentTest(base.TestCase):
         for key in ("bytes_up", "bytes_down"):
             self.assertEqual(second[key], self.summary[key], key)
 
+    def test_max_steps_is_refused_where_runs_train_whole_epochs(self):
+        config = _config(self.npz, max_steps=3)
+        config.num_clients = 2
+        with self.assertRaisesRegex(ValueError, "max_steps=3 stops single-client"):
+            experiment.train_and_evaluate(config, os.path.join(self.root, "steps"))
+
     def test_learning_rate_schedule_survives_a_resume(self):
         decay = {"lr_schedule": "step", "lr_decay_epochs": "1", "lr_decay_factor": 0.5}
         workdir = os.path.join(self.root, "decay_resumed")
