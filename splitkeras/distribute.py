@@ -200,7 +200,7 @@ def split_batch(strategy, tensors):
         rows = tf.range(size) % tf.maximum(batch, 1)
         return [tf.gather(t, rows) for t in tensors]
 
-    if len(tensors) and n > 1:
+    if n > 1:
         tensors = tf.cond(batch < n, padded, lambda: [tf.identity(t) for t in tensors])
     base, extra = size // n, size % n
     sizes = tf.stack([base + tf.cast(i < extra, size.dtype) for i in range(n)])

@@ -32,8 +32,7 @@ def for_epoch(train, epoch: int) -> float:
       ValueError: an unknown schedule, or settings out of range.
     """
     base = float(train.learning_rate)
-    name = train.get("lr_schedule", "constant") or "constant"
-    warmup = int(train.get("warmup_epochs", 0) or 0)
+    name, warmup = _settings(train)
     if name not in SCHEDULES:
         raise ValueError(
             f"unknown config.train.lr_schedule {name!r}; choose one of "
@@ -57,8 +56,7 @@ def for_epoch(train, epoch: int) -> float:
 
 def is_constant(train) -> bool:
     """True when every epoch trains at `config.train.learning_rate`."""
-    name = train.get("lr_schedule", "constant") or "constant"
-    return name == "constant" and not int(train.get("warmup_epochs", 0) or 0)
+    return _settings(train) == ("constant", 0)
 
 
 def apply(optimizers, rate: float) -> None:
@@ -75,6 +73,12 @@ def start_epoch(train, optimizers, epoch: int) -> float | None:
     rate = for_epoch(train, epoch)
     apply(optimizers, rate)
     return rate
+
+
+def _settings(train) -> tuple[str, int]:
+    """(schedule name, warm-up epochs) of `config.train`."""
+    name = train.get("lr_schedule", "constant") or "constant"
+    return name, int(train.get("warmup_epochs", 0) or 0)
 
 
 def _decay_epochs(train) -> list[int]:

@@ -31,13 +31,19 @@ from splitkeras.transport.proto import wire_pb2
 from splitkeras.transport.sealing import pack_arrays, unpack_arrays
 from splitkeras.transport.turns import TurnClient
 
-__all__ = ["EdgeClient", "batches", "eval_batches", "load_client_data"]
+__all__ = [
+    "EdgeClient",
+    "batches",
+    "eval_batches",
+    "load_client_data",
+    "model_inputs",
+]
 
 # splitkeras.protocol.Kind, by number (the wire carries numbers).
 TRAIN, GRADIENTS, SERVER_OUTPUT, EVALUATE, PREDICT, ACK = 1, 2, 3, 5, 6, 7
 
 
-def _images(x) -> np.ndarray:
+def model_inputs(x) -> np.ndarray:
     """uint8 images scaled to [0, 1] in float32 (as the Keras pipeline does)."""
     x = np.asarray(x)
     if x.dtype == np.uint8:
@@ -51,13 +57,13 @@ def batches(x, y, batch_size: int, seed: int, epoch: int, stream=None):
     order = np.random.default_rng(entropy).permutation(len(x))
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        yield _images(x[index]), np.asarray(y[index], np.int64)
+        yield model_inputs(x[index]), np.asarray(y[index], np.int64)
 
 
 def eval_batches(x, y, batch_size: int):
     for start in range(0, len(x), batch_size):
         stop = start + batch_size
-        yield _images(x[start:stop]), np.asarray(y[start:stop], np.int64)
+        yield model_inputs(x[start:stop]), np.asarray(y[start:stop], np.int64)
 
 
 def load_client_data(spec, path: str | None = None, client_id: int | None = None):

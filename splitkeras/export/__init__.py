@@ -32,6 +32,7 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
+from splitkeras.edge.client import model_inputs
 from splitkeras.edge.runtime import LiteSegment
 from splitkeras.export.litert import QUANTIZATIONS, LiteConversionError, to_litert
 from splitkeras.export.module import SIGNATURES, TrainableSegment
@@ -294,7 +295,7 @@ def export_from_workdir(
     if isinstance(data, StreamingSource):
         sample = _sample(client, None, batch=sample_size)
     else:
-        sample = _images(data.x_test[:sample_size])
+        sample = model_inputs(data.x_test[:sample_size])
     report = export_segment(
         client, optimizer, out_dir, training=training, quantize=quantize, sample=sample
     )
@@ -336,13 +337,6 @@ def _check_training(training, segments, precision, train) -> bool:
             "with training=False (inference, in float32)"
         )
     return bool(training)
-
-
-def _images(x) -> np.ndarray:
-    """uint8 images scaled to [0, 1] in float32 (as the Keras pipeline does)."""
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(255.0)
-    return np.asarray(x, np.float32)
 
 
 def _export_server(segments, restored, workdir, sample, out_dir):

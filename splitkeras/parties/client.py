@@ -118,7 +118,6 @@ class Client:
             targets.append(forward.reg)
             seeds.append(tf.ones_like(forward.reg))
         scale = loss_scale(self.optimizer)
-        server_skipped = None
         if scale is not None:
             # Mixed float16: this client scales its own backward pass (so
             # small gradients do not underflow in float16); its loss scale
@@ -143,7 +142,7 @@ class Client:
             list(head_grads) + list(tail_grads),
             list(head_vars) + list(tail_vars),
         )
-        if server_skipped is not None:
+        if scale is not None:
             # The overflow was the server's: this client's scale stays.
             for variable, value in zip(state, kept):
                 variable.assign(tf.where(server_skipped, value, variable))

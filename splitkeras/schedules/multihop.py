@@ -113,7 +113,7 @@ class MultiHop:
     @property
     def optimizers(self) -> list:
         """Every party's optimizer (`splitkeras.learning_rate.apply`)."""
-        return [p.optimizer for p in [self.client, *self.relays, self.server]]
+        return [p.optimizer for p in self.parties.values()]
 
     @property
     def parties(self) -> dict:
