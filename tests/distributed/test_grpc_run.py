@@ -76,7 +76,7 @@ def _setup(data_path, **overrides):
 def _in_process(config):
     """Trains the in-process round robin; returns (server, last client) segments."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    schedule = experiment.build_schedule(config, arrays)
+    schedule = builders.build_schedule(config, arrays)
     attach_privacy(schedule, config)
     shards = federation.client_shards(config, arrays)
     for epoch in range(config.train.epochs):
@@ -90,7 +90,7 @@ def _loaded(config, workdir, last_client):
     """The segments the processes wrote, loaded into fresh copies."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
     segments = cut(
-        experiment.build_model(config, arrays), experiment.cut_layers(config)
+        builders.build_model(config, arrays), builders.cut_layers(config)
     )
     segments.server.load_weights(os.path.join(workdir, "server", "server.weights.h5"))
     client_dir = os.path.join(workdir, f"client_{last_client}")

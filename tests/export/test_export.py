@@ -297,7 +297,7 @@ class ExportFromWorkdirTest(base.TestCase):
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
-        segments = experiment.build_segments(config, experiment.load_data(config))
+        segments = builders.build_segments(config, builders.load_data(config))
         trained = [w + 0.5 for w in segments.client.get_weights()]
         segments.client.set_weights(trained)
         workdir = os.path.join(root, "client_0")
@@ -347,9 +347,9 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertIn("checkpoints/server/ckpt-2", report["restored_from"]["server"])
 
         # The checkpoint, read independently, is what LiteRT holds.
-        data_arrays = experiment.load_data(config)
-        segments = experiment.build_segments(config, data_arrays)
-        optimizer = experiment._optimizer(config)
+        data_arrays = builders.load_data(config)
+        segments = builders.build_segments(config, data_arrays)
+        optimizer = builders.make_optimizer(config)
         optimizer.build(segments.client.trainable_variables)
         load_trained(
             [segments.client], workdir, "client_0", "client.weights.h5", optimizer
@@ -397,7 +397,7 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertLessEqual(report["artifacts"]["client.tflite"]["max_abs_diff"], 1e-4)
         # The float32 build the device runs = the run's float16 segment, up to
         # float16 rounding.
-        segment = experiment.build_segments(config, experiment.load_data(config)).client
+        segment = builders.build_segments(config, builders.load_data(config)).client
         self.assertEqual(segment.outputs[0].dtype, "float16")
         lite = LiteSegment(os.path.join(out, "client.tflite"))
         x = np.random.default_rng(0).uniform(size=(2, 67, 67, 3)).astype(np.float32)
