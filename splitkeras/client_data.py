@@ -121,7 +121,9 @@ def steps_per_round(config, arrays, shards) -> int:
     """Training steps of one round over all clients (0 if unknown: streams)."""
     if isinstance(arrays, StreamingSource) or shards is None:
         if config.topology == "vertical":
-            return data_lib.steps_per_epoch(len(arrays.x_train), config.train.batch_size)
+            return data_lib.steps_per_epoch(
+                len(arrays.x_train), config.train.batch_size
+            )
         return 0
     steps = sum(
         data_lib.steps_per_epoch(len(x), config.train.batch_size) for x, _ in shards

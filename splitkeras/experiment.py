@@ -53,7 +53,9 @@ class InProcess(RunnerProcess):
         self.schedule.resumed(epochs_done)
 
     def round(self, epoch, skip=0):
-        datasets = client_data.epoch_datasets(self.config, self.data, self.shards, epoch)
+        datasets = client_data.epoch_datasets(
+            self.config, self.data, self.shards, epoch
+        )
         yield from self.schedule.round(epoch, datasets, self.test, skip)
 
     def logs(self, epoch):

@@ -158,7 +158,9 @@ class Runner:
         self.loop.epoch = self.process.start_epoch(self.loop.epoch)
         self.started = time.perf_counter() - self.loop.wall_seconds
         total = max(self.process.steps_per_round * self.process.rounds, 1)
-        self.progress = Progress(total, self.config.train.log_every_seconds, self.loop.step)
+        self.progress = Progress(
+            total, self.config.train.log_every_seconds, self.loop.step
+        )
 
     @property
     def _who(self) -> str:
@@ -194,7 +196,9 @@ class Runner:
                     self._check_finite(loss)
                     self.save()
                 if stop:
-                    log.info("%sStopping at config.train.max_steps=%d", self._who, max_steps)
+                    log.info(
+                        "%sStopping at config.train.max_steps=%d", self._who, max_steps
+                    )
                     return True
         self._end_round(epoch, time.perf_counter() - began, rate)
         return False

@@ -34,7 +34,13 @@ class Centralized(Schedule):
     num_clients = 1
 
     def __init__(
-        self, model, optimizer, loss, metrics=("accuracy",), run_eagerly=False, jit_compile=False
+        self,
+        model,
+        optimizer,
+        loss,
+        metrics=("accuracy",),
+        run_eagerly=False,
+        jit_compile=False,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -92,4 +98,8 @@ class Centralized(Schedule):
         return {"bytes_up": [0], "bytes_down": [0]}
 
     def checkpoints(self, **extra) -> dict:
-        return {"model": party_checkpoint([self.model], self.optimizer, **extra, epoch_done=self._epoch)}
+        return {
+            "model": party_checkpoint(
+                [self.model], self.optimizer, **extra, epoch_done=self._epoch
+            )
+        }

@@ -22,7 +22,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Rejected, Status
+from splitkeras.protocol import Kind, Message, NotYet, Rejected, Status
 
 log = logging.getLogger("splitkeras")
 
@@ -52,13 +52,13 @@ class Coordinator:
         # The last round each client ended (-1: none): a retried END of an
         # applied one is answered again, anything else refused.
         self.ended = [
-            tf.Variable(-1, dtype=tf.int64, trainable=False)
-            for _ in range(num_clients)
+            tf.Variable(-1, dtype=tf.int64, trainable=False) for _ in range(num_clients)
         ]
         self.on_commit = None  # called after each transaction (a host saves)
         self.on_round_end = None  # called as on_round_end(round, train, val)
         self.on_rollback = None  # a host restores its last commit
-        self._client_logs = {}  # round -> [training metrics from END]
+        self._client_logs = {}  # round -> [(training metrics, examples) from END]
+        self._counts = {}  # round -> {client: examples} from END
         self._reports = {}  # round -> metrics from REPORT
         self.logs = {}  # round -> (train, validation), once the round ended
 
@@ -97,11 +97,7 @@ class Coordinator:
             return self.end(message)
         if kind == Kind.REPORT:
             return self.report(message)
-        if kind not in DATA_KINDS:
-            raise Rejected(
-                "invalid",
-                f"a {kind.name} message does not go to the coordinator",
-            )
+        # Steps, and what else the server answers (weights, models).
         reply = self.server.handle(message)
         if kind == Kind.OUTPUT_GRADIENTS or (
             kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS
@@ -129,10 +125,16 @@ class Coordinator:
         self._maybe_end_round(int(message.round))
         return self._reply(message, Kind.ACK)
 
+    def _log_end(self, r, message) -> None:
+        count = int(message.count)
+        self._client_logs.setdefault(r, []).append((dict(message.metrics or {}), count))
+        self._counts.setdefault(r, {})[message.client_id] = count
+
     def rolled_back(self) -> None:
         """Forgets what was not committed (a host restored its checkpoint)."""
         self._client_logs.clear()
         self._reports.clear()
+        self._counts.clear()
 
     def tick(self) -> None:
         """Periodic check by a host (timeouts)."""
@@ -162,19 +164,36 @@ class Coordinator:
         return True
 
     def _round_logs(self, r: int) -> tuple[dict, dict]:
-        reports = [m for m in self._client_logs.pop(r, []) if m]
-        evaluated = r in self._reports
-        val = dict(self._reports.pop(r, {}))
+        reports = [(m, n) for m, n in self._client_logs.pop(r, []) if m]
+        val = self._validation(r)
         objective = self.objective
         if objective is not None:
             train = {k: float(v) for k, v in objective.result(training=True).items()}
-            if evaluated:  # the evaluator's pass went through the label holder
-                val.update(objective.result(training=False))
-                objective.reset(training=False)
             return train, val
-        keys = sorted({k for m in reports for k in m})
-        train = {k: float(np.mean([m[k] for m in reports if k in m])) for k in keys}
+        # Clients' figures weighted by the examples behind them (END's count).
+        self._counts.pop(r, None)
+        keys = sorted({k for m, _ in reports for k in m})
+        train = {}
+        for key in keys:
+            pairs = [(m[key], n) for m, n in reports if key in m]
+            total = sum(n for _, n in pairs)
+            if total > 0:
+                train[key] = float(sum(v * n for v, n in pairs) / total)
+            else:
+                train[key] = float(np.mean([v for v, _ in pairs]))
         return train, val
+
+    def _validation(self, r: int) -> dict:
+        """Round `r`'s validation figures: the evaluating client's report, and
+        the label holder's figures here (vanilla) of the pass it reports."""
+        if r not in self._reports:
+            return {}
+        val = dict(self._reports.pop(r))
+        objective = self.objective
+        if objective is not None:
+            val.update(objective.result(training=False))
+            objective.reset(training=False)
+        return val
 
     def _commit(self) -> None:
         if self.on_commit is not None:
@@ -314,7 +333,7 @@ class Turns(Coordinator):
         if self.store_state:
             self.state.assign(message.state)
         self.ended[k].assign(epoch)
-        self._client_logs.setdefault(epoch, []).append(dict(message.metrics or {}))
+        self._log_end(epoch, message)
         self._advance()
         return self._reply(message, Kind.ACK, round=int(self.round.numpy()))
 
@@ -358,7 +377,7 @@ class Turns(Coordinator):
             self._rollback(f"client {turn} silent for {self.turn_timeout:.0f} s")
         log.warning("Skipping client %d's turn of round %d", turn, r)
         self.skipped.append({"epoch": r, "client": turn})
-        self._client_logs.setdefault(r, []).append({})
+        self._client_logs.setdefault(r, []).append(({}, 0))
         self._advance()
 
 
@@ -374,12 +393,14 @@ class Rounds(Coordinator):
 
     Args:
       server, num_clients, epochs, reports: as `Coordinator`.
-      on_trained: called as `on_trained(round)` once every client has ended
-        the round, before the evaluation (e.g. SplitFed v1 averages its
-        server copies here).
+      on_trained: called as `on_trained(round, {client: examples})` once
+        every client has ended the round, before the evaluation (e.g.
+        SplitFed v1 averages its server copies here).
     """
 
-    def __init__(self, server, num_clients, epochs=None, reports=False, on_trained=None):
+    def __init__(
+        self, server, num_clients, epochs=None, reports=False, on_trained=None
+    ):
         super().__init__(server, num_clients, epochs, reports)
         self.on_trained = on_trained
         self.begun = set()  # clients in the current round
@@ -402,6 +423,9 @@ class Rounds(Coordinator):
         if not self.begun:
             self._start_round()
         self.begun.add(k)
+        begun = getattr(self.server, "begun", None)
+        if begun is not None:  # e.g. SplitFed v2's step order needs batch counts
+            begun(k, int(message.count))
         return self._reply(message, Kind.BEGIN, step=int(self.step.numpy()))
 
     def check(self, message):
@@ -434,14 +458,21 @@ class Rounds(Coordinator):
                 "restart", f"client {k} ends round {r} with a step half done"
             )
         self.ended[k].assign(r)
-        self._client_logs.setdefault(r, []).append(dict(message.metrics or {}))
+        self._log_end(r, message)
         if self._round_trained(r) and self.on_trained is not None:
-            self.on_trained(r)
+            self.on_trained(r, self._counts.get(r, {}))
         self._maybe_end_round(r)
         return self._reply(message, Kind.ACK, round=int(self.round.numpy()))
 
     def report(self, message):
         r = int(message.round)
+        if r in self.logs and not self.expect_reports:
+            # The round ended without waiting for it (one process): the
+            # report completes its validation logs.
+            self._reports[r] = dict(message.metrics or {})
+            train, _ = self.logs[r]
+            self.logs[r] = (train, self._validation(r))
+            return self._reply(message, Kind.ACK)
         if not self._round_trained(r) or r != int(self.round.numpy()):
             raise Rejected(
                 "restart",
@@ -453,6 +484,9 @@ class Rounds(Coordinator):
     def _start_round(self) -> None:
         super()._start_round()
         self.begun = set()
+        start = getattr(self.server, "start_round", None)
+        if start is not None:
+            start()
 
 
 def _pending(server, client: int) -> bool:

@@ -30,6 +30,8 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.segment_step import compiled, optimizer_factory
 from splitkeras.protocol import Kind, Message
+from splitkeras.schedules.base import Schedule
+from splitkeras.schedules.coordinator import Rounds
 from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
@@ -114,7 +116,7 @@ def _metrics_per_task(metrics, num_tasks) -> list:
     return metrics
 
 
-class MultiTask:
+class MultiTask(Schedule):
     """One client segment, one server head (party) per task.
 
     Args:
@@ -175,7 +177,11 @@ class MultiTask:
             for (head, _), objective in zip(heads, self.objectives)
         ]
         self._used = [used for _, used in heads]
-        self.links = [LocalTransport(h, 1, *as_pair(codec)) for h in self.heads]
+        # Each head coordinates its own rounds (it commits its own state).
+        self.coordinators = [Rounds(h, 1) for h in self.heads]
+        self.coordinator = self.coordinators[0]
+        self.num_clients = 1
+        self.links = [LocalTransport(c, 1, *as_pair(codec)) for c in self.coordinators]
         self.client = Client(segments.client, make(), client_id=0)
         for party in [self.client, *self.heads]:
             party.build_optimizer()
@@ -255,30 +261,39 @@ class MultiTask:
         results["loss"] = sum(results[f"task_{i}/loss"] for i in range(self.num_tasks))
         return results
 
-    def train_epoch(self, dataset, progress=None) -> dict:
-        """Trains on every `(x, (y_0, ..., y_H-1))` batch of `dataset`.
+    def round(self, epoch, client_datasets, test=None, skip=0):
+        """Round `epoch`: BEGIN with every head, the steps, END with every
+        head; with `test`, the evaluation, REPORTed to every head."""
+        if isinstance(client_datasets, (list, tuple)) and len(client_datasets) == 1:
+            (client_datasets,) = client_datasets
+        self._control(Kind.BEGIN, epoch)
+        examples = 0
+        for x, ys in client_datasets:
+            yield tf.add_n(list(self.train_step(x, ys)))
+            examples += int(tf.nest.flatten(x)[0].shape[0])
+        self._control(Kind.END, epoch, count=examples)
+        if test is not None:
+            self.evaluate(test)
+            self._control(Kind.REPORT, epoch)
 
-        Args:
-          dataset: an iterable of batches, or a one-element list of one (the
-            client datasets `federation.run_schedule` passes).
-          progress: an optional `splitkeras.progress.Progress`, told the
-            global step after each batch.
+    def _control(self, kind, epoch, **fields):
+        for link in self.links:
+            link.poll(Message(kind, 0, round=epoch, **fields))
 
-        Returns:
-          The epoch's mean metrics: "task_i/loss", "task_i/<metric>" per
-          task and "loss", the sum of the task losses.
-        """
-        if isinstance(dataset, (list, tuple)) and len(dataset) == 1:
-            (dataset,) = dataset
-        for objective in self.objectives:
-            objective.reset(training=True)
-        for x, ys in dataset:
-            self.train_step(x, ys)
-            if progress is not None:
-                step = int(self._step.numpy())
-                if progress.due(step):
-                    progress.report(step, self._results(training=True))
-        return self._results(training=True)
+    def round_logs(self, epoch) -> tuple:
+        """Every head's figures as "task_i/<name>", and "loss" (their sum)."""
+        combined = []
+        for part in (0, 1):
+            logs = {}
+            for i, coordinator in enumerate(self.coordinators):
+                for key, value in coordinator.logs[epoch][part].items():
+                    logs[f"task_{i}/{key}"] = value
+            if logs:
+                logs["loss"] = sum(
+                    logs[f"task_{i}/loss"] for i in range(self.num_tasks)
+                )
+            combined.append(logs)
+        return tuple(combined)
 
     def evaluate(self, dataset) -> dict:
         """Mean task losses and metrics over `(x, (y_0, ...))` batches.
@@ -318,20 +333,18 @@ class MultiTask:
 
         The client (the sender on every link) keeps the links' byte counters.
         """
-        state = {"step": self._step, **extra}
+        state = {"multitask_step": self._step, **extra}
         counters = {
             f"task_{i}_{key}": variable
             for i, link in enumerate(self.links)
             for key, variable in link.counters_of(0).items()
         }
         parties = {"client_0": self.client.checkpoint(**state, **counters)}
-        for i, head in enumerate(self.heads):
-            parties[f"head_{i}"] = head.checkpoint(**state)
+        for i, (head, coordinator) in enumerate(zip(self.heads, self.coordinators)):
+            parties[f"head_{i}"] = head.checkpoint(
+                **state, coordinator=tf.train.Checkpoint(**coordinator.trackables())
+            )
         return parties
-
-    def resumed(self, epochs_done: int) -> None:
-        """Nothing to do after a restore: every party restores its own state."""
-        del epochs_done
 
 
 def _unflat(tensors):

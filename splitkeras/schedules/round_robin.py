@@ -295,7 +295,9 @@ class RoundRobin(Schedule):
             dataset = datasets[k]
             program.train_data = lambda e, s, ds=dataset: ds.skip(s) if s else ds
             program.test_data = test if k == last else None
-            status = yield from program.turn(epoch, test is not None and k == last, skip)
+            status = yield from program.turn(
+                epoch, test is not None and k == last, skip
+            )
             if status == Status.READY:
                 self.active = k
                 skip = 0  # only the interrupted turn resumes mid-way

@@ -174,9 +174,7 @@ class ControlLink:
         self.poll_seconds = poll_seconds
 
     def request(self, message: Message) -> Message:
-        reply, _ = self.connection.exchange(
-            wire.control_envelope(message, self.to), []
-        )
+        reply, _ = self.connection.exchange(wire.control_envelope(message, self.to), [])
         return wire.control_message(reply)
 
     def poll(self, message: Message) -> Message:

@@ -415,7 +415,9 @@ class GrpcHost:
                 if message.kind in _TRAINING:
                     # A step may have changed some state before failing: back
                     # to the last commit; the client trains its part again.
-                    log.exception("training message of client %d failed", message.client_id)
+                    log.exception(
+                        "training message of client %d failed", message.client_id
+                    )
                     self.rollback(f"a training message failed: {e!r}")
                     raise Refused(grpc.StatusCode.INTERNAL, repr(e)) from None
                 raise

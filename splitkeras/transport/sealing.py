@@ -106,7 +106,9 @@ class Sealer:
             client.
         """
         header, plain = unseal(self._aead, blob, f"client {self.client_id}")
-        receiver = header.split("->", 1)[1].split(",", 1)[0].strip() if "->" in header else ""
+        receiver = (
+            header.split("->", 1)[1].split(",", 1)[0].strip() if "->" in header else ""
+        )
         if receiver != f"client {self.client_id}":
             raise HandoffError(
                 f"client {self.client_id} received a state sealed for "

@@ -108,8 +108,14 @@ class TurnClient:
                 f"unknown weight handoff {handoff!r}; choose one of "
                 f"{', '.join(HANDOFF_MODES)}"
             )
-        if handoff == "peer" and num_clients > 1 and (peer_link is None or inbox is None):
-            raise ValueError("a peer handoff needs a link to the next client and an inbox")
+        if (
+            handoff == "peer"
+            and num_clients > 1
+            and (peer_link is None or inbox is None)
+        ):
+            raise ValueError(
+                "a peer handoff needs a link to the next client and an inbox"
+            )
         self.link = link
         self.client_id = client_id
         self.num_clients = num_clients
@@ -212,7 +218,11 @@ class TurnClient:
             figures = self._evaluate()
             self.link.request(
                 Message(
-                    Kind.REPORT, self.client_id, self.steps, round=epoch, metrics=figures
+                    Kind.REPORT,
+                    self.client_id,
+                    self.steps,
+                    round=epoch,
+                    metrics=figures,
                 )
             )
         state = self._hand_on(epoch)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import data as data_lib
-from splitkeras import distribute, experiment, federation, launcher
+from splitkeras import distribute, federation, launcher
 from splitkeras.objective import Objective
 from splitkeras.parties import Server
 from splitkeras.protocol import Kind, Message

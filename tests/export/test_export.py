@@ -290,7 +290,6 @@ class LiteGradientsTest(base.TestCase):
 
 class ExportFromWorkdirTest(base.TestCase):
     def test_a_client_workdir_exports_its_trained_weights(self):
-        from splitkeras import experiment
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
         from tests.distributed.test_grpc_run import _setup, _write_npz
@@ -375,7 +374,6 @@ class ExportFromWorkdirTest(base.TestCase):
         no workdir: the seed's segment, and no server; mixed precision: a
         float32 build for inference."""
         from configs import imagenet_alexnet
-        from splitkeras import experiment
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
         from tests.data.test_data import _prepare_mock_metadata
