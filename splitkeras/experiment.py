@@ -17,6 +17,12 @@ from splitkeras import builders, client_data, distribute
 from splitkeras.data.streaming import StreamingSource
 from splitkeras.privacy.leakage import Leakage, attach_privacy
 from splitkeras.runner import NonFiniteLossError, Runner, RunnerProcess
+from splitkeras.schedules import alignment
+from splitkeras.schedules.alignment import Aligner
+from splitkeras.schedules.splitfed import interleave
+from splitkeras.transport.counters import ByteCounters
+from splitkeras.transport.local import LocalTransport
+from splitkeras.transport.turns import yield_all
 
 log = logging.getLogger("splitkeras")
 
@@ -26,7 +32,7 @@ _LEAKAGE = ("leakage_", "label_leak_")  # privacy measurements in the logs
 
 
 class InProcess(RunnerProcess):
-    """Every party of `schedule` in this process, fed from `data`."""
+    """Every party of `schedule` in this process, fed from the clients' sites."""
 
     def __init__(self, config, schedule, data, strategy=None):
         self.config = config
@@ -35,11 +41,18 @@ class InProcess(RunnerProcess):
         self.strategy = strategy
         self.rounds = int(config.train.epochs)
         self.resumable_mid_round = schedule.resumable_mid_round
-        self.shards = client_data.client_shards(config, data)
-        self.test = client_data.test_data(config, data)
-        self.leakage = Leakage(config, data)
-        self.client_flops = client_data.client_flops_per_epoch(config, data)
-        self.steps_per_round = client_data.steps_per_round(config, data, self.shards)
+        self.sites = client_data.sites(config, data)
+        self.alignment = None
+        if config.topology == "vertical":
+            self.sites, self.alignment = align_sites(self.sites)
+            self.test = client_data.vertical_test(config, self.sites)
+        else:
+            self.test = client_data.test_batches(config, self.sites[0], data)
+        first = self.sites[0]
+        self.leakage = Leakage(config, first if hasattr(first, "x_test") else data)
+        self.client_flops = client_data.client_flops_per_epoch(config, self.sites, data)
+        self.steps_per_round = client_data.steps_per_round(config, self.sites, data)
+        self.dataset_name = getattr(first, "data_name", "") or getattr(data, "name", "")
         _check_max_steps(config, schedule)
 
     @property
@@ -52,18 +65,21 @@ class InProcess(RunnerProcess):
     def resumed(self, epochs_done: int) -> None:
         self.schedule.resumed(epochs_done)
 
+    def _datasets(self, epoch):
+        config = self.config
+        if config.topology == "vertical":
+            return client_data.vertical_round(config, self.sites, epoch)
+        return [
+            client_data.train_batches(config, site, k, epoch, self.data)
+            for k, site in enumerate(self.sites)
+        ]
+
     def round(self, epoch, skip=0):
-        datasets = client_data.epoch_datasets(
-            self.config, self.data, self.shards, epoch
-        )
-        yield from self.schedule.round(epoch, datasets, self.test, skip)
+        yield from self.schedule.round(epoch, self._datasets(epoch), self.test, skip)
 
     def logs(self, epoch):
         train, val = self.schedule.round_logs(epoch)
         return dict(train), {**val, **self.leakage(self.schedule)}
-
-    def running_logs(self) -> dict:
-        return {}
 
     def round_scalars(self, epoch) -> dict:
         if self.client_flops is None:
@@ -72,7 +88,10 @@ class InProcess(RunnerProcess):
         return {"client_tflops": (epoch + 1) * self.client_flops / 1e12}
 
     def byte_counts(self) -> dict:
-        return self.schedule.byte_counts()
+        counts = dict(self.schedule.byte_counts())
+        if self.alignment is not None:
+            counts.update(self.alignment)
+        return counts
 
     def summary(self, test: dict) -> dict:
         if not test:  # stopped early, or nothing left to train: evaluate now
@@ -80,11 +99,26 @@ class InProcess(RunnerProcess):
         per_client = self.byte_counts()
         replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
         return {
-            **summary_fields(self.config, self.data.name, test),
+            **summary_fields(self.config, self.dataset_name, test),
             **byte_totals(per_client),
             "per_client": per_client,
             "server_replicas": replicas,
         }
+
+
+def align_sites(all_sites, label_owner: int = 0):
+    """The vertical parties' private set intersection, all in this process:
+    (their aligned sites, {alignment bytes per client})."""
+    parties = len(all_sites)
+    counters = ByteCounters.for_categories(("alignment",), parties)
+    link = LocalTransport(Aligner(parties, label_owner), parties, counters=counters)
+    programs = [
+        alignment.align(link, k, parties, client_data.vertical_ids(site))
+        for k, site in enumerate(all_sites)
+    ]
+    rows = yield_all(interleave(programs))
+    aligned = [client_data.aligned_site(s, r) for s, r in zip(all_sites, rows)]
+    return aligned, counters.as_dict()
 
 
 def summary_fields(config, dataset_name: str, test: dict) -> dict:
@@ -160,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     distribute.check_supported(config, strategy)
     workdir = distribute.worker_workdir(strategy, workdir)
     builders.check_method(config)
-    data = builders.load_data(config)
+    data = None if config.data.get("sites", "") else builders.load_data(config)
     if isinstance(data, StreamingSource) and config.topology not in (
         "vanilla",
         "ushaped",
