@@ -48,7 +48,8 @@ class RunnerProcess:
 
     Attributes:
       rounds: rounds (epochs) of the run.
-      steps_per_round: training steps in one round, for progress (or 0).
+      steps_per_round: training steps in one round, for progress (0: not
+        known in this process).
       resumable_mid_round: the process can stop between two steps of a
         round and resume there (`round(epoch, skip)`).
       optimizers: the optimizers of the parties here (learning rates).
@@ -74,6 +75,10 @@ class RunnerProcess:
         """Trains round `epoch` (after `skip` steps already trained); a
         generator yielding once per training step (its loss, or None)."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once every round is trained (not after a max_steps stop),
+        before the summary."""
 
     def logs(self, epoch: int) -> tuple[dict, dict]:
         """(training, validation) figures of a finished round ({} if none)."""
@@ -157,7 +162,8 @@ class Runner:
             log.info("%sResumed at step %d in %s", self._who, restored, self.workdir)
         self.loop.epoch = self.process.start_epoch(self.loop.epoch)
         self.started = time.perf_counter() - self.loop.wall_seconds
-        total = max(self.process.steps_per_round * self.process.rounds, 1)
+        per_round = self.process.steps_per_round
+        total = per_round * self.process.rounds if per_round else None
         self.progress = Progress(
             total, self.config.train.log_every_seconds, self.loop.step
         )
@@ -173,6 +179,8 @@ class Runner:
         stopped = False
         while self.loop.epoch < self.process.rounds and not stopped:
             stopped = self.train_round()
+        if not stopped:
+            self.process.finish()
         return self.end()
 
     def train_round(self) -> bool:

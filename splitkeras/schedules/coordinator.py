@@ -248,6 +248,7 @@ class Turns(Coordinator):
         self.skipped = []  # {"epoch", "client"} of turns skipped after silence
         self.active = None  # the client training its turn, or None
         self.last_seen = None
+        self.told_done = set()  # clients told the run is over
 
     def trackables(self) -> dict:
         return {**super().trackables(), "turn": self.turn, "state": self.state}
@@ -269,6 +270,7 @@ class Turns(Coordinator):
         self.tick()
         r, turn = self.position()
         if self.done:
+            self.told_done.add(k)
             return self._reply(message, Kind.BEGIN, Status.DONE, round=r)
         if (epoch, k) < (r, turn):  # that turn is over (trained or skipped)
             return self._reply(message, Kind.BEGIN, Status.PASSED, round=r)
@@ -417,6 +419,14 @@ class Rounds(Coordinator):
         if r < current:
             return self._reply(message, Kind.BEGIN, Status.PASSED, round=current)
         if r > current:
+            if r > current + 1 or int(self.ended[k].numpy()) < current:
+                # The run went back (a host restarted): train that round again.
+                raise Rejected(
+                    "restart",
+                    f"client {k} begins round {r}, but round {current} has not "
+                    "been trained by it here (the host went back to its last "
+                    f"commit): train round {current} again",
+                )
             return self._reply(message, Kind.BEGIN, Status.WAIT, round=current)
         if k in self.begun and int(self.ended[k].numpy()) < r:
             self._rollback(f"client {k} began round {r} again")
@@ -433,6 +443,12 @@ class Rounds(Coordinator):
         if message.kind == Kind.PREDICT:
             return
         if message.kind == Kind.EVALUATE:
+            if int(self.ended[k].numpy()) < current:
+                raise Rejected(
+                    "restart",
+                    f"client {k} evaluates round {current} before ending it here "
+                    "(the host went back to its last commit): train it again",
+                )
             if not self._round_trained(current):
                 raise NotYet(f"round {current} is still training")
             return

@@ -102,6 +102,9 @@ class GradientServer:
 
     def _fetch(self, message):
         applied, step = int(self.applied.numpy()), int(message.step)
+        if self.batches and len(self.batches) < self.num_clients:
+            # Who takes part in a step is known once every client has begun.
+            return Message(Kind.WEIGHTS, message.client_id, step, status=Status.WAIT)
         if step == _END_OF_ROUND:
             last = (
                 max(self.batches.values(), default=applied) if self.batches else applied

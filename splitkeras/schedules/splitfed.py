@@ -218,18 +218,31 @@ class OrderedServer:
         self.start_round()
 
     def handle(self, message: Message) -> Message:
+        # Traced into a host's compiled step, the order is kept by the host,
+        # which calls `admit` and `applied` around it.
+        eager = not tf.inside_function()
+        if eager:
+            self.admit(message)
+        reply = self.server.handle(message)
+        if eager:
+            self.applied(message, reply)
+        return reply
+
+    def admit(self, message: Message) -> None:
+        """Raises `NotYet` if the step comes before its turn."""
         if message.kind in (Kind.TRAIN, Kind.OUTPUT_GRADIENTS) and self.batches:
             if len(self.batches) < self.num_clients:
                 raise NotYet("every client must begin the round first")
             self._wait_for_turn(message.client_id, message.kind)
-        reply = self.server.handle(message)
+
+    def applied(self, message: Message, reply: Message) -> None:
+        """Counts a finished step."""
         finished = message.kind == Kind.OUTPUT_GRADIENTS or (
             message.kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS
         )
         if finished and self.batches:
             k = message.client_id
             self.done[k] = self.done.get(k, 0) + 1
-        return reply
 
     def _wait_for_turn(self, k, kind) -> None:
         if kind == Kind.OUTPUT_GRADIENTS:

@@ -120,6 +120,7 @@ class GrpcHost:
         self.wait_seconds = wait_seconds
         self.gather_seconds = gather_seconds
         self.refused = 0
+        self.hosts_told = set()  # hosts (relays) told that the run is over
         self.closed = threading.Event()  # set: the watchdog stops
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
         self._lock = threading.RLock()
@@ -167,9 +168,10 @@ class GrpcHost:
         """Saves every hosted party's state (the end of a transaction)."""
         if self._manager is None:
             return
-        self._commits.assign_add(1)
-        self._manager.save(checkpoint_number=int(self._commits.numpy()))
-        self._changed.notify_all()
+        with self._changed:
+            self._commits.assign_add(1)
+            self._manager.save(checkpoint_number=int(self._commits.numpy()))
+            self._changed.notify_all()
 
     def _restore(self):
         self._manager.checkpoint.restore(
@@ -191,7 +193,8 @@ class GrpcHost:
         self._cache.clear()
         self._open.clear()
         self._eval_step.clear()
-        self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
 
     def tick(self) -> None:
         """Periodic checks of the parties (turn timeouts)."""
@@ -311,6 +314,8 @@ class GrpcHost:
             )
         with self._lock:
             position = self.position()
+            if request.host and self.done:
+                self.hosts_told.add(request.host)
         specs = getattr(party, "output_specs", lambda: [])()
         return wire_pb2.JoinReply(
             run=self.info.get("run", ""),
@@ -390,6 +395,13 @@ class GrpcHost:
         elif kind == Kind.EVALUATE:
             self._cache[("eval", name, client)] = (envelope.step, kind, data)
             self._eval_step[(id(self.parties[name]), client)] = envelope.step
+        elif kind not in DATA_KINDS:
+            # An orchestration message (REPORT, END, BEGIN) ends the client's
+            # evaluation pass: its next one starts again at batch 1.
+            for key in [k for k in self._cache if k[0] == "eval" and k[2] == client]:
+                del self._cache[key]
+            for key in [k for k in self._eval_step if k[1] == client]:
+                del self._eval_step[key]
 
     def open_specs(self, name, client):
         """The U-shaped outputs a client's OUTPUT_GRADIENTS must match, or None."""
@@ -433,17 +445,25 @@ class GrpcHost:
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = self._compiled(party, message.kind, key)
+        # A party that orders steps (SFLV2) does so around the compiled step.
+        admit = getattr(party, "admit", None)
+        if admit is not None:
+            admit(message)
         tensors, loss = fn(
             list(message.tensors), message.labels, message.sample_weight, message.ids
         )
         kind = self._reply_kinds[key]
-        return Message(
+        reply = Message(
             kind,
             message.client_id,
             message.step,
             tuple(tensors),
             loss=None if kind == Kind.SERVER_OUTPUT else loss,
         )
+        applied = getattr(party, "applied", None)
+        if applied is not None:
+            applied(message, reply)
+        return reply
 
     def _compiled(self, party, kind, key):
         client = key[2]
