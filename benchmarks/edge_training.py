@@ -64,18 +64,18 @@ def _config(num_clients, epochs):
 
 
 def _export(config, arrays, out):
-    segments = builders.build_segments(config, arrays)
-    export_segment(segments.client, builders.make_optimizer(config), out, quantize=())
+    segments = experiment.build_segments(config, arrays)
+    export_segment(segments.client, experiment._optimizer(config), out, quantize=())
     EdgeSpec.from_config(config, segments, 0).write(os.path.join(out, "edge.json"))
     return os.path.join(out, "client.tflite")
 
 
 def _reference_losses(config, arrays):
     """Per-step losses of client 0 trained in-process (Keras, LocalTransport)."""
-    segments = builders.build_segments(config, arrays)
-    objective = Objective(builders.make_loss(), ("accuracy",))
-    server = Server(segments.server, builders.make_optimizer(config), objective)
-    client = Client(segments.client, builders.make_optimizer(config))
+    segments = experiment.build_segments(config, arrays)
+    objective = Objective(experiment._loss(), ("accuracy",))
+    server = Server(segments.server, experiment._optimizer(config), objective)
+    client = Client(segments.client, experiment._optimizer(config))
     transport = LocalTransport(server)
     step_fn = tf.function(
         lambda s, x, y: client.train_step(transport, s, x, y), reduce_retracing=True

@@ -106,7 +106,7 @@ def _batch(arrays, batch):
 def compare(root, name, batch, runs, steps):
     config, args = _setup(root, name, batch)
     arrays = data_lib.load(config.data.name, config.data.path, False)
-    schedule = builders.build_schedule(config, arrays)
+    schedule = experiment.build_schedule(config, arrays)
     local = schedule._train_fns[0]
     remote = _Remote(root, f"{name}_{batch}", config, args, arrays)
     xy = _batch(arrays, batch)

@@ -43,7 +43,8 @@ def _newest_client(trainer):
 
 def attach_privacy(trainer, config) -> None:
     """Gives every client of `trainer` the defenses of `config.privacy`."""
-    if from_config(config) is None:
+    privacy = from_config(config)
+    if privacy is None:
         return
     clients = clients_of(trainer)
     if not clients:
@@ -52,9 +53,7 @@ def attach_privacy(trainer, config) -> None:
             f"{config.method!r} has none"
         )
     for client in clients:
-        # Each client's noise is its own (seeded by its id), as in a process
-        # of its own.
-        client.privacy = from_config(config, client.client_id)
+        client.privacy = privacy
 
 
 class Leakage:

@@ -43,7 +43,9 @@ def settings(alphas, noises) -> list[dict]:
 
 def restore_client_segment(config, workdir, arrays):
     """The trained client segment of a single-client split run in `workdir`."""
-    segments = cut(builders.build_model(config, arrays), builders.cut_layers(config))
+    segments = cut(
+        experiment.build_model(config, arrays), experiment.cut_layers(config)
+    )
     directory = os.path.join(workdir, "checkpoints", "client_0")
     latest = tf.train.latest_checkpoint(directory)
     if latest is None:

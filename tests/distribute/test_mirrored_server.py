@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import data as data_lib
-from splitkeras import distribute, federation, launcher
+from splitkeras import distribute, experiment, federation, launcher
 from splitkeras.objective import Objective
 from splitkeras.parties import Server
 from splitkeras.protocol import Kind, Message
@@ -53,7 +53,7 @@ def _servers(strategy, batch_norm=True):
 def _in_process(config, strategy):
     """Server and last client segments after the in-process round robin."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    schedule = builders.build_schedule(config, arrays, strategy)
+    schedule = experiment.build_schedule(config, arrays, strategy)
     shards = federation.client_shards(config, arrays)
     for epoch in range(config.train.epochs):
         schedule.train_epoch(federation._epoch_datasets(config, arrays, shards, epoch))

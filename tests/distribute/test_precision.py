@@ -132,7 +132,7 @@ class RunTest(base.TestCase):
     def _train(self, **overrides):
         config, _ = _setup(self.data, **{"train.epochs": 1, **overrides})
         arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-        schedule = builders.build_schedule(config, arrays)
+        schedule = experiment.build_schedule(config, arrays)
         shards = federation.client_shards(config, arrays)
         logs = schedule.train_epoch(
             federation._epoch_datasets(config, arrays, shards, 0)
@@ -158,7 +158,7 @@ class RunTest(base.TestCase):
             config, _ = _setup(self.data, **settings, **{"train.jit_compile": jit})
             arrays = data_lib.load(config.data.name, config.data.path, False)
             trainer = experiment.build_trainer(
-                config, builders.build_model(config, arrays)
+                config, experiment.build_model(config, arrays)
             )
             dataset = data_lib.train_dataset(
                 arrays.x_train, arrays.y_train, 32, config.seed, 0
@@ -239,7 +239,7 @@ class RunTest(base.TestCase):
         )
         config.topology = "ushaped"
         with self.assertRaisesRegex(ValueError, "use mixed_bfloat16"):
-            builders.make_optimizer(config)
+            experiment._optimizer(config)
 
 
 def _step_functions(schedule) -> list:
@@ -341,7 +341,7 @@ class RefusedTest(base.TestCase):
             distribute.check_supported(config, strategy)
         config.train.mixed_precision = "mixed_float16"
         with self.assertRaisesRegex(ValueError, "method='fedavg'"):
-            builders.make_optimizer(config)
+            experiment._optimizer(config)
         objective = Objective(
             keras.losses.SparseCategoricalCrossentropy(reduction="sum")
         )

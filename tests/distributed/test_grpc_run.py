@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from configs import fashion_mnist_lenet
 from splitkeras import data as data_lib
-from splitkeras import federation, launcher, learning_rate
+from splitkeras import experiment, federation, launcher, learning_rate
 from splitkeras.cut import cut
 from splitkeras.privacy.leakage import attach_privacy
 from tests import base
@@ -76,7 +76,7 @@ def _setup(data_path, **overrides):
 def _in_process(config):
     """Trains the in-process round robin; returns (server, last client) segments."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    schedule = builders.build_schedule(config, arrays)
+    schedule = experiment.build_schedule(config, arrays)
     attach_privacy(schedule, config)
     shards = federation.client_shards(config, arrays)
     for epoch in range(config.train.epochs):
@@ -89,7 +89,9 @@ def _in_process(config):
 def _loaded(config, workdir, last_client):
     """The segments the processes wrote, loaded into fresh copies."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    segments = cut(builders.build_model(config, arrays), builders.cut_layers(config))
+    segments = cut(
+        experiment.build_model(config, arrays), experiment.cut_layers(config)
+    )
     segments.server.load_weights(os.path.join(workdir, "server", "server.weights.h5"))
     client_dir = os.path.join(workdir, f"client_{last_client}")
     segments.client.load_weights(os.path.join(client_dir, "client.weights.h5"))

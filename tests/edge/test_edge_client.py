@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 
 from splitkeras import data as data_lib
-from splitkeras import federation, launcher
+from splitkeras import experiment, federation, launcher
 from splitkeras.edge import EdgeSpec
 from splitkeras.edge.client import batches
 from splitkeras.export import export_segment
@@ -36,10 +36,10 @@ LOSS_TOLERANCE = 1e-4
 def _keras_run(config, arrays):
     """(losses per step, client segment, server segment) of a Keras client
     trained in-process on client 0's batches, in the edge client's order."""
-    segments = builders.build_segments(config, arrays)
-    objective = Objective(builders.make_loss(), ("accuracy",))
-    server = Server(segments.server, builders.make_optimizer(config), objective)
-    client = Client(segments.client, builders.make_optimizer(config))
+    segments = experiment.build_segments(config, arrays)
+    objective = Objective(experiment._loss(), ("accuracy",))
+    server = Server(segments.server, experiment._optimizer(config), objective)
+    client = Client(segments.client, experiment._optimizer(config))
     transport = LocalTransport(server)
     (shard,) = federation.client_shards(config, arrays)
     losses, step = [], 0
@@ -97,10 +97,10 @@ class EdgeClientTest(base.TestCase):
         config, workdir = self.config, os.path.join(self.root, "run")
         os.makedirs(workdir, exist_ok=True)
         # The untrained client segment (the run's seed) goes to the device.
-        segments = builders.build_segments(config, self.arrays)
+        segments = experiment.build_segments(config, self.arrays)
         export = os.path.join(workdir, "export")
         export_segment(
-            segments.client, builders.make_optimizer(config), export, quantize=()
+            segments.client, experiment._optimizer(config), export, quantize=()
         )
         EdgeSpec.from_config(config, segments, 0).write(
             os.path.join(export, "edge.json")

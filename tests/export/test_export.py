@@ -290,13 +290,14 @@ class LiteGradientsTest(base.TestCase):
 
 class ExportFromWorkdirTest(base.TestCase):
     def test_a_client_workdir_exports_its_trained_weights(self):
+        from splitkeras import experiment
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
         from tests.distributed.test_grpc_run import _setup, _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
-        segments = builders.build_segments(config, builders.load_data(config))
+        segments = experiment.build_segments(config, experiment.load_data(config))
         trained = [w + 0.5 for w in segments.client.get_weights()]
         segments.client.set_weights(trained)
         workdir = os.path.join(root, "client_0")
@@ -346,9 +347,9 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertIn("checkpoints/server/ckpt-2", report["restored_from"]["server"])
 
         # The checkpoint, read independently, is what LiteRT holds.
-        data_arrays = builders.load_data(config)
-        segments = builders.build_segments(config, data_arrays)
-        optimizer = builders.make_optimizer(config)
+        data_arrays = experiment.load_data(config)
+        segments = experiment.build_segments(config, data_arrays)
+        optimizer = experiment._optimizer(config)
         optimizer.build(segments.client.trainable_variables)
         load_trained(
             [segments.client], workdir, "client_0", "client.weights.h5", optimizer
@@ -374,6 +375,7 @@ class ExportFromWorkdirTest(base.TestCase):
         no workdir: the seed's segment, and no server; mixed precision: a
         float32 build for inference."""
         from configs import imagenet_alexnet
+        from splitkeras import experiment
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
         from tests.data.test_data import _prepare_mock_metadata
@@ -395,7 +397,7 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertLessEqual(report["artifacts"]["client.tflite"]["max_abs_diff"], 1e-4)
         # The float32 build the device runs = the run's float16 segment, up to
         # float16 rounding.
-        segment = builders.build_segments(config, builders.load_data(config)).client
+        segment = experiment.build_segments(config, experiment.load_data(config)).client
         self.assertEqual(segment.outputs[0].dtype, "float16")
         lite = LiteSegment(os.path.join(out, "client.tflite"))
         x = np.random.default_rng(0).uniform(size=(2, 67, 67, 3)).astype(np.float32)
