@@ -133,6 +133,7 @@ class TaskClient:
         self.links = list(links)
         self._used = list(used)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self._eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
         steps = (self._train_step, self._evaluate_step, self._predict_step)
         steps = [compiled(f, run_eagerly, jit_compile) for f in steps]
         self.train_fn, self.evaluate_fn, self.predict_fn = steps
@@ -191,6 +192,7 @@ class TaskClient:
         self._control(Kind.END, epoch, count=examples)
 
     def evaluate(self, dataset) -> None:
+        self._eval_step.assign(0)  # each pass numbers its batches from 1
         for x, ys in dataset:
             self.evaluate_fn(x, tuple(ys))
 
@@ -203,7 +205,8 @@ class TaskClient:
         self._control(Kind.REPORT, epoch, metrics=figures)
 
     def _evaluate_step(self, x, ys):
-        replies = self._send(Kind.EVALUATE, self._step, self.client.infer(x), ys)
+        step = self._eval_step.assign_add(1)
+        replies = self._send(Kind.EVALUATE, step, self.client.infer(x), ys)
         return [r.loss for r in replies]
 
     def _predict_step(self, x):

@@ -81,7 +81,9 @@ class RoundClient:
         """The round's steps (one yield each); then END."""
         examples = 0
         for batch in dataset:
-            yield self.train_fn(*batch)
+            loss = self.train_fn(*batch)
+            # A party without the labels does not learn the loss.
+            yield loss if self.sends_labels else None
             examples += int(tf.nest.flatten(batch[0])[0].shape[0])
         self.link.request(self._message(Kind.END, epoch, count=examples))
 

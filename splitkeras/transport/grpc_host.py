@@ -363,9 +363,6 @@ class GrpcHost:
             return data
 
     def _check(self, party, kind, client, envelope):
-        check = getattr(party, "check", None)
-        if check is not None:
-            check(Message(kind, client, int(envelope.step)))
         if kind == Kind.EVALUATE:
             last = self._eval_step.get((id(party), client), 0)
             if envelope.step not in (1, last + 1):
@@ -411,8 +408,11 @@ class GrpcHost:
         """The party's reply; waits while it cannot answer yet."""
         deadline = time.monotonic() + self.gather_seconds
         wait_until = time.monotonic() + self.wait_seconds
+        check = getattr(party, "check", None) if message.kind in DATA_KINDS else None
         while True:
             try:
+                if check is not None:  # the coordinator: is the run there?
+                    check(Message(message.kind, message.client_id, message.step))
                 reply = self._handle(name, party, message)
             except NotYet as e:
                 if time.monotonic() > deadline:
