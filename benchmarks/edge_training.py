@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import fashion_mnist_lenet  # noqa: E402
+from splitkeras import builders, federation, launcher  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
-from splitkeras import experiment, federation, launcher  # noqa: E402
 from splitkeras.edge import EdgeSpec  # noqa: E402
 from splitkeras.edge.client import batches  # noqa: E402
 from splitkeras.export import export_segment  # noqa: E402

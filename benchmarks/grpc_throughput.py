@@ -25,8 +25,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist_lenet  # noqa: E402
+from splitkeras import builders, distributed, launcher, models  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
-from splitkeras import distributed, experiment, launcher, models  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["lenet5:64", "vgg16:128"], "model:batch pairs.")
 _CODECS = flags.DEFINE_list(

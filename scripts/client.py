@@ -32,8 +32,12 @@ from splitkeras.transport import tls  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id (0..K-1).")
-_CONNECT = flags.DEFINE_list("connect", [], "party=host:port of every party it talks to.")
-_LISTEN = flags.DEFINE_integer("listen", None, "Port of this client's inbox (peer handoff).")
+_CONNECT = flags.DEFINE_list(
+    "connect", [], "party=host:port of every party it talks to."
+)
+_LISTEN = flags.DEFINE_integer(
+    "listen", None, "Port of this client's inbox (peer handoff)."
+)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "The clients' shared handoff key.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write summary and weights.")
 _TLS_DIR = flags.DEFINE_string("tls_dir", None, "Directory with ca.pem: use TLS.")

@@ -78,7 +78,12 @@ def train_batches(config, site, k: int, epoch: int, data=None):
     # One client: the order of the whole set (as centralized training draws it).
     stream = k if config.num_clients > 1 else None
     ds = data_lib.train_dataset(
-        site.x_train, site.y_train, config.train.batch_size, config.seed, epoch, stream=stream
+        site.x_train,
+        site.y_train,
+        config.train.batch_size,
+        config.seed,
+        epoch,
+        stream=stream,
     )
     return _tasks(config, ds)
 

@@ -5,14 +5,16 @@ K client processes. `layout(config)` says, for the config's schedule, which
 hosts there are, which parties each serves and which parties each client
 talks to:
 
-| configuration              | hosts (their parties)                   | a client talks to      |
-|----------------------------|-----------------------------------------|------------------------|
-| round robin, U-shaped      | server                                  | server (+ next client) |
-| SplitFed v1 / v2           | server (+ fed), or fed apart            | server, fed            |
-| vertical                   | server, aligner                         | server, aligner        |
-| multi-hop                  | server; relay (its own process)         | relay                  |
-| multi-task                 | head_0; head_1; ... (each its own)      | every head             |
-| FedAvg, large-batch SGD    | server                                  | server                 |
+- round robin, U-shaped: host "server"; a client talks to the server
+  (and, with the peer handoff, to the next client's inbox).
+- SplitFed v1 / v2: host "server" (with the fed server, or "fed" apart);
+  a client talks to server and fed.
+- vertical: host "server" (server, aligner); a client talks to both.
+- multi-hop: hosts "server" and "relay" (each its own process); the
+  client talks to the relay.
+- multi-task: hosts head_0, head_1, ... (each its own); the client talks
+  to every head.
+- FedAvg, large-batch SGD: host "server".
 
 `hosted_parties` builds a host's parties from the config alone (no dataset:
 shapes from `builders.data_spec`); `client_program` builds client k's
@@ -87,7 +89,9 @@ def layout(config) -> Layout:
     if config.method == "centralized":
         raise ValueError("centralized training has one party: run scripts/train.py")
     if config.topology == "multihop":
-        return Layout({"server": ["server"], "relay": ["relay"]}, {"relay": ["server"]}, ["relay"])
+        return Layout(
+            {"server": ["server"], "relay": ["relay"]}, {"relay": ["server"]}, ["relay"]
+        )
     if config.topology == "multitask":
         # config.multitask adds one head: the model's two tasks.
         heads = [f"head_{i}" for i in range(2)]
@@ -139,7 +143,10 @@ def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
             state = {"model": party_checkpoint([model]), **server.trackables()}
         else:
             server = GradientServer(model, make_optimizer(), k)
-            state = {"model": party_checkpoint([model], server.optimizer), **server.trackables()}
+            state = {
+                "model": party_checkpoint([model], server.optimizer),
+                **server.trackables(),
+            }
         coordinator = Rounds(server, k, epochs, reports=True)
         return {"server": coordinator}, coordinator, _with(state, coordinator)
     # Round robin (vanilla or U-shaped).
@@ -174,7 +181,9 @@ def _splitfed_host(config, names, build, make_optimizer, epochs):
     k = config.num_clients
     at = builders.cut_layers(config)
     parties, state, coordinator = {}, {}, None
-    segments = [cut(build(), at) for _ in range(k if config.method == "splitfed_v1" else 1)]
+    segments = [
+        cut(build(), at) for _ in range(k if config.method == "splitfed_v1" else 1)
+    ]
     if "server" in names:
         objective = None if segments[0].ushaped else builders.make_objective(config)
         servers = [Server(s.server, make_optimizer(), objective) for s in segments]
@@ -252,7 +261,9 @@ def relay_link_specs(config) -> dict:
 
 
 # ---------------------------------------------------------------- clients
-def client_program(config, k: int, links: dict, key=None, inbox=None, counters=None, input_shape=None):
+def client_program(
+    config, k: int, links: dict, key=None, inbox=None, counters=None, input_shape=None
+):
     """Client k's program (and its party), built from the config.
 
     Args:
@@ -292,13 +303,17 @@ def client_program(config, k: int, links: dict, key=None, inbox=None, counters=N
     at = builders.cut_layers(config)
     if config.topology == "multihop":
         first = hop_segments(build(), at)[0]
-        return RoundClient(_client(config, k, first, make_optimizer), links["relay"], True, **run)
+        return RoundClient(
+            _client(config, k, first, make_optimizer), links["relay"], True, **run
+        )
     segments = cut(build(), at)
     if config.topology == "multitask":
         heads = task_heads(segments.server, at)
         client = _client(config, k, segments.client, make_optimizer)
         used = [u for _, u in heads]
-        return TaskClient(client, [links[f"head_{i}"] for i in range(len(heads))], used, **run)
+        return TaskClient(
+            client, [links[f"head_{i}"] for i in range(len(heads))], used, **run
+        )
     tail = segments.tail
     objective = builders.make_objective(config) if tail is not None else None
     client = _client(config, k, segments.client, make_optimizer, tail, objective)

@@ -127,7 +127,9 @@ def start_host(config_args, workdir, name, port=0, connect=(), tls_args=(), env=
         return proc, int(f.read())
 
 
-def start_client(config_args, workdir, k, connect, listen=None, client_args=(), env=None):
+def start_client(
+    config_args, workdir, k, connect, listen=None, client_args=(), env=None
+):
     """Starts scripts/client.py for client `k` with `connect` {party: address}."""
     args = [
         *config_args,
@@ -204,7 +206,9 @@ def launch(config_args, workdir, config, tls=False, env=None) -> Launch:
     key = os.path.join(workdir, "handoff.key")
     if not os.path.exists(key):
         write_key(key)
-    host_args, client_args = credentials(workdir, config.num_clients) if tls else ([], [])
+    host_args, client_args = (
+        credentials(workdir, config.num_clients) if tls else ([], [])
+    )
     hosts, addresses = start_hosts(config, config_args, workdir, None, host_args, env)
     peers = deployment.layout(config).peers and config.num_clients > 1
     inbox_ports = [free_port() for _ in range(config.num_clients)] if peers else None

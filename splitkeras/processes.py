@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import builders, client_data, deployment, distribute
-from splitkeras.checkpointing import load_trained, party_checkpoint
+from splitkeras.checkpointing import load_trained
 from splitkeras.parties.handoff import state_variables
-from splitkeras.parties.segment_step import specs_of, wire_dtype
+from splitkeras.parties.segment_step import wire_dtype
 from splitkeras.protocol import Kind, Message, Status
 from splitkeras.runner import Runner, RunnerProcess
 from splitkeras.schedules import alignment
@@ -304,7 +304,9 @@ class ClientProcess(RunnerProcess):
         up, down = builders.codecs(config)
         layout = deployment.layout(config)
         self.links = {
-            party: GrpcLink(connection(connect[party]), codec_up=up, codec_down=down, to=party)
+            party: GrpcLink(
+                connection(connect[party]), codec_up=up, codec_down=down, to=party
+            )
             for party in layout.client_links
         }
         self.inbox, self._inbox_server = None, None
@@ -363,7 +365,9 @@ class ClientProcess(RunnerProcess):
             used = getattr(program, "_used", None)
             if party.startswith("head_") and used is not None:
                 cut = [cut[j] for j in used[int(party.split("_")[1])]]
-            outputs = list(self._join(party).output_dtypes) if party != "aligner" else []
+            outputs = (
+                list(self._join(party).output_dtypes) if party != "aligner" else []
+            )
             tail = client.tail
             link.bind(
                 [d for d, _ in cut],
@@ -386,7 +390,9 @@ class ClientProcess(RunnerProcess):
         else:
             ids = client_data.vertical_ids(site)
             rows = yield_all(
-                alignment.align(self.links["aligner"], self.k, self.config.num_clients, ids)
+                alignment.align(
+                    self.links["aligner"], self.k, self.config.num_clients, ids
+                )
             )
             if path:
                 np.save(path, rows)
@@ -413,7 +419,10 @@ class ClientProcess(RunnerProcess):
         return int(self.info.epoch)
 
     def round(self, epoch, skip=0):
-        if self.config.method == "split" and self.config.topology in ("vanilla", "ushaped"):
+        if self.config.method == "split" and self.config.topology in (
+            "vanilla",
+            "ushaped",
+        ):
             yield from self._turn(epoch)
         else:
             yield from self._rounds_from(epoch)
@@ -432,7 +441,9 @@ class ClientProcess(RunnerProcess):
                 if not isinstance(cause, TurnRestarted):
                     raise cause from None
                 program.restarts += 1
-                log.warning("client %d: turn of round %d restarts: %s", self.k, epoch, cause)
+                log.warning(
+                    "client %d: turn of round %d restarts: %s", self.k, epoch, cause
+                )
 
     def _rounds_from(self, epoch):
         """Round `epoch` (and, after a host went back, the rounds before it)."""
@@ -460,7 +471,9 @@ class ClientProcess(RunnerProcess):
                     back,
                     cause,
                 )
-                self._snapshots = {e: s for e, s in self._snapshots.items() if e <= back}
+                self._snapshots = {
+                    e: s for e, s in self._snapshots.items() if e <= back
+                }
                 self._restore(back)
                 target = back
 
@@ -468,7 +481,9 @@ class ClientProcess(RunnerProcess):
         if epoch in self._snapshots:
             self._restore(epoch)
         else:
-            self._snapshots[epoch] = [np.array(v.numpy()) for v in _variables(self.program)]
+            self._snapshots[epoch] = [
+                np.array(v.numpy()) for v in _variables(self.program)
+            ]
             for old in [e for e in self._snapshots if e < epoch - 1]:
                 del self._snapshots[old]
 
@@ -592,7 +607,9 @@ def run_client(
     import tempfile
 
     workdir = workdir or tempfile.mkdtemp(prefix=f"client_{client_id}-")
-    process = ClientProcess(config, client_id, connect, key, token, credentials, workdir, listen)
+    process = ClientProcess(
+        config, client_id, connect, key, token, credentials, workdir, listen
+    )
     try:
         summary = Runner(config, workdir, process, name=f"client {client_id}").run()
         process.save(workdir)
@@ -633,7 +650,9 @@ def serve_predictions(
         codec_down=down,
         run_eagerly=config.train.run_eagerly,
     )
-    grpc_server, port = start_host(host, address, credentials, config.grpc.max_message_mb << 20)
+    grpc_server, port = start_host(
+        host, address, credentials, config.grpc.max_message_mb << 20
+    )
     log.info("Serving predictions on port %d", port)
     if on_started is not None:
         on_started(port)
@@ -644,5 +663,3 @@ def serve_predictions(
     finally:
         host.closed.set()
         grpc_server.stop(grace=1.0).wait()
-
-

@@ -76,7 +76,9 @@ def partition_sites(
     common = {"num_classes": int(arrays.num_classes), "data_name": arrays.name}
     if method == "vertical":
         return _vertical_sites(arrays, num_clients, label_owner, common)
-    shards = partition(arrays.y_train, num_clients, method=method, alpha=alpha, seed=seed)
+    shards = partition(
+        arrays.y_train, num_clients, method=method, alpha=alpha, seed=seed
+    )
     return [
         Site(
             f"client_{k}",

@@ -24,8 +24,8 @@ import os
 
 import tensorflow as tf
 
+from splitkeras import builders, experiment
 from splitkeras import data as data_lib
-from splitkeras import experiment
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.cut import cut
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack, save_grid

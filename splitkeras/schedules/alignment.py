@@ -74,7 +74,9 @@ class Aligner:
             if self._rows is None:
                 return _wait(message)
             rows = np.asarray(self._rows[k], np.int64)
-            return Message(Kind.PSI, k, round=hop, count=len(rows), state=rows.tobytes())
+            return Message(
+                Kind.PSI, k, round=hop, count=len(rows), state=rows.tobytes()
+            )
         owner = (k - hop) % self.num_parties
         points = self._lists.get((owner, hop - 1))
         if points is None:
@@ -113,7 +115,9 @@ def align(link, party: int, num_parties: int, ids, secret: bytes | None = None):
     for hop in range(1, num_parties):
         reply = link.poll(Message(Kind.PSI, party, _FETCH, round=hop))
         received = _points(reply.state, f"hop {hop}")
-        _send(link, party, _POST, hop, int(reply.count), blinder.blind(received).tobytes())
+        _send(
+            link, party, _POST, hop, int(reply.count), blinder.blind(received).tobytes()
+        )
         yield
     reply = link.poll(Message(Kind.PSI, party, _FETCH, round=num_parties))
     return np.frombuffer(reply.state, np.int64).copy()

@@ -397,7 +397,7 @@ class SplitFed(Schedule):
         datasets = self._check_count(client_datasets)
         epoch = self.epoch
         examples = []
-        for program, dataset in zip(self.programs, datasets):
+        for program in self.programs[: len(datasets)]:
             program.fed_link = _Discard()
             program.link = _NoOrchestration(self.transport)
         try:

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitkeras import builders, distribute, federation, launcher
 from splitkeras import data as data_lib
-from splitkeras import distribute, federation, launcher
 from splitkeras.objective import Objective
 from splitkeras.parties import Server
 from splitkeras.protocol import Kind, Message

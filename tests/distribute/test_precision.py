@@ -10,8 +10,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from splitkeras import builders, distribute, experiment, federation
 from splitkeras import data as data_lib
-from splitkeras import distribute, experiment, federation
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.protocol import Kind, Message

@@ -78,11 +78,15 @@ def parties(config, schedule) -> dict:
     k_all = range(config.num_clients)
     if method == "fedavg":
         out = {"server/server": schedule.global_model}
-        out.update({f"client_{k}/model": p.model for k, p in enumerate(schedule.programs)})
+        out.update(
+            {f"client_{k}/model": p.model for k, p in enumerate(schedule.programs)}
+        )
         return out
     if method == "large_batch_sgd":
         out = {"server/server": schedule.model}
-        out.update({f"client_{k}/model": p.model for k, p in enumerate(schedule.programs)})
+        out.update(
+            {f"client_{k}/model": p.model for k, p in enumerate(schedule.programs)}
+        )
         return out
     if topology == "multihop":
         return {

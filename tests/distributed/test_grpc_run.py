@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from configs import fashion_mnist_lenet
+from splitkeras import builders, federation, launcher, learning_rate
 from splitkeras import data as data_lib
-from splitkeras import federation, launcher, learning_rate
 from splitkeras.cut import cut
 from splitkeras.privacy.leakage import attach_privacy
 from tests import base

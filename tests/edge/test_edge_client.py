@@ -12,8 +12,8 @@ import subprocess
 
 import numpy as np
 
+from splitkeras import builders, federation, launcher
 from splitkeras import data as data_lib
-from splitkeras import federation, launcher
 from splitkeras.edge import EdgeSpec
 from splitkeras.edge.client import batches
 from splitkeras.export import export_segment

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from splitkeras import builders
 from splitkeras.cut import cut
 from splitkeras.edge.runtime import LiteSegment
 from splitkeras.export import (
