@@ -81,6 +81,11 @@ def get_config(arg=None):
     # second task's label of each class, e.g. "0,0,1,2" (class i -> group)
     c.multitask.groups = ""
 
+    c.splitfed = ml_collections.ConfigDict()
+    # Over gRPC: the fed server (averaging) in a process of its own, as in
+    # the SplitFed paper, instead of beside the main server.
+    c.splitfed.fed_process = False
+
     c.fedavg = ml_collections.ConfigDict()
     c.fedavg.local_epochs = 1  # local passes per client per FedAvg round
 

@@ -100,7 +100,12 @@ def layout(config) -> Layout:
         return Layout({"server": ["server", "aligner"]}, {}, ["server", "aligner"])
     if config.method in ("splitfed_v1", "splitfed_v2"):
         if config.get("splitfed", {}).get("fed_process", False):
-            return Layout({"server": ["server"], "fed": ["fed"]}, {}, ["server", "fed"])
+            # The fed host links to the server only to learn when the run is over.
+            return Layout(
+                {"server": ["server"], "fed": ["fed"]},
+                {"fed": ["server"]},
+                ["server", "fed"],
+            )
         return Layout({"server": ["server", "fed"]}, {}, ["server", "fed"])
     peers = config.method == "split" and config.weight_handoff == "peer"
     return Layout({"server": ["server"]}, {}, ["server"], peers=peers)

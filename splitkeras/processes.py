@@ -239,7 +239,8 @@ def _relay_link(config, party, address, credentials, token):
         retry_seconds=settings.retry_seconds,
     )
     up, down = builders.codecs(config)
-    specs = deployment.relay_link_specs(config)
+    multihop = config.topology == "multihop"
+    specs = deployment.relay_link_specs(config) if multihop else {}
     return GrpcLink(connection, **specs, codec_up=up, codec_down=down, to=party)
 
 

@@ -22,6 +22,7 @@ CONFIGURATIONS = {
         "privacy.nopeek_alpha": 0.1,
     },
     "splitfed_v1": {"method": "splitfed_v1"},
+    "splitfed_v1_fed_process": {"method": "splitfed_v1", "splitfed.fed_process": True},
     "splitfed_v2": {"method": "splitfed_v2"},
     "fedavg": {"method": "fedavg"},
     "large_batch_sgd": {"method": "large_batch_sgd"},
