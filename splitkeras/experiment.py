@@ -65,7 +65,9 @@ class InProcess(RunnerProcess):
     def resumed(self, epochs_done: int) -> None:
         self.schedule.resumed(epochs_done)
 
-    def _datasets(self, epoch):
+    def datasets(self, epoch):
+        """Every client's training batches of round `epoch` (vertical: the
+        parties' batches together)."""
         config = self.config
         if config.topology == "vertical":
             return client_data.vertical_round(config, self.sites, epoch)
@@ -75,7 +77,7 @@ class InProcess(RunnerProcess):
         ]
 
     def round(self, epoch, skip=0):
-        yield from self.schedule.round(epoch, self._datasets(epoch), self.test, skip)
+        yield from self.schedule.round(epoch, self.datasets(epoch), self.test, skip)
 
     def logs(self, epoch):
         train, val = self.schedule.round_logs(epoch)

@@ -10,7 +10,8 @@ import numpy as np
 
 from tests import base
 from tests.distribute.test_mirrored_server import _in_process
-from tests.distributed.test_grpc_run import _setup, _write_npz
+from tests.distributed.runs import setup as _setup
+from tests.distributed.runs import write_npz as _write_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

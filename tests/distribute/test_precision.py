@@ -10,13 +10,15 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from splitkeras import builders, distribute, experiment, federation
+from splitkeras import builders, distribute, experiment
 from splitkeras import data as data_lib
+from splitkeras.experiment import InProcess
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.protocol import Kind, Message
 from tests import base
-from tests.distributed.test_grpc_run import _setup, _write_npz
+from tests.distributed.runs import setup as _setup
+from tests.distributed.runs import write_npz as _write_npz
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 ONE = {"num_clients": 1}  # topologies of one client
@@ -133,10 +135,8 @@ class RunTest(base.TestCase):
         config, _ = _setup(self.data, **{"train.epochs": 1, **overrides})
         arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
         schedule = builders.build_schedule(config, arrays)
-        shards = federation.client_shards(config, arrays)
-        logs = schedule.train_epoch(
-            federation._epoch_datasets(config, arrays, shards, 0)
-        )
+        self.process = InProcess(config, schedule, arrays)
+        logs = schedule.train_epoch(self.process.datasets(0))
         return schedule, logs
 
     def test_xla_equals_plain(self):
@@ -216,9 +216,7 @@ class RunTest(base.TestCase):
             functions = _step_functions(schedule)
             self.assertNotEmpty(functions)
             self.assertTrue(all(bool(f._jit_compile) == jit for f in functions))
-            config, _ = _setup(self.data, **settings)
-            arrays = data_lib.load(config.data.name, config.data.path, False)
-            results[jit] = schedule.evaluate(federation.test_data(config, arrays))
+            results[jit] = schedule.evaluate(self.process.test)
         self.assertEqual(results[True].keys(), results[False].keys())
         for key, value in results[False].items():
             self.assertAlmostEqual(results[True][key], value, places=4, msg=key)

@@ -7,6 +7,7 @@ import numpy as np
 
 from configs import fashion_mnist_lenet
 from splitkeras import builders, learning_rate
+from splitkeras.cut import cut
 from splitkeras.experiment import InProcess
 from splitkeras.privacy.leakage import attach_privacy
 from splitkeras.transport.turns import yield_all
@@ -129,3 +130,18 @@ def in_process_weights(config) -> dict:
     """The final weights of the same run in one process."""
     trained = parties(config, in_process(config))
     return {name: [w.copy() for w in m.get_weights()] for name, m in trained.items()}
+
+
+def loaded_segments(config, workdir, last_client):
+    """The server segment and client `last_client`'s segments the processes
+    wrote, loaded into fresh copies."""
+    segments = cut(
+        builders.build_model(config, builders.load_data(config)),
+        builders.cut_layers(config),
+    )
+    segments.server.load_weights(os.path.join(workdir, "server", "server.weights.h5"))
+    client_dir = os.path.join(workdir, f"client_{last_client}")
+    segments.client.load_weights(os.path.join(client_dir, "client.weights.h5"))
+    if segments.tail is not None:
+        segments.tail.load_weights(os.path.join(client_dir, "tail.weights.h5"))
+    return segments
