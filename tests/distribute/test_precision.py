@@ -10,12 +10,13 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from splitkeras import builders, distribute, experiment
+from splitkeras import builders, distribute
 from splitkeras import data as data_lib
 from splitkeras.experiment import InProcess
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.protocol import Kind, Message
+from splitkeras.split_model import SplitModel
 from tests import base
 from tests.distributed.runs import setup as _setup
 from tests.distributed.runs import write_npz as _write_npz
@@ -157,8 +158,17 @@ class RunTest(base.TestCase):
             settings = {"num_clients": 1, "train.optimizer": "sgd"}
             config, _ = _setup(self.data, **settings, **{"train.jit_compile": jit})
             arrays = data_lib.load(config.data.name, config.data.path, False)
-            trainer = experiment.build_trainer(
-                config, builders.build_model(config, arrays)
+            trainer = SplitModel(
+                builders.build_model(config, arrays),
+                builders.cut_layers(config),
+                codec=builders.codecs(config),
+            )
+            trainer.compile(
+                client_optimizer=builders.make_optimizer(config),
+                server_optimizer=builders.make_optimizer(config),
+                loss=builders.make_loss(),
+                metrics=["accuracy"],
+                jit_compile=jit,
             )
             dataset = data_lib.train_dataset(
                 arrays.x_train, arrays.y_train, 32, config.seed, 0
@@ -244,12 +254,14 @@ def _step_functions(schedule) -> list:
     """The `tf.function`s a schedule compiled its steps into (not the vertical
     server's id check, which runs beside an XLA step: XLA cannot hold it)."""
     found = []
-    for name, value in vars(schedule).items():
-        if name == "_check_fn":
-            continue
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(item, tf.types.experimental.PolymorphicFunction):
-                found.append(item)
+    owners = [schedule, *getattr(schedule, "programs", ())]
+    for owner in owners:
+        for name, value in vars(owner).items():
+            if name == "_check_fn":
+                continue
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(item, tf.types.experimental.PolymorphicFunction):
+                    found.append(item)
     return found
 
 
