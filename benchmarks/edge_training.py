@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import fashion_mnist_lenet  # noqa: E402
-from splitkeras import builders, federation, launcher  # noqa: E402
+from splitkeras import builders, client_data, launcher  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
 from splitkeras.edge import EdgeSpec  # noqa: E402
 from splitkeras.edge.client import batches  # noqa: E402
@@ -80,7 +80,8 @@ def _reference_losses(config, arrays):
     step_fn = tf.function(
         lambda s, x, y: client.train_step(transport, s, x, y), reduce_retracing=True
     )
-    (shard,) = federation.client_shards(config, arrays)
+    (site,) = client_data.sites(config, arrays)
+    shard = (site.x_train, site.y_train)
     losses = []
     for epoch in range(config.train.epochs):
         for x, y in batches(*shard, config.train.batch_size, config.seed, epoch, 0):
@@ -115,7 +116,7 @@ def _run(name, kinds, epochs, arrays):
     write_key(key)
     model = _export(config, arrays, os.path.join(workdir, "export"))
     started = time.monotonic()
-    server, port = launcher.start_server(args, workdir)
+    server, port = launcher.start_host(args, workdir, "server")
     clients = []
     for k, kind in enumerate(kinds):
         if kind == "edge":

@@ -85,7 +85,7 @@ class _Remote:
     def __init__(self, root, tag, config, args, arrays):
         self.workdir = os.path.join(root, tag)
         os.makedirs(self.workdir, exist_ok=True)
-        self.server, port = launcher.start_server(args, self.workdir)
+        self.server, port = launcher.start_host(args, self.workdir, "server")
         key = os.urandom(32)
         self.client = distributed.RemoteClient(
             config, f"127.0.0.1:{port}", 0, key, arrays=arrays

@@ -257,8 +257,11 @@ class TurnClient:
                 self._turn_restarted()
                 continue
             if status == Status.DONE:
-                break
+                return
             epoch += 1
+        # Waits until the host says the run is over (it serves until every
+        # client has heard so).
+        self.link.poll(Message(Kind.BEGIN, self.client_id, round=epochs))
 
     def _turn_restarted(self) -> None:
         """Called before a rolled-back turn is trained again."""
