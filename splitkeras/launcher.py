@@ -13,6 +13,7 @@ workdir.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -30,12 +31,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Launch:
     """A running set of hosts and clients; `wait()` returns the summary of
-    the first host (with every host's under "hosts" when there are several)."""
+    the first host (with every host's under "hosts" when there are several).
 
-    def __init__(self, hosts: dict, clients: dict, workdir: str):
+    `starts` holds, for each process, how to start it again with the same
+    command (a host on the same port): `restart(name)` after a crash.
+    """
+
+    def __init__(self, hosts: dict, clients: dict, workdir: str, starts=None):
         self.hosts = hosts
         self.clients = clients
         self.workdir = workdir
+        self.starts = dict(starts or {})
+
+    def restart(self, name: str, env=None):
+        """Starts process `name` again (its old one must have exited)."""
+        group = self.hosts if name in self.hosts else self.clients
+        if group[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        group[name] = self.starts[name](env)
+        return group[name]
 
     @property
     def server(self):
@@ -159,21 +173,35 @@ def credentials(workdir, num_clients) -> tuple[list, list]:
     )
 
 
-def start_hosts(config, config_args, workdir, ports=None, host_args=(), env=None):
+def start_hosts(config, config_args, workdir, host_args=(), envs=None, starts=None):
     """Starts every host of `config`'s layout in order; returns
-    ({host: process}, {party: address})."""
+    ({host: process}, {party: address}).
+
+    Args:
+      envs: {host: environment} (None, or a host not in it: inherit).
+      starts: a dict to record, for each host, how to start it again on
+        the same port (`Launch.restart`).
+    """
     layout = deployment.layout(config)
-    ports = ports or {}
+    envs = envs or {}
     hosts, addresses = {}, {}
     for name, parties in layout.hosts.items():
         connect = {p: addresses[p] for p in layout.host_links.get(name, [])}
         proc, port = start_host(
-            config_args, workdir, name, ports.get(name, 0), connect, host_args, env
+            config_args, workdir, name, 0, connect, host_args, envs.get(name)
         )
         hosts[name] = proc
         for party in parties:
             addresses[party] = f"127.0.0.1:{port}"
+        if starts is not None:
+            starts[name] = functools.partial(
+                _restart_host, config_args, workdir, name, port, connect, host_args
+            )
     return hosts, addresses
+
+
+def _restart_host(config_args, workdir, name, port, connect, host_args, env):
+    return start_host(config_args, workdir, name, port, connect, host_args, env)[0]
 
 
 def client_connections(config, addresses, inbox_ports=None) -> list:
@@ -190,7 +218,9 @@ def client_connections(config, addresses, inbox_ports=None) -> list:
     return connections
 
 
-def launch(config_args, workdir, config, tls=False, env=None) -> Launch:
+def launch(
+    config_args, workdir, config, tls=False, envs=None, client_flags=None
+) -> Launch:
     """Starts every host and client of `config`'s run; returns the `Launch`.
 
     Args:
@@ -200,22 +230,32 @@ def launch(config_args, workdir, config, tls=False, env=None) -> Launch:
         credentials/).
       config: the same config, resolved (for its layout).
       tls: use TLS with per-client tokens (made under workdir/credentials).
-      env: the processes' environment (None: inherit).
+      envs: {process name ("server", "client_0", ...): its environment};
+        the others inherit this one's.
+      client_flags: {k: more flags of client k}, e.g. its own
+        `--config.data.sites` folder.
     """
     os.makedirs(workdir, exist_ok=True)
+    envs = envs or {}
     key = os.path.join(workdir, "handoff.key")
     if not os.path.exists(key):
         write_key(key)
     host_args, client_args = (
         credentials(workdir, config.num_clients) if tls else ([], [])
     )
-    hosts, addresses = start_hosts(config, config_args, workdir, None, host_args, env)
+    starts = {}
+    hosts, addresses = start_hosts(
+        config, config_args, workdir, host_args, envs, starts
+    )
     peers = deployment.layout(config).peers and config.num_clients > 1
     inbox_ports = [free_port() for _ in range(config.num_clients)] if peers else None
     clients = {}
     for k, connect in enumerate(client_connections(config, addresses, inbox_ports)):
+        name = f"client_{k}"
         listen = inbox_ports[k] if inbox_ports else None
-        clients[f"client_{k}"] = start_client(
-            config_args, workdir, k, connect, listen, client_args, env
+        own = [*client_args, *(client_flags or {}).get(k, ())]
+        starts[name] = functools.partial(
+            start_client, config_args, workdir, k, connect, listen, own
         )
-    return Launch(hosts, clients, workdir)
+        clients[name] = starts[name](envs.get(name))
+    return Launch(hosts, clients, workdir, starts)

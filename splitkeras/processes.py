@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import time
 
 import numpy as np
@@ -48,6 +49,18 @@ from splitkeras.transport.turns import Inbox, TurnClient, yield_all
 log = logging.getLogger("splitkeras")
 
 __all__ = ["read_key", "run_client", "serve", "serve_predictions", "write_key"]
+
+# Fault tests: a process started with this variable set to N kills itself
+# (SIGKILL, no clean-up) right after its N-th training step: a host after
+# applying its N-th training message, a client after its N-th step.
+KILL_AFTER_STEPS = "SPLITKERAS_KILL_AFTER_STEPS"
+
+
+def _kill_after(steps: int) -> None:
+    limit = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
+    if limit and steps >= limit:
+        log.warning("%s=%d: killing this process", KILL_AFTER_STEPS, limit)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------- host
@@ -167,6 +180,7 @@ def serve(
         run_eagerly=config.train.run_eagerly,
         jit_compile=bool(config.train.get("jit_compile", False)),
     )
+    grpc_host.on_applied = _kill_after
     server, port = start_host(
         grpc_host, address, credentials, settings.max_message_mb << 20
     )
@@ -288,6 +302,8 @@ class ClientProcess(RunnerProcess):
         self.last = k == config.num_clients - 1
         settings = config.grpc
         self._connections = {}
+        self._steps_done = 0
+        self._restarted_rounds = 0
 
         def connection(address):
             if address not in self._connections:
@@ -424,9 +440,13 @@ class ClientProcess(RunnerProcess):
             "vanilla",
             "ushaped",
         ):
-            yield from self._turn(epoch)
+            steps = self._turn(epoch)
         else:
-            yield from self._rounds_from(epoch)
+            steps = self._rounds_from(epoch)
+        for loss in steps:
+            yield loss
+            self._steps_done += 1
+            _kill_after(self._steps_done)
 
     def _turn(self, epoch):
         """Round robin: this client's turn, trained again if rolled back."""
@@ -472,6 +492,7 @@ class ClientProcess(RunnerProcess):
                     back,
                     cause,
                 )
+                self._restarted_rounds += 1
                 self._snapshots = {
                     e: s for e, s in self._snapshots.items() if e <= back
                 }
@@ -519,6 +540,7 @@ class ClientProcess(RunnerProcess):
             "bytes_received": sum(c.bytes_received for c in connections),
             "retries": sum(c.retries for c in connections),
             "restarted_turns": int(getattr(self.program, "restarts", 0)),
+            "restarted_rounds": self._restarted_rounds,
         }
 
     def checkpoints(self, **loop) -> dict:

@@ -1,9 +1,9 @@
 """A split-learning client that runs its segment with LiteRT, without TensorFlow.
 
 `EdgeClient` speaks the same gRPC protocol as the Keras client
-(`splitkeras.distributed.RemoteClient`) to an unchanged splitkeras server:
-Join, then round-robin turns (BeginTurn, one Exchange per training step,
-EndTurn with its sealed state), and Exchange PREDICT for split inference.
+(`splitkeras.processes.run_client`) to an unchanged splitkeras host: Join,
+then round-robin turns (Exchange BEGIN, one Exchange per training step,
+END with its sealed state), and Exchange PREDICT for split inference.
 One training step:
 
     cut = segment.forward(x)                   # LiteRT, training mode

@@ -120,6 +120,8 @@ class GrpcHost:
         self.wait_seconds = wait_seconds
         self.gather_seconds = gather_seconds
         self.refused = 0
+        self.applied = 0  # training messages applied
+        self.on_applied = None  # called with `applied` after each
         self.hosts_told = set()  # hosts (relays) told that the run is over
         self.closed = threading.Event()  # set: the watchdog stops
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
@@ -360,6 +362,10 @@ class GrpcHost:
             data = encode_reply(envelope, reply, self.codecs_out, framed)
             self._remember(name, client, envelope, reply, data)
             self._changed.notify_all()
+            if kind in _TRAINING:
+                self.applied += 1
+                if self.on_applied is not None:
+                    self.on_applied(self.applied)
             return data
 
     def _check(self, party, kind, client, envelope):

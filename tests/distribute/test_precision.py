@@ -178,31 +178,25 @@ class RunTest(base.TestCase):
             weights[jit] = trainer.get_weights()
         self.assertWeightsClose(weights[True], weights[False])
 
-    def test_grpc_service_steps_compile_with_xla(self):
-        from splitkeras.transport.grpc_server import SplitService
+    def test_grpc_host_steps_compile_with_xla(self):
+        from splitkeras.protocol import Kind
+        from splitkeras.transport.grpc_host import GrpcHost
 
         full, served = _server_segment(), _server_segment()
         served.set_weights(full.get_weights())
         reference = Server(full, keras.optimizers.SGD(0.1), Objective(LOSS))
-        service = SplitService(
-            Server(served, keras.optimizers.SGD(0.1), Objective(LOSS)),
-            num_clients=1,
-            epochs=1,
-            checkpoint_dir=self.tempdir(),
-            jit_compile=True,
-        )
-        for function in (service._train, service._evaluate, service._predict):
-            self.assertTrue(function._jit_compile)
+        server = Server(served, keras.optimizers.SGD(0.1), Objective(LOSS))
+        host = GrpcHost({"server": server}, 1, jit_compile=True)
+        train = host._compiled(server, Kind.TRAIN, ("server", Kind.TRAIN, 0))
+        self.assertTrue(train._jit_compile)
         message = LossScaleTest._message(self)
-        grads, loss = service._train(list(message.tensors), message.labels, None)
+        grads, loss = train(list(message.tensors), message.labels, None, None)
         expected = reference.handle(message)
         np.testing.assert_allclose(
             grads[0].numpy(), expected.tensors[0].numpy(), atol=1e-5
         )
         self.assertAlmostEqual(float(loss), float(expected.loss), places=5)
-        self.assertWeightsClose(
-            service.server.segment.get_weights(), full.get_weights()
-        )
+        self.assertWeightsClose(served.get_weights(), full.get_weights())
 
     @parameterized.named_parameters(
         ("ushaped", {"topology": "ushaped", "model.cut": "pool1,fc2"}),

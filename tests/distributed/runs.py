@@ -12,6 +12,8 @@ from splitkeras.experiment import InProcess
 from splitkeras.privacy.leakage import attach_privacy
 from splitkeras.transport.turns import yield_all
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def write_npz(path, n_train, n_test=64):
     """Three easy classes of 28x28 images (brightness), as a Keras .npz."""
@@ -116,9 +118,10 @@ def parties(config, schedule) -> dict:
     return out
 
 
-def processes_weights(config, workdir) -> dict:
-    """The final weights the processes wrote, by the names of `parties`."""
-    fresh = parties(config, in_process(config, train=False))
+def processes_weights(config, workdir, untrained=None) -> dict:
+    """The final weights the processes wrote, by the names of `parties`
+    (loaded into `untrained`, a schedule of `config`, or one built now)."""
+    fresh = parties(config, untrained or in_process(config, train=False))
     weights = {}
     for name, model in fresh.items():
         model.load_weights(os.path.join(workdir, f"{name}.weights.h5"))

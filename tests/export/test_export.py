@@ -293,7 +293,8 @@ class ExportFromWorkdirTest(base.TestCase):
     def test_a_client_workdir_exports_its_trained_weights(self):
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
@@ -323,7 +324,8 @@ class ExportFromWorkdirTest(base.TestCase):
         its optimizer state (iterations included) and the trained server."""
         from splitkeras import experiment
         from splitkeras.checkpointing import load_trained
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         data = _write_npz(os.path.join(root, "data.npz"), 64)
@@ -409,7 +411,8 @@ class ExportFromWorkdirTest(base.TestCase):
 
     def test_a_workdir_without_weights_is_refused(self):
         from splitkeras.export import export_from_workdir
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
@@ -418,7 +421,8 @@ class ExportFromWorkdirTest(base.TestCase):
 
     def test_what_the_edge_cannot_run_is_refused_before_writing(self):
         from splitkeras.export import export_from_workdir
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
