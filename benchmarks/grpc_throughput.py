@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import builders, launcher, models  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
-from splitkeras.processes import ClientProcess  # noqa: E402
+from splitkeras.client_process import ClientProcess  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["lenet5:64", "vgg16:128"], "model:batch pairs.")
 _CODECS = flags.DEFINE_list(

@@ -12,8 +12,8 @@
 aligner; multi-hop relay; multi-task head_0, head_1; a round robin with the
 peer handoff also the next client, whose inbox listens on its --listen
 port). Round robin clients share --key_file (make one with
-`python -c "from splitkeras.processes import write_key; write_key('handoff.key')"`;
-scripts/launch.py makes one): client states travel between clients sealed
+`splitkeras.transport.sealing.write_key('handoff.key')`; scripts/launch.py
+makes one): client states travel between clients sealed
 under it, and the server has no copy. With --config.data.sites (a folder
 from scripts/partition.py) the client reads only its own file.
 """
@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import processes  # noqa: E402
+from splitkeras import client_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -59,11 +59,11 @@ def main(argv):
             _TLS_DIR.value, k if _MUTUAL.value else None
         )
     token = tls.read_tokens(_TOKEN_FILE.value)[k] if _TOKEN_FILE.value else None
-    summary = processes.run_client(
+    summary = client_process.run_client(
         _CONFIG.value,
         k,
         dict(item.split("=", 1) for item in _CONNECT.value),
-        key=processes.read_key(_KEY_FILE.value) if _KEY_FILE.value else None,
+        key=client_process.read_key(_KEY_FILE.value) if _KEY_FILE.value else None,
         workdir=_WORKDIR.value,
         token=token,
         credentials=credentials,

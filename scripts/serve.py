@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import processes  # noqa: E402
+from splitkeras import host_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -72,7 +72,7 @@ def main(argv):
 
     address = f"{_HOST.value}:{_PORT.value}"
     if _PREDICT.value:
-        processes.serve_predictions(
+        host_process.serve_predictions(
             _CONFIG.value,
             _WORKDIR.value,
             address=address,
@@ -81,7 +81,7 @@ def main(argv):
             on_started=started,
         )
         return
-    summary = processes.serve(
+    summary = host_process.serve(
         _CONFIG.value,
         _WORKDIR.value,
         address=address,

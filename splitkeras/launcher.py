@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +26,30 @@ import time
 from splitkeras import deployment
 from splitkeras.transport.sealing import write_key
 
-__all__ = ["Launch", "launch", "start_client", "start_host"]
+log = logging.getLogger("splitkeras")
+
+__all__ = [
+    "KILL_AFTER_STEPS",
+    "Launch",
+    "kill_after",
+    "launch",
+    "start_client",
+    "start_host",
+]
+
+# Fault tests: a process started with this variable set to N kills itself
+# (SIGKILL, no clean-up) right after its N-th training step: a host after
+# applying its N-th training message, a client after its N-th step.
+KILL_AFTER_STEPS = "SPLITKERAS_KILL_AFTER_STEPS"
+
+
+def kill_after(steps: int) -> None:
+    """SIGKILLs this process if `steps` reached $SPLITKERAS_KILL_AFTER_STEPS."""
+    limit = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
+    if limit and steps >= limit:
+        log.warning("%s=%d: killing this process", KILL_AFTER_STEPS, limit)
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,7 +1,7 @@
 """A split-learning client that runs its segment with LiteRT, without TensorFlow.
 
 `EdgeClient` speaks the same gRPC protocol as the Keras client
-(`splitkeras.processes.run_client`) to an unchanged splitkeras host: Join,
+(`splitkeras.client_process.run_client`) to an unchanged splitkeras host: Join,
 then round-robin turns (Exchange BEGIN, one Exchange per training step,
 END with its sealed state), and Exchange PREDICT for split inference.
 One training step:

@@ -18,9 +18,10 @@ Every schedule has two kinds of parties:
 In one process (`Schedule` instances, `train_epoch`, `scripts/train.py`)
 every party lives here and `LocalTransport`s link them, and the round runs
 its clients in an order in which nobody has to wait. Over gRPC each process
-builds only its own parties (`splitkeras.processes`) and the same programs
-run against gRPC links; the coordinator then makes clients wait for their
-turn or for the round's barrier.
+builds only its own parties (`splitkeras.host_process`,
+`splitkeras.client_process`) and the same programs run against gRPC links;
+the coordinator then makes clients wait for their turn or for the round's
+barrier.
 """
 
 from __future__ import annotations

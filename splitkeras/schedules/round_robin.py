@@ -13,7 +13,7 @@ variable, optimizer slots and dropout seed states included.
 `KerasTurns` is one Keras client's program (`transport.turns.TurnClient`
 with compiled steps); `RoundRobin` runs K of them against one server in one
 process. Over gRPC the same program runs in each client's process
-(`splitkeras.processes`).
+(`splitkeras.client_process`).
 """
 
 from __future__ import annotations

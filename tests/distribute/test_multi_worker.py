@@ -98,8 +98,8 @@ class WorkerWorkdirTest(base.TestCase):
         self.assertEqual(worker_workdir(None, "run"), "run")
 
     def test_multi_worker_is_refused_over_grpc(self):
-        from splitkeras import processes
+        from splitkeras import host_process
 
         config, _ = _setup("unused.npz", **{"server.strategy": "multi_worker"})
         with self.assertRaisesRegex(ValueError, "does not serve gRPC clients yet"):
-            processes.serve(config, self.tempdir())
+            host_process.serve(config, self.tempdir())

@@ -1,5 +1,5 @@
 """A process killed mid-round (SIGKILL at a chosen step, forced by
-`processes.KILL_AFTER_STEPS`) and started again: the run ends with the
+`launcher.KILL_AFTER_STEPS`) and started again: the run ends with the
 weights of the uninterrupted run in one process, within 1e-5."""
 
 import json
@@ -7,7 +7,6 @@ import os
 import time
 
 from splitkeras import launcher
-from splitkeras.processes import KILL_AFTER_STEPS
 from tests import base
 from tests.distributed.runs import (
     in_process_weights,
@@ -39,7 +38,7 @@ class KilledMidRoundTest(base.TestCase):
     def test_restarted_run_equals_uninterrupted(self, overrides, victim, after):
         config, args = setup(self.npz, **overrides)
         workdir = os.path.join(self.tempdir(), "run")
-        fault = {**os.environ, KILL_AFTER_STEPS: str(after)}
+        fault = {**os.environ, launcher.KILL_AFTER_STEPS: str(after)}
         run = launcher.launch(args, workdir, config, envs={victim: fault})
         try:
             process = run.processes()[victim]
@@ -49,7 +48,7 @@ class KilledMidRoundTest(base.TestCase):
                 time.sleep(0.05)
             self.assertEqual(process.returncode, -9)  # SIGKILL, by the hook
             with open(os.path.join(workdir, f"{victim}.log")) as f:
-                self.assertIn(f"{KILL_AFTER_STEPS}={after}: killing", f.read())
+                self.assertIn(f"{launcher.KILL_AFTER_STEPS}={after}: killing", f.read())
             run.restart(victim)
             summary = run.wait(600)
         finally:
