@@ -602,8 +602,10 @@ class TurnTimeoutTest(base.TestCase):
 
     def test_waiting_client_skips_a_silent_client(self):
         f = self.fixture()  # start_host: its watchdog ticks too
-        start = self.start_turn_and_go_silent(f)
+        # Client 0's last message comes after `started`: the skip, due a
+        # turn timeout after that message, comes at least that long after it.
         started = time.monotonic()
+        start = self.start_turn_and_go_silent(f)
         while True:  # client 1 polls for its turn, as run_client does
             reply = f.begin(f.c1)
             if reply.status == Status.READY or time.monotonic() - started > 8:
