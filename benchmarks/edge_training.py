@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import fashion_mnist_lenet  # noqa: E402
+from splitkeras import builders, client_data, launcher  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
-from splitkeras import experiment, federation, launcher  # noqa: E402
 from splitkeras.edge import EdgeSpec  # noqa: E402
 from splitkeras.edge.client import batches  # noqa: E402
 from splitkeras.export import export_segment  # noqa: E402
@@ -64,23 +64,24 @@ def _config(num_clients, epochs):
 
 
 def _export(config, arrays, out):
-    segments = experiment.build_segments(config, arrays)
-    export_segment(segments.client, experiment._optimizer(config), out, quantize=())
+    segments = builders.build_segments(config, arrays)
+    export_segment(segments.client, builders.make_optimizer(config), out, quantize=())
     EdgeSpec.from_config(config, segments, 0).write(os.path.join(out, "edge.json"))
     return os.path.join(out, "client.tflite")
 
 
 def _reference_losses(config, arrays):
     """Per-step losses of client 0 trained in-process (Keras, LocalTransport)."""
-    segments = experiment.build_segments(config, arrays)
-    objective = Objective(experiment._loss(), ("accuracy",))
-    server = Server(segments.server, experiment._optimizer(config), objective)
-    client = Client(segments.client, experiment._optimizer(config))
+    segments = builders.build_segments(config, arrays)
+    objective = Objective(builders.make_loss(), ("accuracy",))
+    server = Server(segments.server, builders.make_optimizer(config), objective)
+    client = Client(segments.client, builders.make_optimizer(config))
     transport = LocalTransport(server)
     step_fn = tf.function(
         lambda s, x, y: client.train_step(transport, s, x, y), reduce_retracing=True
     )
-    (shard,) = federation.client_shards(config, arrays)
+    (site,) = client_data.sites(config, arrays)
+    shard = (site.x_train, site.y_train)
     losses = []
     for epoch in range(config.train.epochs):
         for x, y in batches(*shard, config.train.batch_size, config.seed, epoch, 0):
@@ -115,7 +116,7 @@ def _run(name, kinds, epochs, arrays):
     write_key(key)
     model = _export(config, arrays, os.path.join(workdir, "export"))
     started = time.monotonic()
-    server, port = launcher.start_server(args, workdir)
+    server, port = launcher.start_host(args, workdir, "server")
     clients = []
     for k, kind in enumerate(kinds):
         if kind == "edge":

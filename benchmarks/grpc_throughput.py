@@ -25,8 +25,9 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist_lenet  # noqa: E402
+from splitkeras import builders, launcher, models  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
-from splitkeras import distributed, experiment, launcher, models  # noqa: E402
+from splitkeras.client_process import ClientProcess  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["lenet5:64", "vgg16:128"], "model:batch pairs.")
 _CODECS = flags.DEFINE_list(
@@ -82,18 +83,19 @@ def _timed(step, batch, steps):
 class _Remote:
     """A server process and a connected, turn-holding client in this process."""
 
-    def __init__(self, root, tag, config, args, arrays):
+    def __init__(self, root, tag, config, args):
         self.workdir = os.path.join(root, tag)
         os.makedirs(self.workdir, exist_ok=True)
-        self.server, port = launcher.start_server(args, self.workdir)
-        key = os.urandom(32)
-        self.client = distributed.RemoteClient(
-            config, f"127.0.0.1:{port}", 0, key, arrays=arrays
+        self.server, port = launcher.start_host(args, self.workdir, "server")
+        self.process = ClientProcess(
+            config, 0, {"server": f"127.0.0.1:{port}"}, key=os.urandom(32)
         )
+        self.client = self.process.program  # the client's turns (KerasTurns)
         self.client.begin_turn(0)
+        self.connection = self.process.links["server"].connection
 
     def close(self):
-        self.client.connection.close()
+        self.process.close()
         self.server.kill()
         self.server.wait()
 
@@ -106,9 +108,9 @@ def _batch(arrays, batch):
 def compare(root, name, batch, runs, steps):
     config, args = _setup(root, name, batch)
     arrays = data_lib.load(config.data.name, config.data.path, False)
-    schedule = experiment.build_schedule(config, arrays)
-    local = schedule._train_fns[0]
-    remote = _Remote(root, f"{name}_{batch}", config, args, arrays)
+    schedule = builders.build_schedule(config, arrays)
+    local = schedule.programs[0].train_fn
+    remote = _Remote(root, f"{name}_{batch}", config, args)
     xy = _batch(arrays, batch)
     try:
         for step in (local, remote.client.train_fn):
@@ -128,12 +130,12 @@ def codecs(root, codec_names, runs, steps):
     for codec in codec_names:
         config, args = _setup(root, "lenet5", 64, codec)
         arrays = data_lib.load(config.data.name, config.data.path, False)
-        remote = _Remote(root, f"codec_{codec}", config, args, arrays)
+        remote = _Remote(root, f"codec_{codec}", config, args)
         xy = _batch(arrays, 64)
         try:
             step = remote.client.train_fn
             _timed(step, xy, 2)
-            conn = remote.client.connection
+            conn = remote.connection
             sent, received = conn.bytes_sent, conn.bytes_received
             rates = [_timed(step, xy, steps) for _ in range(runs)]
             count = runs * steps

@@ -28,6 +28,15 @@ def get_config(arg=None):
     c.data.name = "fashion_mnist"  # a TFDS name
     c.data.path = config_dict.placeholder(str)  # IDX folder, .npz or TFDS dir
     c.data.download = True  # may TFDS download the dataset if missing
+    # A folder of one file per party from scripts/partition.py: each party
+    # then reads only its own file (the server none). "" = every process
+    # partitions the dataset itself.
+    c.data.sites = ""
+    # What a party without data (the server) builds its segment for; "" / 0
+    # = the known shape and classes of data.name (mnist, fashion_mnist,
+    # cifar10, cifar100, colorectal_histology, imagenet2012).
+    c.data.input_shape = ""  # e.g. "28,28,1"
+    c.data.num_classes = 0
     c.data.partition = "iid"  # how training data is spread: iid | dirichlet
     c.data.dirichlet_alpha = 0.5  # label skew of "dirichlet" (smaller = more)
     # Streaming datasets (imagenet2012), read per epoch from TFDS files:
@@ -71,6 +80,11 @@ def get_config(arg=None):
     c.multitask.head_from = "fc2"  # layer feeding the second task's head
     # second task's label of each class, e.g. "0,0,1,2" (class i -> group)
     c.multitask.groups = ""
+
+    c.splitfed = ml_collections.ConfigDict()
+    # Over gRPC: the fed server (averaging) in a process of its own, as in
+    # the SplitFed paper, instead of beside the main server.
+    c.splitfed.fed_process = False
 
     c.fedavg = ml_collections.ConfigDict()
     c.fedavg.local_epochs = 1  # local passes per client per FedAvg round

@@ -1,14 +1,21 @@
-"""Runs one split-learning client against a server started by scripts/serve.py.
+"""Runs one client of a split-learning run against its hosts (scripts/serve.py).
 
   python scripts/client.py --config=configs/fashion_mnist_lenet.py \
-      --config.num_clients=2 --server=127.0.0.1:50051 --client_id=0 \
-      --key_file=handoff.key [--workdir=workdirs/client_0] \
-      [--tls_dir=certs [--mutual_tls]] [--token_file=certs/tokens.json]
+      --config.num_clients=2 --client_id=0 --connect=server=127.0.0.1:50051 \
+      [--key_file=handoff.key] [--workdir=workdirs/client_0] \
+      [--listen=50060 --connect=client_1=127.0.0.1:50061] \
+      [--tls_dir=certs [--mutual_tls]] [--token_file=certs/tokens.json] \
+      [--config.data.sites=sites]
 
-Every client of a run needs the same --key_file (make one with
-`python -c "from splitkeras.distributed import write_key; write_key('handoff.key')"`;
-scripts/launch.py makes one in its workdir): client segments travel between
-clients through the server encrypted under it, and the server has no copy.
+`--connect` gives the address of every party this client sends to
+(`splitkeras.deployment.layout`: server; SplitFed also fed; vertical also
+aligner; multi-hop relay; multi-task head_0, head_1; a round robin with the
+peer handoff also the next client, whose inbox listens on its --listen
+port). Round robin clients share --key_file (make one with
+`splitkeras.transport.sealing.write_key('handoff.key')`; scripts/launch.py
+makes one): client states travel between clients sealed
+under it, and the server has no copy. With --config.data.sites (a folder
+from scripts/partition.py) the client reads only its own file.
 """
 
 import logging as std_logging
@@ -20,12 +27,17 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import distributed  # noqa: E402
+from splitkeras import client_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_SERVER = flags.DEFINE_string("server", None, "The server's host:port.")
 _CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id (0..K-1).")
+_CONNECT = flags.DEFINE_list(
+    "connect", [], "party=host:port of every party it talks to."
+)
+_LISTEN = flags.DEFINE_integer(
+    "listen", None, "Port of this client's inbox (peer handoff)."
+)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "The clients' shared handoff key.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write summary and weights.")
 _TLS_DIR = flags.DEFINE_string("tls_dir", None, "Directory with ca.pem: use TLS.")
@@ -33,7 +45,7 @@ _MUTUAL = flags.DEFINE_bool("mutual_tls", False, "Present client-K.pem/.key.")
 _TOKEN_FILE = flags.DEFINE_string(
     "token_file", None, "JSON file holding this client's token ({id: token})."
 )
-flags.mark_flags_as_required(["config", "server", "client_id", "key_file"])
+flags.mark_flags_as_required(["config", "client_id", "connect"])
 
 
 def main(argv):
@@ -47,14 +59,15 @@ def main(argv):
             _TLS_DIR.value, k if _MUTUAL.value else None
         )
     token = tls.read_tokens(_TOKEN_FILE.value)[k] if _TOKEN_FILE.value else None
-    summary = distributed.run_client(
+    summary = client_process.run_client(
         _CONFIG.value,
-        _SERVER.value,
         k,
-        distributed.read_key(_KEY_FILE.value),
+        dict(item.split("=", 1) for item in _CONNECT.value),
+        key=client_process.read_key(_KEY_FILE.value) if _KEY_FILE.value else None,
         workdir=_WORKDIR.value,
         token=token,
         credentials=credentials,
+        listen=_LISTEN.value,
     )
     print(f"client {k} done: {summary}")
 

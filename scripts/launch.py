@@ -1,10 +1,12 @@
-"""One command for a local distributed run: a server and K clients as processes.
+"""One command for a local distributed run of any configuration.
 
   python scripts/launch.py --config=configs/fashion_mnist_lenet.py \
       --config.num_clients=2 --workdir=workdirs/grpc [--tls]
 
-Each party is its own process (scripts/serve.py, scripts/client.py) talking
-gRPC over 127.0.0.1; logs are workdir/server.log and workdir/client_K.log.
+Every host (scripts/serve.py: the server; SplitFed's fed server, a
+multi-hop relay, multi-task heads where the config has them) and every
+client (scripts/client.py) is its own process talking gRPC over 127.0.0.1;
+logs are workdir/<host>.log and workdir/client_K.log.
 """
 
 import os
@@ -30,14 +32,16 @@ def main(argv):
     del argv
     # The --config flags go to the server and every client as given.
     config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
-    num = _CLIENTS.value or _CONFIG.value.num_clients
-    config_args.append(f"--config.num_clients={num}")
-    run = launcher.launch(config_args, _WORKDIR.value, num, tls=_TLS.value)
+    config = _CONFIG.value
+    config.num_clients = _CLIENTS.value or config.num_clients
+    config_args.append(f"--config.num_clients={config.num_clients}")
+    run = launcher.launch(config_args, _WORKDIR.value, config, tls=_TLS.value)
     summary = run.wait()
+    first = next(iter(run.hosts))
     print(
         f"done: test accuracy {summary.get('test_accuracy', float('nan')):.4f}, "
         f"{summary['steps']} steps, {summary['wall_seconds']:.0f} s; "
-        f"summary in {_WORKDIR.value}/server/summary.json"
+        f"summary in {_WORKDIR.value}/{first}/summary.json"
     )
 
 

@@ -1,12 +1,16 @@
-"""Serves one split-learning run: the server party, over gRPC.
+"""Serves one host of a split-learning run over gRPC (the server side).
 
   python scripts/serve.py --config=configs/fashion_mnist_lenet.py \
       --config.num_clients=2 --workdir=workdirs/grpc_server --port=50051 \
+      [--party=server] [--connect=server=HOST:PORT] \
       [--tls_dir=certs [--mutual_tls]] [--tokens=certs/tokens.json]
 
-Clients join with scripts/client.py (or scripts/edge_client.py). Start it
-again with the same --workdir to resume after a crash: it restores its last
-checkpoint (the end of the last finished turn) and the clients carry on.
+`--party` names the host of the run's layout (`splitkeras.deployment`):
+"server" (every configuration has it but multi-task), "fed" (SplitFed's
+fed server in a process of its own), "relay" (multi-hop; `--connect` gives
+the server's address), "head_0", "head_1" (multi-task). The host reads no
+dataset. Start it again with the same --workdir to resume after a crash:
+it goes back to its last commit and the clients carry on.
 
 With --predict it serves split inference instead (until stopped): the
 server segment trained in --workdir answers PREDICT messages, e.g. from
@@ -22,11 +26,15 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import distributed  # noqa: E402
+from splitkeras import host_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The server's directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "This host's directory.")
+_PARTY = flags.DEFINE_string("party", "server", "Which host of the run to serve.")
+_CONNECT = flags.DEFINE_list(
+    "connect", [], "party=host:port of parties on other hosts (a relay: server=...)."
+)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 50051, "Port to listen on (0: any).")
 _PORT_FILE = flags.DEFINE_string(
@@ -62,16 +70,32 @@ def main(argv):
                 f.write(str(port))
             os.replace(_PORT_FILE.value + ".tmp", _PORT_FILE.value)
 
-    serve = distributed.serve_predictions if _PREDICT.value else distributed.serve
-    summary = serve(
+    address = f"{_HOST.value}:{_PORT.value}"
+    if _PREDICT.value:
+        host_process.serve_predictions(
+            _CONFIG.value,
+            _WORKDIR.value,
+            address=address,
+            credentials=credentials,
+            tokens=tokens,
+            on_started=started,
+        )
+        return
+    summary = host_process.serve(
         _CONFIG.value,
         _WORKDIR.value,
-        address=f"{_HOST.value}:{_PORT.value}",
+        address=address,
         credentials=credentials,
         tokens=tokens,
         on_started=started,
+        host=_PARTY.value,
+        connect=dict(item.split("=", 1) for item in _CONNECT.value),
+        connect_credentials=tls.channel_credentials(_TLS_DIR.value)
+        if _TLS_DIR.value
+        else None,
+        token=tls.read_tokens(_TOKENS.value)[0] if _TOKENS.value else None,
     )
-    print(f"server done: {summary}")
+    print(f"{_PARTY.value} done: {summary}")
 
 
 if __name__ == "__main__":

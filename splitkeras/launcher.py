@@ -1,41 +1,93 @@
-"""Starts a gRPC server and its clients as processes on this machine.
+"""Starts every process of a run on this machine: its hosts, then its clients.
 
-One command for a local distributed run (and for the tests): the server and
-each client are separate Python processes running scripts/serve.py and
-scripts/client.py, talking gRPC over 127.0.0.1, exactly as they would across
-machines. The launcher makes the clients' handoff key, and with `tls=True`
-a CA, certificates and per-client tokens, under the workdir.
+One command for a local distributed run of any configuration (and for the
+tests): each host (`scripts/serve.py --party=...`) and each client
+(`scripts/client.py`) is a separate Python process talking gRPC over
+127.0.0.1, exactly as they would across machines. The hosts and the parties
+they serve come from `deployment.layout(config)`; the launcher starts them
+in order (a relay after the server it talks to), then the clients with the
+address of every party they talk to. It makes the clients' handoff key,
+and with `tls=True` a CA, certificates and per-client tokens, under the
+workdir.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 
-from splitkeras.distributed import write_key
+from splitkeras import deployment
+from splitkeras.transport.sealing import write_key
 
-__all__ = ["Launch", "launch"]
+log = logging.getLogger("splitkeras")
+
+__all__ = [
+    "KILL_AFTER_STEPS",
+    "Launch",
+    "kill_after",
+    "launch",
+    "start_client",
+    "start_host",
+]
+
+# Fault tests: a process started with this variable set to N kills itself
+# (SIGKILL, no clean-up) right after its N-th training step: a host after
+# applying its N-th training message, a client after its N-th step.
+KILL_AFTER_STEPS = "SPLITKERAS_KILL_AFTER_STEPS"
+
+
+def kill_after(steps: int) -> None:
+    """SIGKILLs this process if `steps` reached $SPLITKERAS_KILL_AFTER_STEPS."""
+    limit = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
+    if limit and steps >= limit:
+        log.warning("%s=%d: killing this process", KILL_AFTER_STEPS, limit)
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Launch:
-    """A running server + clients; `wait()` returns the server's summary."""
+    """A running set of hosts and clients; `wait()` returns the summary of
+    the first host (with every host's under "hosts" when there are several).
 
-    def __init__(self, server, clients, workdir):
-        self.server = server
+    `starts` holds, for each process, how to start it again with the same
+    command (a host on the same port): `restart(name)` after a crash.
+    """
+
+    def __init__(self, hosts: dict, clients: dict, workdir: str, starts=None):
+        self.hosts = hosts
         self.clients = clients
         self.workdir = workdir
+        self.starts = dict(starts or {})
+
+    def restart(self, name: str, env=None):
+        """Starts process `name` again (its old one must have exited)."""
+        group = self.hosts if name in self.hosts else self.clients
+        if group[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        group[name] = self.starts[name](env)
+        return group[name]
+
+    @property
+    def server(self):
+        return next(iter(self.hosts.values()))
+
+    def processes(self) -> dict:
+        return {**self.hosts, **self.clients}
 
     def wait(self, timeout: float = 1800.0) -> dict:
         """Waits for every process; the first to fail stops the run and is named."""
         deadline = time.monotonic() + timeout
-        procs = {"server": self.server, **self.clients}
-        while any(p.poll() is None for p in procs.values()):
-            for name, proc in procs.items():
+        while any(p.poll() is None for p in self.processes().values()):
+            for name, proc in self.processes().items():
                 code = proc.poll()
                 if code not in (None, 0):
                     self.kill()
@@ -45,19 +97,24 @@ class Launch:
                     )
             if time.monotonic() > deadline:
                 self.kill()
-                running = [n for n, p in procs.items() if p.poll() is None]
+                running = [n for n, p in self.processes().items() if p.poll() is None]
                 raise TimeoutError(
                     f"{', '.join(running)} did not finish in {timeout:.0f} s"
                 )
             time.sleep(0.2)
-        failed = {n: p.returncode for n, p in procs.items() if p.returncode}
-        if failed:
-            raise RuntimeError(f"processes failed: {failed}; logs in {self.workdir}")
-        with open(os.path.join(self.workdir, "server", "summary.json")) as f:
-            return json.load(f)
+        summaries = {}
+        for name in self.hosts:
+            path = os.path.join(self.workdir, name, "summary.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    summaries[name] = json.load(f)
+        first = dict(summaries[next(iter(summaries))])
+        if len(summaries) > 1:
+            first["hosts"] = summaries
+        return first
 
     def kill(self) -> None:
-        for proc in [self.server, *self.clients.values()]:
+        for proc in self.processes().values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -74,54 +131,60 @@ def _python(script, args, log_path, env):
         )
 
 
-def start_server(config_args, workdir, port=0, tls_args=(), env=None):
-    """Starts scripts/serve.py; returns (process, port) once it listens."""
-    port_file = os.path.join(workdir, "server.port")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_host(config_args, workdir, name, port=0, connect=(), tls_args=(), env=None):
+    """Starts scripts/serve.py for host `name`; returns (process, port) once
+    it listens."""
+    port_file = os.path.join(workdir, f"{name}.port")
     if os.path.exists(port_file):
         os.remove(port_file)
-    proc = _python(
-        "serve.py",
-        [
-            *config_args,
-            f"--workdir={os.path.join(workdir, 'server')}",
-            f"--port={port}",
-            f"--port_file={port_file}",
-            *tls_args,
-        ],
-        os.path.join(workdir, "server.log"),
-        env,
-    )
+    args = [
+        *config_args,
+        f"--workdir={os.path.join(workdir, name)}",
+        f"--party={name}",
+        f"--port={port}",
+        f"--port_file={port_file}",
+        *tls_args,
+    ]
+    if connect:
+        args.append("--connect=" + ",".join(f"{p}={a}" for p, a in connect.items()))
+    proc = _python("serve.py", args, os.path.join(workdir, f"{name}.log"), env)
     deadline = time.monotonic() + 120
     while not os.path.exists(port_file):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(
-                f"the server did not start; see {os.path.join(workdir, 'server.log')}"
+                f"{name} did not start; see {os.path.join(workdir, name + '.log')}"
             )
         time.sleep(0.1)
     with open(port_file) as f:
         return proc, int(f.read())
 
 
-def start_client(config_args, workdir, port, k, client_args=(), env=None):
-    """Starts scripts/client.py for client `k` against 127.0.0.1:`port`."""
-    return _python(
-        "client.py",
-        [
-            *config_args,
-            f"--server=127.0.0.1:{port}",
-            f"--client_id={k}",
-            f"--key_file={os.path.join(workdir, 'handoff.key')}",
-            f"--workdir={os.path.join(workdir, f'client_{k}')}",
-            *client_args,
-        ],
-        os.path.join(workdir, f"client_{k}.log"),
-        env,
-    )
+def start_client(
+    config_args, workdir, k, connect, listen=None, client_args=(), env=None
+):
+    """Starts scripts/client.py for client `k` with `connect` {party: address}."""
+    args = [
+        *config_args,
+        f"--client_id={k}",
+        "--connect=" + ",".join(f"{p}={a}" for p, a in connect.items()),
+        f"--key_file={os.path.join(workdir, 'handoff.key')}",
+        f"--workdir={os.path.join(workdir, f'client_{k}')}",
+        *client_args,
+    ]
+    if listen is not None:
+        args.append(f"--listen={listen}")
+    return _python("client.py", args, os.path.join(workdir, f"client_{k}.log"), env)
 
 
 def credentials(workdir, num_clients) -> tuple[list, list]:
-    """Makes TLS credentials and tokens; returns (server args, client args)."""
+    """Makes TLS credentials and tokens; returns (host args, client args)."""
     from splitkeras.transport import tls
 
     directory = os.path.join(workdir, "credentials")
@@ -135,25 +198,89 @@ def credentials(workdir, num_clients) -> tuple[list, list]:
     )
 
 
-def launch(config_args, workdir, num_clients, tls=False, env=None) -> Launch:
-    """Starts a server and `num_clients` clients; returns the `Launch`.
+def start_hosts(config, config_args, workdir, host_args=(), envs=None, starts=None):
+    """Starts every host of `config`'s layout in order; returns
+    ({host: process}, {party: address}).
+
+    Args:
+      envs: {host: environment} (None, or a host not in it: inherit).
+      starts: a dict to record, for each host, how to start it again on
+        the same port (`Launch.restart`).
+    """
+    layout = deployment.layout(config)
+    envs = envs or {}
+    hosts, addresses = {}, {}
+    for name, parties in layout.hosts.items():
+        connect = {p: addresses[p] for p in layout.host_links.get(name, [])}
+        proc, port = start_host(
+            config_args, workdir, name, 0, connect, host_args, envs.get(name)
+        )
+        hosts[name] = proc
+        for party in parties:
+            addresses[party] = f"127.0.0.1:{port}"
+        if starts is not None:
+            starts[name] = functools.partial(
+                _restart_host, config_args, workdir, name, port, connect, host_args
+            )
+    return hosts, addresses
+
+
+def _restart_host(config_args, workdir, name, port, connect, host_args, env):
+    return start_host(config_args, workdir, name, port, connect, host_args, env)[0]
+
+
+def client_connections(config, addresses, inbox_ports=None) -> list:
+    """Each client's {party: address}, with the next client's inbox (peer)."""
+    layout = deployment.layout(config)
+    k_all = config.num_clients
+    connections = []
+    for k in range(k_all):
+        connect = {p: addresses[p] for p in layout.client_links}
+        if inbox_ports:
+            following = (k + 1) % k_all
+            connect[f"client_{following}"] = f"127.0.0.1:{inbox_ports[following]}"
+        connections.append(connect)
+    return connections
+
+
+def launch(
+    config_args, workdir, config, tls=False, envs=None, client_flags=None
+) -> Launch:
+    """Starts every host and client of `config`'s run; returns the `Launch`.
 
     Args:
       config_args: the config flags every process gets, e.g.
         ["--config=configs/fashion_mnist_lenet.py", "--config.num_clients=2"].
-      workdir: server/, client_K/, logs, the handoff key (and credentials/).
-      num_clients: how many client processes (must match the config).
+      workdir: each process's directory and log, the handoff key (and
+        credentials/).
+      config: the same config, resolved (for its layout).
       tls: use TLS with per-client tokens (made under workdir/credentials).
-      env: the processes' environment (None: inherit).
+      envs: {process name ("server", "client_0", ...): its environment};
+        the others inherit this one's.
+      client_flags: {k: more flags of client k}, e.g. its own
+        `--config.data.sites` folder.
     """
     os.makedirs(workdir, exist_ok=True)
+    envs = envs or {}
     key = os.path.join(workdir, "handoff.key")
     if not os.path.exists(key):
         write_key(key)
-    server_args, client_args = credentials(workdir, num_clients) if tls else ([], [])
-    server, port = start_server(config_args, workdir, 0, server_args, env)
-    clients = {
-        f"client_{k}": start_client(config_args, workdir, port, k, client_args, env)
-        for k in range(num_clients)
-    }
-    return Launch(server, clients, workdir)
+    host_args, client_args = (
+        credentials(workdir, config.num_clients) if tls else ([], [])
+    )
+    starts = {}
+    hosts, addresses = start_hosts(
+        config, config_args, workdir, host_args, envs, starts
+    )
+    peers = deployment.layout(config).peers and config.num_clients > 1
+    inbox_ports = [free_port() for _ in range(config.num_clients)] if peers else None
+    clients = {}
+    for k, connect in enumerate(client_connections(config, addresses, inbox_ports)):
+        name = f"client_{k}"
+        listen = inbox_ports[k] if inbox_ports else None
+        own = [*client_args, *(client_flags or {}).get(k, ())]
+        starts[name] = functools.partial(
+            start_client, config_args, workdir, k, connect, listen, own
+        )
+        clients[name] = starts[name](envs.get(name))
+    return Launch(hosts, clients, workdir, starts)

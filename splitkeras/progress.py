@@ -16,7 +16,8 @@ class Progress:
     """Decides when to report and formats the report.
 
     Args:
-      total_steps: the steps the whole run takes.
+      total_steps: the steps the whole run takes (None: not known here, e.g.
+        a host without the data; lines then give no ETA).
       every_seconds: report at most this often.
       initial_step: the step the run starts (or resumes) at.
       clock: a time source, for tests.
@@ -38,7 +39,8 @@ class Progress:
 
     def due(self, step: int) -> bool:
         """True if `every_seconds` passed since the last report, or at the end."""
-        return step >= self.total or self._clock() - self._last_time >= self.every
+        at_end = self.total is not None and step >= self.total
+        return at_end or self._clock() - self._last_time >= self.every
 
     def report(self, step: int, logs: dict) -> None:
         """Measures steps/s since the last report and logs a progress line."""
@@ -51,8 +53,10 @@ class Progress:
         return {"steps_per_second": self._rate}
 
     def line(self, step: int, logs: dict) -> str:
-        eta = (self.total - step) / self._rate if self._rate > 0 else float("inf")
         metrics = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        if self.total is None:
+            return f"step {step} {self._rate:.1f} steps/s {metrics}"
+        eta = (self.total - step) / self._rate if self._rate > 0 else float("inf")
         return (
             f"step {step}/{self.total} ({100.0 * step / self.total:.1f}%) "
             f"{self._rate:.1f} steps/s ETA {_duration(eta)} {metrics}"

@@ -152,8 +152,26 @@ class ExperimentTest(base.TestCase):
     def test_max_steps_is_refused_where_runs_train_whole_epochs(self):
         config = _config(self.npz, max_steps=3)
         config.num_clients = 2
-        with self.assertRaisesRegex(ValueError, "max_steps=3 stops single-client"):
+        config.method = "splitfed_v1"
+        with self.assertRaisesRegex(
+            ValueError, "config.train.max_steps=3 stops a run mid-round"
+        ):
             experiment.train_and_evaluate(config, os.path.join(self.root, "steps"))
+
+    def test_round_robin_resumes_mid_turn(self):
+        # Stopped in client 1's turn of the first round (4 steps per turn).
+        config = _config(self.npz, max_steps=6)
+        config.num_clients = 2
+        workdir = os.path.join(self.root, "rr_mid_turn")
+        self.assertEqual(experiment.train_and_evaluate(config, workdir)["steps"], 6)
+        config.train.max_steps = 0
+        resumed = experiment.train_and_evaluate(config, workdir)
+        full = experiment.train_and_evaluate(
+            config, os.path.join(self.root, "rr_mid_turn_full")
+        )
+        self.assertEqual(resumed["steps"], 16)
+        self.assertEqual(resumed["test_loss"], full["test_loss"])
+        self.assertEqual(resumed["per_client"], full["per_client"])
 
     def test_learning_rate_schedule_survives_a_resume(self):
         decay = {"lr_schedule": "step", "lr_decay_epochs": "1", "lr_decay_factor": 0.5}
@@ -250,6 +268,9 @@ class ExperimentTest(base.TestCase):
         transfers = 2 if method == "fedavg" else 2 * 4
         expected = [transfers * model_bytes] * 2
         self.assertEqual(summary["per_client"]["bytes_up"], expected)
+        if method == "large_batch_sgd":
+            # Client 0 evaluates: it fetches each round's final model too.
+            expected[0] += 2 * model_bytes
         self.assertEqual(summary["per_client"]["bytes_down"], expected)
 
     @parameterized.parameters("splitfed_v1", "splitfed_v2")

@@ -1,9 +1,9 @@
 """A split-learning client that runs its segment with LiteRT, without TensorFlow.
 
 `EdgeClient` speaks the same gRPC protocol as the Keras client
-(`splitkeras.distributed.RemoteClient`) to an unchanged splitkeras server:
-Join, then round-robin turns (BeginTurn, one Exchange per training step,
-EndTurn with its sealed state), and Exchange PREDICT for split inference.
+(`splitkeras.client_process.run_client`) to an unchanged splitkeras host: Join,
+then round-robin turns (Exchange BEGIN, one Exchange per training step,
+END with its sealed state), and Exchange PREDICT for split inference.
 One training step:
 
     cut = segment.forward(x)                   # LiteRT, training mode
@@ -26,7 +26,7 @@ import numpy as np
 from splitkeras.edge import codecs
 from splitkeras.edge.runtime import LiteSegment
 from splitkeras.transport import wire
-from splitkeras.transport.grpc_client import Connection
+from splitkeras.transport.grpc_client import Connection, ControlLink, TurnRestarted
 from splitkeras.transport.proto import wire_pb2
 from splitkeras.transport.sealing import pack_arrays, unpack_arrays
 from splitkeras.transport.turns import TurnClient
@@ -139,6 +139,9 @@ def _check_shapes(segment, spec) -> None:
 class EdgeClient(TurnClient):
     """One client of a run, its segment an exported LiteRT model.
 
+    It takes round-robin turns with the state handed on through the server
+    (the run's `config.weight_handoff="server"`).
+
     Args:
       model: the exported `client.tflite` (path or bytes).
       spec: the run's `EdgeSpec` (edge.json).
@@ -161,6 +164,8 @@ class EdgeClient(TurnClient):
         U-shaped, a codec is not available on the edge, or a `key` comes
         with an inference-only model.
     """
+
+    restart_errors = (TurnRestarted,)
 
     def __init__(
         self,
@@ -207,7 +212,18 @@ class EdgeClient(TurnClient):
             timeout=_given(timeout, spec.timeout_seconds),
             retry_seconds=_given(retry_seconds, spec.retry_seconds),
         )
-        super().__init__(connection, client_id, key, (spec.codec_up, spec.codec_down))
+        self.connection = connection
+        self.info = info = connection.call(
+            "Join", wire_pb2.JoinRequest(client_id=client_id), wire_pb2.JoinReply
+        )
+        if (info.codec_up, info.codec_down) != (spec.codec_up, spec.codec_down):
+            raise ValueError(
+                f"the server uses codecs {info.codec_up}/{info.codec_down}, this "
+                f"client {spec.codec_up}/{spec.codec_down}"
+            )
+        # The edge client hands its state on through the server (sealed): run
+        # the server with config.weight_handoff="server".
+        super().__init__(ControlLink(connection), client_id, info.num_clients, key)
         self.output_dtypes = list(self.info.output_dtypes)
         self.steps = 0
         self.losses = []  # (step, loss the server reported) of every step
@@ -349,25 +365,38 @@ class EdgeClient(TurnClient):
                 "the last client of a round evaluates every epoch: pass test="
             )
         started = time.monotonic()
-        self.run_turns()
+        self.run_turns(self.info.epochs)
         return {
             **self.connection_summary(),
             "losses": [loss for _, loss in self.losses],
             "wall_seconds": time.monotonic() - started,
         }
 
-    def _train_turn(self, epoch: int, evaluate: bool) -> dict:
-        """Trains one turn on the shard, then evaluates if asked; the server
-        holds the loss and the metrics, so there is nothing to report."""
+    def _train_steps(self, epoch: int, skip: int):
+        """The turn's steps on the shard (one yield each)."""
         self._turn_start = len(self.losses)
         spec = self.spec
         for x, y in batches(
             *self.shard, spec.batch_size, spec.seed, epoch, self.client_id
         ):
-            self.train_step(x, y)
-        if evaluate:
-            self.evaluate()
+            yield self.train_step(x, y)
+
+    def _evaluate(self) -> dict:
+        """Sends the test split; the server holds the figures (nothing to
+        report from here)."""
+        self.evaluate()
         return {}
+
+    def connection_summary(self) -> dict:
+        """This client's id, steps, bytes sent and received, retries, restarts."""
+        return {
+            "client_id": self.client_id,
+            "steps": self.steps,
+            "bytes_sent": self.connection.bytes_sent,
+            "bytes_received": self.connection.bytes_received,
+            "retries": self.connection.retries,
+            "restarted_turns": self.restarts,
+        }
 
     def close(self) -> None:
         self.connection.close()

@@ -271,16 +271,16 @@ def export_from_workdir(
       ValueError: the run cannot be exported this way (a U-shaped client
         with training, or what `EdgeSpec.from_config` refuses).
     """
-    from splitkeras import experiment
+    from splitkeras import builders
     from splitkeras.data.streaming import StreamingSource
     from splitkeras.edge.spec import EdgeSpec
 
-    data = experiment.load_data(config)  # a stream reads no examples here
-    segments = experiment.build_segments(config, data)
-    precision = experiment._precision(config)
+    data = builders.load_data(config)  # a stream reads no examples here
+    segments = builders.build_segments(config, data)
+    precision = builders.precision(config)
     training = _check_training(training, segments, precision, config.train)
     spec = EdgeSpec.from_config(config, segments, client_id)  # before any file
-    optimizer = experiment._optimizer(config)
+    optimizer = builders.make_optimizer(config)
     optimizer.build(segments.client.trainable_variables)
     restored = (
         {} if workdir is None else _restore(workdir, segments, optimizer, client_id)
@@ -289,9 +289,9 @@ def export_from_workdir(
     if precision:  # LiteRT computes in float32: the same weights, in float32
         float32 = config.copy_and_resolve_references()
         float32.train.mixed_precision = ""
-        client = experiment.build_segments(float32, data).client
+        client = builders.build_segments(float32, data).client
         client.set_weights(segments.client.get_weights())
-        optimizer = experiment._optimizer(float32)  # inference: not exported
+        optimizer = builders.make_optimizer(float32)  # inference: not exported
     if isinstance(data, StreamingSource):
         sample = _sample(client, None, batch=sample_size)
     else:

@@ -80,7 +80,7 @@ class Client:
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
 
-    def _message(self, kind, step, tensors, y=None, sample_weight=None):
+    def _message(self, kind, step, tensors, y=None, sample_weight=None, ids=None):
         keep_labels = self.tail is not None
         return Message(
             kind=kind,
@@ -89,6 +89,7 @@ class Client:
             tensors=tensors,
             labels=None if keep_labels else y,
             sample_weight=None if keep_labels else sample_weight,
+            ids=None if ids is None else tf.cast(ids, tf.int64),
         )
 
     def forward(self, x) -> Forward:
@@ -147,11 +148,15 @@ class Client:
             for variable, value in zip(state, kept):
                 variable.assign(tf.where(server_skipped, value, variable))
 
-    def train_step(self, link, step, x, y, sample_weight=None):
-        """One training step; returns the loss reported by the label holder."""
+    def train_step(self, link, step, x, y, sample_weight=None, ids=None):
+        """One training step; returns the loss reported by the label holder.
+
+        `y` None: another party holds the labels (vertical); `ids`: the
+        batch's row numbers (vertical).
+        """
         forward = self.forward(x)
         reply = link.request(
-            self._message(Kind.TRAIN, step, forward.cut, y, sample_weight)
+            self._message(Kind.TRAIN, step, forward.cut, y, sample_weight, ids)
         )
         tail_grads, loss = [], reply.loss
         if self.tail is not None:
@@ -184,10 +189,12 @@ class Client:
             cut = self.privacy.noised(cut)
         return cut
 
-    def evaluate_step(self, link, step, x, y, sample_weight=None):
+    def evaluate_step(self, link, step, x, y, sample_weight=None, ids=None):
         """Runs inference; the label holder updates the metrics."""
         cut = self.infer(x)
-        reply = link.request(self._message(Kind.EVALUATE, step, cut, y, sample_weight))
+        reply = link.request(
+            self._message(Kind.EVALUATE, step, cut, y, sample_weight, ids)
+        )
         if self.tail is None:
             return reply.loss
         y_pred = self.tail(_unflat(list(reply.tensors)), training=False)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from splitkeras.parties.segment_party import SegmentParty
-from splitkeras.parties.segment_step import apply_gradients, regularization
+from splitkeras.parties.segment_step import apply_gradients, regularization, specs_of
 from splitkeras.protocol import Kind, Message, flat
 
 __all__ = ["Relay"]
@@ -42,11 +42,26 @@ class Relay(SegmentParty):
       client_id: the relay's id in the messages it sends over `link`.
     """
 
+    # A host hosting a relay commits its state when a round ends through it.
+    commit_on = (Kind.END,)
+
     def __init__(self, segment, optimizer, link, client_id=0):
         self.segment = segment
         self.optimizer = optimizer
         self.link = link
         self.client_id = client_id
+
+    # ------------------------------------------ what a host checks against
+    def takes_labels(self, client_id: int) -> bool:
+        return True  # vanilla multi-hop: the labels pass through to the last party
+
+    num_classes = 0  # the last party checks the labels' range
+
+    def arrival_specs(self, kind, client_id: int) -> list:
+        return specs_of(self.segment.inputs)
+
+    def output_specs(self) -> list:
+        return specs_of(self.segment.outputs)
 
     def handle(self, message: Message) -> Message:
         """Answers one message from the previous party.
@@ -55,6 +70,10 @@ class Relay(SegmentParty):
           ValueError: a message kind a relay does not forward, or a next
             party that does not answer a TRAIN message with GRADIENTS.
         """
+        if message.kind in (Kind.BEGIN, Kind.END, Kind.REPORT):
+            # Orchestration goes on to the next party (it coordinates the
+            # round); a host commits this relay's state on each END.
+            return self.link.request(message.replace(client_id=self.client_id))
         if message.kind == Kind.TRAIN:
             return self._train(message)
         if message.kind in (Kind.EVALUATE, Kind.PREDICT):

@@ -15,6 +15,7 @@ __all__ = [
     "regularization",
     "skip_unless",
     "skipped",
+    "specs_of",
     "unscale",
     "wire_dtype",
 ]
@@ -64,6 +65,15 @@ def wire_dtype(dtype) -> tf.DType:
     are float32 (a codec may still send them in 16 bits)."""
     dtype = tf.as_dtype(dtype)
     return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
+def specs_of(tensors) -> list:
+    """[(dtype on the wire, shape with a None batch)] of Keras tensors: what a
+    host checks arriving tensors against."""
+    return [
+        (wire_dtype(t.dtype), [None] + [d for d in t.shape[1:]])
+        for t in tf.nest.flatten(tensors)
+    ]
 
 
 def loss_scale(optimizer):

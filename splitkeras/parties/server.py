@@ -18,6 +18,7 @@ from splitkeras.parties.segment_step import (
     loss_scale,
     regularization,
     skip_unless,
+    specs_of,
     unscale,
     wire_dtype,
 )
@@ -64,6 +65,32 @@ class Server(SegmentParty):
     @property
     def holds_labels(self) -> bool:
         return self.objective is not None
+
+    # ------------------------------------------ what a host checks against
+    @property
+    def compiled_kinds(self) -> tuple:
+        """Kinds a host may compile `handle` for (U-shaped training holds
+        its tape between two messages: eager)."""
+        if self.holds_labels:
+            return (Kind.TRAIN, Kind.EVALUATE, Kind.PREDICT)
+        return (Kind.EVALUATE, Kind.PREDICT)
+
+    def takes_labels(self, client_id: int) -> bool:
+        return self.holds_labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.segment.outputs[0].shape[-1] or 0)
+
+    def arrival_specs(self, kind, client_id: int) -> list:
+        return specs_of(self.segment.inputs)
+
+    def output_specs(self) -> list:
+        return specs_of(self.segment.outputs)
+
+    def pending(self, client_id: int) -> bool:
+        """True while a U-shaped step of `client_id` waits for its gradients."""
+        return client_id in self._open_steps
 
     def handle(self, message: Message) -> Message:
         """Answers one message."""

@@ -43,8 +43,7 @@ def _newest_client(trainer):
 
 def attach_privacy(trainer, config) -> None:
     """Gives every client of `trainer` the defenses of `config.privacy`."""
-    privacy = from_config(config)
-    if privacy is None:
+    if from_config(config) is None:
         return
     clients = clients_of(trainer)
     if not clients:
@@ -53,7 +52,9 @@ def attach_privacy(trainer, config) -> None:
             f"{config.method!r} has none"
         )
     for client in clients:
-        client.privacy = privacy
+        # Each client's noise is its own (seeded by its id), as in a process
+        # of its own.
+        client.privacy = from_config(config, client.client_id)
 
 
 class Leakage:

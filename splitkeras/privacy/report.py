@@ -24,8 +24,8 @@ import os
 
 import tensorflow as tf
 
+from splitkeras import builders, experiment
 from splitkeras import data as data_lib
-from splitkeras import experiment
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.cut import cut
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack, save_grid
@@ -43,9 +43,7 @@ def settings(alphas, noises) -> list[dict]:
 
 def restore_client_segment(config, workdir, arrays):
     """The trained client segment of a single-client split run in `workdir`."""
-    segments = cut(
-        experiment.build_model(config, arrays), experiment.cut_layers(config)
-    )
+    segments = cut(builders.build_model(config, arrays), builders.cut_layers(config))
     directory = os.path.join(workdir, "checkpoints", "client_0")
     latest = tf.train.latest_checkpoint(directory)
     if latest is None:

@@ -3,6 +3,8 @@
 from splitkeras import distribute
 from splitkeras.cut import cut
 from splitkeras.objective import metric_names
+from splitkeras.schedules.base import Schedule
+from splitkeras.schedules.centralized import Centralized
 from splitkeras.schedules.fedavg import FedAvg
 from splitkeras.schedules.large_batch_sgd import LargeBatchSGD
 from splitkeras.schedules.multihop import MultiHop
@@ -13,11 +15,13 @@ from splitkeras.schedules.vertical import VerticalSplit, align, split_image_halv
 from splitkeras.transport.codec import codec_pair
 
 __all__ = [
+    "Centralized",
     "FedAvg",
     "LargeBatchSGD",
     "MultiHop",
     "MultiTask",
     "RoundRobin",
+    "Schedule",
     "SplitFed",
     "VerticalSplit",
     "align",
@@ -44,6 +48,14 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
         "codec": codec_pair(config),
         "run_eagerly": config.train.run_eagerly,
     }
+    if config.method == "centralized":
+        return Centralized(
+            build_model(),
+            make_optimizer(),
+            loss,
+            run_eagerly=config.train.run_eagerly,
+            **common,
+        )
     if config.topology == "vertical":
         segments = [cut(build_model(), at) for _ in range(k)]
         return VerticalSplit(

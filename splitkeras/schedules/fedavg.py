@@ -1,12 +1,13 @@
 """Federated averaging (McMahan et al. 2017), a baseline for split learning.
 
-Each round every client receives the global model, trains its own copy on its
-own data for `local_epochs` passes and sends the weights back; the server
-replaces the global weights with their average, weighted by the number of
-examples each client trained on. Every weight of the model is averaged,
-trainable or not (batch-norm moving statistics included); Dropout's seed
-states are not weights and stay with each copy. Weights travel as float32:
-`byte_counts` reports one model down and one model up per client per round.
+Each round every client trains its own copy of the whole model on its own
+data for `local_epochs` passes, starting from the global model, and sends
+its weights up with its example count (WEIGHTS); the server replaces the
+global weights with their average, weighted by examples, and every client
+fetches it (FETCH). Every weight is averaged, trainable or not (batch-norm
+moving statistics included); Dropout's seed states are not weights and stay
+with each copy. Weights travel as float32: `byte_counts` reports one model
+up and one model down per client per round.
 """
 
 from __future__ import annotations
@@ -14,31 +15,91 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
-from splitkeras.parties.segment_step import (
-    apply_gradients,
-    compiled,
-    regularization,
+from splitkeras.objective import Objective
+from splitkeras.parties.averager import Averager
+from splitkeras.parties.segment_step import apply_gradients, compiled, regularization
+from splitkeras.protocol import Kind
+from splitkeras.schedules.coordinator import Rounds
+from splitkeras.schedules.splitfed import interleave
+from splitkeras.schedules.whole_model import (
+    ModelClient,
+    WholeModelBaseline,
+    check_float_weights,
 )
-from splitkeras.schedules.whole_model import WholeModelBaseline
+from splitkeras.transport.counters import ByteCounters
+from splitkeras.transport.local import LocalTransport
 
-__all__ = ["FedAvg"]
+__all__ = ["FedAvg", "FedAvgClient"]
 
-_WIRE_BYTES = 4  # float32 per weight on the wire
+# FedAvg's clients send nothing but weights: count them as their traffic.
+WEIGHTS_AS_DATA = {Kind.WEIGHTS: "data", Kind.FETCH: "data"}
+
+
+class FedAvgClient(ModelClient):
+    """One FedAvg client: trains its copy, uploads it, fetches the average.
+
+    Local optimizer state does not persist across rounds, as in McMahan's
+    FedAvg: at the start of each round the optimizer's variables (step
+    count, momentum, Adam moments, ...) go back to their freshly built
+    values, which equals a new optimizer but keeps the traced step valid.
+    """
+
+    def __init__(
+        self,
+        client_id,
+        model,
+        optimizer,
+        objective,
+        link,
+        local_epochs=1,
+        jit_compile=False,
+    ):
+        super().__init__(client_id, model, optimizer, objective, link, jit_compile)
+        optimizer.build(model.trainable_weights)
+        self.local_epochs = local_epochs
+        self._fresh = [v.numpy() for v in optimizer.variables]
+        self.step = compiled(self._train_batch, jit_compile=jit_compile)
+
+    def _train_batch(self, x, y):
+        model = self.model
+        with tf.GradientTape() as tape:
+            loss = self.objective(y, model(x, training=True))
+            reg = regularization(model)
+            total = loss if reg is None else loss + reg
+        grads = tape.gradient(total, model.trainable_weights)
+        apply_gradients(self.optimizer, grads, model.trainable_weights)
+        return loss
+
+    def train(self, epoch: int, dataset):
+        """The round's local training: one yield per step; then WEIGHTS, END."""
+        rate = float(self.optimizer.learning_rate)  # this round's (runner)
+        for variable, value in zip(self.optimizer.variables, self._fresh):
+            variable.assign(value)
+        self.optimizer.learning_rate = rate
+        self.objective.reset(training=True)
+        examples = 0
+        for _ in range(self.local_epochs):
+            for x, y in dataset:
+                yield self.step(x, y)
+                examples += int(tf.nest.flatten(x)[0].shape[0])
+        weights = tuple(tf.identity(w) for w in self.model.weights)
+        self.link.request(
+            self._message(Kind.WEIGHTS, epoch, tensors=weights, count=examples)
+        )
+        self.end(epoch, examples)
+
+    def finish(self, epoch: int, test=None) -> None:
+        """Fetches the round's average; the evaluating client then reports."""
+        self.load(self.link.poll(self._message(Kind.FETCH, epoch)))
+        if test is not None:
+            self.report(epoch, test)
 
 
 class FedAvg(WholeModelBaseline):
-    """FedAvg over `num_clients` in-process clients.
-
-    Each client has its own model instance, optimizer and compiled train step,
-    built once and reused every round. Local optimizer state does not persist
-    across rounds, as in McMahan's FedAvg: at the start of each round the
-    client's optimizer variables (step count, momentum, Adam moments, ...) are
-    reset to the values they had when freshly built, which is the same as a
-    new `make_optimizer()` but keeps the traced step valid.
+    """FedAvg over `num_clients` clients and one averaging server, in one process.
 
     Args:
       build_model: zero-argument callable returning a fresh, built keras.Model
@@ -63,117 +124,65 @@ class FedAvg(WholeModelBaseline):
     ):
         _check_positive("num_clients", num_clients)
         _check_positive("local_epochs", local_epochs)
+        self.num_clients = num_clients
         self.local_epochs = local_epochs
         self.global_model = build_model()
-        self.local_models = [build_model() for _ in range(num_clients)]
-        self._weights = _averageable_weights(self.global_model)
-        self._local_weights = [m.weights for m in self.local_models]
-        for local in self._local_weights:
-            _check_same_shapes(self._weights, local)
-        self.optimizers = [make_optimizer() for _ in range(num_clients)]
-        for model, optimizer in zip(self.local_models, self.optimizers):
-            optimizer.build(model.trainable_weights)
-        self._fresh_optimizer_state = [
-            [v.numpy() for v in o.variables] for o in self.optimizers
-        ]
-        self._steps = [
-            compiled(self._local_step(m, o), jit_compile=jit_compile)
-            for m, o in zip(self.local_models, self.optimizers)
-        ]
-        self._model_bytes = _WIRE_BYTES * sum(_size(w) for w in self._weights)
-        self._init_baseline(num_clients, loss, metrics, jit_compile)
+        check_float_weights(self.global_model, "FedAvg")
+        self.server = Averager(num_clients, self.global_model.weights)
+        self.coordinator = Rounds(self.server, num_clients)
+        self.counters = ByteCounters.for_categories(("data",), num_clients)
+        link = LocalTransport(
+            self.coordinator,
+            num_clients,
+            counters=self.counters,
+            categories=WEIGHTS_AS_DATA,
+        )
+        self.programs = []
+        for k in range(num_clients):
+            model = build_model()
+            _check_same_shapes(self.global_model, model)
+            self.programs.append(
+                FedAvgClient(
+                    k,
+                    model,
+                    make_optimizer(),
+                    Objective(loss, metrics),
+                    link,
+                    local_epochs,
+                    jit_compile,
+                )
+            )
+        self._init_evaluation(loss, metrics, jit_compile)
 
     @property
     def served_model(self):
         return self.global_model
 
     @property
-    def num_clients(self) -> int:
-        return len(self.local_models)
+    def optimizers(self) -> list:
+        return [p.optimizer for p in self.programs]
 
-    def _local_step(self, model, optimizer):
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                loss = self.objective(y, model(x, training=True))
-                reg = regularization(model)
-                total = loss if reg is None else loss + reg
-            grads = tape.gradient(total, model.trainable_weights)
-            apply_gradients(optimizer, grads, model.trainable_weights)
+    @property
+    def _steps(self) -> list:
+        """Each client's compiled local step."""
+        return [p.step for p in self.programs]
 
-        return step
+    def round(self, epoch, client_datasets, test=None, skip=0):
+        datasets = self._check_count(client_datasets)
+        for program in self.programs:
+            program.begin(epoch, 0)
+        yield from interleave(
+            p.train(epoch, d) for p, d in zip(self.programs, datasets)
+        )
+        for k, program in enumerate(self.programs):
+            program.finish(epoch, test if k == 0 else None)
 
     def train_round(self, client_datasets) -> dict:
-        """One round: every client trains from the global weights, then average.
-
-        Args:
-          client_datasets: K `tf.data.Dataset`s of (x, y) batches, one per
-            client, in client order.
-
-        Returns:
-          The mean training loss and metrics over all clients' batches.
-
-        Raises:
-          ValueError: if there is not one dataset per client, or no client
-            has any example.
-        """
-        client_datasets = list(client_datasets)
-        if len(client_datasets) != self.num_clients:
-            raise ValueError(
-                f"got {len(client_datasets)} client datasets for "
-                f"{self.num_clients} clients; pass one per client"
-            )
-        self.objective.reset(training=True)
-        examples = [self._train_client(k, d) for k, d in enumerate(client_datasets)]
-        self._average(examples)
-        return self.objective.result(training=True)
-
-    def _train_client(self, k: int, dataset) -> int:
-        """Client k trains a copy of the global model; returns examples seen."""
-        for local, weight in zip(self._local_weights[k], self._weights):
-            local.assign(weight)
-        self.counters.add("bytes_down", k, self._model_bytes)
-        optimizer = self.optimizers[k]
-        rate = float(optimizer.learning_rate)  # this epoch's (learning_rate.py)
-        for variable, value in zip(optimizer.variables, self._fresh_optimizer_state[k]):
-            variable.assign(value)
-        optimizer.learning_rate = rate
-        seen = 0
-        for _ in range(self.local_epochs):
-            for x, y in dataset:
-                self._steps[k](x, y)
-                seen += int(tf.nest.flatten(x)[0].shape[0])
-        self.counters.add("bytes_up", k, self._model_bytes)
-        return seen
-
-    def _average(self, examples: list) -> None:
-        total = sum(examples)
-        if total == 0:
-            raise ValueError(
-                f"no client has any example this round (examples per client: "
-                f"{examples}); pass non-empty client datasets"
-            )
-        fractions = [n / total for n in examples]
-        for i, weight in enumerate(self._weights):
-            # Averaging the updates (not the weights) leaves a weight that no
-            # client changed, such as a frozen layer's, bit-identical.
-            update = tf.add_n(
-                [
-                    f * (local[i] - weight)
-                    for f, local in zip(fractions, self._local_weights)
-                ]
-            )
-            weight.assign_add(update)
-
-    def train_epoch(self, client_datasets) -> dict:
-        """One round per epoch (the experiment runner's interface)."""
-        return self.train_round(client_datasets)
+        """One round: every client trains from the global weights, then average."""
+        return self.train_epoch(client_datasets)
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
-        """The server's state: the global model (+ `extra`, e.g. a round counter).
-
-        Local models and optimizers are not saved: every round starts them
-        afresh from the global weights.
-        """
+        """The server's state: the global model (+ `extra`, e.g. a round counter)."""
         return party_checkpoint([self.global_model], **extra)
 
 
@@ -182,30 +191,11 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _averageable_weights(model) -> list:
-    weights = model.weights
-    if not weights:
-        raise ValueError(
-            f"model {model.name!r} from build_model has no weights; return a "
-            "built model (e.g. a functional model on keras.Input)"
-        )
-    other = [w.path for w in weights if not keras.backend.is_float_dtype(w.dtype)]
-    if other:
-        raise ValueError(
-            f"FedAvg averages weights, but {other} of model {model.name!r} are "
-            "not floating point"
-        )
-    return weights
-
-
-def _check_same_shapes(expected: list, got: list) -> None:
-    shapes, other = [tuple(w.shape) for w in expected], [tuple(w.shape) for w in got]
+def _check_same_shapes(expected, got) -> None:
+    shapes = [tuple(w.shape) for w in expected.weights]
+    other = [tuple(w.shape) for w in got.weights]
     if shapes != other:
         raise ValueError(
             "build_model returned models of different architectures: weight "
             f"shapes {shapes} and {other}; return the same model at every call"
         )
-
-
-def _size(weight) -> int:
-    return int(np.prod(weight.shape))

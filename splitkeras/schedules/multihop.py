@@ -28,6 +28,9 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.relay import Relay
 from splitkeras.parties.segment_step import compiled, optimizer_factory
+from splitkeras.protocol import Kind, Message
+from splitkeras.schedules.base import Schedule
+from splitkeras.schedules.coordinator import Rounds
 from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
@@ -55,7 +58,7 @@ def hop_segments(model: keras.Model, at: Sequence[str]) -> list[keras.Model]:
     return segments
 
 
-class MultiHop:
+class MultiHop(Schedule):
     """Client -> relay(s) -> server, each with its own segment and optimizer.
 
     Args:
@@ -95,8 +98,10 @@ class MultiHop:
         first, *middle, last = hop_segments(model, at)
         self.objective = Objective(loss, metrics)
         self.server = Server(last, make(), objective=self.objective)
+        self.coordinator = Rounds(self.server, 1)
+        self.num_clients = 1
         # Built from the server backwards: each party needs its link onward.
-        self.hops = [LocalTransport(self.server, 1, *as_pair(codec))]
+        self.hops = [LocalTransport(self.coordinator, 1, *as_pair(codec))]
         self.relays = []
         for segment in reversed(middle):
             relay = Relay(segment, make(), link=self.hops[0])
@@ -137,25 +142,23 @@ class MultiHop:
         """One training step on a batch; returns the server's loss."""
         return self._train_fn(x, y)
 
-    def train_epoch(self, dataset, progress=None) -> dict:
-        """Trains on every `(x, y)` batch; returns the epoch's mean metrics.
+    def round(self, epoch, client_datasets, test=None, skip=0):
+        """Round `epoch`: BEGIN (through every hop to the server), the steps,
+        END; with `test`, the evaluation and its REPORT."""
+        if isinstance(client_datasets, (list, tuple)) and len(client_datasets) == 1:
+            (client_datasets,) = client_datasets
+        self._control(Kind.BEGIN, epoch)
+        examples = 0
+        for x, y in client_datasets:
+            yield self._train_fn(x, y)
+            examples += int(tf.nest.flatten(x)[0].shape[0])
+        self._control(Kind.END, epoch, count=examples)
+        if test is not None:
+            self.evaluate(test)
+            self._control(Kind.REPORT, epoch)
 
-        Args:
-          dataset: an iterable of `(x, y)` batches, or a one-element list of
-            one (the client datasets `federation.run_schedule` passes).
-          progress: an optional `splitkeras.progress.Progress`, told the
-            global step after each batch.
-        """
-        if isinstance(dataset, (list, tuple)) and len(dataset) == 1:
-            (dataset,) = dataset
-        self.objective.reset(training=True)
-        for x, y in dataset:
-            self._train_fn(x, y)
-            if progress is not None:
-                step = int(self._step.numpy())
-                if progress.due(step):
-                    progress.report(step, self.objective.result(training=True))
-        return self.objective.result(training=True)
+    def _control(self, kind, epoch, **fields):
+        self.hops[0].poll(Message(kind, 0, round=epoch, **fields))
 
     def evaluate(self, dataset) -> dict:
         """Mean loss and metrics over `dataset`'s `(x, y)` batches."""
@@ -193,16 +196,16 @@ class MultiHop:
         The sender on each hop (the client on hop 0, relay i on hop i + 1)
         keeps that hop's byte counters.
         """
-        state = {"step": self._step, **extra}
+        state = {"multihop_step": self._step, **extra}
         senders = [self.client, *self.relays]
         out = {}
         for name, party in self.parties.items():
             counters = {}
             if party is not self.server:
                 counters = self.hops[senders.index(party)].counters_of(0)
+            if party is self.server:
+                counters = {
+                    "coordinator": tf.train.Checkpoint(**self.coordinator.trackables())
+                }
             out[name] = party.checkpoint(**state, **counters)
         return out
-
-    def resumed(self, epochs_done: int) -> None:
-        """Nothing to do after a restore: every party restores its own state."""
-        del epochs_done

@@ -30,10 +30,12 @@ from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.segment_step import compiled, optimizer_factory
 from splitkeras.protocol import Kind, Message
+from splitkeras.schedules.base import Schedule
+from splitkeras.schedules.coordinator import Rounds
 from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
-__all__ = ["MultiTask", "task_heads"]
+__all__ = ["MultiTask", "TaskClient", "task_heads"]
 
 
 def _inputs_used(inputs, output) -> list[int]:
@@ -114,7 +116,105 @@ def _metrics_per_task(metrics, num_tasks) -> list:
     return metrics
 
 
-class MultiTask:
+class TaskClient:
+    """The multi-task client's program: one forward, one message per head
+    (only the cut tensors it uses, only its task's labels), the heads'
+    gradients summed into one update; BEGIN, END and REPORT go to every head.
+
+    Args:
+      client: the `Client` party.
+      links: one link per head (in one process, or gRPC to each head).
+      used: per head, the positions of the cut tensors it uses.
+      run_eagerly / jit_compile: how the steps are compiled.
+    """
+
+    def __init__(self, client, links, used, run_eagerly=False, jit_compile=False):
+        self.client = client
+        self.links = list(links)
+        self._used = list(used)
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self._eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        steps = (self._train_step, self._evaluate_step, self._predict_step)
+        steps = [compiled(f, run_eagerly, jit_compile) for f in steps]
+        self.train_fn, self.evaluate_fn, self.predict_fn = steps
+        self.leakage = None
+
+    @property
+    def client_id(self) -> int:
+        return self.client.client_id
+
+    @property
+    def steps(self) -> int:
+        return int(self._step.numpy())
+
+    def _send(self, kind, step, cut_tensors, ys=None) -> list[Message]:
+        """Sends head i its cut tensors (and task i's labels); returns replies."""
+        replies = []
+        for i, (link, used) in enumerate(zip(self.links, self._used)):
+            request = Message(
+                kind=kind,
+                client_id=self.client.client_id,
+                step=step,
+                tensors=tuple(cut_tensors[j] for j in used),
+                labels=None if ys is None else ys[i],
+            )
+            replies.append(link.request(request))
+        return replies
+
+    def _summed_gradients(self, cut_tensors, replies) -> list:
+        total = [None] * len(cut_tensors)
+        for used, reply in zip(self._used, replies):
+            for j, grad in zip(used, reply.tensors):
+                total[j] = grad if total[j] is None else total[j] + grad
+        return [
+            tf.zeros_like(c) if g is None else g for c, g in zip(cut_tensors, total)
+        ]
+
+    def _train_step(self, x, ys):
+        forward = self.client.forward(x)
+        replies = self._send(Kind.TRAIN, self._step.assign_add(1), forward.cut, ys)
+        self.client.backward(forward, self._summed_gradients(forward.cut, replies))
+        return [r.loss for r in replies]
+
+    def _control(self, kind, epoch, **fields):
+        for link in self.links:
+            link.poll(Message(kind, self.client_id, self.steps, round=epoch, **fields))
+
+    def begin(self, epoch: int, batches: int):
+        self._control(Kind.BEGIN, epoch, count=batches)
+
+    def train(self, epoch: int, dataset):
+        """The round's steps on `(x, (y_0, ...))` batches; then END."""
+        examples = 0
+        for x, ys in dataset:
+            yield tf.add_n(list(self.train_fn(x, tuple(ys))))
+            examples += int(tf.nest.flatten(x)[0].shape[0])
+        self._control(Kind.END, epoch, count=examples)
+
+    def evaluate(self, dataset) -> None:
+        self._eval_step.assign(0)  # each pass numbers its batches from 1
+        for x, ys in dataset:
+            self.evaluate_fn(x, tuple(ys))
+
+    def finish(self, epoch: int, test=None) -> None:
+        """Sends the test batches to every head, which then gets a REPORT."""
+        if test is None:
+            return
+        self.evaluate(test)
+        figures = self.leakage(self.client) if self.leakage else {}
+        self._control(Kind.REPORT, epoch, metrics=figures)
+
+    def _evaluate_step(self, x, ys):
+        step = self._eval_step.assign_add(1)
+        replies = self._send(Kind.EVALUATE, step, self.client.infer(x), ys)
+        return [r.loss for r in replies]
+
+    def _predict_step(self, x):
+        replies = self._send(Kind.PREDICT, self._step, self.client.infer(x))
+        return [_unflat(r.tensors) for r in replies]
+
+
+class MultiTask(Schedule):
     """One client segment, one server head (party) per task.
 
     Args:
@@ -175,14 +275,21 @@ class MultiTask:
             for (head, _), objective in zip(heads, self.objectives)
         ]
         self._used = [used for _, used in heads]
-        self.links = [LocalTransport(h, 1, *as_pair(codec)) for h in self.heads]
+        # Each head coordinates its own rounds (it commits its own state).
+        self.coordinators = [Rounds(h, 1) for h in self.heads]
+        self.coordinator = self.coordinators[0]
+        self.num_clients = 1
+        self.links = [LocalTransport(c, 1, *as_pair(codec)) for c in self.coordinators]
         self.client = Client(segments.client, make(), client_id=0)
         for party in [self.client, *self.heads]:
             party.build_optimizer()
-        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        steps = (self._train_step, self._evaluate_step, self._predict_step)
-        steps = [compiled(f, run_eagerly, jit_compile) for f in steps]
-        self._train_fn, self._evaluate_fn, self._predict_fn = steps
+        self.program = TaskClient(
+            self.client, self.links, self._used, run_eagerly, jit_compile
+        )
+        self._step = self.program._step
+        self._train_fn = self.program.train_fn
+        self._evaluate_fn = self.program.evaluate_fn
+        self._predict_fn = self.program.predict_fn
 
     @property
     def optimizers(self) -> list:
@@ -192,43 +299,6 @@ class MultiTask:
     @property
     def num_tasks(self) -> int:
         return len(self.heads)
-
-    def _send(self, kind, step, cut_tensors, ys=None) -> list[Message]:
-        """Sends head i its cut tensors (and task i's labels); returns replies."""
-        replies = []
-        for i, (link, used) in enumerate(zip(self.links, self._used)):
-            request = Message(
-                kind=kind,
-                client_id=self.client.client_id,
-                step=step,
-                tensors=tuple(cut_tensors[j] for j in used),
-                labels=None if ys is None else ys[i],
-            )
-            replies.append(link.request(request))
-        return replies
-
-    def _summed_gradients(self, cut_tensors, replies) -> list:
-        total = [None] * len(cut_tensors)
-        for used, reply in zip(self._used, replies):
-            for j, grad in zip(used, reply.tensors):
-                total[j] = grad if total[j] is None else total[j] + grad
-        return [
-            tf.zeros_like(c) if g is None else g for c, g in zip(cut_tensors, total)
-        ]
-
-    def _train_step(self, x, ys):
-        forward = self.client.forward(x)
-        replies = self._send(Kind.TRAIN, self._step.assign_add(1), forward.cut, ys)
-        self.client.backward(forward, self._summed_gradients(forward.cut, replies))
-        return [r.loss for r in replies]
-
-    def _evaluate_step(self, x, ys):
-        replies = self._send(Kind.EVALUATE, self._step, self.client.infer(x), ys)
-        return [r.loss for r in replies]
-
-    def _predict_step(self, x):
-        replies = self._send(Kind.PREDICT, self._step, self.client.infer(x))
-        return [_unflat(r.tensors) for r in replies]
 
     def _labels(self, ys) -> tuple:
         ys = tuple(ys)
@@ -255,30 +325,34 @@ class MultiTask:
         results["loss"] = sum(results[f"task_{i}/loss"] for i in range(self.num_tasks))
         return results
 
-    def train_epoch(self, dataset, progress=None) -> dict:
-        """Trains on every `(x, (y_0, ..., y_H-1))` batch of `dataset`.
+    def round(self, epoch, client_datasets, test=None, skip=0):
+        """Round `epoch`: BEGIN with every head, the steps, END with every
+        head; with `test`, the evaluation, REPORTed to every head."""
+        if isinstance(client_datasets, (list, tuple)) and len(client_datasets) == 1:
+            (client_datasets,) = client_datasets
+        self.program.begin(epoch, 0)
+        yield from self.program.train(
+            epoch, ((x, self._labels(ys)) for x, ys in client_datasets)
+        )
+        if test is not None:
+            for objective in self.objectives:
+                objective.reset(training=False)
+            self.program.finish(epoch, test)
 
-        Args:
-          dataset: an iterable of batches, or a one-element list of one (the
-            client datasets `federation.run_schedule` passes).
-          progress: an optional `splitkeras.progress.Progress`, told the
-            global step after each batch.
-
-        Returns:
-          The epoch's mean metrics: "task_i/loss", "task_i/<metric>" per
-          task and "loss", the sum of the task losses.
-        """
-        if isinstance(dataset, (list, tuple)) and len(dataset) == 1:
-            (dataset,) = dataset
-        for objective in self.objectives:
-            objective.reset(training=True)
-        for x, ys in dataset:
-            self.train_step(x, ys)
-            if progress is not None:
-                step = int(self._step.numpy())
-                if progress.due(step):
-                    progress.report(step, self._results(training=True))
-        return self._results(training=True)
+    def round_logs(self, epoch) -> tuple:
+        """Every head's figures as "task_i/<name>", and "loss" (their sum)."""
+        combined = []
+        for part in (0, 1):
+            logs = {}
+            for i, coordinator in enumerate(self.coordinators):
+                for key, value in coordinator.logs[epoch][part].items():
+                    logs[f"task_{i}/{key}"] = value
+            if logs:
+                logs["loss"] = sum(
+                    logs[f"task_{i}/loss"] for i in range(self.num_tasks)
+                )
+            combined.append(logs)
+        return tuple(combined)
 
     def evaluate(self, dataset) -> dict:
         """Mean task losses and metrics over `(x, (y_0, ...))` batches.
@@ -318,20 +392,18 @@ class MultiTask:
 
         The client (the sender on every link) keeps the links' byte counters.
         """
-        state = {"step": self._step, **extra}
+        state = {"multitask_step": self._step, **extra}
         counters = {
             f"task_{i}_{key}": variable
             for i, link in enumerate(self.links)
             for key, variable in link.counters_of(0).items()
         }
         parties = {"client_0": self.client.checkpoint(**state, **counters)}
-        for i, head in enumerate(self.heads):
-            parties[f"head_{i}"] = head.checkpoint(**state)
+        for i, (head, coordinator) in enumerate(zip(self.heads, self.coordinators)):
+            parties[f"head_{i}"] = head.checkpoint(
+                **state, coordinator=tf.train.Checkpoint(**coordinator.trackables())
+            )
         return parties
-
-    def resumed(self, epochs_done: int) -> None:
-        """Nothing to do after a restore: every party restores its own state."""
-        del epochs_done
 
 
 def _unflat(tensors):

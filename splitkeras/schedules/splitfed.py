@@ -1,31 +1,29 @@
 """SplitFed: split learning with federated averaging (Thapa et al., AAAI 2022).
 
-Every round, K clients train "in parallel", each on its own shard with its own
+Every round, K clients train in parallel, each on its own shard with its own
 copy of the client segment (and, U-shaped, of the tail) and its own
-optimizer. In this in-process simulation they run one after another, but each
-starts the round from the same averaged weights and nothing one client does
-changes another's starting point. At the end of the round the fed server
-averages the client segments (FedAvg: weighted by the examples each client
-trained on that round) and every client receives the average. The main
-server comes in two versions:
+optimizer, from the weights all of them hold after the last round. Then
+each uploads its weights and example count to the fed server (WEIGHTS); once
+all have, it averages them (FedAvg: weighted by examples) and every client
+fetches the average (FETCH). The main server comes in two versions:
 
 - SFLV1 (`version=1`): one server-segment copy per client, each a `Server`
-  party with its own optimizer; client k talks only to copy k. At round end
-  the main server averages its copies with the same weighting and every copy
-  gets the average.
-- SFLV2 (`version=2`): one server segment, trained on the clients one after
-  the other (client 0's whole shard, then client 1's, ...); its optimizer
-  state carries on from client to client.
+  party with its own optimizer; client k talks only to copy k. Once every
+  client has ended the round, the main server averages its copies with the
+  same weighting and every copy gets the average.
+- SFLV2 (`version=2`): one server segment, trained on every client's steps
+  in turn: step 1 of client 0, step 1 of client 1, ..., step 2 of client 0,
+  ... (a client whose shard has run out drops out). Its optimizer state
+  carries on from step to step. The order is fixed, so clients compute in
+  parallel while the server keeps to it (over gRPC the host holds a step
+  until its turn).
 
 Averaged are all weights, trainable or not (batch-norm statistics included).
 Dropout seed states are not weights: each copy keeps its own. Optimizer
 states are not averaged and not reset: every party keeps its own across
 rounds (the paper averages weights only; keeping the state makes one client
-equal to centralized training). Client-segment weights travel as float32: each
-client sends its weights up and receives the average down once per round,
-counted apart from the activation and gradient bytes of the transport. The
-example count that travels with each upload (one integer) is not counted, as
-in the FedAvg baseline.
+equal to centralized training). Client weights travel as float32 (the
+weight codec), counted as aggregation bytes.
 """
 
 from __future__ import annotations
@@ -39,19 +37,246 @@ import tensorflow as tf
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
+from splitkeras.parties.averager import Averager, weight_specs, weighted_average
 from splitkeras.parties.segment_step import compiled
-from splitkeras.protocol import Message
+from splitkeras.protocol import Kind, Message, NotYet, Status
+from splitkeras.schedules.base import Schedule
+from splitkeras.schedules.coordinator import Rounds
 from splitkeras.transport.codec import as_pair
+from splitkeras.transport.counters import ByteCounters
 from splitkeras.transport.local import LocalTransport
 
-__all__ = ["FedServer", "ServerCopies", "SplitFed", "weighted_average"]
+__all__ = ["FedClient", "ServerCopies", "SplitFed", "interleave", "weighted_average"]
 
 VERSIONS = (1, 2)
-_WIRE_BYTES = 4  # client-segment weights travel as float32
 
 
-class SplitFed:
-    """SplitFed (SFLV1 or SFLV2) over K clients and one main server.
+def client_weights(client: Client) -> list:
+    """The weights a client shares for averaging: head (and tail) weights."""
+    tail = client.tail.weights if client.tail is not None else []
+    return list(client.segment.weights) + list(tail)
+
+
+class FedClient:
+    """One client's part of a SplitFed round, written against its links.
+
+    Args:
+      client: the `Client` party.
+      link: to the main server's coordinator (steps, BEGIN, END, REPORT).
+      fed_link: to the fed server (WEIGHTS, FETCH).
+      run_eagerly / jit_compile: how the steps are compiled.
+    """
+
+    def __init__(
+        self, client: Client, link, fed_link, run_eagerly=False, jit_compile=False
+    ):
+        self.client = client
+        self.link = link
+        self.fed_link = fed_link
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.train_fn = compiled(
+            lambda x, y: client.train_step(link, self._step.assign_add(1), x, y),
+            run_eagerly,
+            jit_compile,
+        )
+        self.eval_fn = compiled(
+            lambda x, y: client.evaluate_step(
+                link, self._eval_step.assign_add(1), x, y
+            ),
+            run_eagerly,
+            jit_compile,
+        )
+        self.leakage = None
+
+    @property
+    def client_id(self) -> int:
+        return self.client.client_id
+
+    def _message(self, kind, epoch, **fields) -> Message:
+        return Message(
+            kind, self.client_id, int(self._step.numpy()), round=epoch, **fields
+        )
+
+    def begin(self, epoch: int, batches: int) -> Status:
+        """Begins round `epoch` (waits for the last one to end), saying how
+        many batches this client trains in it."""
+        return self.link.poll(self._message(Kind.BEGIN, epoch, count=batches)).status
+
+    def train(self, epoch: int, dataset):
+        """Round `epoch`'s local half, once begun: one yield per step; then
+        WEIGHTS to the fed server and END."""
+        objective = self.client.objective
+        if objective is not None:
+            objective.reset(training=True)
+        examples = 0
+        for x, y in dataset:
+            loss = self.train_fn(x, y)
+            examples += int(tf.nest.flatten(x)[0].shape[0])
+            yield loss
+        weights = tuple(tf.identity(w) for w in client_weights(self.client))
+        self.fed_link.request(
+            self._message(Kind.WEIGHTS, epoch, tensors=weights, count=examples)
+        )
+        metrics = {}
+        if objective is not None:
+            metrics = {k: float(v) for k, v in objective.result(training=True).items()}
+        self.link.request(
+            self._message(Kind.END, epoch, count=examples, metrics=metrics)
+        )
+
+    def finish(self, epoch: int, test=None) -> None:
+        """Round `epoch`'s end: fetch the average (after every upload); the
+        evaluating client (`test` given) then evaluates and REPORTs."""
+        average = self.fed_link.poll(self._message(Kind.FETCH, epoch))
+        for variable, value in zip(client_weights(self.client), average.tensors):
+            variable.assign(value)
+        if test is not None:
+            figures = self.evaluate(test)
+            self.link.poll(self._message(Kind.REPORT, epoch, metrics=figures))
+
+    def evaluate(self, dataset) -> dict:
+        """Sends `dataset` for evaluation; the figures this client holds."""
+        objective = self.client.objective
+        if objective is not None:
+            objective.reset(training=False)
+        self._eval_step.assign(0)
+        for x, y in dataset:
+            self.eval_fn(x, y)
+        figures = {}
+        if objective is not None:
+            figures = {k: float(v) for k, v in objective.result(training=False).items()}
+        if self.leakage is not None:
+            figures.update(self.leakage(self.client))
+        return figures
+
+
+class ServerCopies:
+    """SFLV1's main server: one `Server` per client, addressed by client id.
+
+    The copies share one objective, so the round's training figures are
+    those of every client's examples together.
+    """
+
+    per_client = True  # a host compiles each copy's step apart
+
+    def __init__(self, copies: Sequence[Server]):
+        self.copies = list(copies)
+
+    @property
+    def objective(self):
+        return self.copies[0].objective
+
+    def handle(self, message: Message) -> Message:
+        """Client k's message goes to copy k."""
+        return self.copies[message.client_id].handle(message)
+
+    def average(self, round_index: int, examples: dict) -> None:
+        """Every copy gets the copies' weights averaged, weighted by the
+        examples each client trained on in round `round_index`."""
+        del round_index
+        counts = [examples.get(k, 0) for k in range(len(self.copies))]
+        weights = [c.segment.weights for c in self.copies]
+        average = weighted_average(weights, counts)
+        for copy_weights in weights:
+            for variable, value in zip(copy_weights, average):
+                variable.assign(value)
+
+    def __getattr__(self, name):
+        # A host's questions (specs, labels, compiled kinds) are copy 0's.
+        if name.startswith("_") or name == "copies":
+            raise AttributeError(name)
+        return getattr(self.copies[0], name)
+
+    def pending(self, client_id: int) -> bool:
+        return self.copies[client_id].pending(client_id)
+
+
+class OrderedServer:
+    """SFLV2's main server: one `Server`, taking steps in a fixed order.
+
+    Step s of client k comes after step s of every client before k and
+    after step s-1 of every client; a client with fewer batches drops out
+    when they run out (each client says its batch count at BEGIN). In one
+    process the schedule runs the steps in that order; a host holds a step
+    that comes early (`NotYet`) until its turn.
+    """
+
+    def __init__(self, server: Server, num_clients: int):
+        self.server = server
+        self.num_clients = num_clients
+        self.batches = {}  # client -> batches this round (from BEGIN)
+        self.done = {}  # client -> steps applied this round
+
+    def start_round(self) -> None:
+        self.batches, self.done = {}, {}
+
+    def begun(self, client_id: int, batches: int) -> None:
+        self.batches[client_id] = int(batches)
+
+    def rolled_back(self) -> None:
+        self.start_round()
+
+    def handle(self, message: Message) -> Message:
+        # Traced into a host's compiled step, the order is kept by the host,
+        # which calls `admit` and `applied` around it.
+        eager = not tf.inside_function()
+        if eager:
+            self.admit(message)
+        reply = self.server.handle(message)
+        if eager:
+            self.applied(message, reply)
+        return reply
+
+    def admit(self, message: Message) -> None:
+        """Raises `NotYet` if the step comes before its turn."""
+        if message.kind in (Kind.TRAIN, Kind.OUTPUT_GRADIENTS) and self.batches:
+            if len(self.batches) < self.num_clients:
+                raise NotYet("every client must begin the round first")
+            self._wait_for_turn(message.client_id, message.kind)
+
+    def applied(self, message: Message, reply: Message) -> None:
+        """Counts a finished step."""
+        finished = message.kind == Kind.OUTPUT_GRADIENTS or (
+            message.kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS
+        )
+        if finished and self.batches:
+            k = message.client_id
+            self.done[k] = self.done.get(k, 0) + 1
+
+    def _wait_for_turn(self, k, kind) -> None:
+        if kind == Kind.OUTPUT_GRADIENTS:
+            return  # completes the step its TRAIN began in turn
+        step = self.done.get(k, 0)
+        for j in range(self.num_clients):
+            behind = step + (1 if j < k else 0)
+            if self.done.get(j, 0) < min(behind, self.batches.get(j, 0)):
+                raise NotYet(f"client {j}'s step {behind} comes before")
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "server":
+            raise AttributeError(name)
+        return getattr(self.server, name)
+
+
+def interleave(generators):
+    """Runs generators step by step in turn (0, 1, ..., 0, 1, ...), yielding
+    what they yield; finished ones drop out. Returns their return values."""
+    generators = list(generators)
+    results = [None] * len(generators)
+    live = list(range(len(generators)))
+    while live:
+        for i in list(live):
+            try:
+                yield next(generators[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                live.remove(i)
+    return results
+
+
+class SplitFed(Schedule):
+    """SplitFed (SFLV1 or SFLV2) over K clients, a main server and a fed server.
 
     Args:
       build_model: zero-argument callable returning the uncut model with the
@@ -63,7 +288,7 @@ class SplitFed:
       loss: a Keras loss for the label holder(s).
       metrics: metric names for the label holder(s).
       version: 1 (a server copy per client, averaged) or 2 (one server,
-        trained on the clients in turn).
+        trained on the clients' steps in turn).
       codec: wire codec of the transport: one name (activations and
         gradients) or an (activations, gradients) pair.
       run_eagerly: do not compile steps, for debugging.
@@ -95,6 +320,7 @@ class SplitFed:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.version = version
+        self.num_clients = num_clients
         segments = [cut(build_model(), at) for _ in range(num_clients)]
         self.ushaped = segments[0].ushaped
         self.clients, self.servers = self._parties(
@@ -102,17 +328,32 @@ class SplitFed:
         )
         _check_same_start([client_weights(c) for c in self.clients], "client")
         _check_same_start([s.segment.weights for s in self.servers], "server")
-        # What the transport talks to: SFLV1's copies, or SFLV2's one server.
-        self.server = ServerCopies(self.servers) if version == 1 else self.servers[0]
-        self.transport = LocalTransport(self.server, num_clients, *as_pair(codec))
-        self.fed_server = FedServer(num_clients)
-        self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._train_fns = [
-            self._compile(c.train_step, run_eagerly, jit_compile) for c in self.clients
-        ]
-        self._evaluate_fn = self._compile(
-            self.clients[0].evaluate_step, run_eagerly, jit_compile
+        # What the coordinator hands steps to: SFLV1's copies, SFLV2's server.
+        if version == 1:
+            self.server = ServerCopies(self.servers)
+        else:
+            self.server = OrderedServer(self.servers[0], num_clients)
+        self.coordinator = Rounds(
+            self.server,
+            num_clients,
+            on_trained=self.server.average if version == 1 else None,
         )
+        self.fed_server = Averager(
+            num_clients, weight_specs(client_weights(self.clients[0]))
+        )
+        self.counters = ByteCounters.for_categories(
+            ("data", "aggregation"), num_clients
+        )
+        self.transport = LocalTransport(
+            self.coordinator, num_clients, *as_pair(codec), counters=self.counters
+        )
+        self.fed_link = LocalTransport(
+            self.fed_server, num_clients, counters=self.counters
+        )
+        self.programs = [
+            FedClient(c, self.transport, self.fed_link, run_eagerly, jit_compile)
+            for c in self.clients
+        ]
 
     @property
     def optimizers(self) -> list:
@@ -121,260 +362,124 @@ class SplitFed:
 
     def _parties(self, segments, make_optimizer, loss, metrics):
         """The clients, and the server copies (one per client in SFLV1)."""
-
-        def objective(label_holder):
-            return Objective(loss, metrics) if label_holder else None
-
+        shared = None if self.ushaped else Objective(loss, metrics)
         clients = [
-            Client(s.client, make_optimizer(), k, s.tail, objective(self.ushaped))
+            Client(
+                s.client,
+                make_optimizer(),
+                k,
+                s.tail,
+                Objective(loss, metrics) if self.ushaped else None,
+            )
             for k, s in enumerate(segments)
         ]
         copies = len(segments) if self.version == 1 else 1
         servers = [
-            Server(s.server, make_optimizer(), objective(not self.ushaped))
-            for s in segments[:copies]
+            Server(s.server, make_optimizer(), shared) for s in segments[:copies]
         ]
         for party in [*clients, *servers]:
             party.build_optimizer()
         return clients, servers
 
-    @property
-    def num_clients(self) -> int:
-        return len(self.clients)
-
-    def _compile(self, step, run_eagerly, jit_compile):
-        def run(x, y):
-            return step(self.transport, self._step.assign_add(1), x, y)
-
-        return compiled(run, run_eagerly, jit_compile)
-
-    def _label_holder(self, k) -> Objective:
-        if self.ushaped:
-            return self.clients[k].objective
-        return self.servers[k if self.version == 1 else 0].objective
-
-    def _holders(self) -> list:
-        if self.ushaped:
-            return [c.objective for c in self.clients]
-        return [s.objective for s in self.servers]
-
-    def train_epoch(self, client_datasets) -> dict:
-        """One round: every client trains on its shard, then the averaging.
-
-        Args:
-          client_datasets: K datasets of (x, y) batches, one per client, in
-            client order.
-
-        Returns:
-          The training loss and metrics over all clients' examples.
-
-        Raises:
-          ValueError: if there is not one dataset per client, or no client has
-            any example.
-        """
-        holders = self._holders()
-        for objective in holders:
-            objective.reset(training=True)
-        examples = self.train_clients(client_datasets)
-        self.aggregate(examples)
-        counts = examples if len(holders) == len(examples) else [sum(examples)]
-        return _weighted_mean([o.result(training=True) for o in holders], counts)
+    def round(self, epoch, client_datasets, test=None, skip=0):
+        datasets = self._check_count(client_datasets)
+        for program, dataset in zip(self.programs, datasets):
+            program.begin(epoch, _batches(dataset))
+        yield from interleave(
+            p.train(epoch, d) for p, d in zip(self.programs, datasets)
+        )
+        for k, program in enumerate(self.programs):
+            program.finish(epoch, test if k == 0 else None)
 
     def train_clients(self, client_datasets) -> list[int]:
-        """The local half of a round (no averaging); returns examples per client.
-
-        Each client trains from the weights it holds: after `aggregate`, the
-        same average for every client.
-        """
-        client_datasets = list(client_datasets)
-        if len(client_datasets) != self.num_clients:
-            raise ValueError(
-                f"got {len(client_datasets)} client datasets for "
-                f"{self.num_clients} clients; pass one per client"
-            )
-        return [self._train_client(k, d) for k, d in enumerate(client_datasets)]
-
-    def _train_client(self, k: int, dataset) -> int:
-        step, seen = self._train_fns[k], 0
-        for x, y in dataset:
-            step(x, y)
-            seen += int(tf.nest.flatten(x)[0].shape[0])
-        return seen
-
-    def aggregate(self, examples: Sequence[int]) -> None:
-        """The averaging half of a round, weighted by `examples` per client.
-
-        The fed server averages the client segments (weights up, average
-        down); in SFLV1 the main server also averages its copies.
-        """
-        if sum(examples) == 0:
-            raise ValueError(
-                f"no client has any example this round (examples per client: "
-                f"{list(examples)}); pass non-empty client datasets"
-            )
-        for client, n in zip(self.clients, examples):
-            self.fed_server.upload(client.client_id, client_weights(client), n)
-        self.fed_server.average()
-        for client in self.clients:
-            _assign(client_weights(client), self.fed_server.download(client.client_id))
-        if self.version == 1:
-            self.server.average(examples)
+        """The local half of a round alone (no averaging); returns examples
+        per client. Each client trains from the weights it holds."""
+        datasets = self._check_count(client_datasets)
+        epoch = self.epoch
+        examples = []
+        for program in self.programs[: len(datasets)]:
+            program.fed_link = _Discard()
+            program.link = _NoOrchestration(self.transport)
+        try:
+            for _ in interleave(
+                p.train(epoch, d) for p, d in zip(self.programs, datasets)
+            ):
+                pass
+        finally:
+            for program in self.programs:
+                examples.append(program.fed_link.count)
+                program.fed_link, program.link = self.fed_link, self.transport
+        return examples
 
     def evaluate(self, dataset) -> dict:
         """Evaluates client 0 (the averaged client segment) with its server.
 
         In SFLV1 that is server copy 0, which holds the average after a round.
         """
-        objective = self._label_holder(0)
-        objective.reset(training=False)
-        for x, y in dataset:
-            self._evaluate_fn(x, y)
-        return objective.result(training=False)
+        objective = self.server.objective
+        if objective is not None:
+            objective.reset(training=False)
+        figures = self.programs[0].evaluate(dataset)
+        if objective is not None:
+            figures.update(objective.result(training=False))
+        return figures
 
     def byte_counts(self) -> dict:
         """Per-client bytes: activations up, gradients down, and aggregation."""
-        return {**self.transport.byte_counts(), **self.fed_server.byte_counts()}
+        return self.counters.as_dict()
 
     def checkpoints(self, **extra) -> dict:
         """One checkpoint per party: each client's own state, the server's.
 
         A client's checkpoint holds its segments, optimizer and byte counters;
         the server's holds its segment and optimizer (SFLV1: every copy's,
-        as `copy_k`).
+        as `copy_k`), the round position and the fed server's average.
         """
         parties = {
             f"client_{c.client_id}": c.checkpoint(
-                **extra,
-                **self.transport.counters_of(c.client_id),
-                **self.fed_server.counters_of(c.client_id),
+                **extra, **self.counters.of(c.client_id)
             )
             for c in self.clients
         }
-        if self.version == 1:
-            copies = {f"copy_{k}": s.checkpoint() for k, s in enumerate(self.servers)}
-            parties["server"] = tf.train.Checkpoint(**copies, **extra)
-        else:
-            parties["server"] = self.servers[0].checkpoint(**extra)
+        copies = {f"copy_{k}": s.checkpoint() for k, s in enumerate(self.servers)}
+        parties["server"] = tf.train.Checkpoint(
+            **copies,
+            **extra,
+            coordinator=tf.train.Checkpoint(**self.coordinator.trackables()),
+            fed=tf.train.Checkpoint(**self.fed_server.trackables()),
+        )
         return parties
 
-    def resumed(self, epochs_done: int) -> None:
-        """After a restore: nothing to redo.
 
-        Every round ends with all clients (and SFLV1 server copies) holding
-        the average, which is what the checkpoints restore.
-        """
-        del epochs_done
+class _Discard:
+    """A fed link that takes the upload and keeps only its example count."""
 
+    count = 0
 
-class ServerCopies:
-    """SFLV1's main server: one `Server` per client, addressed by client id."""
-
-    def __init__(self, copies: Sequence[Server]):
-        self.copies = list(copies)
-
-    def handle(self, message: Message) -> Message:
-        """Client k's message goes to copy k."""
-        return self.copies[message.client_id].handle(message)
-
-    def average(self, examples: Sequence[int]) -> None:
-        """Every copy gets the copies' weights averaged, weighted by `examples`."""
-        weights = [c.segment.weights for c in self.copies]
-        average = weighted_average(weights, examples)
-        for copy_weights in weights:
-            _assign(copy_weights, average)
+    def request(self, message):
+        self.count = int(message.count)
+        return Message(Kind.ACK, message.client_id)
 
 
-class FedServer:
-    """Averages the clients' segment weights; it sees nothing else.
+class _NoOrchestration:
+    """The steps' link, with BEGIN and END answered without a coordinator."""
 
-    Each client uploads its weights (float32) with the number of examples it
-    trained on this round, and downloads the weighted average. Bytes are
-    counted per client, as variables so that checkpoints keep them.
+    def __init__(self, transport):
+        self.transport = transport
 
-    Args:
-      num_clients: the number of clients.
-    """
+    def request(self, message):
+        if message.kind in (Kind.BEGIN, Kind.END):
+            return Message(message.kind, message.client_id, round=message.round)
+        return self.transport.request(message)
 
-    def __init__(self, num_clients: int):
-        def counter():
-            return tf.Variable(0, dtype=tf.int64, trainable=False)
-
-        self.sent = [counter() for _ in range(num_clients)]
-        self.received = [counter() for _ in range(num_clients)]
-        self._uploads = {}
-        self._average = None
-
-    def upload(self, client_id: int, weights, examples: int) -> None:
-        """Client `client_id` sends its weights and example count."""
-        arrays = [np.asarray(w, np.float32) for w in weights]
-        self._uploads[client_id] = (arrays, examples)
-        self.sent[client_id].assign_add(_nbytes(arrays))
-
-    def average(self) -> None:
-        """Averages this round's uploads (weighted by examples)."""
-        ids = sorted(self._uploads)
-        uploads = [self._uploads.pop(k) for k in ids]
-        self._average = weighted_average(
-            [w for w, _ in uploads], [n for _, n in uploads]
-        )
-
-    def download(self, client_id: int) -> list[np.ndarray]:
-        """Client `client_id` receives the average."""
-        if self._average is None:
-            raise ValueError("the fed server has no average yet: call average()")
-        self.received[client_id].assign_add(_nbytes(self._average))
-        return self._average
-
-    def counters_of(self, client_id: int) -> dict:
-        """One client's aggregation counters (variables), for its checkpoint."""
-        return {
-            "aggregation_bytes_sent": self.sent[client_id],
-            "aggregation_bytes_received": self.received[client_id],
-        }
-
-    def byte_counts(self) -> dict:
-        return {
-            "aggregation_bytes_sent": [int(v.numpy()) for v in self.sent],
-            "aggregation_bytes_received": [int(v.numpy()) for v in self.received],
-        }
+    poll = request
 
 
-def client_weights(client: Client) -> list:
-    """The weights a client shares for averaging: head (and tail) weights."""
-    tail = client.tail.weights if client.tail is not None else []
-    return list(client.segment.weights) + list(tail)
-
-
-def weighted_average(weight_lists, examples: Sequence[int]) -> list[np.ndarray]:
-    """Per weight, sum_k n_k w_k / sum_k n_k, accumulated in float64.
-
-    Args:
-      weight_lists: per party, its weights (arrays or variables), in the same
-        order and shapes for every party.
-      examples: n_k per party.
-
-    Returns:
-      The averaged weights, in the parties' dtypes. A weight that every party
-      holds with the same value comes back bit-identical.
-    """
-    total = sum(examples)
-    average = []
-    for i, first in enumerate(weight_lists[0]):
-        acc = np.zeros(tuple(first.shape), np.float64)
-        for weights, n in zip(weight_lists, examples):
-            if n:
-                acc += n * np.asarray(weights[i], np.float64)
-        average.append((acc / total).astype(np.dtype(first.dtype)))
-    return average
-
-
-def _assign(variables, values) -> None:
-    for variable, value in zip(variables, values):
-        variable.assign(value)
-
-
-def _nbytes(arrays) -> int:
-    return _WIRE_BYTES * sum(int(a.size) for a in arrays)
+def _batches(dataset) -> int:
+    n = int(dataset.cardinality())
+    if n < 0:
+        n = sum(1 for _ in dataset)
+    return n
 
 
 def _check_same_start(weight_lists, party: str) -> None:
@@ -393,13 +498,3 @@ def _check_same_start(weight_lists, party: str) -> None:
                     f"than copy 0 (first difference: {b.path}); seed it inside "
                     "build_model so that every call returns the same model"
                 )
-
-
-def _weighted_mean(results: list, counts: list) -> dict:
-    total = sum(counts)
-    if total == 0:
-        return results[0]
-    return {
-        key: sum(n * r[key] for r, n in zip(results, counts)) / total
-        for key in results[0]
-    }

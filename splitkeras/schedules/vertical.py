@@ -2,22 +2,22 @@
 
 K clients hold different features (or modalities) of the same samples. Each
 client runs its own segment on its features and sends the cut tensor ``a_k``
-with the batch's sample ids. The server checks that all clients sent the same
-ids in the same order, merges the cut tensors ("concat" along the last axis,
-"sum" or "mean"), runs its segment and the loss, updates its own weights and
-returns to each client the gradient of the loss with respect to that client's
-own ``a_k``. One designated client (the label owner) sends the labels, as in
-vanilla split learning; the others send only cut tensors and ids.
+with the batch's row numbers; the server (`parties.VerticalServer`) merges
+the cut tensors, runs its segment and the loss, and returns each client the
+gradient of its own ``a_k``. One designated client (the label owner) sends
+the labels, as in vanilla split learning; the others send only cut tensors
+and row numbers.
 
-```
-client k: x_k ──segment_k──► a_k ─┐ (+ ids_k; + y from the label owner)
-server:        merge(a_0..a_K-1) ──segment──► logits, loss(y)
-server:        dL/da_k ─► client k: tape.gradient(a_k, vars_k, dL/da_k)
-```
+The parties first agree on the samples they all hold, without showing each
+other any id outside the intersection (`schedules.alignment`, a private set
+intersection); each batch then names rows of that aligned order, never ids.
 
-Every message goes through the in-process transport, which encodes it with the
-codec and counts its bytes per client and direction; the whole step compiles
-into one `tf.function`.
+A client in a process of its own runs `schedules.round_client.RoundClient`
+(BEGIN, one `Client.train_step` per batch, END); `VerticalSplit` runs the K
+clients and
+the server in one process, each step fused into one graph: the K forwards,
+the transport (which encodes with the codec and counts bytes per client and
+direction), the server and the K backwards.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ import tensorflow as tf
 
 from splitkeras.objective import Objective
 from splitkeras.parties.client import Client
-from splitkeras.parties.segment_party import SegmentParty
-from splitkeras.parties.segment_step import (
-    apply_gradients,
-    compiled,
-    optimizer_factory,
-    regularization,
+from splitkeras.parties.segment_step import compiled, optimizer_factory, specs_of
+from splitkeras.parties.vertical_server import (
+    MERGES,
+    VerticalServer,
+    alignment_checks,
+    merge_cut_tensors,
 )
-from splitkeras.protocol import Kind, Message, flat
+from splitkeras.protocol import Kind, Message
+from splitkeras.schedules.base import Schedule
+from splitkeras.schedules.coordinator import Rounds
 from splitkeras.transport.codec import as_pair
 from splitkeras.transport.local import LocalTransport
 
@@ -47,214 +49,8 @@ __all__ = [
     "split_image_halves",
 ]
 
-MERGES = ("concat", "sum", "mean")
-_REQUESTS = (Kind.TRAIN, Kind.EVALUATE, Kind.PREDICT)
 
-
-def merge_cut_tensors(tensors, merge: str) -> tf.Tensor:
-    """Merges the clients' cut tensors (in client order) into one tensor."""
-    if merge == "concat":
-        return tf.concat(list(tensors), axis=-1)
-    total = tf.add_n(list(tensors))
-    return total if merge == "sum" else total / len(tensors)
-
-
-class VerticalServer(SegmentParty):
-    """The server of a vertical split: merges K clients' cut tensors.
-
-    Args:
-      segment: the server segment (merged cut tensor -> logits).
-      optimizer: the server's own optimizer.
-      objective: the loss and running metrics (`splitkeras.objective`).
-      num_clients: K, the number of clients that send a message each step.
-      merge: how the cut tensors are merged: "concat", "sum" or "mean".
-      label_client: the client whose messages carry the labels.
-    """
-
-    def __init__(
-        self, segment, optimizer, objective, num_clients, merge="concat", label_client=0
-    ):
-        if merge not in MERGES:
-            raise ValueError(f"unknown merge {merge!r}; choose one of {MERGES}")
-        if not 0 <= label_client < num_clients:
-            raise ValueError(
-                f"label_client={label_client} is not one of the {num_clients} "
-                f"clients (0..{num_clients - 1})"
-            )
-        self.segment = segment
-        self.optimizer = optimizer
-        self.objective = objective
-        self.num_clients = num_clients
-        self.merge = merge
-        self.label_client = label_client
-        # False when the schedule runs `alignment_checks` itself, outside an
-        # XLA-compiled step (XLA cannot compile their formatted messages).
-        self.checks_alignment = True
-
-    def handle_batch(self, messages: list[Message]) -> list[Message]:
-        """Answers one step's messages, one per client, with one reply each.
-
-        Args:
-          messages: one TRAIN, EVALUATE or PREDICT message from each client,
-            all for the same step and the same sample ids.
-
-        Returns:
-          The replies in client-id order: GRADIENTS (TRAIN; the label owner's
-          also carries the loss), ACK (EVALUATE; the label owner's carries the
-          loss) or, for PREDICT, SERVER_OUTPUT to the label owner and an empty
-          ACK to the others.
-
-        Raises:
-          ValueError: the messages are not one per client of one kind, a cut
-            tensor is missing, or labels come from the wrong client.
-          tf.errors.InvalidArgumentError: (when the step runs) the clients'
-            sample ids or steps differ; the message names the first
-            mismatching position and the two ids.
-        """
-        messages = self._validate(messages)
-        checks = _alignment_checks(messages) if self.checks_alignment else []
-        with tf.control_dependencies(checks):
-            cuts = [tf.identity(m.tensors[0]) for m in messages]
-        kind = messages[0].kind
-        if kind == Kind.TRAIN:
-            return self._train(messages, cuts)
-        outputs = self.segment(merge_cut_tensors(cuts, self.merge), training=False)
-        owner = messages[self.label_client]
-        if kind == Kind.EVALUATE:
-            loss = self.objective(owner.labels, outputs, owner.sample_weight, False)
-            return self._replies(messages, Kind.ACK, [()] * len(messages), loss)
-        tensors = [()] * len(messages)
-        tensors[self.label_client] = flat(outputs)
-        kinds = [Kind.ACK] * len(messages)
-        kinds[self.label_client] = Kind.SERVER_OUTPUT
-        return self._replies(messages, kinds, tensors, None)
-
-    def _train(self, messages, cuts):
-        owner = messages[self.label_client]
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            tape.watch(cuts)
-            y_pred = self.segment(merge_cut_tensors(cuts, self.merge), training=True)
-            loss = self.objective(owner.labels, y_pred, owner.sample_weight, True)
-            reg = regularization(self.segment)
-            total = loss if reg is None else loss + reg
-        grads = tape.gradient(total, cuts + variables)
-        apply_gradients(self.optimizer, grads[len(cuts) :], variables)
-        cut_grads = [
-            (tf.zeros_like(c) if g is None else g,) for c, g in zip(cuts, grads)
-        ]
-        return self._replies(messages, Kind.GRADIENTS, cut_grads, loss)
-
-    def _validate(self, messages):
-        ids = sorted(m.client_id for m in messages)
-        if ids != list(range(self.num_clients)):
-            raise ValueError(
-                f"expected one message from each of clients 0..{self.num_clients - 1}"
-                f", got messages from clients {ids}"
-            )
-        messages = sorted(messages, key=lambda m: m.client_id)
-        kinds = {m.kind for m in messages}
-        if len(kinds) != 1 or not kinds <= set(_REQUESTS):
-            names = sorted(k.name for k in kinds)
-            raise ValueError(
-                f"a vertical step needs one kind of request (TRAIN, EVALUATE or "
-                f"PREDICT) from every client; got {names}"
-            )
-        for m in messages:
-            self._validate_one(m)
-        return messages
-
-    def _validate_one(self, m):
-        if len(m.tensors) != 1:
-            raise ValueError(
-                f"client {m.client_id} sent {len(m.tensors)} cut tensors; a "
-                "vertical client segment must have exactly one output"
-            )
-        if m.ids is None:
-            raise ValueError(
-                f"client {m.client_id} sent no sample ids; vertical split "
-                "learning aligns the clients' rows by id (Message.ids)"
-            )
-        owner = m.client_id == self.label_client
-        if not owner and (m.labels is not None or m.sample_weight is not None):
-            raise ValueError(
-                f"client {m.client_id} sent labels, but only the label owner "
-                f"(client {self.label_client}) may send them"
-            )
-        if owner and m.kind != Kind.PREDICT and m.labels is None:
-            raise ValueError(
-                f"{m.kind.name} message from the label owner (client "
-                f"{m.client_id}) has no labels; the server needs them for the loss"
-            )
-
-    def _replies(self, messages, kinds, tensors, loss):
-        kinds = kinds if isinstance(kinds, list) else [kinds] * len(messages)
-        return [
-            Message(
-                kind=kind,
-                client_id=m.client_id,
-                step=m.step,
-                tensors=tuple(t),
-                # The loss is label information: only the label owner gets it.
-                loss=loss if m.client_id == self.label_client else None,
-            )
-            for m, kind, t in zip(messages, kinds, tensors)
-        ]
-
-
-def _alignment_checks(messages) -> list:
-    """Assert ops: every client's ids and step equal client 0's."""
-    first = messages[0]
-    checks = []
-    for m in messages[1:]:
-        checks.append(
-            tf.debugging.assert_equal(
-                m.step,
-                first.step,
-                message=f"client {m.client_id} and client {first.client_id} "
-                "sent messages for different steps",
-            )
-        )
-        checks.append(_assert_same_ids(first, m))
-    return [c for c in checks if c is not None]
-
-
-def _assert_same_ids(first, other):
-    """Fails naming the first position where `other`'s ids differ from `first`'s.
-
-    `tf.debugging.assert_equal` cannot put computed values (the position and
-    the two ids) into its message in a graph, so this uses
-    `tf.debugging.Assert` with a formatted message; both raise
-    `tf.errors.InvalidArgumentError`, eagerly or in a `tf.function`.
-    """
-    a = tf.reshape(first.ids, [-1])
-    b = tf.reshape(tf.cast(other.ids, a.dtype), [-1])
-    n_a, n_b = tf.size(a), tf.size(b)
-    n = tf.minimum(n_a, n_b)
-    # A length mismatch counts as a difference at the shorter batch's end.
-    differ = tf.concat([tf.not_equal(a[:n], b[:n]), [tf.not_equal(n_a, n_b)]], 0)
-    pos = tf.argmax(tf.cast(differ, tf.int32), output_type=tf.int32)
-    none = tf.constant([-1], a.dtype)
-    message = tf.strings.format(
-        "sample ids of client {} differ from those of client {} at position {}: "
-        "client {} has id {}, client {} has id {} (-1: no sample; batch sizes {} "
-        "and {}). Align the clients' rows by id first (vertical.align).",
-        (
-            other.client_id,
-            first.client_id,
-            pos,
-            first.client_id,
-            tf.concat([a, none], 0)[pos],
-            other.client_id,
-            tf.concat([b, none], 0)[pos],
-            n_a,
-            n_b,
-        ),
-    )
-    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(differ)), [message])
-
-
-class VerticalSplit:
+class VerticalSplit(Schedule):
     """K clients holding different features of the same samples, one server.
 
     Args:
@@ -309,9 +105,11 @@ class VerticalSplit:
             self.num_clients,
             merge,
             label_client,
+            client_specs=[specs_of(c.outputs)[0] for c in client_segments],
         )
         for party in [*self.clients, self.server]:
             party.build_optimizer()
+        self.coordinator = Rounds(self.server, self.num_clients)
         # A vertical step sends K messages before the server can answer, so
         # it carries them one by one instead of using `request`.
         self.transport = LocalTransport(None, self.num_clients, *as_pair(codec))
@@ -332,7 +130,7 @@ class VerticalSplit:
     def _check_alignment(self, ids):
         """The server's id alignment check, as a graph of its own."""
         requests = self._requests(Kind.TRAIN, self._step, [()] * len(ids), ids)
-        _alignment_checks(requests)
+        alignment_checks(requests)
 
     def _checked(self, ids):
         if self._check_fn is not None:
@@ -394,32 +192,32 @@ class VerticalSplit:
             )
         return features, ids, y
 
-    def resumed(self, epochs_done: int) -> None:
-        """Nothing to rebuild: every party's checkpoint holds its state."""
-        del epochs_done
-
     def train_step(self, batch) -> tf.Tensor:
         """One training step on `(features, ids, y)`; returns the batch loss."""
         features, ids, y = self._unpack(batch)
         return self._train_fn(features, self._checked(ids), y)
 
-    def train_epoch(self, dataset, progress=None) -> dict:
-        """Trains on every batch of `dataset`; returns the epoch's mean metrics.
-
-        Args:
-          dataset: an iterable of `(features, ids, y)` batches.
-          progress: an optional `splitkeras.progress.Progress`, told the
-            global step after each batch.
-        """
-        objective = self.server.objective
-        objective.reset(training=True)
+    def round(self, epoch, dataset, test=None, skip=0):
+        """Round `epoch` on one dataset of `(features, ids, y)` batches: every
+        client begins it, the steps, every client ends it; with `test`, the
+        evaluation, which the label owner reports."""
+        for client in self.clients:
+            self._control(Kind.BEGIN, client.client_id, epoch)
+        examples = 0
         for batch in dataset:
-            self.train_step(batch)
-            if progress is not None:
-                step = int(self._step.numpy())
-                if progress.due(step):
-                    progress.report(step, objective.result(training=True))
-        return objective.result(training=True)
+            yield self.train_step(batch)
+            examples += int(tf.nest.flatten(batch[2])[0].shape[0])
+        for client in self.clients:
+            self._control(Kind.END, client.client_id, epoch, count=examples)
+        if test is not None:
+            self.evaluate(test)
+            self._control(Kind.REPORT, self.label_client, epoch)
+
+    def _control(self, kind, client_id, epoch, **fields):
+        message = Message(kind, client_id, round=epoch, **fields)
+        self.transport.carry_down(
+            self.coordinator.handle(self.transport.carry_up(message))
+        )
 
     def evaluate(self, dataset) -> dict:
         """Mean loss and metrics over `dataset`'s `(features, ids, y)` batches."""
@@ -452,12 +250,16 @@ class VerticalSplit:
 
     def checkpoints(self, **extra) -> dict:
         """One `tf.train.Checkpoint` per party, each holding only its own state."""
-        parties = {f"client_{c.client_id}": c for c in self.clients}
-        parties["server"] = self.server
-        return {
-            name: party.checkpoint(step=self._step, **extra)
-            for name, party in parties.items()
+        parties = {
+            f"client_{c.client_id}": c.checkpoint(vertical_step=self._step, **extra)
+            for c in self.clients
         }
+        parties["server"] = self.server.checkpoint(
+            vertical_step=self._step,
+            **extra,
+            coordinator=tf.train.Checkpoint(**self.coordinator.trackables()),
+        )
+        return parties
 
 
 def align(ids_per_client, features_per_client):

@@ -1,9 +1,11 @@
 """The client side of the gRPC transport.
 
-`Connection` is one client's channel to the server: authentication metadata,
+`Connection` is one client's channel to a host: authentication metadata,
 deadlines, retries with exponential backoff, and the bytes it actually sent
-and received (no TensorFlow: the edge client uses it too). `GrpcLink`
-(`splitkeras.transport.grpc_link`) puts a Keras `Client` on top of it.
+and received (no TensorFlow: the edge client uses it too). `ControlLink`
+carries orchestration messages without tensors (turns, handoffs, reports)
+over it; `GrpcLink` (`splitkeras.transport.grpc_link`) carries a Keras
+client's steps and weights.
 
 Retried calls repeat the message's step id, and the server applies each step
 exactly once (it answers a repeated step from its cache). When the server has
@@ -21,14 +23,15 @@ import time
 
 import grpc
 
+from splitkeras.protocol import Message, Status
 from splitkeras.transport import wire
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["Connection", "RemoteError", "TurnRestarted"]
+__all__ = ["Connection", "ControlLink", "RemoteError", "TurnRestarted"]
 
 SERVICE = "/splitkeras.wire.SplitServer/"
-METHODS = ("Join", "BeginTurn", "Exchange", "EndTurn")
+METHODS = ("Join", "Exchange")
 # gRPC frames every message with 5 bytes (compressed flag + length).
 FRAME_BYTES = 5
 _RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -152,11 +155,31 @@ class Connection:
         self.channel.close()
 
 
-def __getattr__(name):
-    # GrpcLink needs TensorFlow; it lives in grpc_link.py since the edge client
-    # (no TensorFlow) uses this module. Old imports from here still work.
-    if name == "GrpcLink":
-        from splitkeras.transport.grpc_link import GrpcLink
+class ControlLink:
+    """Orchestration messages without tensors to one party, over a `Connection`.
 
-        return GrpcLink
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    `request(message)` sends one message and returns the reply; `poll`
+    asks again while the answer is WAIT (the host already waits a little
+    before it answers so).
+
+    Args:
+      connection: the channel to the party's host.
+      to: the party's name on that host ("" = the host's first party).
+      poll_seconds: pause between two asks after a WAIT.
+    """
+
+    def __init__(self, connection: Connection, to: str = "", poll_seconds=0.05):
+        self.connection = connection
+        self.to = to
+        self.poll_seconds = poll_seconds
+
+    def request(self, message: Message) -> Message:
+        reply, _ = self.connection.exchange(wire.control_envelope(message, self.to), [])
+        return wire.control_message(reply)
+
+    def poll(self, message: Message) -> Message:
+        while True:
+            reply = self.request(message)
+            if reply.status != Status.WAIT:
+                return reply
+            time.sleep(self.poll_seconds)

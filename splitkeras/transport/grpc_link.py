@@ -1,19 +1,25 @@
-"""A Keras `Client` over gRPC: `GrpcLink.request(message)`.
+"""A Keras party's link over gRPC: `GrpcLink.request(message)`.
 
-`GrpcLink` gives a `Client` the same `request(message)` as the in-process
-transport, so `Client.train_step` runs unchanged: the codec still runs as
-TensorFlow ops inside the compiled step, and the network round trip (over a
+`GrpcLink` gives a `Client` (or a relay) the same `request(message)` and
+`poll(message)` as the in-process transport, so every client program runs
+unchanged. A step's message goes through the codec as TensorFlow ops inside
+the compiled step, and the network round trip (over a
 `splitkeras.transport.grpc_client.Connection`) is a `tf.py_function` between
 the forward and the backward pass (the client's tape stays open across it,
-so nothing is recomputed).
+so nothing is recomputed). Orchestration messages (BEGIN, END, weights,
+averages, gradients of large-batch SGD) go eagerly, between steps, their
+tensors through the weight codec, and every tensor that comes back is
+checked as the host checks what arrives.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import tensorflow as tf
 
-from splitkeras.protocol import Kind, Message
+from splitkeras.protocol import DATA_KINDS, Kind, Message, Status
 from splitkeras.transport import wire
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.grpc_client import Connection
@@ -34,27 +40,47 @@ class GrpcLink:
         inputs), else None.
       ushaped: the client keeps labels and loss (the server has none).
       codec_up / codec_down: the codecs of activations and of gradients.
+      to: the receiving party's name on its host ("" = the host's first).
+      weight_codec: the codec of weights, averages and gradients between
+        steps.
+      weight_specs: [(dtype, shape)] of the weights a FETCH brings back.
+      poll_seconds: pause between two asks after a WAIT answer.
     """
 
     def __init__(
         self,
         connection: Connection,
-        cut_dtypes,
-        cut_shapes,
-        output_dtypes,
+        cut_dtypes=(),
+        cut_shapes=(),
+        output_dtypes=(),
         output_shapes=None,
         ushaped: bool = False,
         codec_up="float32",
         codec_down="float32",
+        to: str = "",
+        weight_codec="float32",
+        weight_specs=None,
+        poll_seconds: float = 0.05,
     ):
         self.connection = connection
+        self.to = to
+        self.weight_codec = get_codec(weight_codec)
+        self.poll_seconds = poll_seconds
+        self.bind(cut_dtypes, cut_shapes, output_dtypes, output_shapes, ushaped)
+        self.weight_specs = weight_specs
+        self.codec_up = get_codec(codec_up)
+        self.codec_down = get_codec(codec_down)
+        self.error = None  # the last exception raised inside the round trip
+
+    def bind(
+        self, cut_dtypes, cut_shapes, output_dtypes, output_shapes=None, ushaped=False
+    ) -> None:
+        """What this link carries: the sender's cut tensors and the receiver's
+        outputs (set before the first step is compiled)."""
         self.cut = list(zip([tf.as_dtype(d) for d in cut_dtypes], cut_shapes))
         output_shapes = output_shapes or [None] * len(output_dtypes)
         self.outputs = list(zip([tf.as_dtype(d) for d in output_dtypes], output_shapes))
         self.ushaped = ushaped
-        self.codec_up = get_codec(codec_up)
-        self.codec_down = get_codec(codec_down)
-        self.error = None  # the last exception raised inside the round trip
 
     def _reply(self, kind):
         """(reply kind, [(dtype, static shape)]) expected for a request kind."""
@@ -70,9 +96,19 @@ class GrpcLink:
             return Kind.SERVER_OUTPUT, self.outputs
         raise ValueError(f"a client does not send {Kind(kind).name} messages")
 
+    def poll(self, message: Message) -> Message:
+        """`request`, asked again while the answer is WAIT."""
+        while True:
+            reply = self.request(message)
+            if reply.status != Status.WAIT:
+                return reply
+            time.sleep(self.poll_seconds)
+
     def request(self, message: Message) -> Message:
-        """Sends `message` to the server and returns its reply."""
+        """Sends `message` to the party and returns its reply."""
         kind = Kind(message.kind)
+        if kind not in DATA_KINDS:
+            return self._control(message)
         reply_kind, specs = self._reply(kind)
         tensors = [tf.convert_to_tensor(t) for t in message.tensors]
         parts = [self.codec_up.encode(t) for t in tensors]
@@ -81,6 +117,7 @@ class GrpcLink:
             for name, value in (
                 ("labels", message.labels),
                 ("sample_weight", message.sample_weight),
+                ("ids", message.ids),
             )
             if value is not None
         }
@@ -129,7 +166,10 @@ class GrpcLink:
             args = list(args)
             shapes, args = args[: len(tensor_layout)], args[len(tensor_layout) :]
             envelope = wire_pb2.Envelope(
-                kind=int(kind), client_id=self.connection.client_id, step=int(step)
+                kind=int(kind),
+                client_id=self.connection.client_id,
+                step=int(step),
+                to=self.to,
             )
             payloads = []  # array bytes travel after the envelope (wire.frame)
             for (dtype, n), shape in zip(tensor_layout, shapes):
@@ -179,3 +219,37 @@ class GrpcLink:
             )
             out.append(np.asarray(encoded.shape, np.int64))
         return out
+
+    def _control(self, message: Message) -> Message:
+        """An orchestration message, eagerly; weights through the weight codec."""
+        envelope = wire.control_envelope(message, self.to)
+        payloads = []
+        for t in message.tensors:
+            wire.encode_tensor(self.weight_codec, t, envelope.tensors.add(), payloads)
+        try:
+            reply, arrived = self.connection.exchange(envelope, payloads)
+        except Exception as e:
+            self.error = e
+            raise
+        tensors = ()
+        if len(reply.tensors):
+            specs = self.weight_specs
+            if specs is None or len(reply.tensors) != len(specs):
+                raise wire.WireError(
+                    f"{wire.kind_name(reply.kind)} reply carries "
+                    f"{len(reply.tensors)} tensors, expected "
+                    f"{0 if specs is None else len(specs)}"
+                )
+            tensors = tuple(
+                self._weight(encoded, spec, arrived, i)
+                for i, (encoded, spec) in enumerate(zip(reply.tensors, specs))
+            )
+        return wire.control_message(reply, tensors=tensors)
+
+    def _weight(self, encoded, spec, arrived, index):
+        dtype, shape = spec
+        what = f"reply weight {index}"
+        parts = wire.check_encoded(
+            encoded, self.weight_codec, dtype, list(shape), what, arrived, index
+        )
+        return wire.decode_tensor(self.weight_codec, encoded, parts, what)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "HandoffError",
+    "Sealer",
     "pack_arrays",
     "read_key",
     "seal",
@@ -74,6 +75,46 @@ def unseal(aead: AESGCM, blob: bytes, receiver: str) -> tuple[str, bytes]:
             "another key."
         ) from None
     return header.decode(errors="replace"), plain
+
+
+class Sealer:
+    """Seals a client's state for another client, and opens what it receives.
+
+    The authenticated header names the sender, the receiver and the round
+    ("client 0 -> client 1, round 3"); `open` refuses a state sealed for
+    another client. The server that relays it has no key: it can neither
+    read nor alter it.
+
+    Args:
+      key: the clients' shared AES-256 key.
+      client_id: this client's id.
+    """
+
+    def __init__(self, key: bytes, client_id: int):
+        self._aead = AESGCM(key)
+        self.client_id = client_id
+
+    def seal(self, plain: bytes, to: int, round_index: int) -> bytes:
+        header = f"client {self.client_id} -> client {to}, round {round_index}"
+        return seal(self._aead, header, plain)
+
+    def open(self, blob: bytes) -> tuple[str, bytes]:
+        """(header, plaintext) of a state sealed for this client.
+
+        Raises:
+          HandoffError: it fails authentication, or was sealed for another
+            client.
+        """
+        header, plain = unseal(self._aead, blob, f"client {self.client_id}")
+        receiver = (
+            header.split("->", 1)[1].split(",", 1)[0].strip() if "->" in header else ""
+        )
+        if receiver != f"client {self.client_id}":
+            raise HandoffError(
+                f"client {self.client_id} received a state sealed for "
+                f"{receiver or 'nobody'} (header {header!r}): it was redirected"
+            )
+        return header, plain
 
 
 def write_key(path: str) -> None:

@@ -19,11 +19,13 @@ import ml_dtypes
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from splitkeras.protocol import Kind
+from splitkeras.protocol import Kind, Message, Status
 from splitkeras.transport.proto import wire_pb2
 
 __all__ = [
     "Payloads",
+    "control_envelope",
+    "control_message",
     "WireError",
     "check_encoded",
     "check_parts",
@@ -353,3 +355,49 @@ def kind_name(kind: int) -> str:
         return Kind(kind).name
     except ValueError:
         return f"unknown kind {kind}"
+
+
+def control_envelope(message: Message, to: str = "") -> wire_pb2.Envelope:
+    """The envelope of an orchestration message's fields (no tensors)."""
+    envelope = wire_pb2.Envelope(
+        kind=int(message.kind),
+        client_id=int(message.client_id),
+        step=int(message.step),
+        round=int(message.round),
+        count=int(message.count),
+        state=bytes(message.state or b""),
+        status=int(message.status),
+        to=to,
+    )
+    for name, value in (message.metrics or {}).items():
+        envelope.metrics[name] = float(value)
+    return envelope
+
+
+def control_message(envelope: wire_pb2.Envelope, **fields) -> Message:
+    """The `Message` of an envelope's orchestration fields, checked.
+
+    Raises:
+      WireError: an unknown kind or status, or a metric that is not finite.
+    """
+    try:
+        kind, status = Kind(envelope.kind), Status(envelope.status)
+    except ValueError:
+        raise WireError(
+            f"unknown message kind {envelope.kind} or status {envelope.status}"
+        ) from None
+    metrics = dict(envelope.metrics)
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise WireError(f"metrics {bad} are not finite")
+    return Message(
+        kind=kind,
+        client_id=envelope.client_id,
+        step=envelope.step,
+        round=envelope.round,
+        count=envelope.count,
+        state=envelope.state,
+        metrics=metrics or None,
+        status=status,
+        **fields,
+    )

@@ -22,7 +22,7 @@ def main(index, ports, data, out):
 
     from splitkeras import distribute
     from tests.distribute.test_mirrored_server import _in_process
-    from tests.distributed.test_grpc_run import _setup
+    from tests.distributed.runs import setup as _setup
 
     config, _ = _setup(data, **{"train.epochs": 1, "train.learning_rate": 0.01})
     strategy = distribute.make_strategy({"strategy": "multi_worker"})

@@ -8,13 +8,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitkeras import builders, distribute, launcher
 from splitkeras import data as data_lib
-from splitkeras import distribute, experiment, federation, launcher
+from splitkeras.experiment import InProcess
 from splitkeras.objective import Objective
 from splitkeras.parties import Server
 from splitkeras.protocol import Kind, Message
 from tests import base
-from tests.distributed.test_grpc_run import _loaded, _setup, _write_npz
+from tests.distributed.runs import loaded_segments as _loaded
+from tests.distributed.runs import setup as _setup
+from tests.distributed.runs import write_npz as _write_npz
 
 SETTINGS = {"strategy": "mirrored", "logical_cpus": 2}
 
@@ -53,11 +56,11 @@ def _servers(strategy, batch_norm=True):
 def _in_process(config, strategy):
     """Server and last client segments after the in-process round robin."""
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    schedule = experiment.build_schedule(config, arrays, strategy)
-    shards = federation.client_shards(config, arrays)
+    schedule = builders.build_schedule(config, arrays, strategy)
+    process = InProcess(config, schedule, arrays)
     for epoch in range(config.train.epochs):
-        schedule.train_epoch(federation._epoch_datasets(config, arrays, shards, epoch))
-    test = schedule.evaluate(federation.test_data(config, arrays))
+        schedule.train_epoch(process.datasets(epoch))
+    test = schedule.evaluate(process.test)
     return schedule.server, schedule.clients[schedule.active], test
 
 
@@ -207,7 +210,7 @@ class MirroredServerTest(base.TestCase):
         # The same run with the server as a process on two logical CPUs.
         workdir = os.path.join(self.root, "grpc")
         args += ["--config.server.strategy=mirrored", "--config.server.logical_cpus=2"]
-        summary = launcher.launch(args, workdir, config.num_clients).wait(600)
+        summary = launcher.launch(args, workdir, config).wait(600)
         self.assertEqual(summary["steps"], 4)  # 2 clients x 2 batches of 32
         self.assertEqual(summary["server_replicas"], 2)
         loaded = _loaded(config, workdir, config.num_clients - 1)

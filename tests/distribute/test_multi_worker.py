@@ -10,7 +10,8 @@ import numpy as np
 
 from tests import base
 from tests.distribute.test_mirrored_server import _in_process
-from tests.distributed.test_grpc_run import _setup, _write_npz
+from tests.distributed.runs import setup as _setup
+from tests.distributed.runs import write_npz as _write_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,8 +98,8 @@ class WorkerWorkdirTest(base.TestCase):
         self.assertEqual(worker_workdir(None, "run"), "run")
 
     def test_multi_worker_is_refused_over_grpc(self):
-        from splitkeras import distributed
+        from splitkeras import host_process
 
         config, _ = _setup("unused.npz", **{"server.strategy": "multi_worker"})
         with self.assertRaisesRegex(ValueError, "does not serve gRPC clients yet"):
-            distributed.serve(config, self.tempdir())
+            host_process.serve(config, self.tempdir())

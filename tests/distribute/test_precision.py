@@ -10,13 +10,16 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from splitkeras import builders, distribute
 from splitkeras import data as data_lib
-from splitkeras import distribute, experiment, federation
+from splitkeras.experiment import InProcess
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.protocol import Kind, Message
+from splitkeras.split_model import SplitModel
 from tests import base
-from tests.distributed.test_grpc_run import _setup, _write_npz
+from tests.distributed.runs import setup as _setup
+from tests.distributed.runs import write_npz as _write_npz
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 ONE = {"num_clients": 1}  # topologies of one client
@@ -132,11 +135,9 @@ class RunTest(base.TestCase):
     def _train(self, **overrides):
         config, _ = _setup(self.data, **{"train.epochs": 1, **overrides})
         arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-        schedule = experiment.build_schedule(config, arrays)
-        shards = federation.client_shards(config, arrays)
-        logs = schedule.train_epoch(
-            federation._epoch_datasets(config, arrays, shards, 0)
-        )
+        schedule = builders.build_schedule(config, arrays)
+        self.process = InProcess(config, schedule, arrays)
+        logs = schedule.train_epoch(self.process.datasets(0))
         return schedule, logs
 
     def test_xla_equals_plain(self):
@@ -157,8 +158,17 @@ class RunTest(base.TestCase):
             settings = {"num_clients": 1, "train.optimizer": "sgd"}
             config, _ = _setup(self.data, **settings, **{"train.jit_compile": jit})
             arrays = data_lib.load(config.data.name, config.data.path, False)
-            trainer = experiment.build_trainer(
-                config, experiment.build_model(config, arrays)
+            trainer = SplitModel(
+                builders.build_model(config, arrays),
+                builders.cut_layers(config),
+                codec=builders.codecs(config),
+            )
+            trainer.compile(
+                client_optimizer=builders.make_optimizer(config),
+                server_optimizer=builders.make_optimizer(config),
+                loss=builders.make_loss(),
+                metrics=["accuracy"],
+                jit_compile=jit,
             )
             dataset = data_lib.train_dataset(
                 arrays.x_train, arrays.y_train, 32, config.seed, 0
@@ -168,31 +178,25 @@ class RunTest(base.TestCase):
             weights[jit] = trainer.get_weights()
         self.assertWeightsClose(weights[True], weights[False])
 
-    def test_grpc_service_steps_compile_with_xla(self):
-        from splitkeras.transport.grpc_server import SplitService
+    def test_grpc_host_steps_compile_with_xla(self):
+        from splitkeras.protocol import Kind
+        from splitkeras.transport.grpc_host import GrpcHost
 
         full, served = _server_segment(), _server_segment()
         served.set_weights(full.get_weights())
         reference = Server(full, keras.optimizers.SGD(0.1), Objective(LOSS))
-        service = SplitService(
-            Server(served, keras.optimizers.SGD(0.1), Objective(LOSS)),
-            num_clients=1,
-            epochs=1,
-            checkpoint_dir=self.tempdir(),
-            jit_compile=True,
-        )
-        for function in (service._train, service._evaluate, service._predict):
-            self.assertTrue(function._jit_compile)
+        server = Server(served, keras.optimizers.SGD(0.1), Objective(LOSS))
+        host = GrpcHost({"server": server}, 1, jit_compile=True)
+        train = host._compiled(server, Kind.TRAIN, ("server", Kind.TRAIN, 0))
+        self.assertTrue(train._jit_compile)
         message = LossScaleTest._message(self)
-        grads, loss = service._train(list(message.tensors), message.labels, None)
+        grads, loss = train(list(message.tensors), message.labels, None, None)
         expected = reference.handle(message)
         np.testing.assert_allclose(
             grads[0].numpy(), expected.tensors[0].numpy(), atol=1e-5
         )
         self.assertAlmostEqual(float(loss), float(expected.loss), places=5)
-        self.assertWeightsClose(
-            service.server.segment.get_weights(), full.get_weights()
-        )
+        self.assertWeightsClose(served.get_weights(), full.get_weights())
 
     @parameterized.named_parameters(
         ("ushaped", {"topology": "ushaped", "model.cut": "pool1,fc2"}),
@@ -216,9 +220,7 @@ class RunTest(base.TestCase):
             functions = _step_functions(schedule)
             self.assertNotEmpty(functions)
             self.assertTrue(all(bool(f._jit_compile) == jit for f in functions))
-            config, _ = _setup(self.data, **settings)
-            arrays = data_lib.load(config.data.name, config.data.path, False)
-            results[jit] = schedule.evaluate(federation.test_data(config, arrays))
+            results[jit] = schedule.evaluate(self.process.test)
         self.assertEqual(results[True].keys(), results[False].keys())
         for key, value in results[False].items():
             self.assertAlmostEqual(results[True][key], value, places=4, msg=key)
@@ -239,19 +241,21 @@ class RunTest(base.TestCase):
         )
         config.topology = "ushaped"
         with self.assertRaisesRegex(ValueError, "use mixed_bfloat16"):
-            experiment._optimizer(config)
+            builders.make_optimizer(config)
 
 
 def _step_functions(schedule) -> list:
     """The `tf.function`s a schedule compiled its steps into (not the vertical
     server's id check, which runs beside an XLA step: XLA cannot hold it)."""
     found = []
-    for name, value in vars(schedule).items():
-        if name == "_check_fn":
-            continue
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(item, tf.types.experimental.PolymorphicFunction):
-                found.append(item)
+    owners = [schedule, *getattr(schedule, "programs", ())]
+    for owner in owners:
+        for name, value in vars(owner).items():
+            if name == "_check_fn":
+                continue
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(item, tf.types.experimental.PolymorphicFunction):
+                    found.append(item)
     return found
 
 
@@ -341,7 +345,7 @@ class RefusedTest(base.TestCase):
             distribute.check_supported(config, strategy)
         config.train.mixed_precision = "mixed_float16"
         with self.assertRaisesRegex(ValueError, "method='fedavg'"):
-            experiment._optimizer(config)
+            builders.make_optimizer(config)
         objective = Objective(
             keras.losses.SparseCategoricalCrossentropy(reduction="sum")
         )

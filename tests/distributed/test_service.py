@@ -1,4 +1,5 @@
-"""SplitService over real gRPC on 127.0.0.1: authentication, TLS, hostile
+"""The generic gRPC host serving a round robin (`GrpcHost` with its `Turns`
+coordinator) over real gRPC on 127.0.0.1: authentication, TLS, hostile
 input, exactly-once steps and turn timeouts.
 
 Every refused call must leave the server exactly as it was (weights,
@@ -18,10 +19,12 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from splitkeras.checkpointing import party_checkpoint
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties.server import Server
-from splitkeras.protocol import Kind
+from splitkeras.protocol import Kind, Message, Status
+from splitkeras.schedules.coordinator import Turns
 from splitkeras.transport import tls, wire
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.grpc_client import (
@@ -30,7 +33,7 @@ from splitkeras.transport.grpc_client import (
     TurnRestarted,
     channel_options,
 )
-from splitkeras.transport.grpc_server import SplitService, start_server
+from splitkeras.transport.grpc_host import GrpcHost, start_host
 from splitkeras.transport.proto import wire_pb2
 from tests import base
 
@@ -59,20 +62,21 @@ def _model():
     return keras.Model(x, out, name="tiny")
 
 
-def _plain_server(service):
-    """`start_server` without its watchdog thread (tests call `tick` themselves)."""
+def _plain_server(host):
+    """`start_host` without its watchdog thread (tests call `tick` themselves)."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=8),
         options=channel_options(64 << 20),
     )
-    server.add_generic_rpc_handlers((service.handlers(),))
+    server.add_generic_rpc_handlers((host.handlers(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
 
 
 class _Fixture:
-    """A tiny vanilla split: a SplitService served on 127.0.0.1, two clients."""
+    """A tiny vanilla split: the generic host serving a round robin's server
+    and coordinator on 127.0.0.1, two clients."""
 
     def __init__(self, turn_timeout=600.0, max_message_bytes=64 << 20, watchdog=True):
         self.dir = tempfile.mkdtemp(prefix="service-", dir=os.environ.get("TMPDIR"))
@@ -86,20 +90,35 @@ class _Fixture:
             ),
         )
         self.server.build_optimizer()
-        self.service = SplitService(
+        self.turns = Turns(
             self.server,
-            num_clients=2,
+            2,
             epochs=1,
-            checkpoint_dir=os.path.join(self.dir, "run", "checkpoints"),
-            tokens=dict(TOKENS),
+            store_state=True,
             turn_timeout=turn_timeout,
+            clock=time.monotonic,
+        )
+        self.host = GrpcHost(
+            {"server": self.turns},
+            2,
+            tokens=dict(TOKENS),
+            checkpoint_dir=os.path.join(self.dir, "run", "checkpoints"),
+            state={
+                "server": party_checkpoint(
+                    [self.segments.server], self.server.optimizer
+                ),
+                "coordinator": tf.train.Checkpoint(**self.turns.trackables()),
+            },
+            info={"run": "run", "epochs": 1},
+            coordinator=self.turns,
+            wait_seconds=0.2,
         )
         if watchdog:
-            self.grpc_server, self.port = start_server(
-                self.service, "127.0.0.1:0", max_message_bytes=max_message_bytes
+            self.grpc_server, self.port = start_host(
+                self.host, "127.0.0.1:0", max_message_bytes=max_message_bytes
             )
         else:
-            self.grpc_server, self.port = _plain_server(self.service)
+            self.grpc_server, self.port = _plain_server(self.host)
         self.target = f"127.0.0.1:{self.port}"
         self.connections = []
         self.c0 = self.connect(0, TOKENS[0])
@@ -121,7 +140,7 @@ class _Fixture:
         return connection
 
     def close(self):
-        self.service.closed.set()  # stops start_server's watchdog
+        self.host.closed.set()  # stops start_host's watchdog
         for connection in self.connections:
             connection.close()
         self.grpc_server.stop(grace=None).wait()
@@ -133,7 +152,7 @@ class _Fixture:
         return {
             "weights": [w.copy() for w in self.segments.server.get_weights()],
             "iterations": int(self.server.optimizer.iterations.numpy()),
-            "position": self.service.position(),
+            "position": self.host.position(),
             "metrics": self.server.objective.result(training=True),
         }
 
@@ -153,14 +172,21 @@ class _Fixture:
         return envelope
 
     def next_step(self):
-        return self.service.position()[2] + 1
+        return self.host.position()[2] + 1
+
+    def control(self, kind, client_id=0, epoch=0, step=0):
+        """An orchestration envelope (BEGIN, END) of `client_id`."""
+        return wire.control_envelope(
+            Message(kind, client_id, step, round=epoch, state=b"sealed")
+        )
 
     def begin(self, connection=None, epoch=0):
+        """BEGIN of the connection's turn: the reply (status READY: its turn)."""
         connection = connection or self.c0
         return connection.call(
-            "BeginTurn",
-            wire_pb2.TurnRequest(client_id=connection.client_id, epoch=epoch),
-            wire_pb2.TurnReply,
+            "Exchange",
+            self.control(Kind.BEGIN, connection.client_id, epoch),
+            wire_pb2.Envelope,
         )
 
 
@@ -227,7 +253,7 @@ class ServiceTest(base.TestCase):
     def setUp(self):
         super().setUp()
         reply = self.f.begin()
-        self.assertTrue(reply.ready)
+        self.assertEqual(reply.status, Status.READY)
         self.assertEqual(reply.step, 0)
         now = self.f.snapshot()
         self.assertEqual(now["position"], (0, 0, 0))
@@ -251,7 +277,7 @@ class ServiceTest(base.TestCase):
     # ------------------------------------------------------------ 1. auth
     def test_authentication(self):
         f = self.f
-        self.train(1)  # a step into the turn: a refused BeginTurn must not roll back
+        self.train(1)  # a step into the turn: a refused BEGIN must not roll back
         before = f.snapshot()
         self.assertEqual(before["position"], (0, 0, 1))
         envelope = f.envelope(2)  # valid: it is applied below with the right token
@@ -259,20 +285,14 @@ class ServiceTest(base.TestCase):
         unknown = f.connect(7, TOKENS[0])
         other = f.connect(1, TOKENS[1])
         calls = {
-            "Join": (wire_pb2.JoinRequest(client_id=0), wire_pb2.JoinReply),
-            "BeginTurn": (
-                wire_pb2.TurnRequest(client_id=0, epoch=0),
-                wire_pb2.TurnReply,
-            ),
-            "Exchange": (envelope, wire_pb2.Envelope),
-            "EndTurn": (
-                wire_pb2.TurnEnd(client_id=0, epoch=0, step=1),
-                wire_pb2.TurnEndReply,
-            ),
+            "Join": ("Join", wire_pb2.JoinRequest(client_id=0), wire_pb2.JoinReply),
+            "BEGIN": ("Exchange", f.control(Kind.BEGIN), wire_pb2.Envelope),
+            "TRAIN": ("Exchange", envelope, wire_pb2.Envelope),
+            "END": ("Exchange", f.control(Kind.END, step=1), wire_pb2.Envelope),
         }
-        refused = f.service.refused
-        for method, (request, reply_type) in calls.items():
-            with self.subTest(method=method):
+        refused = f.host.refused
+        for what, (method, request, reply_type) in calls.items():
+            with self.subTest(what=what):
                 _refused(
                     self,
                     Code.UNAUTHENTICATED,
@@ -282,7 +302,7 @@ class ServiceTest(base.TestCase):
                     request,
                     reply_type,
                 )
-                self.assertUnchanged(before, f"after a wrong token ({method})")
+                self.assertUnchanged(before, f"after a wrong token ({what})")
                 unknown_request = type(request)()
                 unknown_request.CopyFrom(request)
                 unknown_request.client_id = 7
@@ -295,7 +315,7 @@ class ServiceTest(base.TestCase):
                     unknown_request,
                     reply_type,
                 )
-                self.assertUnchanged(before, f"after an unknown client ({method})")
+                self.assertUnchanged(before, f"after an unknown client ({what})")
                 _refused(
                     self,
                     Code.PERMISSION_DENIED,
@@ -305,7 +325,7 @@ class ServiceTest(base.TestCase):
                     request,
                     reply_type,
                 )
-                self.assertUnchanged(before, f"after a foreign body ({method})")
+                self.assertUnchanged(before, f"after a foreign body ({what})")
                 for metadata in (
                     (),
                     (("x-splitkeras-client", "zero"), ("x-splitkeras-token", "tok0")),
@@ -315,7 +335,7 @@ class ServiceTest(base.TestCase):
                     )
                     self.assertEqual(code, Code.UNAUTHENTICATED, details)
                     self.assertIn("missing or malformed client id metadata", details)
-                    self.assertUnchanged(before, f"after bad metadata ({method})")
+                    self.assertUnchanged(before, f"after bad metadata ({what})")
                 code, details = _raw(
                     f.c0,
                     request.SerializeToString(),
@@ -324,19 +344,19 @@ class ServiceTest(base.TestCase):
                 )
                 self.assertEqual(code, Code.UNAUTHENTICATED, details)
                 self.assertIn("wrong token for client 0", details)
-        self.assertEqual(f.service.refused, refused + 6 * len(calls))
+        self.assertEqual(f.host.refused, refused + 6 * len(calls))
         # The envelope itself was fine: with the right credentials it trains.
         reply = f.c0.call("Exchange", envelope, wire_pb2.Envelope)
         self.assertEqual(reply.kind, Kind.GRADIENTS)
-        self.assertEqual(f.service.position(), (0, 0, 2))
+        self.assertEqual(f.host.position(), (0, 0, 2))
 
     # ------------------------------------------------------------- 2. TLS
     def test_tls(self):
         f = self.f
         certs = os.path.join(f.dir, "certs")
         tls.write_credentials(certs)
-        tls_server, port = start_server(
-            f.service, "127.0.0.1:0", credentials=tls.server_credentials(certs)
+        tls_server, port = start_host(
+            f.host, "127.0.0.1:0", credentials=tls.server_credentials(certs)
         )
         try:
             target = f"127.0.0.1:{port}"
@@ -365,7 +385,7 @@ class ServiceTest(base.TestCase):
             # runs. Connection waits for the channel to become ready
             # (wait_for_ready=True), so it reports DEADLINE_EXCEEDED after its
             # timeout rather than UNAVAILABLE.
-            refused = f.service.refused
+            refused = f.host.refused
             plain = f.connect(0, TOKENS[0], None, target)
             started = time.monotonic()
             with self.assertRaises(RemoteError) as raised:
@@ -380,7 +400,7 @@ class ServiceTest(base.TestCase):
                 plain, wire_pb2.JoinRequest(client_id=0).SerializeToString(), "Join"
             )
             self.assertEqual(code, Code.UNAVAILABLE, details)
-            self.assertEqual(f.service.refused, refused)
+            self.assertEqual(f.host.refused, refused)
         finally:
             tls_server.stop(grace=None).wait()
 
@@ -393,7 +413,7 @@ class ServiceTest(base.TestCase):
         self.f.begin()
         before = f.snapshot()
         self.assertEqual(before["position"], (0, 0, 0))
-        refused = f.service.refused
+        refused = f.host.refused
         rng = np.random.default_rng(20240601)
         results = []  # (case, code, details, refused as it should be)
         cases = _malformed_cases(f)
@@ -416,8 +436,8 @@ class ServiceTest(base.TestCase):
         for case, code, details, _ in results:
             if code == Code.RESOURCE_EXHAUSTED:
                 self.assertIn("larger than max", details, case)
-        # Every refusal but the size limit's (gRPC's own) went through the service.
-        self.assertEqual(f.service.refused - refused, len(results) - oversized)
+        # Every refusal but the size limit's (gRPC's own) went through the host.
+        self.assertEqual(f.host.refused - refused, len(results) - oversized)
         self.assertUnchanged(before, "after the malformed messages")
 
         # Then one valid step trains, and its retry is answered from the cache.
@@ -445,7 +465,19 @@ class ServiceTest(base.TestCase):
         for _ in range(2):  # a retry of step 1: the cached reply, nothing applied
             self.assertEqual(self.train(1), first)
             self.assertUnchanged(after_first, "after a retry")
-        for step in (3, 0, -1, 1 << 40):
+        for step in (0, -1):  # not a step id at all
+            with self.subTest(step=step):
+                _refused(
+                    self,
+                    Code.INVALID_ARGUMENT,
+                    f"step id must be >= 1, got {step}",
+                    f.c0.call,
+                    "Exchange",
+                    f.envelope(step),
+                    wire_pb2.Envelope,
+                )
+                self.assertUnchanged(after_first, f"after step {step}")
+        for step in (3, 1 << 40):
             with self.subTest(step=step):
                 e = _refused(
                     self,
@@ -505,7 +537,7 @@ class TurnTimeoutTest(base.TestCase):
 
     def start_turn_and_go_silent(self, f):
         start = f.snapshot()
-        self.assertTrue(f.begin().ready)
+        self.assertEqual(f.begin().status, Status.READY)
         code, reply = _raw(f.c0, f.envelope(1).SerializeToString())
         self.assertEqual(code, Code.OK, reply)
         trained = f.snapshot()
@@ -532,19 +564,19 @@ class TurnTimeoutTest(base.TestCase):
     def test_tick_skips_a_silent_client(self):
         f = self.fixture(watchdog=False)  # no watchdog: the test ticks
         start = self.start_turn_and_go_silent(f)
-        f.service.tick()  # not silent long enough yet
-        self.assertEqual(f.service.skipped, [])
-        self.assertEqual(f.service.position(), (0, 0, 1))
+        f.host.tick()  # not silent long enough yet
+        self.assertEqual(f.turns.skipped, [])
+        self.assertEqual(f.host.position(), (0, 0, 1))
         time.sleep(1.5)
-        f.service.tick()
-        self.assertEqual(f.service.skipped, [{"epoch": 0, "client": 0}])
-        self.assertEqual(f.service.position(), (0, 1, 0))
+        f.host.tick()
+        self.assertEqual(f.turns.skipped, [{"epoch": 0, "client": 0}])
+        self.assertEqual(f.host.position(), (0, 1, 0))
         self.assertRolledBack(f, start)
         # Client 0's late calls: its turn is over (not ready: go on to the
         # next epoch), its steps are refused, and ending the turn is refused.
         passed = f.begin()
-        self.assertFalse(passed.ready)
-        self.assertEqual((passed.epoch, passed.turn), (0, 1))
+        self.assertEqual(passed.status, Status.PASSED)
+        self.assertEqual(passed.round, 0)
         _refused(
             self,
             Code.FAILED_PRECONDITION,
@@ -559,30 +591,30 @@ class TurnTimeoutTest(base.TestCase):
             Code.FAILED_PRECONDITION,
             "was skipped",
             f.c0.call,
-            "EndTurn",
-            wire_pb2.TurnEnd(client_id=0, epoch=0, step=1),
-            wire_pb2.TurnEndReply,
+            "Exchange",
+            f.control(Kind.END, step=1),
+            wire_pb2.Envelope,
         )
         reply = f.begin(f.c1)
-        self.assertTrue(reply.ready)
+        self.assertEqual(reply.status, Status.READY)
         self.assertEqual(reply.step, 0)
-        self.assertEqual(f.service.skipped, [{"epoch": 0, "client": 0}])
+        self.assertEqual(f.turns.skipped, [{"epoch": 0, "client": 0}])
 
     def test_waiting_client_skips_a_silent_client(self):
-        f = self.fixture()  # start_server: its watchdog ticks too
+        f = self.fixture()  # start_host: its watchdog ticks too
         # Client 0's last message comes after `started`: the skip, due a
         # turn timeout after that message, comes at least that long after it.
         started = time.monotonic()
         start = self.start_turn_and_go_silent(f)
         while True:  # client 1 polls for its turn, as run_client does
             reply = f.begin(f.c1)
-            if reply.ready or time.monotonic() - started > 8:
+            if reply.status == Status.READY or time.monotonic() - started > 8:
                 break
-        self.assertTrue(reply.ready)
+        self.assertEqual(reply.status, Status.READY)
         self.assertGreaterEqual(time.monotonic() - started, 0.9)
         self.assertEqual(reply.step, 0)
         # Client 1 may be skipped in turn if this test is slow: check the first.
-        self.assertEqual(f.service.skipped[0], {"epoch": 0, "client": 0})
+        self.assertEqual(f.turns.skipped[0], {"epoch": 0, "client": 0})
         self.assertRolledBack(f, start)
 
 
@@ -594,7 +626,7 @@ class HostileInputTest(base.TestCase):
         super().setUp()
         self.f = _Fixture(watchdog=False)
         self.addCleanup(self.f.close)
-        self.assertTrue(self.f.begin().ready)
+        self.assertEqual(self.f.begin().status, Status.READY)
 
     def train(self, step, labels=None):
         envelope = self.f.envelope(step, labels=labels)
@@ -773,6 +805,7 @@ def _malformed_cases(f):
         "labels_bad": "labels",
         "sample_weight": "sample_weight",
         "step_order": "is out of order",
+        "step_id": "step id must be >= 1",
         "kind": "message",
         "client_id": "cannot speak for client",
         "truncated_envelope": "",
@@ -1004,9 +1037,14 @@ def _malformed_cases(f):
     def step_order(rng):
         e = fresh(rng)
         s = step()
-        bad = int(rng.choice([0, -1, -(1 << 40), s + 1, s + 2, 1 << 62, (1 << 63) - 1]))
+        bad = int(rng.choice([s + 1, s + 2, 1 << 62, (1 << 63) - 1]))
         e.step = bad
         return done(f"step {bad} (expected {s})", e, Code.FAILED_PRECONDITION)
+
+    def step_id(rng):
+        e = fresh(rng)
+        e.step = int(rng.choice([0, -1, -(1 << 40), -(1 << 63)]))
+        return done(f"step {e.step}", e)
 
     def kind(rng):
         e = fresh(rng)
@@ -1094,6 +1132,7 @@ def _malformed_cases(f):
             labels_bad,
             sample_weight,
             step_order,
+            step_id,
             kind,
             client_id,
             truncated_envelope,

@@ -175,9 +175,9 @@ class ClientChecksTest(base.TestCase):
             client.run()
         self.assertEqual(client.connection.calls, ["Join"])
         turns = TurnClient.__new__(TurnClient)
-        turns._aead, turns.client_id = None, 3
+        turns._sealer, turns.client_id = None, 3
         with self.assertRaisesRegex(ValueError, "client 3 was made without"):
-            turns.end_turn(0)
+            turns.begin_turn(0)
 
     @parameterized.named_parameters(*MALFORMED)
     def test_malformed_replies_are_refused_by_both_clients(self, reply, message):

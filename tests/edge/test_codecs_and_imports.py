@@ -130,7 +130,7 @@ class EdgeSpecTest(base.TestCase):
         """A run on TFDS (no path, or a TFDS data_dir): the edge asks for
         --data, since it has no TFDS; an IDX folder or .npz file is read."""
         from splitkeras.edge.client import load_client_data
-        from tests.distributed.test_grpc_run import _write_npz
+        from tests.distributed.runs import write_npz as _write_npz
 
         spec = EdgeSpec([28, 28, 1], [[14, 14, 6]], 64, 120.0, 300.0)
         with self.assertRaisesRegex(ValueError, "names no data path.*--data"):

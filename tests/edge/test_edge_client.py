@@ -12,8 +12,8 @@ import subprocess
 
 import numpy as np
 
+from splitkeras import builders, client_data, launcher
 from splitkeras import data as data_lib
-from splitkeras import experiment, federation, launcher
 from splitkeras.edge import EdgeSpec
 from splitkeras.edge.client import batches
 from splitkeras.export import export_segment
@@ -22,7 +22,8 @@ from splitkeras.parties import Client, Server
 from splitkeras.transport.local import LocalTransport
 from splitkeras.transport.sealing import write_key
 from tests import base
-from tests.distributed.test_grpc_run import _setup, _write_npz
+from tests.distributed.runs import setup as _setup
+from tests.distributed.runs import write_npz as _write_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EDGE_PYTHON = os.environ.get(
@@ -36,12 +37,13 @@ LOSS_TOLERANCE = 1e-4
 def _keras_run(config, arrays):
     """(losses per step, client segment, server segment) of a Keras client
     trained in-process on client 0's batches, in the edge client's order."""
-    segments = experiment.build_segments(config, arrays)
-    objective = Objective(experiment._loss(), ("accuracy",))
-    server = Server(segments.server, experiment._optimizer(config), objective)
-    client = Client(segments.client, experiment._optimizer(config))
+    segments = builders.build_segments(config, arrays)
+    objective = Objective(builders.make_loss(), ("accuracy",))
+    server = Server(segments.server, builders.make_optimizer(config), objective)
+    client = Client(segments.client, builders.make_optimizer(config))
     transport = LocalTransport(server)
-    (shard,) = federation.client_shards(config, arrays)
+    (site,) = client_data.sites(config, arrays)
+    shard = (site.x_train, site.y_train)
     losses, step = [], 0
     for epoch in range(config.train.epochs):
         for x, y in batches(*shard, config.train.batch_size, config.seed, epoch, 0):
@@ -97,10 +99,10 @@ class EdgeClientTest(base.TestCase):
         config, workdir = self.config, os.path.join(self.root, "run")
         os.makedirs(workdir, exist_ok=True)
         # The untrained client segment (the run's seed) goes to the device.
-        segments = experiment.build_segments(config, self.arrays)
+        segments = builders.build_segments(config, self.arrays)
         export = os.path.join(workdir, "export")
         export_segment(
-            segments.client, experiment._optimizer(config), export, quantize=()
+            segments.client, builders.make_optimizer(config), export, quantize=()
         )
         EdgeSpec.from_config(config, segments, 0).write(
             os.path.join(export, "edge.json")
@@ -108,7 +110,7 @@ class EdgeClientTest(base.TestCase):
         key = os.path.join(workdir, "handoff.key")
         write_key(key)
 
-        server, port = launcher.start_server(self.config_args, workdir)
+        server, port = launcher.start_host(self.config_args, workdir, "server")
         try:
             result = self._edge(
                 "scripts/edge_client.py",
@@ -138,8 +140,8 @@ class EdgeClientTest(base.TestCase):
         self.assertGreater(losses[0] - losses[-1], 0.05)  # it did learn
 
         # Split inference: the trained edge segment + the trained server.
-        server, port = launcher.start_server(
-            self.config_args, workdir, tls_args=["--predict"]
+        server, port = launcher.start_host(
+            self.config_args, workdir, "server", tls_args=["--predict"]
         )
         try:
             self._edge(

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from splitkeras import builders
 from splitkeras.cut import cut
 from splitkeras.edge.runtime import LiteSegment
 from splitkeras.export import (
@@ -290,14 +291,14 @@ class LiteGradientsTest(base.TestCase):
 
 class ExportFromWorkdirTest(base.TestCase):
     def test_a_client_workdir_exports_its_trained_weights(self):
-        from splitkeras import experiment
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
-        segments = experiment.build_segments(config, experiment.load_data(config))
+        segments = builders.build_segments(config, builders.load_data(config))
         trained = [w + 0.5 for w in segments.client.get_weights()]
         segments.client.set_weights(trained)
         workdir = os.path.join(root, "client_0")
@@ -323,7 +324,8 @@ class ExportFromWorkdirTest(base.TestCase):
         its optimizer state (iterations included) and the trained server."""
         from splitkeras import experiment
         from splitkeras.checkpointing import load_trained
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         data = _write_npz(os.path.join(root, "data.npz"), 64)
@@ -347,9 +349,9 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertIn("checkpoints/server/ckpt-2", report["restored_from"]["server"])
 
         # The checkpoint, read independently, is what LiteRT holds.
-        data_arrays = experiment.load_data(config)
-        segments = experiment.build_segments(config, data_arrays)
-        optimizer = experiment._optimizer(config)
+        data_arrays = builders.load_data(config)
+        segments = builders.build_segments(config, data_arrays)
+        optimizer = builders.make_optimizer(config)
         optimizer.build(segments.client.trainable_variables)
         load_trained(
             [segments.client], workdir, "client_0", "client.weights.h5", optimizer
@@ -375,7 +377,6 @@ class ExportFromWorkdirTest(base.TestCase):
         no workdir: the seed's segment, and no server; mixed precision: a
         float32 build for inference."""
         from configs import imagenet_alexnet
-        from splitkeras import experiment
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
         from tests.data.test_data import _prepare_mock_metadata
@@ -397,7 +398,7 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertLessEqual(report["artifacts"]["client.tflite"]["max_abs_diff"], 1e-4)
         # The float32 build the device runs = the run's float16 segment, up to
         # float16 rounding.
-        segment = experiment.build_segments(config, experiment.load_data(config)).client
+        segment = builders.build_segments(config, builders.load_data(config)).client
         self.assertEqual(segment.outputs[0].dtype, "float16")
         lite = LiteSegment(os.path.join(out, "client.tflite"))
         x = np.random.default_rng(0).uniform(size=(2, 67, 67, 3)).astype(np.float32)
@@ -410,7 +411,8 @@ class ExportFromWorkdirTest(base.TestCase):
 
     def test_a_workdir_without_weights_is_refused(self):
         from splitkeras.export import export_from_workdir
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))
@@ -419,7 +421,8 @@ class ExportFromWorkdirTest(base.TestCase):
 
     def test_what_the_edge_cannot_run_is_refused_before_writing(self):
         from splitkeras.export import export_from_workdir
-        from tests.distributed.test_grpc_run import _setup, _write_npz
+        from tests.distributed.runs import setup as _setup
+        from tests.distributed.runs import write_npz as _write_npz
 
         root = self.tempdir()
         config, _ = _setup(_write_npz(os.path.join(root, "data.npz"), 32))

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from splitkeras.protocol import Kind, Message
+from splitkeras.protocol import DATA_KINDS, Kind, Message
 from splitkeras.schedules.multihop import MultiHop, hop_segments
 from tests import base, tiny_models
 
@@ -161,6 +161,14 @@ class MultiHopProtocolTest(base.TestCase):
         multihop.train_epoch(ds)
         multihop.predict(x[:BATCH])
 
+        # The round's BEGIN and END pass the relay on their way to the server's
+        # coordinator; the steps reach the server as the relay sent them.
+        self.assertEqual(
+            [m.kind for m in at_relay if m.kind not in DATA_KINDS],
+            [Kind.BEGIN, Kind.END],
+        )
+        at_relay = [m for m in at_relay if m.kind in DATA_KINDS]
+        sent = [m for m in sent if m.kind in DATA_KINDS]
         kinds = [Kind.TRAIN, Kind.TRAIN, Kind.PREDICT]
         self.assertEqual([m.kind for m in at_relay], kinds)
         self.assertEqual([m.kind for m in at_server], kinds)

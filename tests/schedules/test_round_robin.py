@@ -78,26 +78,28 @@ class RoundRobinTest(base.TestCase):
             tiny_models.bn_dropout_model, "relu1", K, _adam, _loss(), handoff="server"
         )
         rr.take_turn(0, _epoch_shards(0)[0])
-        rr.handoff.upload(rr.clients[0], 1)
-        stored = rr.relay.stored[1]
+        stored = rr.coordinator.state.numpy()  # what the server keeps for client 1
         kernel = rr.clients[0].segment.get_weights()[0].tobytes()
         self.assertNotIn(kernel[:64], stored)
         self.assertNotIn(pack_state(rr.clients[0])[:200], stored)
         tampered = bytearray(stored)
         tampered[-1] ^= 1
-        rr.relay.stored[1] = bytes(tampered)
+        rr.coordinator.state.assign(bytes(tampered))
         with self.assertRaisesRegex(
             HandoffError, r"weights for client 1 .* failed authentication"
         ):
-            rr.handoff.download(rr.clients[1])
+            rr.take_turn(1, _epoch_shards(0)[1])
 
     def test_handoff_bytes_are_counted_apart_from_activations(self):
         rr = RoundRobin(tiny_models.bn_dropout_model, "relu1", K, _adam, _loss())
         rr.train_epoch(_epoch_shards(0))
         counts = rr.byte_counts()
         state = len(pack_state(rr.clients[0]))
-        self.assertEqual(counts["handoff_bytes_sent"], [state, state, 0])
-        self.assertEqual(counts["handoff_bytes_received"], [0, state, state])
+        sealed = state + 28 + len(b"client 0 -> client 1, round 0") + 2
+        # Every client hands on at the end of its turn (the last to client 0,
+        # for the next round); each takes what it receives when its turn begins.
+        self.assertEqual(counts["handoff_bytes_sent"], [sealed] * K)
+        self.assertEqual(counts["handoff_bytes_received"], [0, sealed, sealed])
         per_client_up = PER_CLIENT * BATCH * (8 * 8 * 4 * 4 + 8)
         self.assertEqual(counts["bytes_up"], [per_client_up] * K)
 

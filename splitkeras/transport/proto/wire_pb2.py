@@ -24,35 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%splitkeras/transport/proto/wire.proto\x12\x0fsplitkeras.wire\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"]\n\x07\x45ncoded\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x05parts\x18\x04 \x03(\x0b\x32\x16.splitkeras.wire.Array\"\x86\x02\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\x05\x12\x11\n\tclient_id\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12)\n\x07tensors\x18\x04 \x03(\x0b\x32\x18.splitkeras.wire.Encoded\x12&\n\x06labels\x18\x05 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12-\n\rsample_weight\x18\x06 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12$\n\x04loss\x18\x07 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12#\n\x03ids\x18\x08 \x01(\x0b\x32\x16.splitkeras.wire.Array\" \n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x05\"\xa5\x01\n\tJoinReply\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0bnum_clients\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0c\n\x04turn\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x15\n\routput_dtypes\x18\x07 \x03(\t\x12\x10\n\x08\x63odec_up\x18\x08 \x01(\t\x12\x12\n\ncodec_down\x18\t \x01(\t\"/\n\x0bTurnRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"b\n\tTurnReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\x0c\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0c\n\x04turn\x18\x06 \x01(\x05\"\xb0\x01\n\x07TurnEnd\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\x0c\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.splitkeras.wire.TurnEnd.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0cTurnEndReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0c\n\x04turn\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x32\x9c\x02\n\x0bSplitServer\x12@\n\x04Join\x12\x1c.splitkeras.wire.JoinRequest\x1a\x1a.splitkeras.wire.JoinReply\x12\x45\n\tBeginTurn\x12\x1c.splitkeras.wire.TurnRequest\x1a\x1a.splitkeras.wire.TurnReply\x12@\n\x08\x45xchange\x12\x19.splitkeras.wire.Envelope\x1a\x19.splitkeras.wire.Envelope\x12\x42\n\x07\x45ndTurn\x12\x18.splitkeras.wire.TurnEnd\x1a\x1d.splitkeras.wire.TurnEndReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%splitkeras/transport/proto/wire.proto\x12\x0fsplitkeras.wire\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"]\n\x07\x45ncoded\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x05parts\x18\x04 \x03(\x0b\x32\x16.splitkeras.wire.Array\"\xb8\x03\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\x05\x12\x11\n\tclient_id\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12)\n\x07tensors\x18\x04 \x03(\x0b\x32\x18.splitkeras.wire.Encoded\x12&\n\x06labels\x18\x05 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12-\n\rsample_weight\x18\x06 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12$\n\x04loss\x18\x07 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12#\n\x03ids\x18\x08 \x01(\x0b\x32\x16.splitkeras.wire.Array\x12\r\n\x05round\x18\t \x01(\x03\x12\r\n\x05\x63ount\x18\n \x01(\x03\x12\r\n\x05state\x18\x0b \x01(\x0c\x12\x37\n\x07metrics\x18\x0c \x03(\x0b\x32&.splitkeras.wire.Envelope.MetricsEntry\x12\x0e\n\x06status\x18\r \x01(\x05\x12\n\n\x02to\x18\x0e \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\n\n\x02to\x18\x02 \x01(\t\x12\x10\n\x08schedule\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\"\xc8\x01\n\tJoinReply\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0bnum_clients\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0c\n\x04turn\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x15\n\routput_dtypes\x18\x07 \x03(\t\x12\x10\n\x08\x63odec_up\x18\x08 \x01(\t\x12\x12\n\ncodec_down\x18\t \x01(\t\x12\x10\n\x08schedule\x18\n \x01(\t\x12\x0f\n\x07parties\x18\x0b \x03(\t2\x91\x01\n\x0bSplitServer\x12@\n\x04Join\x12\x1c.splitkeras.wire.JoinRequest\x1a\x1a.splitkeras.wire.JoinReply\x12@\n\x08\x45xchange\x12\x19.splitkeras.wire.Envelope\x1a\x19.splitkeras.wire.Envelopeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitkeras.transport.proto.wire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TURNEND_METRICSENTRY']._loaded_options = None
-  _globals['_TURNEND_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_ENVELOPE_METRICSENTRY']._loaded_options = None
+  _globals['_ENVELOPE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_ARRAY']._serialized_start=58
   _globals['_ARRAY']._serialized_end=109
   _globals['_ENCODED']._serialized_start=111
   _globals['_ENCODED']._serialized_end=204
   _globals['_ENVELOPE']._serialized_start=207
-  _globals['_ENVELOPE']._serialized_end=469
-  _globals['_JOINREQUEST']._serialized_start=471
-  _globals['_JOINREQUEST']._serialized_end=503
-  _globals['_JOINREPLY']._serialized_start=506
-  _globals['_JOINREPLY']._serialized_end=671
-  _globals['_TURNREQUEST']._serialized_start=673
-  _globals['_TURNREQUEST']._serialized_end=720
-  _globals['_TURNREPLY']._serialized_start=722
-  _globals['_TURNREPLY']._serialized_end=820
-  _globals['_TURNEND']._serialized_start=823
-  _globals['_TURNEND']._serialized_end=999
-  _globals['_TURNEND_METRICSENTRY']._serialized_start=953
-  _globals['_TURNEND_METRICSENTRY']._serialized_end=999
-  _globals['_TURNENDREPLY']._serialized_start=1001
-  _globals['_TURNENDREPLY']._serialized_end=1058
-  _globals['_SPLITSERVER']._serialized_start=1061
-  _globals['_SPLITSERVER']._serialized_end=1345
+  _globals['_ENVELOPE']._serialized_end=647
+  _globals['_ENVELOPE_METRICSENTRY']._serialized_start=601
+  _globals['_ENVELOPE_METRICSENTRY']._serialized_end=647
+  _globals['_JOINREQUEST']._serialized_start=649
+  _globals['_JOINREQUEST']._serialized_end=725
+  _globals['_JOINREPLY']._serialized_start=728
+  _globals['_JOINREPLY']._serialized_end=928
+  _globals['_SPLITSERVER']._serialized_start=931
+  _globals['_SPLITSERVER']._serialized_end=1076
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,306 @@
+"""A host process of a run over gRPC (the client side: `client_process`).
+
+`serve(config, workdir, host=...)` runs a host of `config`'s schedule (the
+server side: the parties `deployment.layout` puts on it) until every round
+is trained; it reads no dataset. `client_process.run_client(config, k,
+connect, ...)` runs client k: it reads its own site only
+(`config.data.sites`, or its part of the dataset), builds its program and
+trains its part of every round through gRPC links to the hosts. Both drive
+their process with the same
+`Runner` as an in-process run (progress, TensorBoard, checkpoints,
+summary.json), and build the same parties from the same seed as the
+in-process schedule, so the final weights equal those of
+`experiment.train_and_evaluate` with the same config (tested within 1e-5,
+codec float32, for every configuration).
+
+Faults: every call retries while a host is unreachable, and every step is
+applied once (step ids, a reply cache). A host commits at the end of every
+transaction (a turn of round robin, a round otherwise) and, restarted from
+its workdir, goes back to its last commit; clients then train that turn or
+round again from their state at its start (round robin: the handed-on
+state; otherwise each client's own snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+
+from splitkeras import builders, deployment, distribute
+from splitkeras.checkpointing import load_trained
+from splitkeras.launcher import kill_after
+from splitkeras.runner import Runner, RunnerProcess
+from splitkeras.transport import codec as codec_lib
+from splitkeras.transport.grpc_client import Connection
+from splitkeras.transport.grpc_host import GrpcHost, start_host
+from splitkeras.transport.grpc_link import GrpcLink
+from splitkeras.transport.proto import wire_pb2
+
+log = logging.getLogger("splitkeras")
+
+__all__ = ["HostProcess", "serve", "serve_predictions"]
+
+
+class HostProcess(RunnerProcess):
+    """A gRPC host's part of the run: it waits for each round to end."""
+
+    def __init__(self, config, host: GrpcHost, strategy=None):
+        self.config = config
+        self.host = host
+        self.coordinator = host.coordinator
+        self.strategy = strategy
+        self.rounds = int(config.train.epochs)
+
+    def start_epoch(self, saved: int) -> int:
+        return self.coordinator.position()[0] if self.coordinator else 0
+
+    def round(self, epoch, skip=0):
+        """Yields once per step applied here, until round `epoch` has ended."""
+        seen = int(self.coordinator.step.numpy())
+        with self.host._changed:
+            while int(self.coordinator.round.numpy()) <= epoch and not self.host.done:
+                self.host._changed.wait(0.5)
+                now = int(self.coordinator.step.numpy())
+                for _ in range(now - seen):
+                    yield None
+                seen = now
+
+    def logs(self, epoch):
+        return self.coordinator.logs.get(epoch, ({}, {}))
+
+    def byte_counts(self) -> dict:
+        return self.host.byte_counts()
+
+    def summary(self, test: dict) -> dict:
+        from splitkeras.experiment import byte_totals, summary_fields
+
+        per_client = self.byte_counts()
+        replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+        return {
+            **summary_fields(self.config, self.config.data.name, test),
+            **byte_totals(per_client),
+            "transport": "grpc",
+            "per_client": per_client,
+            "steps": int(self.coordinator.step.numpy()),
+            "server_replicas": replicas,
+            "skipped_turns": list(getattr(self.coordinator, "skipped", [])),
+            "refused_calls": self.host.refused,
+            # Peak resident memory of the host process (Linux reports KiB).
+            "server_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            / 1024,
+        }
+
+
+def serve(
+    config,
+    workdir: str,
+    address: str = "127.0.0.1:0",
+    credentials=None,
+    tokens: dict | None = None,
+    on_started=None,
+    host: str = "server",
+    connect: dict | None = None,
+    connect_credentials=None,
+    token: str | None = None,
+) -> dict:
+    """Runs host `host` of `config`'s run until every round is trained.
+
+    Args:
+      config: the run's config (`config.grpc` for limits and timeouts).
+      workdir: the host's directory: its commits (resumed from if present),
+        TensorBoard, summary.json, final weights.
+      address: "host:port" to listen on (port 0: any free port).
+      credentials: `grpc.ServerCredentials` (TLS), or None for plaintext.
+      tokens: {client id: token}; None accepts any client id (tests only).
+      on_started: called with the bound port once the host listens.
+      host: which host of `deployment.layout(config)` this is.
+      connect: {party: "host:port"} of the parties on other hosts this one
+        sends to (a relay: the server).
+      connect_credentials / token: TLS and token of this host's own calls.
+
+    Returns:
+      The host's summary.
+    """
+    strategy = distribute.make_strategy(config.get("server", {}))  # first
+    distribute.check_supported(config, strategy)
+    if strategy is not None and config.server.strategy == "multi_worker":
+        raise ValueError(
+            "config.server.strategy='multi_worker' does not serve gRPC clients "
+            "yet (the first worker does not relay their messages to the "
+            "others): serve with 'mirrored' on one machine, or run multi_worker "
+            "in-process with scripts/train.py on every worker"
+        )
+    settings = config.grpc
+    links = {
+        party: _relay_link(config, party, address_of, connect_credentials, token)
+        for party, address_of in (connect or {}).items()
+    }
+    parties, coordinator, state = deployment.hosted_parties(
+        config, host, links, strategy, clock=time.monotonic
+    )
+    up, down = builders.codecs(config)
+    grpc_host = GrpcHost(
+        parties,
+        config.num_clients,
+        tokens=tokens,
+        codec_up=up,
+        codec_down=down,
+        checkpoint_dir=os.path.join(workdir, "checkpoints", host),
+        state=state,
+        info={
+            "run": os.path.basename(os.path.normpath(workdir)),
+            "schedule": deployment.schedule_name(config),
+            "epochs": int(config.train.epochs),
+        },
+        coordinator=coordinator,
+        gather_seconds=float(settings.get("gather_seconds", 10.0)),
+        run_eagerly=config.train.run_eagerly,
+        jit_compile=bool(config.train.get("jit_compile", False)),
+    )
+    grpc_host.on_applied = kill_after
+    server, port = start_host(
+        grpc_host, address, credentials, settings.max_message_mb << 20
+    )
+    log.info("%s serving %s on port %d", host, ", ".join(parties), port)
+    if on_started is not None:
+        on_started(port)
+    try:
+        if coordinator is None:  # a relay: serves until its server is done
+            summary = _serve_until_done(grpc_host, links, host)
+        else:
+            process = HostProcess(config, grpc_host, strategy)
+            summary = Runner(config, workdir, process, name=host).run()
+            _wait_told(
+                grpc_host,
+                config.num_clients,
+                _hosts_linking_to(config, host),
+                settings.timeout_seconds,
+            )
+        time.sleep(0.5)  # let the last replies leave
+    finally:
+        grpc_host.closed.set()
+        server.stop(grace=2.0).wait()
+    _save_weights(parties, workdir)
+    return summary
+
+
+def _wait_told(grpc_host, num_clients: int, hosts: list, seconds: float) -> None:
+    """Serves until every round-robin client (each waits for it, to take the
+    last handoff) and every host sending here (a relay) has heard that the
+    run is over, for at most `seconds`."""
+    told = getattr(grpc_host.coordinator, "told_done", None)
+    deadline = time.monotonic() + seconds
+
+    def waiting() -> bool:
+        clients = told is not None and len(told) < num_clients
+        return clients or not set(hosts) <= grpc_host.hosts_told
+
+    while waiting() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _hosts_linking_to(config, host: str) -> list:
+    """The other hosts that send to the parties of `host`."""
+    plan = deployment.layout(config)
+    here = set(plan.hosts[host])
+    return [h for h, parties in plan.host_links.items() if here & set(parties)]
+
+
+def _serve_until_done(grpc_host, links, host: str) -> dict:
+    """A host without a coordinator (a relay) serves until the run is done."""
+    connection = next(iter(links.values())).connection
+    while True:
+        request = wire_pb2.JoinRequest(client_id=0, host=host)
+        info = connection.call("Join", request, wire_pb2.JoinReply)
+        if info.done:
+            return {"done": True, "byte_counts": grpc_host.byte_counts()}
+        time.sleep(0.5)
+
+
+def _relay_link(config, party, address, credentials, token):
+    """A host's link to a party on another host (a relay's to the server)."""
+    settings = config.grpc
+    connection = Connection(
+        address,
+        0,
+        token=token,
+        credentials=credentials,
+        max_message_bytes=settings.max_message_mb << 20,
+        timeout=settings.timeout_seconds,
+        retry_seconds=settings.retry_seconds,
+    )
+    up, down = builders.codecs(config)
+    multihop = config.topology == "multihop"
+    specs = deployment.relay_link_specs(config) if multihop else {}
+    return GrpcLink(connection, **specs, codec_up=up, codec_down=down, to=party)
+
+
+def _save_weights(parties, workdir) -> None:
+    """The final weights of every hosted segment (`<party>.weights.h5`)."""
+    for name, party in parties.items():
+        segments = _segments(party)
+        for i, segment in enumerate(segments):
+            suffix = f"_{i}" if len(segments) > 1 else ""
+            segment.save_weights(os.path.join(workdir, f"{name}{suffix}.weights.h5"))
+
+
+def _segments(party) -> list:
+    inner = getattr(party, "server", party)
+    inner = getattr(inner, "server", inner)  # SplitFed v2's ordered server
+    copies = getattr(inner, "copies", None)
+    if copies is not None:
+        return [c.segment for c in copies]
+    segment = getattr(inner, "segment", None)
+    if segment is not None:
+        return [segment]
+    model = getattr(inner, "model", None)
+    return [model] if model is not None else []
+
+
+# ---------------------------------------------------------------- predict
+def serve_predictions(
+    config,
+    workdir: str,
+    address: str = "127.0.0.1:0",
+    credentials=None,
+    tokens: dict | None = None,
+    on_started=None,
+    stop=None,
+):
+    """Serves split inference with the server segment trained in `workdir`.
+
+    Clients (a Keras `Client.predict_step` over a `GrpcLink`, or an edge
+    client's `predict`) send their cut tensors in PREDICT messages and get
+    the server segment's outputs back. No training, no checkpoints. Runs
+    until `stop` (a `threading.Event`) is set, or forever.
+    """
+    from splitkeras.parties import Server
+
+    segments = builders.build_segments(config)
+    load_trained([segments.server], workdir, "server", "server.weights.h5")
+    objective = None if segments.ushaped else builders.make_objective(config)
+    server = Server(segments.server, builders.make_optimizer(config), objective)
+    up, down = codec_lib.codec_pair(config)
+    host = GrpcHost(
+        {"server": server},
+        config.num_clients,
+        tokens=tokens,
+        codec_up=up,
+        codec_down=down,
+        run_eagerly=config.train.run_eagerly,
+    )
+    grpc_server, port = start_host(
+        host, address, credentials, config.grpc.max_message_mb << 20
+    )
+    log.info("Serving predictions on port %d", port)
+    if on_started is not None:
+        on_started(port)
+    try:
+        while not (stop is not None and stop.wait(1.0)):
+            if stop is None:
+                time.sleep(1.0)
+    finally:
+        host.closed.set()
+        grpc_server.stop(grace=1.0).wait()

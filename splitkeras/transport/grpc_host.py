@@ -1,0 +1,515 @@
+"""One generic host: the hosted parties of any schedule behind gRPC.
+
+`GrpcHost` serves the two calls of `wire.proto` for the parties it hosts
+(the server and its coordinator, an averager, a relay, a task head, a
+client's inbox, ...), each addressed by name (`Envelope.to`):
+
+- `Join`: a client learns the run (clients, rounds, codecs, where it is).
+- `Exchange`: one protocol message, steps and orchestration alike, answered
+  by the party's `handle` exactly as in one process.
+
+Every call is authenticated (client id + token metadata; a body that speaks
+for another client is refused), every message is checked before it is used
+(`transport.arrival`: INVALID_ARGUMENT naming the problem, and nothing
+changes), and every training step is applied exactly once: a repeated step
+id is answered from a cache. A party that cannot answer yet (another
+client's turn, a barrier) makes the call wait a little (WAIT answers are
+long-polled; `NotYet` is retried until `gather_seconds`, then UNAVAILABLE,
+which clients retry). The host commits (checkpoints every hosted party and
+the coordinator) when the coordinator ends a transaction, and rolls back to
+the last commit when a transaction cannot finish.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import logging
+import threading
+import time
+
+import grpc
+import numpy as np
+import tensorflow as tf
+
+from splitkeras.parties.segment_step import compiled
+from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Rejected, Status
+from splitkeras.transport import wire
+from splitkeras.transport.arrival import decode_message, encode_reply
+from splitkeras.transport.codec import get_codec
+from splitkeras.transport.counters import CATEGORIES, ByteCounters, category
+from splitkeras.transport.grpc_client import FRAME_BYTES, SERVICE, channel_options
+from splitkeras.transport.proto import wire_pb2
+
+log = logging.getLogger("splitkeras")
+
+__all__ = ["GrpcHost", "Refused", "start_host"]
+
+_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "restart": grpc.StatusCode.FAILED_PRECONDITION,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
+}
+_TRAINING = (Kind.TRAIN, Kind.OUTPUT_GRADIENTS)
+
+
+class Refused(Exception):
+    """A call is refused with `code` (a grpc.StatusCode) and `details`."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class GrpcHost:
+    """Hosted parties of a schedule serving K clients over gRPC.
+
+    Args:
+      parties: {name: party}, each with `handle(message)`; the first is the
+        one an envelope without `to` goes to. A party may also have
+        `check(message)` (refuse a step the run is not at), `tick()`,
+        `rolled_back()`, `arrival_specs(kind, client)`, `takes_labels`,
+        `num_classes`, `output_specs()` and `compiled_kinds`.
+      num_clients: K (client ids 0..K-1).
+      tokens: {client id: token}, or None to accept any client id < K
+        without a token (only for trusted networks and tests).
+      codec_up / codec_down: the codecs of activations / gradients.
+      weight_codec: the codec of weights and averages.
+      checkpoint_dir: where the host commits; None: nothing to commit (an
+        inference-only host).
+      state: {name: trackable} of everything committed (the parties' and
+        the coordinator's variables).
+      info: what Join tells besides the parties': {"run", "schedule",
+        "epochs"}.
+      coordinator: the party whose position Join reports (and whose
+        `on_commit` / `on_rollback` the host serves), or None.
+      wait_seconds: how long a WAIT answer is held back before it is sent
+        (the client then asks again).
+      gather_seconds: how long a message a party cannot answer yet waits
+        for the others before the call fails with UNAVAILABLE (retried).
+      run_eagerly / jit_compile: how the parties' steps are compiled.
+      clock: the time source of turn timeouts.
+    """
+
+    def __init__(
+        self,
+        parties: dict,
+        num_clients: int,
+        tokens: dict | None = None,
+        codec_up="float32",
+        codec_down="float32",
+        weight_codec="float32",
+        checkpoint_dir: str | None = None,
+        state: dict | None = None,
+        info: dict | None = None,
+        coordinator=None,
+        wait_seconds: float = 2.0,
+        gather_seconds: float = 10.0,
+        run_eagerly: bool = False,
+        jit_compile: bool = False,
+    ):
+        self.parties = dict(parties)
+        self.default = next(iter(self.parties))
+        self.num_clients = num_clients
+        self.tokens = tokens
+        self.codecs_in = (get_codec(codec_up), get_codec(weight_codec))
+        self.codecs_out = (get_codec(codec_down), get_codec(weight_codec))
+        self.info = dict(info or {})
+        self.coordinator = coordinator
+        self.wait_seconds = wait_seconds
+        self.gather_seconds = gather_seconds
+        self.refused = 0
+        self.applied = 0  # training messages applied
+        self.on_applied = None  # called with `applied` after each
+        self.hosts_told = set()  # hosts (relays) told that the run is over
+        self.closed = threading.Event()  # set: the watchdog stops
+        self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._cache = {}  # (party, client) -> (step, kind, reply bytes)
+        self._eval_step = {}  # (party, client) -> last evaluation batch
+        self._open = {}  # (party, client) -> U-shaped outputs awaiting gradients
+        self._fns = {}
+        self._reply_kinds = {}
+        self._compile = (run_eagerly, jit_compile)
+        self._manager = None
+        if checkpoint_dir is not None:
+            self._commits = tf.Variable(0, dtype=tf.int64, trainable=False)
+            checkpoint = tf.train.Checkpoint(
+                **(state or {}), commits=self._commits, **self._counter_state()
+            )
+            self._manager = tf.train.CheckpointManager(
+                checkpoint, checkpoint_dir, max_to_keep=3
+            )
+            if coordinator is not None:
+                coordinator.on_commit = self.commit
+                coordinator.on_rollback = self._rollback_from_party
+            if self._manager.latest_checkpoint:
+                self._restore()
+                log.info("Host resumed at %s", self.position())
+            else:
+                self.commit()
+
+    def _counter_state(self) -> dict:
+        return {f"bytes_{k}": v for k, v in self.counters.variables().items()}
+
+    # ----------------------------------------------------------- state
+    def position(self) -> tuple:
+        """The coordinator's position and the steps applied, e.g. (epoch,
+        turn, step) of a round robin."""
+        if self.coordinator is None:
+            return ()
+        return (*self.coordinator.position(), int(self.coordinator.step.numpy()))
+
+    @property
+    def done(self) -> bool:
+        return self.coordinator is not None and self.coordinator.done
+
+    def commit(self) -> None:
+        """Saves every hosted party's state (the end of a transaction)."""
+        if self._manager is None:
+            return
+        with self._changed:
+            self._commits.assign_add(1)
+            self._manager.save(checkpoint_number=int(self._commits.numpy()))
+            self._changed.notify_all()
+
+    def _restore(self):
+        self._manager.checkpoint.restore(
+            self._manager.latest_checkpoint
+        ).assert_existing_objects_matched()
+
+    def _rollback_from_party(self) -> None:
+        self.rollback("a transaction could not finish")
+
+    def rollback(self, why: str) -> None:
+        """Back to the last commit: the start of the current transaction."""
+        log.warning("Rolling back to the last commit: %s", why)
+        if self._manager is not None:
+            self._restore()
+        for party in self.parties.values():
+            rolled_back = getattr(party, "rolled_back", None)
+            if rolled_back is not None:
+                rolled_back()
+        self._cache.clear()
+        self._open.clear()
+        self._eval_step.clear()
+        with self._changed:
+            self._changed.notify_all()
+
+    def tick(self) -> None:
+        """Periodic checks of the parties (turn timeouts)."""
+        with self._changed:
+            for party in self.parties.values():
+                tick = getattr(party, "tick", None)
+                if tick is not None:
+                    tick()
+
+    def byte_counts(self) -> dict:
+        """{name: [bytes per client]} as sent, gRPC framing included."""
+        return self.counters.as_dict()
+
+    # ------------------------------------------------------------ calls
+    def _authenticate(self, context, claimed: int) -> int:
+        metadata = dict(context.invocation_metadata())
+        raw = metadata.get("x-splitkeras-client", "")
+        try:
+            client = int(raw)
+        except ValueError:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"missing or malformed client id metadata {raw!r}",
+            ) from None
+        if not 0 <= client < self.num_clients:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"unknown client {client}: this host serves clients "
+                f"0..{self.num_clients - 1}",
+            )
+        if self.tokens is not None:
+            token = metadata.get("x-splitkeras-token", "")
+            if not hmac.compare_digest(token.encode(), self.tokens[client].encode()):
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED, f"wrong token for client {client}"
+                )
+        if claimed != client:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {client} cannot speak for client {claimed}",
+            )
+        return client
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """The gRPC handlers (bytes in, bytes out) of this host."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE.strip("/").rstrip("/"),
+            {
+                name: grpc.unary_unary_rpc_method_handler(self._serve(name))
+                for name in ("Join", "Exchange")
+            },
+        )
+
+    def _serve(self, name):
+        def serve(data, context):
+            client, kind = None, None
+            try:
+                if name == "Exchange":  # a frame, or a plain envelope
+                    request, payloads = wire.open_body(data, "Exchange request")
+                    kind = request.kind
+                    client = self._authenticate(context, request.client_id)
+                    reply = self.exchange(
+                        client, request, payloads, data[:1] == b"\x00"
+                    )
+                else:
+                    request = wire.parse(wire_pb2.JoinRequest, data, "Join request")
+                    client = self._authenticate(context, request.client_id)
+                    reply = self.join(client, request).SerializeToString()
+            except wire.WireError as e:
+                self._refuse(context, name, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Refused as e:
+                self._refuse(context, name, e.code, e.details)
+            except Rejected as e:
+                self._refuse(context, name, _CODES[e.reason], e.details)
+            except Exception as e:  # a bug or an op error: say so, keep serving
+                log.exception("%s failed", name)
+                self._refuse(context, name, grpc.StatusCode.INTERNAL, repr(e))
+            if name == "Exchange":
+                self._count(client, kind, len(data), len(reply))
+            return reply
+
+        return serve
+
+    def _count(self, client, kind, sent, received):
+        if client is None:
+            return
+        try:
+            names = CATEGORIES[category(kind)]
+        except ValueError:
+            return
+        with self._lock:
+            self.counters.add(names[0], client, sent + FRAME_BYTES)
+            self.counters.add(names[1], client, received + FRAME_BYTES)
+
+    def _refuse(self, context, name, code, details):
+        with self._lock:
+            self.refused += 1
+        log.info("%s refused: %s: %s", name, code.name, details)
+        context.abort(code, details)
+
+    def _party(self, name: str):
+        name = name or self.default
+        if name not in self.parties:
+            raise wire.WireError(
+                f"this host serves {', '.join(sorted(self.parties))}, not {name!r}"
+            )
+        return name, self.parties[name]
+
+    def join(self, client, request) -> wire_pb2.JoinReply:
+        name, party = self._party(request.to)
+        expected = self.info.get("schedule", "")
+        if request.schedule and expected and request.schedule != expected:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this host runs {expected!r}, the client {request.schedule!r}: "
+                "start both from the same config",
+            )
+        with self._lock:
+            position = self.position()
+            if request.host and self.done:
+                self.hosts_told.add(request.host)
+        specs = getattr(party, "output_specs", lambda: [])()
+        return wire_pb2.JoinReply(
+            run=self.info.get("run", ""),
+            num_clients=self.num_clients,
+            epoch=position[0] if position else 0,
+            turn=position[1] if len(position) > 2 else 0,
+            epochs=int(self.info.get("epochs", 0)),
+            done=self.done,
+            output_dtypes=[tf.as_dtype(d).name for d, _ in specs],
+            codec_up=self.codecs_in[0].name,
+            codec_down=self.codecs_out[0].name,
+            schedule=expected,
+            parties=sorted(self.parties),
+        )
+
+    def exchange(self, client, envelope, payloads=None, framed=False) -> bytes:
+        """Answers one message; returns the serialized reply."""
+        payloads = payloads or wire.Payloads()
+        with self._changed:
+            name, party = self._party(envelope.to)
+            seen = getattr(party, "seen", None)
+            if seen is not None:
+                seen(client)
+            cached = self._cached(name, client, envelope)
+            if cached is not None:
+                return cached
+            kind = Kind(envelope.kind) if envelope.kind in set(Kind) else None
+            if kind in DATA_KINDS:
+                self._check(party, kind, client, envelope)
+            specs = None
+            if kind == Kind.OUTPUT_GRADIENTS:
+                specs = self._open.get((name, client))
+                if specs is None:
+                    raise wire.WireError(
+                        f"OUTPUT_GRADIENTS of step {envelope.step} from client "
+                        f"{client} without a TRAIN message before it"
+                    )
+            message = decode_message(
+                envelope, party, client, payloads, self.codecs_in, specs
+            )
+            reply = self._answer(name, party, message)
+            data = encode_reply(envelope, reply, self.codecs_out, framed)
+            self._remember(name, client, envelope, reply, data)
+            self._changed.notify_all()
+            if kind in _TRAINING:
+                self.applied += 1
+                if self.on_applied is not None:
+                    self.on_applied(self.applied)
+            return data
+
+    def _check(self, party, kind, client, envelope):
+        if kind == Kind.EVALUATE:
+            last = self._eval_step.get((id(party), client), 0)
+            if envelope.step not in (1, last + 1):
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"evaluation batch {envelope.step} of client {client} is out "
+                    f"of order (expected 1 or {last + 1})",
+                )
+
+    def _cached(self, name, client, envelope):
+        key = (name, client) if envelope.kind in _TRAINING else ("eval", name, client)
+        cached = self._cache.get(key)
+        if cached and cached[:2] == (envelope.step, envelope.kind):
+            return cached[2]
+        return None
+
+    def _remember(self, name, client, envelope, reply, data):
+        kind = envelope.kind
+        if kind in _TRAINING:
+            self._cache[(name, client)] = (envelope.step, kind, data)
+            if reply.kind == Kind.SERVER_OUTPUT:  # U-shaped: gradients must fit
+                self._open[(name, client)] = [
+                    (t.dtype, list(t.shape)) for t in reply.tensors
+                ]
+            else:
+                self._open.pop((name, client), None)
+        elif kind == Kind.EVALUATE:
+            self._cache[("eval", name, client)] = (envelope.step, kind, data)
+            self._eval_step[(id(self.parties[name]), client)] = envelope.step
+        elif kind not in DATA_KINDS:
+            # An orchestration message (REPORT, END, BEGIN) ends the client's
+            # evaluation pass: its next one starts again at batch 1.
+            for key in [k for k in self._cache if k[0] == "eval" and k[2] == client]:
+                del self._cache[key]
+            for key in [k for k in self._eval_step if k[1] == client]:
+                del self._eval_step[key]
+
+    def open_specs(self, name, client):
+        """The U-shaped outputs a client's OUTPUT_GRADIENTS must match, or None."""
+        return self._open.get((name, client))
+
+    def _answer(self, name, party, message) -> Message:
+        """The party's reply; waits while it cannot answer yet."""
+        deadline = time.monotonic() + self.gather_seconds
+        wait_until = time.monotonic() + self.wait_seconds
+        check = getattr(party, "check", None) if message.kind in DATA_KINDS else None
+        while True:
+            try:
+                if check is not None:  # the coordinator: is the run there?
+                    check(Message(message.kind, message.client_id, message.step))
+                reply = self._handle(name, party, message)
+            except NotYet as e:
+                if time.monotonic() > deadline:
+                    raise Refused(
+                        grpc.StatusCode.UNAVAILABLE, f"still waiting: {e}"
+                    ) from None
+                self._changed.wait(0.2)
+                continue
+            except (Rejected, Refused, wire.WireError):
+                raise
+            except Exception as e:
+                if message.kind in _TRAINING:
+                    # A step may have changed some state before failing: back
+                    # to the last commit; the client trains its part again.
+                    log.exception(
+                        "training message of client %d failed", message.client_id
+                    )
+                    self.rollback(f"a training message failed: {e!r}")
+                    raise Refused(grpc.StatusCode.INTERNAL, repr(e)) from None
+                raise
+            if reply.status != Status.WAIT or time.monotonic() > wait_until:
+                return reply
+            self._changed.wait(min(0.5, max(0.0, wait_until - time.monotonic())))
+
+    def _handle(self, name, party, message) -> Message:
+        if message.kind not in getattr(party, "compiled_kinds", ()):
+            return party.handle(message)
+        per_client = getattr(party, "per_client", False)
+        key = (name, message.kind, message.client_id if per_client else 0)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self._compiled(party, message.kind, key)
+        # A party that orders steps (SFLV2) does so around the compiled step.
+        admit = getattr(party, "admit", None)
+        if admit is not None:
+            admit(message)
+        tensors, loss = fn(
+            list(message.tensors), message.labels, message.sample_weight, message.ids
+        )
+        kind = self._reply_kinds[key]
+        reply = Message(
+            kind,
+            message.client_id,
+            message.step,
+            tuple(tensors),
+            loss=None if kind == Kind.SERVER_OUTPUT else loss,
+        )
+        applied = getattr(party, "applied", None)
+        if applied is not None:
+            applied(message, reply)
+        return reply
+
+    def _compiled(self, party, kind, key):
+        client = key[2]
+
+        def run(tensors, labels, sample_weight, ids):
+            reply = party.handle(
+                Message(kind, client, 0, tuple(tensors), labels, sample_weight, ids=ids)
+            )
+            self._reply_kinds[key] = reply.kind
+            loss = reply.loss if reply.loss is not None else tf.constant(np.nan)
+            return list(reply.tensors), loss
+
+        return compiled(run, *self._compile)
+
+
+def start_host(
+    host: GrpcHost,
+    address: str,
+    credentials=None,
+    max_message_bytes: int = 64 << 20,
+    workers: int | None = None,
+):
+    """Starts a gRPC server for `host` at `address`; returns (server, port)."""
+    workers = workers or max(8, 2 * host.num_clients + 4)
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=workers),
+        options=channel_options(max_message_bytes),
+    )
+    server.add_generic_rpc_handlers((host.handlers(),))
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind the server to {address}")
+    server.start()
+
+    def watchdog():
+        while not host.closed.wait(1.0):
+            host.tick()
+
+    threading.Thread(target=watchdog, daemon=True, name="host-watchdog").start()
+    return server, port

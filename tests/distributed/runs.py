@@ -1,0 +1,150 @@
+"""What the process tests share: tiny data, configs, and the same run in one
+process to compare the processes' final weights with."""
+
+import os
+
+import numpy as np
+
+from configs import fashion_mnist_lenet
+from splitkeras import builders, learning_rate
+from splitkeras.cut import cut
+from splitkeras.experiment import InProcess
+from splitkeras.privacy.leakage import attach_privacy
+from splitkeras.transport.turns import yield_all
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_npz(path, n_train, n_test=64):
+    """Three easy classes of 28x28 images (brightness), as a Keras .npz."""
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 3, n_train), rng.integers(0, 3, n_test)
+
+    def images(labels):
+        x = (
+            rng.integers(0, 90, (len(labels), 28, 28, 1))
+            + 80 * labels[:, None, None, None]
+        )
+        return x.astype(np.uint8)
+
+    np.savez(
+        path,
+        x_train=images(y_train),
+        y_train=y_train,
+        x_test=images(y_test),
+        y_test=y_test,
+    )
+    return path
+
+
+def setup(data_path, **overrides):
+    """(config, command-line config args) with the same overrides."""
+    c = fashion_mnist_lenet.get_config()
+    settings = {
+        "data.path": data_path,
+        "num_clients": 2,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.eval_batch_size": 64,
+        "train.learning_rate": 0.01,
+        "data.num_classes": 3,  # for the hosts, which do not read the data
+        **overrides,
+    }
+    args = ["--config=configs/fashion_mnist_lenet.py"]
+    for key, value in settings.items():
+        node = c
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+        args.append(f"--config.{key}={value}")
+    return c, args
+
+
+def in_process(config, train=True):
+    """The config's schedule in one process, trained as scripts/train.py
+    trains it (or untrained, to load weights into)."""
+    data = None if config.data.get("sites", "") else builders.load_data(config)
+    schedule = builders.build_schedule(config, data)
+    attach_privacy(schedule, config)
+    if train:
+        process = InProcess(config, schedule, data)
+        for epoch in range(config.train.epochs):
+            learning_rate.start_epoch(config.train, schedule.optimizers, epoch)
+            yield_all(process.round(epoch))
+    return schedule
+
+
+def parties(config, schedule) -> dict:
+    """{file stem in the processes' workdirs: the schedule's model}."""
+    method, topology = config.method, config.topology
+    k_all = range(config.num_clients)
+    if method == "fedavg":
+        out = {"server/server": schedule.global_model}
+        out.update(
+            {f"client_{k}/model": p.model for k, p in enumerate(schedule.programs)}
+        )
+        return out
+    if method == "large_batch_sgd":
+        out = {"server/server": schedule.model}
+        out.update(
+            {f"client_{k}/model": p.model for k, p in enumerate(schedule.programs)}
+        )
+        return out
+    if topology == "multihop":
+        return {
+            "server/server": schedule.server.segment,
+            "relay/relay": schedule.relays[0].segment,
+            "client_0/client": schedule.client.segment,
+        }
+    if topology == "multitask":
+        out = {f"head_{i}/head_{i}": h.segment for i, h in enumerate(schedule.heads)}
+        out["client_0/client"] = schedule.client.segment
+        return out
+    if method.startswith("splitfed"):
+        servers = schedule.servers
+        out = (
+            {f"server/server_{i}": s.segment for i, s in enumerate(servers)}
+            if len(servers) > 1
+            else {"server/server": servers[0].segment}
+        )
+    else:
+        out = {"server/server": schedule.server.segment}
+    for k in k_all:
+        client = schedule.clients[k]
+        out[f"client_{k}/client"] = client.segment
+        if client.tail is not None:
+            out[f"client_{k}/tail"] = client.tail
+    return out
+
+
+def processes_weights(config, workdir, untrained=None) -> dict:
+    """The final weights the processes wrote, by the names of `parties`
+    (loaded into `untrained`, a schedule of `config`, or one built now)."""
+    fresh = parties(config, untrained or in_process(config, train=False))
+    weights = {}
+    for name, model in fresh.items():
+        model.load_weights(os.path.join(workdir, f"{name}.weights.h5"))
+        weights[name] = [w.copy() for w in model.get_weights()]
+    return weights
+
+
+def in_process_weights(config) -> dict:
+    """The final weights of the same run in one process."""
+    trained = parties(config, in_process(config))
+    return {name: [w.copy() for w in m.get_weights()] for name, m in trained.items()}
+
+
+def loaded_segments(config, workdir, last_client):
+    """The server segment and client `last_client`'s segments the processes
+    wrote, loaded into fresh copies."""
+    segments = cut(
+        builders.build_model(config, builders.load_data(config)),
+        builders.cut_layers(config),
+    )
+    segments.server.load_weights(os.path.join(workdir, "server", "server.weights.h5"))
+    client_dir = os.path.join(workdir, f"client_{last_client}")
+    segments.client.load_weights(os.path.join(client_dir, "client.weights.h5"))
+    if segments.tail is not None:
+        segments.tail.load_weights(os.path.join(client_dir, "tail.weights.h5"))
+    return segments

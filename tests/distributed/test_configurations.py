@@ -1,0 +1,59 @@
+"""Every configuration as separate processes over gRPC (scripts/launch.py's
+launcher: one generic host per host of the layout, one process per client)
+ends with the weights of the same run in one process, within 1e-5."""
+
+import os
+
+from splitkeras import launcher
+from tests import base
+from tests.distributed.runs import (
+    in_process_weights,
+    processes_weights,
+    setup,
+    write_npz,
+)
+
+CONFIGURATIONS = {
+    "round_robin_peer": {},
+    "round_robin_server_handoff": {"weight_handoff": "server"},
+    "ushaped_nopeek": {
+        "topology": "ushaped",
+        "model.cut": "pool1,fc2",
+        "privacy.nopeek_alpha": 0.1,
+    },
+    "splitfed_v1": {"method": "splitfed_v1"},
+    "splitfed_v1_fed_process": {"method": "splitfed_v1", "splitfed.fed_process": True},
+    "splitfed_v2": {"method": "splitfed_v2"},
+    "fedavg": {"method": "fedavg"},
+    "large_batch_sgd": {"method": "large_batch_sgd"},
+    "vertical": {"topology": "vertical"},
+    "multihop": {"topology": "multihop", "model.cut": "pool1,pool2", "num_clients": 1},
+    "multitask": {
+        "topology": "multitask",
+        "num_clients": 1,
+        "multitask.groups": "0,0,1",
+        "model.cut": "fc2",
+    },
+}
+
+
+class ConfigurationsOverGrpcTest(base.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.npz = write_npz(os.path.join(base.TestCase().tempdir(), "small.npz"), 256)
+
+    @base.parameterized.named_parameters(
+        (name, overrides) for name, overrides in CONFIGURATIONS.items()
+    )
+    def test_processes_equal_in_process(self, overrides):
+        config, args = setup(self.npz, **overrides)
+        workdir = os.path.join(self.tempdir(), "run")
+        summary = launcher.launch(args, workdir, config).wait(600)
+        self.assertEqual(summary["epochs"], 2)
+        processes = processes_weights(config, workdir)
+        in_process = in_process_weights(config)
+        self.assertEqual(sorted(processes), sorted(in_process))
+        for name in in_process:
+            with self.subTest(party=name):
+                self.assertWeightsClose(processes[name], in_process[name])

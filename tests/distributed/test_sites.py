@@ -1,0 +1,63 @@
+"""Data stays where it belongs: scripts/partition.py writes each site's file,
+each client is started with a folder holding only its own file, and the
+hosts run where the dataset does not exist. The run ends with the weights
+of the same run in one process over the whole dataset, within 1e-5."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from splitkeras import launcher
+from tests import base
+from tests.distributed.runs import (
+    ROOT,
+    in_process,
+    in_process_weights,
+    processes_weights,
+    setup,
+    write_npz,
+)
+
+
+class SitesTest(base.TestCase):
+    @base.parameterized.named_parameters(
+        ("round_robin", {}),
+        ("vertical", {"topology": "vertical"}),
+    )
+    def test_clients_hold_only_their_site_and_hosts_no_data(self, overrides):
+        root = self.tempdir()
+        npz = write_npz(os.path.join(root, "data.npz"), 256)
+        config, args = setup(npz, **overrides)
+        expected = in_process_weights(config)  # over the whole dataset
+        untrained = in_process(config, train=False)  # to load the results into
+
+        every = os.path.join(root, "sites")
+        written = subprocess.run(
+            [sys.executable, "scripts/partition.py", *args, f"--out={every}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+        self.assertEqual(written.returncode, 0, written.stderr[-3000:])
+        vertical = config.topology == "vertical"
+        line = "256 training rows, no labels" if vertical else "128 training rows"
+        self.assertIn(f"client_1.npz: {line}", written.stdout)
+        own = {}
+        for k in range(config.num_clients):
+            folder = os.path.join(root, f"site_{k}")
+            os.makedirs(folder)
+            shutil.copy(os.path.join(every, f"client_{k}.npz"), folder)
+            own[k] = [f"--config.data.sites={folder}"]
+        shutil.rmtree(every)
+        os.remove(npz)  # no process can read the dataset now
+
+        workdir = os.path.join(root, "run")
+        summary = launcher.launch(args, workdir, config, client_flags=own).wait(600)
+        self.assertEqual(summary["epochs"], 2)
+        processes = processes_weights(config, workdir, untrained)
+        self.assertEqual(sorted(processes), sorted(expected))
+        for name in expected:
+            with self.subTest(party=name):
+                self.assertWeightsClose(processes[name], expected[name])
