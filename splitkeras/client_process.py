@@ -61,14 +61,8 @@ class ClientProcess(RunnerProcess):
 
         def connection(address):
             if address not in self._connections:
-                self._connections[address] = Connection(
-                    address,
-                    k,
-                    token=token,
-                    credentials=credentials,
-                    max_message_bytes=settings.max_message_mb << 20,
-                    timeout=settings.timeout_seconds,
-                    retry_seconds=settings.retry_seconds,
+                self._connections[address] = Connection.from_settings(
+                    address, k, settings, token, credentials
                 )
             return self._connections[address]
 

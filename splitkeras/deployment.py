@@ -266,9 +266,7 @@ def relay_link_specs(config) -> dict:
 
 
 # ---------------------------------------------------------------- clients
-def client_program(
-    config, k: int, links: dict, key=None, inbox=None, counters=None, input_shape=None
-):
+def client_program(config, k: int, links: dict, key=None, inbox=None, counters=None):
     """Client k's program (and its party), built from the config.
 
     Args:
@@ -279,8 +277,6 @@ def client_program(
       key: the clients' handoff key (round robin).
       inbox: this client's `Inbox` (peer handoff).
       counters: where to count handed-on bytes received from a peer.
-      input_shape: the client's input shape when it differs from the
-        config's (a vertical client's strip).
 
     Returns:
       The program (`KerasTurns`, `FedClient`, `RoundClient`, `TaskClient`,

@@ -221,16 +221,7 @@ def _serve_until_done(grpc_host, links, host: str) -> dict:
 
 def _relay_link(config, party, address, credentials, token):
     """A host's link to a party on another host (a relay's to the server)."""
-    settings = config.grpc
-    connection = Connection(
-        address,
-        0,
-        token=token,
-        credentials=credentials,
-        max_message_bytes=settings.max_message_mb << 20,
-        timeout=settings.timeout_seconds,
-        retry_seconds=settings.retry_seconds,
-    )
+    connection = Connection.from_settings(address, 0, config.grpc, token, credentials)
     up, down = builders.codecs(config)
     multihop = config.topology == "multihop"
     specs = deployment.relay_link_specs(config) if multihop else {}

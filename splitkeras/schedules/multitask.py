@@ -147,6 +147,11 @@ class TaskClient:
     def steps(self) -> int:
         return int(self._step.numpy())
 
+    @property
+    def step_variable(self) -> tf.Variable:
+        """The training step counter (what a checkpoint keeps)."""
+        return self._step
+
     def _send(self, kind, step, cut_tensors, ys=None) -> list[Message]:
         """Sends head i its cut tensors (and task i's labels); returns replies."""
         replies = []
@@ -283,13 +288,14 @@ class MultiTask(Schedule):
         self.client = Client(segments.client, make(), client_id=0)
         for party in [self.client, *self.heads]:
             party.build_optimizer()
-        self.program = TaskClient(
-            self.client, self.links, self._used, run_eagerly, jit_compile
-        )
-        self._step = self.program._step
-        self._train_fn = self.program.train_fn
-        self._evaluate_fn = self.program.evaluate_fn
-        self._predict_fn = self.program.predict_fn
+        # The one client's program, a list as in the other schedules.
+        self.programs = [
+            TaskClient(self.client, self.links, self._used, run_eagerly, jit_compile)
+        ]
+
+    @property
+    def program(self) -> TaskClient:
+        return self.programs[0]
 
     @property
     def optimizers(self) -> list:
@@ -315,7 +321,7 @@ class MultiTask(Schedule):
         Returns:
           The H task losses of the batch.
         """
-        return self._train_fn(x, self._labels(ys))
+        return self.program.train_fn(x, self._labels(ys))
 
     def _results(self, training) -> dict:
         results = {}
@@ -363,14 +369,14 @@ class MultiTask(Schedule):
         for objective in self.objectives:
             objective.reset(training=False)
         for x, ys in dataset:
-            self._evaluate_fn(x, self._labels(ys))
+            self.program.evaluate_fn(x, self._labels(ys))
         return self._results(training=False)
 
     def predict(self, x, batch_size=None) -> list:
         """The H heads' outputs for `x`, in batches; a list of tensors."""
         n = len(x)
         size = batch_size or max(n, 1)
-        batches = [self._predict_fn(x[i : i + size]) for i in range(0, n, size)]
+        batches = [self.program.predict_fn(x[i : i + size]) for i in range(0, n, size)]
         return [tf.concat(list(task), axis=0) for task in zip(*batches)]
 
     def byte_counts(self) -> dict:
@@ -392,7 +398,7 @@ class MultiTask(Schedule):
 
         The client (the sender on every link) keeps the links' byte counters.
         """
-        state = {"multitask_step": self._step, **extra}
+        state = {"multitask_step": self.program.step_variable, **extra}
         counters = {
             f"task_{i}_{key}": variable
             for i, link in enumerate(self.links)

@@ -99,6 +99,21 @@ class Connection:
         self.retries = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(
+        cls, target: str, client_id: int, settings, token=None, credentials=None
+    ) -> Connection:
+        """A connection with a run's `config.grpc` limit, deadline and retries."""
+        return cls(
+            target,
+            client_id,
+            token=token,
+            credentials=credentials,
+            max_message_bytes=settings.max_message_mb << 20,
+            timeout=settings.timeout_seconds,
+            retry_seconds=settings.retry_seconds,
+        )
+
     def call(self, method: str, request, reply_type, timeout: float | None = None):
         """Calls `method`, retrying while the server is unavailable.
 
@@ -178,8 +193,13 @@ class ControlLink:
         return wire.control_message(reply)
 
     def poll(self, message: Message) -> Message:
-        while True:
-            reply = self.request(message)
-            if reply.status != Status.WAIT:
-                return reply
-            time.sleep(self.poll_seconds)
+        return poll(self.request, message, self.poll_seconds)
+
+
+def poll(request, message: Message, pause_seconds: float) -> Message:
+    """`request(message)`, asked again (after a pause) while the answer is WAIT."""
+    while True:
+        reply = request(message)
+        if reply.status != Status.WAIT:
+            return reply
+        time.sleep(pause_seconds)

@@ -14,15 +14,13 @@ checked as the host checks what arrives.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import tensorflow as tf
 
-from splitkeras.protocol import DATA_KINDS, Kind, Message, Status
+from splitkeras.protocol import DATA_KINDS, Kind, Message
 from splitkeras.transport import wire
 from splitkeras.transport.codec import get_codec
-from splitkeras.transport.grpc_client import Connection
+from splitkeras.transport.grpc_client import Connection, poll
 from splitkeras.transport.proto import wire_pb2
 
 __all__ = ["GrpcLink"]
@@ -98,11 +96,7 @@ class GrpcLink:
 
     def poll(self, message: Message) -> Message:
         """`request`, asked again while the answer is WAIT."""
-        while True:
-            reply = self.request(message)
-            if reply.status != Status.WAIT:
-                return reply
-            time.sleep(self.poll_seconds)
+        return poll(self.request, message, self.poll_seconds)
 
     def request(self, message: Message) -> Message:
         """Sends `message` to the party and returns its reply."""

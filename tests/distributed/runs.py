@@ -148,3 +148,11 @@ def loaded_segments(config, workdir, last_client):
     if segments.tail is not None:
         segments.tail.load_weights(os.path.join(client_dir, "tail.weights.h5"))
     return segments
+
+
+def assert_same_weights(test, processes: dict, expected: dict) -> None:
+    """The same parties, and each party's weights within 1e-5."""
+    test.assertEqual(sorted(processes), sorted(expected))
+    for name in expected:
+        with test.subTest(party=name):
+            test.assertWeightsClose(processes[name], expected[name])

@@ -7,6 +7,7 @@ import os
 from splitkeras import launcher
 from tests import base
 from tests.distributed.runs import (
+    assert_same_weights,
     in_process_weights,
     processes_weights,
     setup,
@@ -53,7 +54,4 @@ class ConfigurationsOverGrpcTest(base.TestCase):
         self.assertEqual(summary["epochs"], 2)
         processes = processes_weights(config, workdir)
         in_process = in_process_weights(config)
-        self.assertEqual(sorted(processes), sorted(in_process))
-        for name in in_process:
-            with self.subTest(party=name):
-                self.assertWeightsClose(processes[name], in_process[name])
+        assert_same_weights(self, processes, in_process)

@@ -12,6 +12,7 @@ from splitkeras import launcher
 from tests import base
 from tests.distributed.runs import (
     ROOT,
+    assert_same_weights,
     in_process,
     in_process_weights,
     processes_weights,
@@ -57,7 +58,4 @@ class SitesTest(base.TestCase):
         summary = launcher.launch(args, workdir, config, client_flags=own).wait(600)
         self.assertEqual(summary["epochs"], 2)
         processes = processes_weights(config, workdir, untrained)
-        self.assertEqual(sorted(processes), sorted(expected))
-        for name in expected:
-            with self.subTest(party=name):
-                self.assertWeightsClose(processes[name], expected[name])
+        assert_same_weights(self, processes, expected)
