@@ -489,12 +489,20 @@ class Rounds(Coordinator):
             train, _ = self.logs[r]
             self.logs[r] = (train, self._validation(r))
             return self._reply(message, Kind.ACK)
-        if not self._round_trained(r) or r != int(self.round.numpy()):
+        current = int(self.round.numpy())
+        if r < current:  # a retry: the round ended, so its report was applied
+            return self._reply(message, Kind.ACK)
+        if r > current:
             raise Rejected(
                 "restart",
-                f"client {message.client_id} reports round {r} before every "
-                "client has ended it",
+                f"client {message.client_id} reports round {r}, but the run is "
+                f"at round {current} (the host went back to its last commit): "
+                "train it again",
             )
+        if not self._round_trained(r):
+            # The evaluating client is done before the others (its test pass
+            # needed nothing from here): it asks again.
+            return self._reply(message, Kind.ACK, Status.WAIT)
         return super().report(message)
 
     def _start_round(self) -> None:

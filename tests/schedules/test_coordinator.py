@@ -1,0 +1,37 @@
+"""The coordinator's barrier (`Rounds`): a report that comes before the
+round is trained waits; a retried report of an ended round is answered."""
+
+from splitkeras.protocol import Kind, Message, Rejected, Status
+from splitkeras.schedules.coordinator import Rounds
+from tests import base
+
+
+class _Server:
+    objective = None
+
+
+def _message(kind, client, r, **fields):
+    return Message(kind, client, 0, round=r, **fields)
+
+
+class RoundsReportTest(base.TestCase):
+    def test_an_early_report_waits_and_a_retried_one_is_answered(self):
+        rounds = Rounds(_Server(), 2, epochs=2, reports=True)
+        for k in (0, 1):
+            reply = rounds.handle(_message(Kind.BEGIN, k, 0, count=4))
+            self.assertEqual(reply.status, Status.READY)
+        rounds.handle(_message(Kind.END, 0, 0, count=128))
+        report = _message(Kind.REPORT, 0, 0, metrics={"test_accuracy": 0.5})
+        # Client 0 evaluated while client 1 still trains: it must ask again.
+        self.assertEqual(rounds.handle(report).status, Status.WAIT)
+        self.assertEqual(rounds.position()[0], 0)
+        rounds.handle(_message(Kind.END, 1, 0, count=128))
+        self.assertEqual(rounds.position()[0], 0)  # the report is still due
+        self.assertEqual(rounds.handle(report).status, Status.READY)
+        self.assertEqual(rounds.position()[0], 1)
+        self.assertEqual(rounds.logs[0][1], {"test_accuracy": 0.5})
+        # Its reply was lost, the client sends it again: answered, no change.
+        self.assertEqual(rounds.handle(report).status, Status.READY)
+        self.assertEqual(rounds.position()[0], 1)
+        with self.assertRaisesRegex(Rejected, "reports round 3, but the run is at"):
+            rounds.handle(_message(Kind.REPORT, 0, 3))
