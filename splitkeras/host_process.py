@@ -23,6 +23,7 @@ state; otherwise each client's own snapshot).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -168,7 +169,7 @@ def serve(
         on_started(port)
     try:
         if coordinator is None:  # a relay: serves until its server is done
-            summary = _serve_until_done(grpc_host, links, host)
+            summary = _serve_until_done(grpc_host, links, host, workdir)
         else:
             process = HostProcess(config, grpc_host, strategy)
             summary = Runner(config, workdir, process, name=host).run()
@@ -208,15 +209,31 @@ def _hosts_linking_to(config, host: str) -> list:
     return [h for h, parties in plan.host_links.items() if here & set(parties)]
 
 
-def _serve_until_done(grpc_host, links, host: str) -> dict:
-    """A host without a coordinator (a relay) serves until the run is done."""
+def _serve_until_done(grpc_host, links, host: str, workdir: str) -> dict:
+    """A host without a coordinator (a relay) serves until the run is done;
+    its summary (workdir/summary.json) holds the bytes of its clients' link."""
+    from splitkeras.experiment import byte_totals
+
     connection = next(iter(links.values())).connection
+    began = time.perf_counter()
     while True:
         request = wire_pb2.JoinRequest(client_id=0, host=host)
         info = connection.call("Join", request, wire_pb2.JoinReply)
         if info.done:
-            return {"done": True, "byte_counts": grpc_host.byte_counts()}
+            break
         time.sleep(0.5)
+    per_client = grpc_host.byte_counts()
+    summary = {
+        "host": host,
+        "transport": "grpc",
+        **byte_totals(per_client),
+        "per_client": per_client,
+        "wall_seconds": time.perf_counter() - began,
+    }
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
 
 
 def _relay_link(config, party, address, credentials, token):

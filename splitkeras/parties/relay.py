@@ -44,6 +44,10 @@ class Relay(SegmentParty):
 
     # A host hosting a relay commits its state when a round ends through it.
     commit_on = (Kind.END,)
+    # A host compiles these steps (the round trip onward is a py_function in
+    # the graph), so a relay process computes what the fused in-process
+    # step computes.
+    compiled_kinds = (Kind.TRAIN, Kind.EVALUATE, Kind.PREDICT)
 
     def __init__(self, segment, optimizer, link, client_id=0):
         self.segment = segment

@@ -11,10 +11,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 from splitkeras.distribute import gather, split_batch
+from splitkeras.parties.paused_step import PausedStep
 from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import (
     all_finite,
     apply_gradients,
+    compiled,
     loss_scale,
     regularization,
     skip_unless,
@@ -54,7 +56,9 @@ class Server(SegmentParty):
         self.optimizer = optimizer
         self.objective = objective
         self.strategy = strategy
-        self._open_steps = {}
+        self._open_steps = {}  # client -> its U-shaped step between messages
+        self._paused = {}  # client -> its PausedStep (what its graph pauses in)
+        self._paused_fn = None
 
     def build_optimizer(self):
         if self.strategy is None:
@@ -97,6 +101,9 @@ class Server(SegmentParty):
         if message.kind == Kind.TRAIN:
             if self.holds_labels:
                 return self._train_vanilla(message)
+            self._cancel(message.client_id)  # a step begun again
+            if self._paused_fn is not None:
+                return self._start_paused(message)
             step = self._train_ushaped(message)
             reply = next(step)
             self._open_steps[message.client_id] = step
@@ -108,6 +115,9 @@ class Server(SegmentParty):
                     f"OUTPUT_GRADIENTS from client {message.client_id} for step "
                     f"{message.step} without a TRAIN message before it"
                 )
+            if isinstance(step, PausedStep):
+                grads = step.resume(list(message.tensors))
+                return self._reply(message, Kind.GRADIENTS, grads)
             return step.send(message)
         if message.kind in (Kind.EVALUATE, Kind.PREDICT):
             return self._infer(message)
@@ -215,8 +225,15 @@ class Server(SegmentParty):
         return [gather(self.strategy, t, batch) for t in outputs]
 
     def _train_ushaped(self, message):
+        """The U-shaped step as a generator: it yields the outputs, then
+        (sent the OUTPUT_GRADIENTS message) the cut tensors' gradients."""
         cut, inputs = self._inputs(message)
-        variables = self.trainable_variables
+        tape, outputs, reg = self._ushaped_forward(cut, inputs)
+        answer = yield self._reply(message, Kind.SERVER_OUTPUT, outputs)
+        grads = self._ushaped_backward(tape, cut, outputs, reg, list(answer.tensors))
+        yield self._reply(message, Kind.GRADIENTS, grads)
+
+    def _ushaped_forward(self, cut, inputs):
         with tf.GradientTape() as tape:
             tape.watch(cut)
             outputs = [
@@ -224,14 +241,58 @@ class Server(SegmentParty):
                 for o in tf.nest.flatten(self.segment(inputs, training=True))
             ]
             reg = regularization(self.segment)
-        answer = yield self._reply(message, Kind.SERVER_OUTPUT, outputs)
-        targets, seeds = list(outputs), list(answer.tensors)
+        return tape, outputs, reg
+
+    def _ushaped_backward(self, tape, cut, outputs, reg, seeds) -> list:
+        variables = self.trainable_variables
+        targets, seeds = list(outputs), list(seeds)
         if reg is not None:
             targets.append(reg)
             seeds.append(tf.ones_like(reg))
         grads = tape.gradient(targets, cut + variables, output_gradients=seeds)
         apply_gradients(self.optimizer, grads[len(cut) :], variables)
-        yield self._reply(message, Kind.GRADIENTS, _cut_gradients(grads, cut))
+        return _cut_gradients(grads, cut)
+
+    # ------------------------------------- U-shaped steps over a network
+    def compile_paused_steps(self, run_eagerly: bool = False) -> None:
+        """A host calls this: each U-shaped step then runs as one compiled
+        graph in a thread of its own, paused between its TRAIN and its
+        OUTPUT_GRADIENTS message (`PausedStep`), so that it computes what the
+        fused in-process step computes. No effect on a vanilla server."""
+        if not self.holds_labels:
+            self._paused_fn = compiled(self._paused_graph, run_eagerly)
+
+    def _paused_graph(self, client, cut):
+        inputs = cut[0] if len(cut) == 1 else cut
+        tape, outputs, reg = self._ushaped_forward(cut, inputs)
+        seeds = tf.py_function(
+            lambda k, *o: self._paused[int(k)].pause(list(o)),
+            [client, *outputs],
+            [o.dtype for o in outputs],
+        )
+        seeds = [tf.ensure_shape(s, o.shape) for s, o in zip(seeds, outputs)]
+        # Nothing of the update (not even the optimizer's step count) may run
+        # before the seeds came: a cancelled step changes no variable.
+        with tf.control_dependencies(seeds):
+            return self._ushaped_backward(tape, cut, outputs, reg, seeds)
+
+    def _start_paused(self, message):
+        k = message.client_id
+        args = (tf.constant(k, tf.int64), list(message.tensors))
+        step = self._paused[k] = PausedStep(self._paused_fn, args)
+        outputs = step.start()
+        self._open_steps[k] = step
+        return self._reply(message, Kind.SERVER_OUTPUT, outputs)
+
+    def _cancel(self, client_id: int) -> None:
+        step = self._open_steps.pop(client_id, None)
+        if isinstance(step, PausedStep):
+            step.cancel()
+
+    def rolled_back(self) -> None:
+        """A host went back to its last commit: open steps end, not applied."""
+        for k in list(self._open_steps):
+            self._cancel(k)
 
     def _infer(self, message):
         _, inputs = self._inputs(message)

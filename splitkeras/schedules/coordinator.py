@@ -131,10 +131,14 @@ class Coordinator:
         self._counts.setdefault(r, {})[message.client_id] = count
 
     def rolled_back(self) -> None:
-        """Forgets what was not committed (a host restored its checkpoint)."""
+        """Forgets what was not committed (a host restored its checkpoint),
+        and so does the server."""
         self._client_logs.clear()
         self._reports.clear()
         self._counts.clear()
+        server_rolled_back = getattr(self.server, "rolled_back", None)
+        if server_rolled_back is not None:
+            server_rolled_back()
 
     def tick(self) -> None:
         """Periodic check by a host (timeouts)."""

@@ -133,6 +133,12 @@ class GrpcHost:
         self._fns = {}
         self._reply_kinds = {}
         self._compile = (run_eagerly, jit_compile)
+        for party in self.parties.values():
+            # U-shaped steps span two calls: each runs as one graph, paused
+            # between them (a server's own choice; others do not have it).
+            compile_paused = getattr(party, "compile_paused_steps", None)
+            if compile_paused is not None:
+                compile_paused(run_eagerly)
         self._manager = None
         if checkpoint_dir is not None:
             self._commits = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -456,7 +462,11 @@ class GrpcHost:
         if admit is not None:
             admit(message)
         tensors, loss = fn(
-            list(message.tensors), message.labels, message.sample_weight, message.ids
+            tf.constant(message.step, tf.int64),
+            list(message.tensors),
+            message.labels,
+            message.sample_weight,
+            message.ids,
         )
         kind = self._reply_kinds[key]
         reply = Message(
@@ -474,15 +484,22 @@ class GrpcHost:
     def _compiled(self, party, kind, key):
         client = key[2]
 
-        def run(tensors, labels, sample_weight, ids):
+        def run(step, tensors, labels, sample_weight, ids):
+            # The step id goes on with what a relay sends to the next party.
             reply = party.handle(
-                Message(kind, client, 0, tuple(tensors), labels, sample_weight, ids=ids)
+                Message(
+                    kind, client, step, tuple(tensors), labels, sample_weight, ids=ids
+                )
             )
             self._reply_kinds[key] = reply.kind
             loss = reply.loss if reply.loss is not None else tf.constant(np.nan)
             return list(reply.tensors), loss
 
-        return compiled(run, *self._compile)
+        run_eagerly, jit_compile = self._compile
+        # A relay's step holds its gRPC round trip to the next party (a
+        # py_function), which XLA cannot compile.
+        jit_compile = jit_compile and getattr(party, "link", None) is None
+        return compiled(run, run_eagerly, jit_compile)
 
 
 def start_host(

@@ -1,6 +1,6 @@
 """Every configuration as separate processes over gRPC (scripts/launch.py's
 launcher: one generic host per host of the layout, one process per client)
-ends with the weights of the same run in one process, within 1e-5."""
+ends with the weights of the same run in one process, equal to the bit."""
 
 import os
 

@@ -1,6 +1,6 @@
 """A process killed mid-round (SIGKILL at a chosen step, forced by
 `launcher.KILL_AFTER_STEPS`) and started again: the run ends with the
-weights of the uninterrupted run in one process, within 1e-5."""
+weights of the uninterrupted run in one process, equal to the bit."""
 
 import json
 import os

@@ -1,7 +1,7 @@
 """Data stays where it belongs: scripts/partition.py writes each site's file,
 each client is started with a folder holding only its own file, and the
 hosts run where the dataset does not exist. The run ends with the weights
-of the same run in one process over the whole dataset, within 1e-5."""
+of the same run in one process over the whole dataset, equal to the bit."""
 
 import os
 import shutil
