@@ -37,22 +37,19 @@ from splitkeras.parties import Client, Server
 from splitkeras.parties.averager import Averager, weight_specs
 from splitkeras.parties.relay import Relay
 from splitkeras.parties.segment_step import specs_of, wire_dtype
+from splitkeras.parties.splitfed_servers import OrderedServer, ServerCopies
 from splitkeras.parties.vertical_server import VerticalServer
 from splitkeras.privacy.defenses import from_config
 from splitkeras.schedules.alignment import Aligner
-from splitkeras.schedules.coordinator import Rounds, Turns
+from splitkeras.schedules.coordinator import Rounds
 from splitkeras.schedules.fedavg import FedAvgClient
 from splitkeras.schedules.large_batch_sgd import GradientServer, SGDClient
 from splitkeras.schedules.multihop import hop_segments
 from splitkeras.schedules.multitask import TaskClient, task_heads
 from splitkeras.schedules.round_client import RoundClient
 from splitkeras.schedules.round_robin import KerasTurns, server_party
-from splitkeras.schedules.splitfed import (
-    FedClient,
-    OrderedServer,
-    ServerCopies,
-    client_weights,
-)
+from splitkeras.schedules.splitfed import FedClient, segment_weights
+from splitkeras.schedules.turn_coordinator import Turns
 
 __all__ = ["Layout", "client_program", "hosted_parties", "layout", "schedule_name"]
 
@@ -204,8 +201,8 @@ def _splitfed_host(config, names, build, make_optimizer, epochs):
         state.update({f"copy_{i}": s.checkpoint() for i, s in enumerate(servers)})
         state = _with(state, coordinator)
     if "fed" in names:
-        client = Client(segments[0].client, None, 0, segments[0].tail)
-        fed = Averager(k, weight_specs(client_weights(client)))
+        uploads = segment_weights(segments[0].client, segments[0].tail)
+        fed = Averager(k, weight_specs(uploads))
         parties["fed"] = fed
         state["fed"] = tf.train.Checkpoint(**fed.trackables())
     return parties, coordinator, state

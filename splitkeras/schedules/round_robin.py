@@ -33,7 +33,7 @@ from splitkeras.parties.handoff import pack_state, unpack_state
 from splitkeras.parties.segment_step import compiled
 from splitkeras.protocol import Status
 from splitkeras.schedules.base import Schedule
-from splitkeras.schedules.coordinator import Turns
+from splitkeras.schedules.turn_coordinator import Turns
 from splitkeras.transport.codec import as_pair
 from splitkeras.transport.counters import ByteCounters
 from splitkeras.transport.local import LocalTransport

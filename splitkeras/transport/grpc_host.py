@@ -23,43 +23,33 @@ the last commit when a transaction cannot finish.
 from __future__ import annotations
 
 import concurrent.futures
-import hmac
 import logging
 import threading
 import time
 
 import grpc
-import numpy as np
 import tensorflow as tf
 
-from splitkeras.parties.segment_step import compiled
 from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Rejected, Status
 from splitkeras.transport import wire
 from splitkeras.transport.arrival import decode_message, encode_reply
+from splitkeras.transport.callers import Refused, authenticate
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.counters import CATEGORIES, ByteCounters, category
 from splitkeras.transport.grpc_client import FRAME_BYTES, SERVICE, channel_options
+from splitkeras.transport.host_steps import HostSteps
 from splitkeras.transport.proto import wire_pb2
+from splitkeras.transport.replies import TRAINING, Replies
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["GrpcHost", "Refused", "start_host"]
+__all__ = ["GrpcHost", "start_host"]
 
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "restart": grpc.StatusCode.FAILED_PRECONDITION,
     "denied": grpc.StatusCode.PERMISSION_DENIED,
 }
-_TRAINING = (Kind.TRAIN, Kind.OUTPUT_GRADIENTS)
-
-
-class Refused(Exception):
-    """A call is refused with `code` (a grpc.StatusCode) and `details`."""
-
-    def __init__(self, code, details):
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 class GrpcHost:
@@ -127,18 +117,8 @@ class GrpcHost:
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._cache = {}  # (party, client) -> (step, kind, reply bytes)
-        self._eval_step = {}  # (party, client) -> last evaluation batch
-        self._open = {}  # (party, client) -> U-shaped outputs awaiting gradients
-        self._fns = {}
-        self._reply_kinds = {}
-        self._compile = (run_eagerly, jit_compile)
-        for party in self.parties.values():
-            # U-shaped steps span two calls: each runs as one graph, paused
-            # between them (a server's own choice; others do not have it).
-            compile_paused = getattr(party, "compile_paused_steps", None)
-            if compile_paused is not None:
-                compile_paused(run_eagerly)
+        self.replies = Replies()
+        self.steps = HostSteps(self.parties, run_eagerly, jit_compile)
         self._manager = None
         if checkpoint_dir is not None:
             self._commits = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -198,9 +178,7 @@ class GrpcHost:
             rolled_back = getattr(party, "rolled_back", None)
             if rolled_back is not None:
                 rolled_back()
-        self._cache.clear()
-        self._open.clear()
-        self._eval_step.clear()
+        self.replies.clear()
         with self._changed:
             self._changed.notify_all()
 
@@ -219,32 +197,7 @@ class GrpcHost:
     # ------------------------------------------------------------ calls
     def _authenticate(self, context, claimed: int) -> int:
         metadata = dict(context.invocation_metadata())
-        raw = metadata.get("x-splitkeras-client", "")
-        try:
-            client = int(raw)
-        except ValueError:
-            raise Refused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"missing or malformed client id metadata {raw!r}",
-            ) from None
-        if not 0 <= client < self.num_clients:
-            raise Refused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"unknown client {client}: this host serves clients "
-                f"0..{self.num_clients - 1}",
-            )
-        if self.tokens is not None:
-            token = metadata.get("x-splitkeras-token", "")
-            if not hmac.compare_digest(token.encode(), self.tokens[client].encode()):
-                raise Refused(
-                    grpc.StatusCode.UNAUTHENTICATED, f"wrong token for client {client}"
-                )
-        if claimed != client:
-            raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"client {client} cannot speak for client {claimed}",
-            )
-        return client
+        return authenticate(metadata, claimed, self.num_clients, self.tokens)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         """The gRPC handlers (bytes in, bytes out) of this host."""
@@ -347,15 +300,15 @@ class GrpcHost:
             seen = getattr(party, "seen", None)
             if seen is not None:
                 seen(client)
-            cached = self._cached(name, client, envelope)
+            cached = self.replies.cached(name, client, envelope)
             if cached is not None:
                 return cached
             kind = Kind(envelope.kind) if envelope.kind in set(Kind) else None
-            if kind in DATA_KINDS:
-                self._check(party, kind, client, envelope)
+            if kind == Kind.EVALUATE:
+                self._check_evaluation(name, client, envelope)
             specs = None
             if kind == Kind.OUTPUT_GRADIENTS:
-                specs = self._open.get((name, client))
+                specs = self.replies.open_specs(name, client)
                 if specs is None:
                     raise wire.WireError(
                         f"OUTPUT_GRADIENTS of step {envelope.step} from client "
@@ -366,55 +319,22 @@ class GrpcHost:
             )
             reply = self._answer(name, party, message)
             data = encode_reply(envelope, reply, self.codecs_out, framed)
-            self._remember(name, client, envelope, reply, data)
+            self.replies.remember(name, client, envelope, reply, data)
             self._changed.notify_all()
-            if kind in _TRAINING:
+            if kind in TRAINING:
                 self.applied += 1
                 if self.on_applied is not None:
                     self.on_applied(self.applied)
             return data
 
-    def _check(self, party, kind, client, envelope):
-        if kind == Kind.EVALUATE:
-            last = self._eval_step.get((id(party), client), 0)
-            if envelope.step not in (1, last + 1):
-                raise Refused(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"evaluation batch {envelope.step} of client {client} is out "
-                    f"of order (expected 1 or {last + 1})",
-                )
-
-    def _cached(self, name, client, envelope):
-        key = (name, client) if envelope.kind in _TRAINING else ("eval", name, client)
-        cached = self._cache.get(key)
-        if cached and cached[:2] == (envelope.step, envelope.kind):
-            return cached[2]
-        return None
-
-    def _remember(self, name, client, envelope, reply, data):
-        kind = envelope.kind
-        if kind in _TRAINING:
-            self._cache[(name, client)] = (envelope.step, kind, data)
-            if reply.kind == Kind.SERVER_OUTPUT:  # U-shaped: gradients must fit
-                self._open[(name, client)] = [
-                    (t.dtype, list(t.shape)) for t in reply.tensors
-                ]
-            else:
-                self._open.pop((name, client), None)
-        elif kind == Kind.EVALUATE:
-            self._cache[("eval", name, client)] = (envelope.step, kind, data)
-            self._eval_step[(id(self.parties[name]), client)] = envelope.step
-        elif kind not in DATA_KINDS:
-            # An orchestration message (REPORT, END, BEGIN) ends the client's
-            # evaluation pass: its next one starts again at batch 1.
-            for key in [k for k in self._cache if k[0] == "eval" and k[2] == client]:
-                del self._cache[key]
-            for key in [k for k in self._eval_step if k[1] == client]:
-                del self._eval_step[key]
-
-    def open_specs(self, name, client):
-        """The U-shaped outputs a client's OUTPUT_GRADIENTS must match, or None."""
-        return self._open.get((name, client))
+    def _check_evaluation(self, name, client, envelope):
+        expected = self.replies.next_evaluation(name, client)
+        if envelope.step not in (1, expected):
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"evaluation batch {envelope.step} of client {client} is out "
+                f"of order (expected 1 or {expected})",
+            )
 
     def _answer(self, name, party, message) -> Message:
         """The party's reply; waits while it cannot answer yet."""
@@ -425,7 +345,7 @@ class GrpcHost:
             try:
                 if check is not None:  # the coordinator: is the run there?
                     check(Message(message.kind, message.client_id, message.step))
-                reply = self._handle(name, party, message)
+                reply = self.steps.handle(name, party, message)
             except NotYet as e:
                 if time.monotonic() > deadline:
                     raise Refused(
@@ -436,7 +356,7 @@ class GrpcHost:
             except (Rejected, Refused, wire.WireError):
                 raise
             except Exception as e:
-                if message.kind in _TRAINING:
+                if message.kind in TRAINING:
                     # A step may have changed some state before failing: back
                     # to the last commit; the client trains its part again.
                     log.exception(
@@ -448,58 +368,6 @@ class GrpcHost:
             if reply.status != Status.WAIT or time.monotonic() > wait_until:
                 return reply
             self._changed.wait(min(0.5, max(0.0, wait_until - time.monotonic())))
-
-    def _handle(self, name, party, message) -> Message:
-        if message.kind not in getattr(party, "compiled_kinds", ()):
-            return party.handle(message)
-        per_client = getattr(party, "per_client", False)
-        key = (name, message.kind, message.client_id if per_client else 0)
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self._fns[key] = self._compiled(party, message.kind, key)
-        # A party that orders steps (SFLV2) does so around the compiled step.
-        admit = getattr(party, "admit", None)
-        if admit is not None:
-            admit(message)
-        tensors, loss = fn(
-            tf.constant(message.step, tf.int64),
-            list(message.tensors),
-            message.labels,
-            message.sample_weight,
-            message.ids,
-        )
-        kind = self._reply_kinds[key]
-        reply = Message(
-            kind,
-            message.client_id,
-            message.step,
-            tuple(tensors),
-            loss=None if kind == Kind.SERVER_OUTPUT else loss,
-        )
-        applied = getattr(party, "applied", None)
-        if applied is not None:
-            applied(message, reply)
-        return reply
-
-    def _compiled(self, party, kind, key):
-        client = key[2]
-
-        def run(step, tensors, labels, sample_weight, ids):
-            # The step id goes on with what a relay sends to the next party.
-            reply = party.handle(
-                Message(
-                    kind, client, step, tuple(tensors), labels, sample_weight, ids=ids
-                )
-            )
-            self._reply_kinds[key] = reply.kind
-            loss = reply.loss if reply.loss is not None else tf.constant(np.nan)
-            return list(reply.tensors), loss
-
-        run_eagerly, jit_compile = self._compile
-        # A relay's step holds its gRPC round trip to the next party (a
-        # py_function), which XLA cannot compile.
-        jit_compile = jit_compile and getattr(party, "link", None) is None
-        return compiled(run, run_eagerly, jit_compile)
 
 
 def start_host(

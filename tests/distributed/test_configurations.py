@@ -25,6 +25,18 @@ CONFIGURATIONS = {
     "splitfed_v1": {"method": "splitfed_v1"},
     "splitfed_v1_fed_process": {"method": "splitfed_v1", "splitfed.fed_process": True},
     "splitfed_v2": {"method": "splitfed_v2"},
+    # U-shaped SplitFed: every server copy (v1) and the ordered server (v2)
+    # run their steps paused between TRAIN and OUTPUT_GRADIENTS.
+    "splitfed_v1_ushaped": {
+        "method": "splitfed_v1",
+        "topology": "ushaped",
+        "model.cut": "pool1,fc2",
+    },
+    "splitfed_v2_ushaped": {
+        "method": "splitfed_v2",
+        "topology": "ushaped",
+        "model.cut": "pool1,fc2",
+    },
     "fedavg": {"method": "fedavg"},
     "large_batch_sgd": {"method": "large_batch_sgd"},
     "vertical": {"topology": "vertical"},

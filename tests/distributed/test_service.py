@@ -24,7 +24,7 @@ from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties.server import Server
 from splitkeras.protocol import Kind, Message, Status
-from splitkeras.schedules.coordinator import Turns
+from splitkeras.schedules.turn_coordinator import Turns
 from splitkeras.transport import tls, wire
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.grpc_client import (

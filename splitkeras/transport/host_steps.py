@@ -1,0 +1,92 @@
+"""How a host runs its parties' steps: compiled, as in one process.
+
+In one process a step's parties are fused into one graph. A host runs only
+its own parties' part, one message at a time, and compiles it the same way
+(`HostSteps`): one `tf.function` per party, message kind and (for a party
+with a model per client) client. So a host computes what the fused step
+computes, to the bit. A party lists the kinds it may be compiled for in
+`compiled_kinds`; a U-shaped server, whose step spans two messages, runs
+each step as one graph paused between them (`Server.compile_paused_steps`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from splitkeras.parties.segment_step import compiled
+from splitkeras.protocol import Kind, Message
+
+__all__ = ["HostSteps"]
+
+
+class HostSteps:
+    """Answers a hosted party's messages, compiled where the party allows.
+
+    Args:
+      parties: the hosted parties ({name: party}); each gets the chance to
+        compile its two-message steps (`compile_paused_steps`).
+      run_eagerly / jit_compile: how steps are compiled.
+    """
+
+    def __init__(self, parties: dict, run_eagerly=False, jit_compile=False):
+        self._fns = {}  # (party name, kind, client or 0) -> compiled step
+        self._reply_kinds = {}  # the same key -> the kind its reply has
+        self._compile = (run_eagerly, jit_compile)
+        for party in parties.values():
+            compile_paused = getattr(party, "compile_paused_steps", None)
+            if compile_paused is not None:
+                compile_paused(run_eagerly)
+
+    def handle(self, name, party, message) -> Message:
+        """`party.handle(message)`, through its compiled step if it has one."""
+        if message.kind not in getattr(party, "compiled_kinds", ()):
+            return party.handle(message)
+        per_client = getattr(party, "per_client", False)
+        key = (name, message.kind, message.client_id if per_client else 0)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self._compiled(party, message.kind, key)
+        # A party that orders steps (SFLV2) does so around the compiled step.
+        admit = getattr(party, "admit", None)
+        if admit is not None:
+            admit(message)
+        tensors, loss = fn(
+            tf.constant(message.step, tf.int64),
+            list(message.tensors),
+            message.labels,
+            message.sample_weight,
+            message.ids,
+        )
+        kind = self._reply_kinds[key]
+        reply = Message(
+            kind,
+            message.client_id,
+            message.step,
+            tuple(tensors),
+            loss=None if kind == Kind.SERVER_OUTPUT else loss,
+        )
+        applied = getattr(party, "applied", None)
+        if applied is not None:
+            applied(message, reply)
+        return reply
+
+    def _compiled(self, party, kind, key):
+        client = key[2]
+
+        def run(step, tensors, labels, sample_weight, ids):
+            # The step id goes on with what a relay sends to the next party.
+            reply = party.handle(
+                Message(
+                    kind, client, step, tuple(tensors), labels, sample_weight, ids=ids
+                )
+            )
+            self._reply_kinds[key] = reply.kind
+            loss = reply.loss if reply.loss is not None else tf.constant(np.nan)
+            return list(reply.tensors), loss
+
+        run_eagerly, jit_compile = self._compile
+        # A relay's step holds its gRPC round trip to the next party (a
+        # py_function), which XLA cannot compile.
+        jit_compile = jit_compile and getattr(party, "link", None) is None
+        return compiled(run, run_eagerly, jit_compile)
