@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitkeras import client_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
+from splitkeras.transport.tokens import read_tokens  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id (0..K-1).")
@@ -58,7 +59,7 @@ def main(argv):
         credentials = tls.channel_credentials(
             _TLS_DIR.value, k if _MUTUAL.value else None
         )
-    token = tls.read_tokens(_TOKEN_FILE.value)[k] if _TOKEN_FILE.value else None
+    token = read_tokens(_TOKEN_FILE.value)[k] if _TOKEN_FILE.value else None
     summary = client_process.run_client(
         _CONFIG.value,
         k,

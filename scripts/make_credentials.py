@@ -19,6 +19,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitkeras.transport import tls  # noqa: E402
+from splitkeras.transport.tokens import write_tokens  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Directory to write the credentials to.")
 _HOSTS = flags.DEFINE_list(
@@ -41,7 +42,7 @@ def main(argv):
     )
     if _TOKENS.value:
         token_path = os.path.join(_OUT.value, "tokens.json")
-        tls.write_tokens(token_path, _CLIENTS.value)
+        write_tokens(token_path, _CLIENTS.value)
         paths["tokens.json"] = token_path
     for name in sorted(paths):
         print(paths[name])

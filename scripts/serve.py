@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitkeras import host_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
+from splitkeras.transport.tokens import read_tokens  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "This host's directory.")
@@ -62,7 +63,7 @@ def main(argv):
         if _TLS_DIR.value
         else None
     )
-    tokens = tls.read_tokens(_TOKENS.value) if _TOKENS.value else None
+    tokens = read_tokens(_TOKENS.value) if _TOKENS.value else None
 
     def started(port):
         if _PORT_FILE.value:
@@ -93,7 +94,7 @@ def main(argv):
         connect_credentials=tls.channel_credentials(_TLS_DIR.value)
         if _TLS_DIR.value
         else None,
-        token=tls.read_tokens(_TOKENS.value)[0] if _TOKENS.value else None,
+        token=read_tokens(_TOKENS.value)[0] if _TOKENS.value else None,
     )
     print(f"{_PARTY.value} done: {summary}")
 

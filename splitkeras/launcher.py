@@ -186,11 +186,12 @@ def start_client(
 def credentials(workdir, num_clients) -> tuple[list, list]:
     """Makes TLS credentials and tokens; returns (host args, client args)."""
     from splitkeras.transport import tls
+    from splitkeras.transport.tokens import write_tokens
 
     directory = os.path.join(workdir, "credentials")
     if not os.path.exists(os.path.join(directory, tls.CA_CERT)):
         tls.write_credentials(directory, clients=num_clients)
-        tls.write_tokens(os.path.join(directory, "tokens.json"), num_clients)
+        write_tokens(os.path.join(directory, "tokens.json"), num_clients)
     tokens = os.path.join(directory, "tokens.json")
     return (
         [f"--tls_dir={directory}", f"--tokens={tokens}"],

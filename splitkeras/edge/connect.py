@@ -9,6 +9,7 @@ import os
 from splitkeras.edge.client import EdgeClient, load_client_data
 from splitkeras.edge.spec import EdgeSpec
 from splitkeras.transport import tls
+from splitkeras.transport.tokens import read_tokens
 
 __all__ = ["connect"]
 
@@ -56,7 +57,7 @@ def connect(
         credentials = tls.channel_credentials(
             tls_dir, client_id if mutual_tls else None
         )
-    token = tls.read_tokens(token_file)[client_id] if token_file else None
+    token = read_tokens(token_file)[client_id] if token_file else None
     client = EdgeClient(
         model,
         spec,

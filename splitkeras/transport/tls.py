@@ -1,4 +1,4 @@
-"""Certificates and tokens for the gRPC transport.
+"""Certificates for the gRPC transport (client tokens: `tokens.py`).
 
 Trust model: one private certificate authority (CA) per deployment, made by
 `write_credentials` (or `scripts/make_credentials.py`), signs every
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import os
-import secrets
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -27,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from splitkeras.transport.tokens import CREDENTIALS_SCRIPT, write_file
 
 if TYPE_CHECKING:  # grpc is only needed for the credentials, not the tooling.
     import grpc
@@ -41,11 +41,8 @@ __all__ = [
     "client_key_name",
     "make_ca",
     "make_certificate",
-    "make_token",
-    "read_tokens",
     "server_credentials",
     "write_credentials",
-    "write_tokens",
 ]
 
 CA_CERT = "ca.pem"
@@ -53,7 +50,6 @@ CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 
-_SCRIPT = "python scripts/make_credentials.py"
 # Certificates start a little in the past so small clock skews do not reject
 # certificates that were just issued on another machine.
 _BACKDATE = datetime.timedelta(minutes=5)
@@ -243,16 +239,6 @@ def make_certificate(
     return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    """Writes `data` to `path` with permissions `mode`, also when it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # os.open's mode only applies to new files.
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def write_credentials(
     directory: str,
     hosts: Iterable[str] = ("localhost", "127.0.0.1"),
@@ -284,7 +270,7 @@ def write_credentials(
 
     def put(name: str, data: bytes, private: bool) -> None:
         path = os.path.join(directory, name)
-        _write(path, data, 0o600 if private else 0o644)
+        write_file(path, data, 0o600 if private else 0o644)
         paths[name] = path
 
     ca_key, ca_cert = make_ca(days=days)
@@ -304,90 +290,6 @@ def write_credentials(
     return paths
 
 
-def make_token() -> str:
-    """A fresh random client token (32 random bytes, URL-safe base64)."""
-    return secrets.token_urlsafe(32)
-
-
-def write_tokens(path: str, num_clients: int) -> list[str]:
-    """Writes one fresh token per client id to a JSON file (mode 0o600).
-
-    The file maps client ids to tokens: `{"0": "...", "1": "...", ...}`. The
-    server reads all of it; client k needs only its own token.
-
-    Args:
-        path: The JSON file to write (replaced if it exists).
-        num_clients: How many clients (ids 0 .. num_clients - 1).
-
-    Returns:
-        The tokens, indexed by client id.
-    """
-    if num_clients < 0:
-        raise ValueError(f"num_clients must be >= 0, got {num_clients}")
-    tokens = [make_token() for _ in range(num_clients)]
-    text = json.dumps({str(k): t for k, t in enumerate(tokens)}, indent=2) + "\n"
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    _write(path, text.encode("utf-8"), 0o600)
-    return tokens
-
-
-def read_tokens(path: str) -> dict[int, str]:
-    """Reads a token file written by `write_tokens`.
-
-    Args:
-        path: The JSON file: an object mapping client ids ("0", "1", ...) to
-            non-empty, distinct token strings.
-
-    Returns:
-        The tokens keyed by integer client id.
-
-    Raises:
-        FileNotFoundError: `path` does not exist.
-        ValueError: The file is not such a JSON object.
-    """
-    expected = 'a JSON object {"0": "<token>", "1": "<token>", ...}'
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"token file {path} not found: create it with `{_SCRIPT} --out=DIR` "
-            "(it writes DIR/tokens.json)"
-        )
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"token file {path} is not valid JSON ({e}); expected {expected}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"token file {path} holds a {type(data).__name__}; expected {expected}"
-        )
-    tokens: dict[int, str] = {}
-    for key, token in data.items():
-        if not (isinstance(key, str) and key.isdecimal()):
-            raise ValueError(
-                f"token file {path}: key {key!r} is not a client id "
-                f"(a non-negative integer); expected {expected}"
-            )
-        if not isinstance(token, str) or not token:
-            raise ValueError(
-                f"token file {path}: the token of client {key} is not a "
-                f"non-empty string; expected {expected}"
-            )
-        if int(key) in tokens:
-            raise ValueError(f"token file {path}: client {int(key)} appears twice")
-        tokens[int(key)] = token
-    if len(set(tokens.values())) != len(tokens):
-        raise ValueError(
-            f"token file {path}: two clients share a token, so the server "
-            "could not tell them apart"
-        )
-    return tokens
-
-
 def _read(cert_dir: str, name: str, hint: str = "") -> bytes:
     path = os.path.join(cert_dir, name)
     try:
@@ -396,7 +298,7 @@ def _read(cert_dir: str, name: str, hint: str = "") -> bytes:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} not found: create the certificates with "
-            f"`{_SCRIPT} --out={cert_dir}{hint}`"
+            f"`{CREDENTIALS_SCRIPT} --out={cert_dir}{hint}`"
         ) from None
 
 

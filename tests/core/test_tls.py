@@ -1,4 +1,5 @@
-"""Tests of splitkeras.transport.tls: certificates, tokens and real gRPC TLS."""
+"""Tests of splitkeras.transport.tls and .tokens: certificates, tokens and
+real gRPC TLS."""
 
 import contextlib
 import ipaddress
@@ -15,6 +16,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from splitkeras.transport import tls
+from splitkeras.transport import tokens as token_files
 from tests import base
 
 _SERVICE = "splitkeras.test.Echo"
@@ -215,18 +217,18 @@ class CertificateTest(base.TestCase):
 class TokenTest(base.TestCase):
     def test_round_trip(self):
         path = os.path.join(self.tempdir(), "tokens.json")
-        tokens = tls.write_tokens(path, 3)
+        tokens = token_files.write_tokens(path, 3)
         self.assertEqual(len(tokens), 3)
         self.assertEqual(len(set(tokens)), 3)
-        self.assertEqual(tls.read_tokens(path), dict(enumerate(tokens)))
+        self.assertEqual(token_files.read_tokens(path), dict(enumerate(tokens)))
         self.assertEqual(_mode(path), 0o600)
         with open(path) as f:
             self.assertEqual(list(json.load(f)), ["0", "1", "2"])
 
     def test_tokens_are_long_and_random(self):
-        token = tls.make_token()
+        token = token_files.make_token()
         self.assertGreaterEqual(len(token), 43)  # 32 bytes in URL-safe base64
-        self.assertNotEqual(token, tls.make_token())
+        self.assertNotEqual(token, token_files.make_token())
 
     @base.parameterized.named_parameters(
         ("not_json", "{not json", "not valid JSON"),
@@ -246,12 +248,12 @@ class TokenTest(base.TestCase):
         with open(path, "w") as f:
             f.write(text)
         with self.assertRaisesRegex(ValueError, message) as cm:
-            tls.read_tokens(path)
+            token_files.read_tokens(path)
         self.assertIn(path, str(cm.exception))
 
     def test_missing_file(self):
         with self.assertRaisesRegex(FileNotFoundError, "make_credentials"):
-            tls.read_tokens(os.path.join(self.tempdir(), "tokens.json"))
+            token_files.read_tokens(os.path.join(self.tempdir(), "tokens.json"))
 
 
 class GrpcTest(base.TestCase):

@@ -21,12 +21,13 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.data import imagenet
+from splitkeras.data import imagenet_preprocess as prep
 from splitkeras.data.streaming import StreamingSource
 from tests import base
 from tests.data.test_data import _mock_tfds, _prepare_mock_metadata
 
-MEAN = np.array(imagenet.MEAN)
-STD = np.array(imagenet.STD)
+MEAN = np.array(prep.MEAN)
+STD = np.array(prep.STD)
 
 # tests/base.py sets TMPDIR after `tempfile` has cached /tmp as its default:
 # forget it, so that the files autograph and TFDS write go under TMPDIR.
@@ -95,8 +96,8 @@ class PreprocessTest(base.TestCase):
         np.testing.assert_allclose(decoded[0, 0], colour, atol=4)
         expected = (decoded[0, 0] / 255 - MEAN) / STD
         outputs = {
-            "eval": imagenet.preprocess_eval(image_bytes, image_size=16),
-            "train": imagenet.preprocess_train(image_bytes, [1, 2], image_size=16),
+            "eval": prep.preprocess_eval(image_bytes, image_size=16),
+            "train": prep.preprocess_train(image_bytes, [1, 2], image_size=16),
         }
         for kind, image in outputs.items():
             self.assertEqual(image.shape, (16, 16, 3), kind)
@@ -110,7 +111,7 @@ class PreprocessTest(base.TestCase):
         # 117 to 183, all inside the grey middle third.
         pixels = np.zeros((100, 300, 3), np.uint8)
         pixels[:, 100:200] = 128
-        image = imagenet.preprocess_eval(_jpeg(pixels), image_size=64).numpy()
+        image = prep.preprocess_eval(_jpeg(pixels), image_size=64).numpy()
         grey = (128 / 255 - MEAN) / STD
         np.testing.assert_allclose(image, np.broadcast_to(grey, image.shape), atol=0.03)
 
@@ -118,9 +119,9 @@ class PreprocessTest(base.TestCase):
         # 16 x 800: a crop of >= 8% of the area with an aspect ratio of at
         # most 4/3 does not fit, so every attempt misses.
         image_bytes = _noise_jpeg(np.random.default_rng(1), 16, 800)
-        centre = imagenet.preprocess_eval(image_bytes, image_size=32).numpy()
+        centre = prep.preprocess_eval(image_bytes, image_size=32).numpy()
         for i in range(4):
-            image = imagenet.preprocess_train(image_bytes, [0, i], image_size=32)
+            image = prep.preprocess_train(image_bytes, [0, i], image_size=32)
             image = image.numpy()
             flipped = image[:, ::-1]
             self.assertTrue(
@@ -133,7 +134,7 @@ class PreprocessTest(base.TestCase):
         image_bytes = _noise_jpeg(np.random.default_rng(0), 120, 90)
 
         def crop(seed):
-            return imagenet.preprocess_train(image_bytes, seed, image_size=32).numpy()
+            return prep.preprocess_train(image_bytes, seed, image_size=32).numpy()
 
         np.testing.assert_array_equal(crop([3, 4]), crop([3, 4]))
         distinct = {crop([3, i]).tobytes() for i in range(5)}
