@@ -18,14 +18,33 @@ So a host computes what the fused in-process step computes, to the bit, and
 runs the server's step as a graph instead of op by op. `cancel()` ends a
 step whose second message will not come (a rollback): its graph stops
 before the update.
+
+A paused graph holds one thread of TensorFlow's inter-op pool (one per core
+by default) until it goes on. So that the other steps always have a thread
+to run on, at most one step fewer than the pool has threads is paused at a
+time (`PausedStep.slots`); a step that finds none free waits (`NotYet`:
+a host asks again shortly, after an open step has ended).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
-__all__ = ["PausedStep", "StepCancelled"]
+import tensorflow as tf
+
+from splitkeras.protocol import NotYet
+
+__all__ = ["PausedStep", "StepCancelled", "inter_op_threads"]
+
+
+def inter_op_threads() -> int:
+    """The threads of TensorFlow's inter-op pool in this process: as
+    configured, else TF_NUM_INTEROP_THREADS, else one per usable core."""
+    configured = tf.config.threading.get_inter_op_parallelism_threads()
+    configured = configured or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0) or 0)
+    return configured or len(os.sched_getaffinity(0))
 
 
 class StepCancelled(RuntimeError):
@@ -39,7 +58,14 @@ class PausedStep:
       fn: the compiled step; somewhere in it a `tf.py_function` calls this
         object's `pause(outputs)` and continues with what it returns.
       args: `fn`'s arguments.
+
+    Attributes:
+      slots: the steps of this process that may be open at once (shared by
+        every `PausedStep`): one fewer than the inter-op threads, at least 1.
     """
+
+    slots = None  # made at the first step (the pool is known by then)
+    _slots_lock = threading.Lock()
 
     def __init__(self, fn, args):
         self._fn = fn
@@ -50,6 +76,13 @@ class PausedStep:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._paused = False
 
+    @classmethod
+    def _slots(cls) -> threading.Semaphore:
+        with cls._slots_lock:
+            if cls.slots is None:
+                cls.slots = threading.BoundedSemaphore(max(1, inter_op_threads() - 1))
+            return cls.slots
+
     def _run(self):
         try:
             result = self._fn(*self._args)
@@ -59,6 +92,8 @@ class PausedStep:
             self._result.put(e)
         else:
             self._result.put(result)
+        finally:
+            self._slots().release()
 
     def pause(self, outputs):
         """Called by the graph: hands `outputs` to `start()`'s caller and
@@ -78,8 +113,14 @@ class PausedStep:
         """Runs the graph up to its pause; returns the outputs it paused with.
 
         Raises:
+          NotYet: as many steps as may be are open (ask again later).
           Exception: what the graph raised before its pause.
         """
+        if not self._slots().acquire(blocking=False):
+            raise NotYet(
+                "every thread a paused step may hold is held by another open "
+                "U-shaped step; this one starts when one of them has ended"
+            )
         self._thread.start()
         outputs = self._outputs.get()
         if isinstance(outputs, BaseException):

@@ -1,12 +1,15 @@
 """A U-shaped server step over a network: one compiled graph, paused between
 its TRAIN and its OUTPUT_GRADIENTS message (`Server.compile_paused_steps`)."""
 
+import threading
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from splitkeras.parties import Server
-from splitkeras.protocol import Kind, Message
+from splitkeras.parties.paused_step import inter_op_threads
+from splitkeras.protocol import Kind, Message, NotYet
 from tests import base
 
 
@@ -114,6 +117,35 @@ class PausedStepTest(base.TestCase):
         with self.assertRaises((ValueError, tf.errors.InvalidArgumentError)):
             server.handle(Message(Kind.TRAIN, 0, 1, (wrong,)))
         self.assertFalse(server.pending(0))
+
+    def test_open_steps_wait_for_a_free_thread_instead_of_hanging(self):
+        # A paused graph holds an inter-op thread. Without a limit, as many
+        # open steps as the pool has threads (SplitFed v1 U-shaped: one per
+        # client) left none for the next step's forward pass, which hung.
+        server = _server()
+        server.compile_paused_steps()
+        threads = inter_op_threads()
+        slots = max(1, threads - 1)
+        outcomes = []
+
+        def start_more_than_the_pool_has():
+            for k in range(threads + 1):
+                try:
+                    server.handle(Message(Kind.TRAIN, k, 1, (_batch(seed=k)[0],)))
+                    outcomes.append("open")
+                except NotYet:
+                    outcomes.append("waits")
+
+        starter = threading.Thread(target=start_more_than_the_pool_has, daemon=True)
+        starter.start()
+        starter.join(60)
+        self.assertFalse(starter.is_alive(), "a step hung without a free thread")
+        self.assertEqual(outcomes, ["open"] * slots + ["waits"] * (threads + 1 - slots))
+        # An open step ends: the next one starts.
+        server.handle(Message(Kind.OUTPUT_GRADIENTS, 0, 1, (_batch(seed=0)[1],)))
+        server.handle(Message(Kind.TRAIN, slots, 1, (_batch(seed=slots)[0],)))
+        self.assertTrue(server.pending(slots))
+        server.rolled_back()
 
     def test_a_vanilla_server_keeps_its_one_message_step(self):
         keras.utils.set_random_seed(0)
