@@ -42,11 +42,8 @@ class HostSteps:
         """`party.handle(message)`, through its compiled step if it has one."""
         if message.kind not in getattr(party, "compiled_kinds", ()):
             return party.handle(message)
-        per_client = getattr(party, "per_client", False)
-        key = (name, message.kind, message.client_id if per_client else 0)
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self._fns[key] = self._compiled(party, message.kind, key)
+        fn = self.function(name, party, message.kind, message.client_id)
+        key = self._key(name, party, message.kind, message.client_id)
         # A party that orders steps (SFLV2) does so around the compiled step.
         admit = getattr(party, "admit", None)
         if admit is not None:
@@ -70,6 +67,21 @@ class HostSteps:
         if applied is not None:
             applied(message, reply)
         return reply
+
+    def function(self, name, party, kind, client: int = 0):
+        """The compiled step of `party` (hosted as `name`) for messages of
+        `kind` from `client`: `fn(step, tensors, labels, sample_weight, ids)
+        -> (reply tensors, loss)`; made at the first call."""
+        key = self._key(name, party, kind, client)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self._compiled(party, kind, key)
+        return fn
+
+    @staticmethod
+    def _key(name, party, kind, client):
+        # A party with a model per client (SFLV1's copies) has a step each.
+        return (name, kind, client if getattr(party, "per_client", False) else 0)
 
     def _compiled(self, party, kind, key):
         client = key[2]

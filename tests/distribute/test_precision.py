@@ -187,10 +187,11 @@ class RunTest(base.TestCase):
         reference = Server(full, keras.optimizers.SGD(0.1), Objective(LOSS))
         server = Server(served, keras.optimizers.SGD(0.1), Objective(LOSS))
         host = GrpcHost({"server": server}, 1, jit_compile=True)
-        train = host._compiled(server, Kind.TRAIN, ("server", Kind.TRAIN, 0))
+        train = host.steps.function("server", server, Kind.TRAIN)
         self.assertTrue(train._jit_compile)
         message = LossScaleTest._message(self)
-        grads, loss = train(list(message.tensors), message.labels, None, None)
+        step = tf.constant(1, tf.int64)
+        grads, loss = train(step, list(message.tensors), message.labels, None, None)
         expected = reference.handle(message)
         np.testing.assert_allclose(
             grads[0].numpy(), expected.tensors[0].numpy(), atol=1e-5
