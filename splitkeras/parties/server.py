@@ -56,8 +56,9 @@ class Server(SegmentParty):
         self.optimizer = optimizer
         self.objective = objective
         self.strategy = strategy
-        self._open_steps = {}  # client -> its U-shaped step between messages
-        self._paused = {}  # client -> its PausedStep (what its graph pauses in)
+        # client -> its U-shaped step between messages (a generator, or the
+        # PausedStep its compiled graph pauses in)
+        self._open_steps = {}
         self._paused_fn = None
 
     def build_optimizer(self):
@@ -266,7 +267,7 @@ class Server(SegmentParty):
         inputs = cut[0] if len(cut) == 1 else cut
         tape, outputs, reg = self._ushaped_forward(cut, inputs)
         seeds = tf.py_function(
-            lambda k, *o: self._paused[int(k)].pause(list(o)),
+            lambda k, *o: self._open_steps[int(k)].pause(list(o)),
             [client, *outputs],
             [o.dtype for o in outputs],
         )
@@ -279,9 +280,12 @@ class Server(SegmentParty):
     def _start_paused(self, message):
         k = message.client_id
         args = (tf.constant(k, tf.int64), list(message.tensors))
-        step = self._paused[k] = PausedStep(self._paused_fn, args)
-        outputs = step.start()
-        self._open_steps[k] = step
+        step = self._open_steps[k] = PausedStep(self._paused_fn, args)
+        try:
+            outputs = step.start()
+        except BaseException:  # no free thread, or the forward pass failed
+            del self._open_steps[k]
+            raise
         return self._reply(message, Kind.SERVER_OUTPUT, outputs)
 
     def _cancel(self, client_id: int) -> None:

@@ -157,15 +157,19 @@ class Coordinator:
             return False
         if self.expect_reports and r not in self._reports:
             return False
+        self._close_round(r)
+        if not self.done:
+            self._start_round()
+        return True
+
+    def _close_round(self, r: int) -> None:
+        """Round `r` is over: its logs, the next round, a commit."""
         train, val = self._round_logs(r)
         self.logs[r] = (train, val)
         self.round.assign(r + 1)
         if self.on_round_end is not None:
             self.on_round_end(r, train, val)
         self._commit()
-        if not self.done:
-            self._start_round()
-        return True
 
     def _round_logs(self, r: int) -> tuple[dict, dict]:
         reports = [(m, n) for m, n in self._client_logs.pop(r, []) if m]

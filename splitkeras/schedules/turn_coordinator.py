@@ -169,12 +169,7 @@ class Turns(Coordinator):
             return
         self.turn.assign(0)
         # The last client reported (if it evaluates) before ending its turn.
-        train, val = self._round_logs(r)
-        self.logs[r] = (train, val)
-        self.round.assign(r + 1)
-        if self.on_round_end is not None:
-            self.on_round_end(r, train, val)
-        self._commit()
+        self._close_round(r)
 
     def tick(self) -> None:
         """Skips the turn of a client silent for `turn_timeout` seconds."""

@@ -71,7 +71,7 @@ class PausedStepTest(base.TestCase):
         cut, seeds = _batch()
         server.handle(Message(Kind.TRAIN, 0, 1, (cut,)))
         self.assertTrue(server.pending(0))
-        step = server._paused[0]
+        step = server._open_steps[0]
         server.rolled_back()
         self.assertFalse(step._thread.is_alive())
         self.assertFalse(server.pending(0))
@@ -99,7 +99,7 @@ class PausedStepTest(base.TestCase):
             server.compile_paused_steps()
         cut, seeds = _batch()
         first = twice.handle(Message(Kind.TRAIN, 0, 1, (cut,)))
-        abandoned = twice._paused[0]
+        abandoned = twice._open_steps[0]
         twice.handle(Message(Kind.TRAIN, 0, 1, (cut,)))
         self.assertFalse(abandoned._thread.is_alive())
         twice.handle(Message(Kind.OUTPUT_GRADIENTS, 0, 1, (seeds,)))
