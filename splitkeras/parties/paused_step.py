@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from splitkeras.protocol import NotYet
@@ -87,13 +88,13 @@ class PausedStep:
         try:
             result = self._fn(*self._args)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._slots().release()  # before anyone hears the step ended
             if not self._paused:
                 self._outputs.put(e)
             self._result.put(e)
         else:
-            self._result.put(result)
-        finally:
             self._slots().release()
+            self._result.put(result)
 
     def pause(self, outputs):
         """Called by the graph: hands `outputs` to `start()`'s caller and
@@ -103,7 +104,9 @@ class PausedStep:
           StepCancelled: `cancel()` came instead.
         """
         self._paused = True
-        self._outputs.put(outputs)
+        # Copies: the graph goes on after the pause and may reuse the
+        # buffers of its own tensors; what was handed out must not change.
+        self._outputs.put([tf.constant(np.array(o, copy=True)) for o in outputs])
         seeds = self._seeds.get()
         if seeds is None:
             raise StepCancelled("the step was cancelled before its gradients came")
