@@ -56,6 +56,7 @@ def _setup(root, name, batch, codec="float32"):
         )
     settings = {
         "data.path": path,
+        "data.input_shape": ",".join(str(d) for d in shape),
         "model.name": name,
         "model.cut": models.default_cut(name),
         "num_clients": 1,

@@ -71,6 +71,15 @@ def get_config(arg=None):
     # every party computes in it, keeps float32 weights, scales its own loss.
     c.train.mixed_precision = ""
     c.train.jit_compile = False  # XLA-compile every party's step
+    # Steps that hide the network (round robin, vanilla; README "Slow links"):
+    # each batch's cut tensors go as this many micro-batches, sent without
+    # waiting; one update per batch, equal to the unpipelined one (batch
+    # statistics are per micro-batch).
+    c.train.microbatches = 1
+    # A client may send up to this many batches ahead of the gradients it
+    # has received (0 = synchronous). It applies each batch's gradients to
+    # its weights as they are by then, recomputing the batch's forward pass.
+    c.train.max_staleness = 0
     c.train.metrics = "accuracy"  # comma-separated: accuracy, top5, ...
 
     c.vertical = ml_collections.ConfigDict()

@@ -40,6 +40,7 @@ from splitkeras.parties.segment_step import specs_of, wire_dtype
 from splitkeras.parties.splitfed_servers import OrderedServer, ServerCopies
 from splitkeras.parties.vertical_server import VerticalServer
 from splitkeras.privacy.defenses import from_config
+from splitkeras.schedules import pipelining
 from splitkeras.schedules.alignment import Aligner
 from splitkeras.schedules.coordinator import Rounds
 from splitkeras.schedules.fedavg import FedAvgClient
@@ -170,6 +171,7 @@ def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
         store_state=config.weight_handoff == "server",
         turn_timeout=float(config.grpc.turn_timeout_seconds),
         clock=clock,
+        ahead=pipelining(config)[1],
     )
     state = {"server": party_checkpoint([server.segment], server.optimizer)}
     return {"server": coordinator}, coordinator, _with(state, coordinator)
@@ -328,6 +330,7 @@ def client_program(config, k: int, links: dict, key=None, inbox=None, counters=N
         peer_link=links.get("next"),
         inbox=inbox,
         counters=counters,
+        **dict(zip(("microbatches", "max_staleness"), pipelining(config))),
         **run,
     )
 

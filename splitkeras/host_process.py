@@ -33,6 +33,7 @@ from splitkeras import builders, deployment, distribute
 from splitkeras.checkpointing import load_trained
 from splitkeras.launcher import kill_after
 from splitkeras.runner import Runner, RunnerProcess
+from splitkeras.schedules import pipelining
 from splitkeras.transport import codec as codec_lib
 from splitkeras.transport.grpc_client import Connection
 from splitkeras.transport.grpc_host import GrpcHost, start_host
@@ -60,13 +61,18 @@ class HostProcess(RunnerProcess):
     def round(self, epoch, skip=0):
         """Yields once per step applied here, until round `epoch` has ended."""
         seen = int(self.coordinator.step.numpy())
-        with self.host._changed:
-            while int(self.coordinator.round.numpy()) <= epoch and not self.host.done:
+        while True:
+            # The host's lock is held only while waiting: the runner's work
+            # on each step (progress, summaries, checkpoints) runs beside
+            # the next exchange instead of blocking it.
+            with self.host._changed:
+                if int(self.coordinator.round.numpy()) > epoch or self.host.done:
+                    return
                 self.host._changed.wait(0.5)
                 now = int(self.coordinator.step.numpy())
-                for _ in range(now - seen):
-                    yield None
-                seen = now
+            for _ in range(now - seen):
+                yield None
+            seen = now
 
     def logs(self, epoch):
         return self.coordinator.logs.get(epoch, ({}, {}))
@@ -142,6 +148,7 @@ def serve(
         config, host, links, strategy, clock=time.monotonic
     )
     up, down = builders.codecs(config)
+    count, ahead = pipelining(config)
     grpc_host = GrpcHost(
         parties,
         config.num_clients,
@@ -159,6 +166,8 @@ def serve(
         gather_seconds=float(settings.get("gather_seconds", 10.0)),
         run_eagerly=config.train.run_eagerly,
         jit_compile=bool(config.train.get("jit_compile", False)),
+        # Any of a client's micro-batches in flight may be sent again.
+        keep=count * (ahead + 1),
     )
     grpc_host.on_applied = kill_after
     server, port = start_host(

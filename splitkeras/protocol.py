@@ -109,6 +109,11 @@ class Message:
         opaque bytes (PSI).
       metrics: a party's figures (END, REPORT), name -> float.
       status: the answer to BEGIN or FETCH.
+      offset: a micro-batch's first row in its step's batch (TRAIN).
+      rows: the rows of the step's whole batch when the step travels as
+        micro-batches (`config.train.microbatches`), else 0. The receiver
+        accumulates the micro-batches' gradients and applies one update,
+        with the last one (`offset` + its rows = `rows`).
     """
 
     kind: Kind
@@ -124,6 +129,8 @@ class Message:
     state: bytes = b""
     metrics: dict | None = None
     status: Status = Status.READY
+    offset: Any = 0
+    rows: Any = 0
 
     def replace(self, **changes) -> Message:
         return dataclasses.replace(self, **changes)

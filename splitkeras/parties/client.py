@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
+from splitkeras.parties.microbatches import pieces
 from splitkeras.parties.segment_step import (
     apply_gradients,
     loss_scale,
@@ -148,12 +149,24 @@ class Client:
             for variable, value in zip(state, kept):
                 variable.assign(tf.where(server_skipped, value, variable))
 
-    def train_step(self, link, step, x, y, sample_weight=None, ids=None):
+    def train_step(
+        self, link, step, x, y, sample_weight=None, ids=None, microbatches=1
+    ):
         """One training step; returns the loss reported by the label holder.
 
         `y` None: another party holds the labels (vertical); `ids`: the
-        batch's row numbers (vertical).
+        batch's row numbers (vertical). `microbatches` > 1 (vanilla): the
+        cut tensors go as that many micro-batches, all sent before the first
+        reply is awaited (`splitkeras.parties.microbatches`).
         """
+        if microbatches > 1:
+            forward = self.forward(x)
+            tickets = self._send_pieces(
+                link, step, forward.cut, y, sample_weight, microbatches
+            )
+            grads, loss = self._receive_pieces(link, forward.cut, tickets)
+            self.backward(forward, grads)
+            return loss
         forward = self.forward(x)
         reply = link.request(
             self._message(Kind.TRAIN, step, forward.cut, y, sample_weight, ids)
@@ -166,6 +179,68 @@ class Client:
             reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
         self.backward(forward, reply.tensors, tail_grads)
         return loss
+
+    # ------------------------------------------ steps that do not wait
+    def send_step(self, link, step, x, y, sample_weight=None, microbatches=1):
+        """The first half of a step whose gradients come later (vanilla,
+        `config.train.max_staleness`): runs the forward pass and sends the
+        cut tensors; returns the tickets `finish_step` takes."""
+        cut = self.forward(x).cut  # the tape ends here: finish_step recomputes
+        return self._send_pieces(link, step, cut, y, sample_weight, microbatches)
+
+    def finish_step(self, link, x, tickets):
+        """The second half: waits for the gradients of the cut tensors sent
+        with `tickets`, recomputes the forward pass of `x` with the weights
+        as they are now, and applies them; returns the reported loss."""
+        forward = self.forward(x)
+        grads, loss = self._receive_pieces(link, forward.cut, tickets)
+        self.backward(forward, grads)
+        return loss
+
+    def _send_pieces(self, link, step, cut, y, sample_weight, count):
+        """Sends the cut tensors as `count` micro-batches (1: the whole batch
+        as one message); returns a ticket per micro-batch."""
+        if self.tail is not None:
+            raise ValueError(
+                "a U-shaped client waits for the server's outputs: micro-batched "
+                "and asynchronous steps run vanilla splits"
+            )
+        if count == 1:
+            return [link.send(self._message(Kind.TRAIN, step, cut, y, sample_weight))]
+        rows = tf.shape(cut[0], out_type=tf.int64)[0]
+        tickets = []
+        for first, end in pieces(rows, count):
+            piece = self._message(
+                Kind.TRAIN,
+                step,
+                tuple(c[first:end] for c in cut),
+                _rows(y, first, end),
+                _rows(sample_weight, first, end),
+            ).replace(offset=first, rows=rows)
+            tickets.append(_unless_empty(end > first, link, piece))
+        return tickets
+
+    def _receive_pieces(self, link, cut, tickets):
+        """The cut tensors' gradients and the loss, from every ticket."""
+        if len(tickets) == 1:
+            reply = link.receive(tickets[0], Kind.TRAIN)
+            return list(reply.tensors), reply.loss
+        rows = tf.shape(cut[0], out_type=tf.int64)[0]
+        grads, losses = [], []
+        for ticket, (first, end) in zip(tickets, pieces(rows, len(tickets))):
+
+            def received(ticket=ticket):
+                reply = link.receive(ticket, Kind.TRAIN)
+                return list(reply.tensors), tf.cast(reply.loss, tf.float32)
+
+            def skipped(first=first, end=end):  # an empty micro-batch
+                return [c[first:end] * 0 for c in cut], tf.constant(0.0)
+
+            piece_grads, loss = tf.cond(end > first, received, skipped)
+            grads.append(piece_grads)
+            losses.append(loss)
+        # The server reports each micro-batch's share of the batch's loss.
+        return [tf.concat(g, axis=0) for g in zip(*grads)], tf.add_n(losses)
 
     def _tail_step(self, reply, y, sample_weight):
         outputs = list(reply.tensors)
@@ -212,6 +287,15 @@ class Client:
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The client's own state: its segments and optimizer (+ `extra`)."""
         return party_checkpoint([self.segment, self.tail], self.optimizer, **extra)
+
+
+def _rows(tensor, first, end):
+    return None if tensor is None else tensor[first:end]
+
+
+def _unless_empty(nonempty, link, piece):
+    """`link.send(piece)`, or (an empty micro-batch) a ticket of nothing."""
+    return tf.cond(nonempty, lambda: link.send(piece), lambda: link.unsent(piece))
 
 
 def _unflat(tensors):

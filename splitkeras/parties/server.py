@@ -11,6 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from splitkeras.distribute import gather, split_batch
+from splitkeras.parties.microbatches import GradientSums, is_piece, last_piece, share
 from splitkeras.parties.paused_step import PausedStep
 from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import (
@@ -60,6 +61,7 @@ class Server(SegmentParty):
         # PausedStep its compiled graph pauses in)
         self._open_steps = {}
         self._paused_fn = None
+        self._sums = None  # GradientSums of micro-batched steps
 
     def build_optimizer(self):
         if self.strategy is None:
@@ -102,6 +104,11 @@ class Server(SegmentParty):
         if message.kind == Kind.TRAIN:
             if self.holds_labels:
                 return self._train_vanilla(message)
+            if is_piece(message):
+                raise ValueError(
+                    "a U-shaped server takes whole batches: micro-batched "
+                    "steps (config.train.microbatches > 1) run vanilla splits"
+                )
             self._cancel(message.client_id)  # a step begun again
             if self._paused_fn is not None:
                 return self._start_paused(message)
@@ -140,16 +147,32 @@ class Server(SegmentParty):
         cut, inputs = self._inputs(message)
         variables = self.trainable_variables
         scale = loss_scale(self.optimizer)
+        piece = is_piece(message)
+        if piece and scale is not None:
+            raise ValueError(
+                "micro-batched steps (config.train.microbatches > 1) do not "
+                "run with a loss-scaled (mixed float16) server"
+            )
         with tf.GradientTape() as tape:
             tape.watch(cut)
             y_pred = self.segment(inputs, training=True)
             loss = self.objective(message.labels, y_pred, message.sample_weight, True)
             reg = regularization(self.segment)
             total = loss if reg is None else loss + reg
+            if piece:  # this micro-batch's share of the step's loss
+                loss = loss * share(message, loss.dtype)
+                total = total * share(message, total.dtype)
             if scale is not None:  # mixed float16: the server's own loss scale
                 total = total * tf.cast(scale, total.dtype)
         grads = tape.gradient(total, cut + variables)
         cut_grads, var_grads = _cut_gradients(grads, cut), grads[len(cut) :]
+        if piece:  # one update per step, with its last micro-batch
+            self.gradient_sums().add(
+                var_grads,
+                last_piece(message),
+                lambda sums: apply_gradients(self.optimizer, sums, variables),
+            )
+            return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
         if scale is None:
             apply_gradients(self.optimizer, var_grads, variables)
             return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
@@ -160,8 +183,19 @@ class Server(SegmentParty):
         cut_grads = unscale(cut_grads, scale, finite)
         return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
 
+    def gradient_sums(self) -> GradientSums:
+        """The running sums of a micro-batched step (made at the first use)."""
+        if self._sums is None:
+            self._sums = GradientSums(self.trainable_variables)
+        return self._sums
+
     def _train_distributed(self, message):
         """The vanilla step with the batch split over the strategy's replicas."""
+        if is_piece(message):
+            raise ValueError(
+                "micro-batched steps (config.train.microbatches > 1) do not "
+                "run on a distributed server (config.server.strategy)"
+            )
         strategy = self.strategy
         cut = list(message.tensors)
         batch = tf.shape(cut[0])[0]
@@ -294,9 +328,12 @@ class Server(SegmentParty):
             step.cancel()
 
     def rolled_back(self) -> None:
-        """A host went back to its last commit: open steps end, not applied."""
+        """A host went back to its last commit: open steps end, not applied,
+        and so do the partial sums of a micro-batched step."""
         for k in list(self._open_steps):
             self._cancel(k)
+        if self._sums is not None:
+            self._sums.reset()
 
     def _infer(self, message):
         _, inputs = self._inputs(message)

@@ -25,9 +25,44 @@ __all__ = [
     "SplitFed",
     "VerticalSplit",
     "align",
+    "pipelining",
     "schedule_for",
     "split_image_halves",
 ]
+
+
+def pipelining(config) -> tuple[int, int]:
+    """(micro-batches per step, steps a client may send ahead), checked.
+
+    Raises:
+      ValueError: out of range, or set for a configuration that does not
+        pipeline its steps (only the vanilla round robin does).
+    """
+    count = int(config.train.get("microbatches", 1))
+    ahead = int(config.train.get("max_staleness", 0))
+    if count < 1 or ahead < 0:
+        raise ValueError(
+            f"config.train.microbatches must be >= 1 and config.train."
+            f"max_staleness >= 0, got {count} and {ahead}"
+        )
+    if (count, ahead) == (1, 0):
+        return count, ahead
+    if config.method != "split" or config.topology != "vanilla":
+        raise ValueError(
+            "micro-batched and asynchronous steps (config.train.microbatches, "
+            "max_staleness) run the vanilla round robin (config.method='split', "
+            f"topology='vanilla'), not method={config.method!r} "
+            f"topology={config.topology!r}"
+        )
+    if count > 1 and (
+        config.train.get("mixed_precision", "") == "mixed_float16"
+        or config.server.get("strategy", "none") != "none"
+    ):
+        raise ValueError(
+            "micro-batched steps do not run with loss scaling (mixed_float16) "
+            "or a distributed server (config.server.strategy)"
+        )
+    return count, ahead
 
 
 def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=None):
@@ -102,6 +137,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             loss,
             handoff=config.weight_handoff,
             server_strategy=server_strategy,
+            **dict(zip(("microbatches", "max_staleness"), pipelining(config))),
             **split_common,
         )
     if config.method == "fedavg":

@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from splitkeras.parties.microbatches import is_piece, last_piece
 from splitkeras.protocol import Kind, Message, NotYet, Rejected, Status
 
 log = logging.getLogger("splitkeras")
@@ -102,7 +103,10 @@ class Coordinator:
         if kind == Kind.OUTPUT_GRADIENTS or (
             kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS
         ):
-            self.step.assign_add(1)  # an applied training step
+            # An applied training step (a micro-batched one with its last
+            # micro-batch).
+            applied = tf.cast(last_piece(message), tf.int64) if is_piece(message) else 1
+            self.step.assign_add(applied)
         return reply
 
     def check(self, message: Message) -> None:

@@ -18,6 +18,7 @@ process. Over gRPC the same program runs in each client's process
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 import keras
@@ -69,6 +70,10 @@ class KerasTurns(TurnClient):
       num_clients, key, handoff, peer_link, inbox, counters: as
         `TurnClient`.
       run_eagerly / jit_compile: how the steps are compiled.
+      microbatches: micro-batches per step (`config.train.microbatches`).
+      max_staleness: steps sent ahead of the gradients received
+        (`config.train.max_staleness`); each batch's gradients are applied
+        `max_staleness` steps later, with its forward pass recomputed.
 
     Set before a turn: `train_data(epoch, skip)` (the turn's batches) and,
     on the evaluating client, `test_data` (batches) and optionally
@@ -87,6 +92,8 @@ class KerasTurns(TurnClient):
         counters=None,
         run_eagerly: bool = False,
         jit_compile: bool = False,
+        microbatches: int = 1,
+        max_staleness: int = 0,
     ):
         super().__init__(
             link,
@@ -101,8 +108,24 @@ class KerasTurns(TurnClient):
         self.client = client
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._eval_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.max_staleness = max_staleness
         self.train_fn = compiled(
-            lambda x, y: client.train_step(link, self._step.assign_add(1), x, y),
+            lambda x, y: client.train_step(
+                link, self._step.assign_add(1), x, y, microbatches=microbatches
+            ),
+            run_eagerly,
+            jit_compile,
+        )
+        # Asynchronous steps: send now, apply the gradients later.
+        self.send_fn = compiled(
+            lambda x, y: client.send_step(
+                link, self._step.assign_add(1), x, y, microbatches=microbatches
+            ),
+            run_eagerly,
+            jit_compile,
+        )
+        self.finish_fn = compiled(
+            lambda x, tickets: client.finish_step(link, x, tickets),
             run_eagerly,
             jit_compile,
         )
@@ -130,8 +153,24 @@ class KerasTurns(TurnClient):
         objective = self.client.objective
         if objective is not None and not skip:
             objective.reset(training=True)
-        for x, y in self.train_data(epoch, skip):
-            yield self.train_fn(x, y)
+        if not self.max_staleness:
+            for x, y in self.train_data(epoch, skip):
+                yield self.train_fn(x, y)
+            return
+        # Up to max_staleness steps in flight; the turn ends with none.
+        waiting = collections.deque()
+        try:
+            for x, y in self.train_data(epoch, skip):
+                waiting.append((x, self.send_fn(x, y)))
+                if len(waiting) > self.max_staleness:
+                    yield self.finish_fn(*waiting.popleft())
+            while waiting:
+                yield self.finish_fn(*waiting.popleft())
+        finally:
+            if waiting:  # the turn failed (it is begun again): forget them
+                drop = getattr(self.link, "drop_pending", None)
+                if drop is not None:
+                    drop()
 
     def _metrics(self) -> dict:
         objective = self.client.objective
@@ -193,9 +232,8 @@ class RoundRobin(Schedule):
       server_strategy: a `tf.distribute.Strategy` for the server (vanilla
         only; `splitkeras.distribute`), or None for one device.
       jit_compile: compile the fused steps with XLA.
+      microbatches / max_staleness: as `KerasTurns` (vanilla only).
     """
-
-    resumable_mid_round = True
 
     def __init__(
         self,
@@ -211,6 +249,8 @@ class RoundRobin(Schedule):
         run_eagerly: bool = False,
         server_strategy=None,
         jit_compile: bool = False,
+        microbatches: int = 1,
+        max_staleness: int = 0,
     ):
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -221,6 +261,9 @@ class RoundRobin(Schedule):
             )
         self.num_clients = num_clients
         self.handoff = handoff
+        # With steps in flight a checkpoint mid-turn would hold the server
+        # ahead of the clients: such a run checkpoints between rounds.
+        self.resumable_mid_round = max_staleness == 0
         segments = [cut(build_model(), at) for _ in range(num_clients)]
         ushaped = segments[0].ushaped
         self.server = server_party(
@@ -262,6 +305,8 @@ class RoundRobin(Schedule):
                 counters=self.counters,
                 run_eagerly=run_eagerly,
                 jit_compile=jit_compile,
+                microbatches=microbatches,
+                max_staleness=max_staleness,
             )
             for k, client in enumerate(self.clients)
         ]

@@ -11,7 +11,7 @@ import logging
 
 import tensorflow as tf
 
-from splitkeras.protocol import Kind, Rejected, Status
+from splitkeras.protocol import Kind, NotYet, Rejected, Status
 from splitkeras.schedules.coordinator import TRAINING, Coordinator, pending
 
 log = logging.getLogger("splitkeras")
@@ -35,6 +35,9 @@ class Turns(Coordinator):
       store_state: keep and forward the clients' sealed states.
       turn_timeout: seconds of silence before a turn is skipped (None: never).
       clock: a time source (host: time.monotonic).
+      ahead: how many steps past the next one a client may send before
+        their turn to be applied comes (`config.train.max_staleness`): such
+        a step waits for the steps before it.
     """
 
     def __init__(
@@ -46,8 +49,10 @@ class Turns(Coordinator):
         store_state=False,
         turn_timeout=None,
         clock=None,
+        ahead=0,
     ):
         super().__init__(server, num_clients, epochs, reports)
+        self.ahead = int(ahead)
         self.turn = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.state = tf.Variable(b"", dtype=tf.string, trainable=False)
         self.store_state = store_state
@@ -109,7 +114,10 @@ class Turns(Coordinator):
             )
         # (U-shaped: OUTPUT_GRADIENTS completes the step its TRAIN opened.)
         expected = int(self.step.numpy()) + 1
-        if message.kind in TRAINING and int(message.step) != expected:
+        step = int(message.step)
+        if message.kind in TRAINING and expected < step <= expected + self.ahead:
+            raise NotYet(f"step {step} of client {k} waits for step {expected}")
+        if message.kind in TRAINING and step != expected:
             raise Rejected(
                 "restart",
                 f"step {message.step} of client {k} is out of order: the "

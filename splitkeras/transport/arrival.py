@@ -88,7 +88,36 @@ def decode_message(envelope, party, client: int, payloads, codecs, specs=None):
                 f"{list(ids.shape)}"
             )
         ids = tf.constant(ids, tf.int64)
-    return Message(kind, client, int(envelope.step), tuple(tensors), y, w, ids=ids)
+    offset, rows = _piece(envelope, kind, batch)
+    return Message(
+        kind,
+        client,
+        int(envelope.step),
+        tuple(tensors),
+        y,
+        w,
+        ids=ids,
+        offset=offset,
+        rows=rows,
+    )
+
+
+def _piece(envelope, kind, batch) -> tuple:
+    """(offset, rows) of a micro-batch of a TRAIN step, checked; (0, 0) for
+    a whole batch."""
+    offset, rows = int(envelope.offset), int(envelope.rows)
+    if not rows:
+        if offset:
+            raise wire.WireError(f"offset {offset} without the step's rows")
+        return 0, 0
+    if kind != Kind.TRAIN:
+        raise wire.WireError(f"a {kind.name} message is not sent as micro-batches")
+    if offset < 0 or offset + batch > rows:
+        raise wire.WireError(
+            f"a micro-batch of {batch} rows at row {offset} does not fit in a "
+            f"step of {rows} rows"
+        )
+    return offset, rows
 
 
 def _tensors(envelope, kind, specs, payloads, codec) -> list:
@@ -174,7 +203,10 @@ def encode_reply(request, reply: Message, codecs, framed: bool) -> bytes:
     """
     if reply.kind in DATA_KINDS or reply.kind == Kind.ACK:
         envelope = wire_pb2.Envelope(
-            kind=int(reply.kind), client_id=request.client_id, step=request.step
+            kind=int(reply.kind),
+            client_id=request.client_id,
+            step=request.step,
+            offset=request.offset,
         )
         codec = codecs[0]
     else:

@@ -28,7 +28,13 @@ from splitkeras.transport import wire
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["Connection", "ControlLink", "RemoteError", "TurnRestarted"]
+__all__ = [
+    "Connection",
+    "ControlLink",
+    "PendingExchange",
+    "RemoteError",
+    "TurnRestarted",
+]
 
 SERVICE = "/splitkeras.wire.SplitServer/"
 METHODS = ("Join", "Exchange")
@@ -129,6 +135,22 @@ class Connection:
         reply = self._send("Exchange", wire.frame(envelope, payloads))
         return wire.open_body(reply, "Exchange reply")
 
+    def start_exchange(self, envelope, payloads) -> PendingExchange:
+        """Sends `envelope` framed with `payloads` without waiting for the
+        reply (several calls may be in flight); `.result()` waits for it."""
+        data = wire.frame(envelope, payloads)
+        with self._lock:
+            self.bytes_sent += len(data) + FRAME_BYTES
+        future = self._stubs["Exchange"].future(
+            data, timeout=self.timeout, metadata=self.metadata
+        )
+        return PendingExchange(self, data, future)
+
+    def _received(self, reply: bytes) -> bytes:
+        with self._lock:
+            self.bytes_received += len(reply) + FRAME_BYTES
+        return reply
+
     def _send(self, method, data: bytes, timeout=None) -> bytes:
         """The bytes of `method`'s reply to `data`, with retries."""
         give_up = time.monotonic() + self.retry_seconds
@@ -156,18 +178,45 @@ class Connection:
                     time.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 5.0)
                     continue
-                error = (
-                    TurnRestarted
-                    if code == grpc.StatusCode.FAILED_PRECONDITION
-                    else RemoteError
-                )
-                raise error(method, code, details) from None
-            with self._lock:
-                self.bytes_received += len(reply) + FRAME_BYTES
-            return reply
+                raise refusal(method, code, details) from None
+            return self._received(reply)
 
     def close(self) -> None:
         self.channel.close()
+
+
+def refusal(method, code, details) -> RemoteError:
+    """The exception of a call the server refused."""
+    error = (
+        TurnRestarted if code == grpc.StatusCode.FAILED_PRECONDITION else RemoteError
+    )
+    return error(method, code, details)
+
+
+class PendingExchange:
+    """An Exchange call in flight (`Connection.start_exchange`)."""
+
+    def __init__(self, connection: Connection, data: bytes, future):
+        self.connection = connection
+        self.data = data
+        self.future = future
+
+    def result(self):
+        """(reply envelope, payloads); an unavailable server or a missed
+        deadline is retried as `Connection.exchange` does (the same step id:
+        the host answers it once)."""
+        try:
+            reply = self.connection._received(self.future.result())
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+            if code not in _RETRIED:
+                raise refusal("Exchange", code, details) from None
+            self.connection.retries += 1
+            reply = self.connection._send("Exchange", self.data)
+        return wire.open_body(reply, "Exchange reply")
+
+    def cancel(self) -> None:
+        self.future.cancel()
 
 
 class ControlLink:

@@ -79,7 +79,8 @@ class GrpcHost:
       gather_seconds: how long a message a party cannot answer yet waits
         for the others before the call fails with UNAVAILABLE (retried).
       run_eagerly / jit_compile: how the parties' steps are compiled.
-      clock: the time source of turn timeouts.
+      keep: training replies kept per party and client for repeated calls
+        (micro-batches x steps a client may have in flight).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class GrpcHost:
         gather_seconds: float = 10.0,
         run_eagerly: bool = False,
         jit_compile: bool = False,
+        keep: int = 1,
     ):
         self.parties = dict(parties)
         self.default = next(iter(self.parties))
@@ -117,7 +119,8 @@ class GrpcHost:
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self.replies = Replies()
+        self.replies = Replies(keep)
+        self.rollbacks = 0  # a call waiting since before a rollback gives up
         self.steps = HostSteps(self.parties, run_eagerly, jit_compile)
         self._manager = None
         if checkpoint_dir is not None:
@@ -180,6 +183,7 @@ class GrpcHost:
                 rolled_back()
         self.replies.clear()
         with self._changed:
+            self.rollbacks += 1
             self._changed.notify_all()
 
     def tick(self) -> None:
@@ -218,7 +222,11 @@ class GrpcHost:
                     kind = request.kind
                     client = self._authenticate(context, request.client_id)
                     reply = self.exchange(
-                        client, request, payloads, data[:1] == b"\x00"
+                        client,
+                        request,
+                        payloads,
+                        data[:1] == b"\x00",
+                        alive=context.is_active,
                     )
                 else:
                     request = wire.parse(wire_pb2.JoinRequest, data, "Join request")
@@ -292,8 +300,14 @@ class GrpcHost:
             parties=sorted(self.parties),
         )
 
-    def exchange(self, client, envelope, payloads=None, framed=False) -> bytes:
-        """Answers one message; returns the serialized reply."""
+    def exchange(
+        self, client, envelope, payloads=None, framed=False, alive=None
+    ) -> bytes:
+        """Answers one message; returns the serialized reply.
+
+        `alive()` False: the caller has gone (cancelled its call, or its
+        process ended); a step it sent is then not applied.
+        """
         payloads = payloads or wire.Payloads()
         with self._changed:
             name, party = self._party(envelope.to)
@@ -317,7 +331,7 @@ class GrpcHost:
             message = decode_message(
                 envelope, party, client, payloads, self.codecs_in, specs
             )
-            reply = self._answer(name, party, message)
+            reply = self._answer(name, party, message, alive)
             data = encode_reply(envelope, reply, self.codecs_out, framed)
             self.replies.remember(name, client, envelope, reply, data)
             self._changed.notify_all()
@@ -336,15 +350,53 @@ class GrpcHost:
                 f"of order (expected 1 or {expected})",
             )
 
-    def _answer(self, name, party, message) -> Message:
+    def _ready(self, name, message, alive, rollbacks) -> None:
+        """Raises unless `message` can be answered now (NotYet: wait)."""
+        if alive is not None and not alive():
+            raise Refused(
+                grpc.StatusCode.CANCELLED,
+                f"client {message.client_id} cancelled its {message.kind.name} "
+                f"of step {message.step} (row {message.offset})",
+            )
+        if self.rollbacks != rollbacks:
+            raise Rejected(
+                "restart",
+                f"the host rolled back while step {message.step} of client "
+                f"{message.client_id} waited: begin again",
+            )
+        if message.kind == Kind.TRAIN and message.rows:
+            expected = self.replies.next_offset(name, message.client_id, message.step)
+            if message.offset > expected:
+                raise NotYet(
+                    f"the micro-batch at row {message.offset} of step "
+                    f"{message.step} waits for the one at row {expected}"
+                )
+            if message.offset < expected:
+                raise Rejected(
+                    "restart",
+                    f"micro-batch at row {message.offset} of step {message.step} "
+                    f"is out of order (expected row {expected})",
+                )
+
+    def _answer(self, name, party, message, alive=None) -> Message:
         """The party's reply; waits while it cannot answer yet."""
         deadline = time.monotonic() + self.gather_seconds
         wait_until = time.monotonic() + self.wait_seconds
         check = getattr(party, "check", None) if message.kind in DATA_KINDS else None
+        rollbacks = self.rollbacks
         while True:
             try:
+                self._ready(name, message, alive, rollbacks)
                 if check is not None:  # the coordinator: is the run there?
-                    check(Message(message.kind, message.client_id, message.step))
+                    check(
+                        Message(
+                            message.kind,
+                            message.client_id,
+                            message.step,
+                            offset=message.offset,
+                            rows=message.rows,
+                        )
+                    )
                 reply = self.steps.handle(name, party, message)
             except NotYet as e:
                 if time.monotonic() > deadline:

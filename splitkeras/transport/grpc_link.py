@@ -14,6 +14,8 @@ checked as the host checks what arrives.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import tensorflow as tf
 
@@ -69,6 +71,9 @@ class GrpcLink:
         self.codec_up = get_codec(codec_up)
         self.codec_down = get_codec(codec_down)
         self.error = None  # the last exception raised inside the round trip
+        self._pending = {}  # ticket -> (call, step, offset) sent, not received
+        self._tokens = 0
+        self._lock = threading.Lock()
 
     def bind(
         self, cut_dtypes, cut_shapes, output_dtypes, output_shapes=None, ushaped=False
@@ -103,6 +108,52 @@ class GrpcLink:
         kind = Kind(message.kind)
         if kind not in DATA_KINDS:
             return self._control(message)
+        layout, inputs = self._layout(message)
+        outputs = tf.py_function(
+            lambda *args: self._round_trip(layout, *args),
+            inputs,
+            self._out_types(layout),
+        )
+        return self._decoded(message, layout, outputs)
+
+    # A step whose reply is awaited later (micro-batches, asynchronous steps):
+    # the call goes out at once, and its ticket is a number standing for it.
+    def send(self, message: Message) -> tuple:
+        """Sends a step message without waiting; returns the ticket
+        `receive` takes."""
+        layout, inputs = self._layout(message)
+        token = tf.py_function(
+            lambda *args: self._start(layout, *args), inputs, tf.int64
+        )
+        token.set_shape([])
+        return (token,)
+
+    def unsent(self, message: Message) -> tuple:
+        """The ticket of a message not sent (an empty micro-batch)."""
+        return (tf.constant(-1, tf.int64),)
+
+    def receive(self, ticket, kind=Kind.TRAIN) -> Message:
+        """Waits for the reply of the message `ticket` stands for."""
+        layout = (kind, *self._reply(kind))
+        outputs = tf.py_function(
+            lambda token: self._finish(layout, token),
+            [ticket[0]],
+            self._out_types(layout),
+        )
+        return self._decoded(Message(kind, 0), layout, outputs)
+
+    def drop_pending(self) -> None:
+        """Cancels every call sent and not yet received (a turn begun
+        again): the host applies none of them."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for call, _, _ in pending.values():
+            call.cancel()
+
+    def _layout(self, message):
+        """(layout, py_function inputs) of a step message: the codec's wire
+        parts of its tensors, their shapes, labels, weights and ids."""
+        kind = Kind(message.kind)
         reply_kind, specs = self._reply(kind)
         tensors = [tf.convert_to_tensor(t) for t in message.tensors]
         parts = [self.codec_up.encode(t) for t in tensors]
@@ -118,22 +169,31 @@ class GrpcLink:
         layout = (
             kind,
             reply_kind,
+            specs,
             [(t.dtype, len(p)) for t, p in zip(tensors, parts)],
             list(extras),
-            specs,
         )
         inputs = (
-            [tf.cast(message.step, tf.int64)]
+            [
+                tf.cast(message.step, tf.int64),
+                tf.cast(message.offset, tf.int64),
+                tf.cast(message.rows, tf.int64),
+            ]
             + [tf.shape(t, out_type=tf.int64) for t in tensors]
             + [p for ps in parts for p in ps]
             + list(extras.values())
         )
+        return layout, inputs
+
+    def _out_types(self, layout) -> list:
         out_types = [tf.float32]
-        for dtype, _ in specs:
+        for dtype, _ in layout[2]:
             out_types += list(self.codec_down.wire_dtypes(dtype)) + [tf.int64]
-        outputs = tf.py_function(
-            lambda *args: self._round_trip(layout, *args), inputs, out_types
-        )
+        return out_types
+
+    def _decoded(self, message, layout, outputs) -> Message:
+        """The reply `Message` of a round trip's outputs, decoded."""
+        reply_kind, specs = layout[1], layout[2]
         loss, outputs = outputs[0], list(outputs[1:])
         loss.set_shape([])
         decoded = []
@@ -153,42 +213,79 @@ class GrpcLink:
             loss=None if reply_kind == Kind.SERVER_OUTPUT else loss,
         )
 
-    def _round_trip(self, layout, step, *args):
-        """The network part (eager, numpy): build, send, check the reply."""
-        kind, reply_kind, tensor_layout, extra_names, specs = layout
-        try:
-            args = list(args)
-            shapes, args = args[: len(tensor_layout)], args[len(tensor_layout) :]
-            envelope = wire_pb2.Envelope(
-                kind=int(kind),
-                client_id=self.connection.client_id,
-                step=int(step),
-                to=self.to,
+    def _envelope(self, layout, step, offset, rows, *args):
+        """The envelope (and its out-of-line payloads) of a step message."""
+        kind, _, _, tensor_layout, extra_names = layout
+        args = list(args)
+        shapes, args = args[: len(tensor_layout)], args[len(tensor_layout) :]
+        envelope = wire_pb2.Envelope(
+            kind=int(kind),
+            client_id=self.connection.client_id,
+            step=int(step),
+            to=self.to,
+            offset=int(offset),
+            rows=int(rows),
+        )
+        payloads = []  # array bytes travel after the envelope (wire.frame)
+        for (dtype, n), shape in zip(tensor_layout, shapes):
+            wire.encoded_from_parts(
+                self.codec_up,
+                dtype,
+                shape.numpy(),
+                args[:n],
+                envelope.tensors.add(),
+                payloads,
             )
-            payloads = []  # array bytes travel after the envelope (wire.frame)
-            for (dtype, n), shape in zip(tensor_layout, shapes):
-                wire.encoded_from_parts(
-                    self.codec_up,
-                    dtype,
-                    shape.numpy(),
-                    args[:n],
-                    envelope.tensors.add(),
-                    payloads,
-                )
-                args = args[n:]
-            for name, value in zip(extra_names, args):
-                wire.fill_array(getattr(envelope, name), value, payloads)
+            args = args[n:]
+        for name, value in zip(extra_names, args):
+            wire.fill_array(getattr(envelope, name), value, payloads)
+        return envelope, payloads
+
+    def _round_trip(self, layout, *args):
+        """The network part (eager, numpy): build, send, check the reply."""
+        try:
+            envelope, payloads = self._envelope(layout, *args)
             reply, arrived = self.connection.exchange(envelope, payloads)
-            return self._check_reply(reply, arrived, envelope, reply_kind, specs)
+            return self._check_reply(reply, arrived, envelope, layout[1], layout[2])
+        except Exception as e:
+            self.error = e
+            raise
+
+    def _start(self, layout, *args):
+        try:
+            envelope, payloads = self._envelope(layout, *args)
+            call = self.connection.start_exchange(envelope, payloads)
+            # A step's micro-batches may go out from several threads at once.
+            with self._lock:
+                self._tokens += 1
+                token = self._tokens
+                self._pending[token] = (call, envelope.step, envelope.offset)
+            return np.int64(token)
+        except Exception as e:
+            self.error = e
+            raise
+
+    def _finish(self, layout, token):
+        try:
+            with self._lock:
+                call, step, offset = self._pending.pop(int(token))
+            reply, arrived = call.result()
+            sent = wire_pb2.Envelope(step=step, offset=offset)
+            return self._check_reply(reply, arrived, sent, layout[1], layout[2])
         except Exception as e:
             self.error = e
             raise
 
     def _check_reply(self, reply, arrived, sent, reply_kind, specs):
-        if reply.kind != reply_kind or reply.step != sent.step:
+        if (reply.kind, reply.step, reply.offset) != (
+            reply_kind,
+            sent.step,
+            sent.offset,
+        ):
             raise wire.WireError(
-                f"expected a {reply_kind.name} reply for step {sent.step}, got "
-                f"{wire.kind_name(reply.kind)} for step {reply.step}"
+                f"expected a {reply_kind.name} reply for step {sent.step} (row "
+                f"{sent.offset}), got {wire.kind_name(reply.kind)} for step "
+                f"{reply.step} (row {reply.offset})"
             )
         if len(reply.tensors) != len(specs):
             raise wire.WireError(

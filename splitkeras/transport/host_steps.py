@@ -48,12 +48,19 @@ class HostSteps:
         admit = getattr(party, "admit", None)
         if admit is not None:
             admit(message)
+        pieces = None  # a micro-batch: its offset and the step's rows
+        if message.rows:
+            pieces = (
+                tf.constant(message.offset, tf.int64),
+                tf.constant(message.rows, tf.int64),
+            )
         tensors, loss = fn(
             tf.constant(message.step, tf.int64),
             list(message.tensors),
             message.labels,
             message.sample_weight,
             message.ids,
+            pieces,
         )
         kind = self._reply_kinds[key]
         reply = Message(
@@ -70,8 +77,9 @@ class HostSteps:
 
     def function(self, name, party, kind, client: int = 0):
         """The compiled step of `party` (hosted as `name`) for messages of
-        `kind` from `client`: `fn(step, tensors, labels, sample_weight, ids)
-        -> (reply tensors, loss)`; made at the first call."""
+        `kind` from `client`: `fn(step, tensors, labels, sample_weight, ids,
+        pieces)` -> (reply tensors, loss), `pieces` (offset, rows) of a
+        micro-batch or None; made at the first call."""
         key = self._key(name, party, kind, client)
         fn = self._fns.get(key)
         if fn is None:
@@ -86,11 +94,20 @@ class HostSteps:
     def _compiled(self, party, kind, key):
         client = key[2]
 
-        def run(step, tensors, labels, sample_weight, ids):
+        def run(step, tensors, labels, sample_weight, ids, pieces):
             # The step id goes on with what a relay sends to the next party.
+            offset, rows = pieces if pieces is not None else (0, 0)
             reply = party.handle(
                 Message(
-                    kind, client, step, tuple(tensors), labels, sample_weight, ids=ids
+                    kind,
+                    client,
+                    step,
+                    tuple(tensors),
+                    labels,
+                    sample_weight,
+                    ids=ids,
+                    offset=offset,
+                    rows=rows,
                 )
             )
             self._reply_kinds[key] = reply.kind

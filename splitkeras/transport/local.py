@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from splitkeras.protocol import DATA_KINDS, Message, NotYet, Status
+from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Status
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.counters import CATEGORIES, ByteCounters, category
 
@@ -88,6 +88,24 @@ class LocalTransport:
                 "parties in an order in which nobody waits"
             ) from None
         return self.carry_down(reply)
+
+    # A step whose reply is awaited later (micro-batches, asynchronous
+    # steps): in one process the reply is there at once, and the ticket is
+    # the reply itself: (loss, *tensors).
+    def send(self, message: Message) -> tuple:
+        """Sends a step message; returns the ticket `receive` takes."""
+        reply = self.request(message)
+        loss = tf.constant(float("nan")) if reply.loss is None else reply.loss
+        return (tf.cast(loss, tf.float32), *reply.tensors)
+
+    def unsent(self, message: Message) -> tuple:
+        """The ticket of a message not sent (an empty micro-batch)."""
+        return (tf.constant(0.0), *[tf.zeros_like(t) for t in message.tensors])
+
+    def receive(self, ticket, kind=Kind.TRAIN) -> Message:
+        """The reply a ticket stands for (a step's gradients)."""
+        loss, *tensors = ticket
+        return Message(Kind.GRADIENTS, 0, tensors=tuple(tensors), loss=loss)
 
     def poll(self, message: Message) -> Message:
         """`request`, for a message the answer to which may be "wait".

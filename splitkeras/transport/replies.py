@@ -18,26 +18,48 @@ TRAINING = (Kind.TRAIN, Kind.OUTPUT_GRADIENTS)
 
 
 class Replies:
-    """The last reply per (party, client), by step id and kind."""
+    """The last replies per (party, client), by step id, kind and offset.
 
-    def __init__(self):
-        self._cache = {}  # (party, client) -> (step, kind, reply bytes)
+    Args:
+      keep: how many training replies to keep per (party, client): a
+        client with micro-batches and steps in flight may repeat any of
+        them (`config.train.microbatches` x (`max_staleness` + 1)).
+    """
+
+    def __init__(self, keep: int = 1):
+        self.keep = max(1, int(keep))
+        # (party, client) -> {(step, kind, offset): reply bytes}, oldest first
+        self._training = {}
+        self._cache = {}  # ("eval", party, client) -> (step, kind, reply bytes)
         self._eval_step = {}  # (party, client) -> last evaluation batch
         self._open = {}  # (party, client) -> U-shaped outputs awaiting gradients
+        self._pieces = {}  # (party, client) -> (step, end row, rows) answered last
 
     def clear(self) -> None:
         """Forgets everything (a rollback: the steps are trained again)."""
+        self._training.clear()
         self._cache.clear()
         self._open.clear()
         self._eval_step.clear()
+        self._pieces.clear()
 
     def cached(self, name, client, envelope):
         """The reply already sent for this very message, or None."""
-        key = (name, client) if envelope.kind in TRAINING else ("eval", name, client)
-        cached = self._cache.get(key)
+        if envelope.kind in TRAINING:
+            replies = self._training.get((name, client), {})
+            return replies.get((envelope.step, envelope.kind, envelope.offset))
+        cached = self._cache.get(("eval", name, client))
         if cached and cached[:2] == (envelope.step, envelope.kind):
             return cached[2]
         return None
+
+    def next_offset(self, name, client, step) -> int:
+        """The first row of the micro-batch of `step` to answer next: a step's
+        micro-batches are answered in order, as one process computes them."""
+        last = self._pieces.get((name, client))
+        if last is None or last[0] != step or last[1] >= last[2]:
+            return 0
+        return last[1]
 
     def next_evaluation(self, name, client) -> int:
         """The evaluation batch after the last one answered (0: none yet)."""
@@ -51,7 +73,13 @@ class Replies:
         """Keeps the reply `data` sent for `envelope`."""
         kind = envelope.kind
         if kind in TRAINING:
-            self._cache[(name, client)] = (envelope.step, kind, data)
+            replies = self._training.setdefault((name, client), {})
+            replies[(envelope.step, kind, envelope.offset)] = data
+            while len(replies) > self.keep:
+                del replies[next(iter(replies))]
+            if envelope.rows:
+                end = envelope.offset + (envelope.tensors[0].shape[0] or 0)
+                self._pieces[(name, client)] = (envelope.step, end, envelope.rows)
             if reply.kind == Kind.SERVER_OUTPUT:  # U-shaped: gradients must fit
                 self._open[(name, client)] = [
                     (t.dtype, list(t.shape)) for t in reply.tensors

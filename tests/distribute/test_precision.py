@@ -191,7 +191,9 @@ class RunTest(base.TestCase):
         self.assertTrue(train._jit_compile)
         message = LossScaleTest._message(self)
         step = tf.constant(1, tf.int64)
-        grads, loss = train(step, list(message.tensors), message.labels, None, None)
+        grads, loss = train(
+            step, list(message.tensors), message.labels, None, None, None
+        )
         expected = reference.handle(message)
         np.testing.assert_allclose(
             grads[0].numpy(), expected.tensors[0].numpy(), atol=1e-5
