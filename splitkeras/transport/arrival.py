@@ -111,7 +111,7 @@ def _piece(envelope, kind, batch) -> tuple:
             raise wire.WireError(f"offset {offset} without the step's rows")
         return 0, 0
     if kind != Kind.TRAIN:
-        raise wire.WireError(f"a {kind.name} message is not sent as micro-batches")
+        raise wire.WireError(f"{kind.name} messages are not sent as micro-batches")
     if offset < 0 or offset + batch > rows:
         raise wire.WireError(
             f"a micro-batch of {batch} rows at row {offset} does not fit in a "

@@ -117,10 +117,12 @@ class GrpcHost:
         self.hosts_told = set()  # hosts (relays) told that the run is over
         self.closed = threading.Event()  # set: the watchdog stops
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
+        self._uncounted = {}  # (counter, client) -> bytes not yet in counters
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self.replies = Replies(keep)
         self.rollbacks = 0  # a call waiting since before a rollback gives up
+        self.waits = 0  # messages that had to wait (NotYet) before an answer
         self.steps = HostSteps(self.parties, run_eagerly, jit_compile)
         self._manager = None
         if checkpoint_dir is not None:
@@ -160,6 +162,7 @@ class GrpcHost:
         if self._manager is None:
             return
         with self._changed:
+            self._flush_counts()
             self._commits.assign_add(1)
             self._manager.save(checkpoint_number=int(self._commits.numpy()))
             self._changed.notify_all()
@@ -176,6 +179,8 @@ class GrpcHost:
         """Back to the last commit: the start of the current transaction."""
         log.warning("Rolling back to the last commit: %s", why)
         if self._manager is not None:
+            with self._lock:
+                self._uncounted = {}  # the counters go back to the commit too
             self._restore()
         for party in self.parties.values():
             rolled_back = getattr(party, "rolled_back", None)
@@ -196,6 +201,7 @@ class GrpcHost:
 
     def byte_counts(self) -> dict:
         """{name: [bytes per client]} as sent, gRPC framing included."""
+        self._flush_counts()
         return self.counters.as_dict()
 
     # ------------------------------------------------------------ calls
@@ -254,9 +260,16 @@ class GrpcHost:
             names = CATEGORIES[category(kind)]
         except ValueError:
             return
+        with self._lock:  # into the counters at the next commit or read
+            for name, n in ((names[0], sent), (names[1], received)):
+                key = (name, client)
+                self._uncounted[key] = self._uncounted.get(key, 0) + n + FRAME_BYTES
+
+    def _flush_counts(self) -> None:
         with self._lock:
-            self.counters.add(names[0], client, sent + FRAME_BYTES)
-            self.counters.add(names[1], client, received + FRAME_BYTES)
+            uncounted, self._uncounted = self._uncounted, {}
+        for (name, client), n in uncounted.items():
+            self.counters.add(name, client, n)
 
     def _refuse(self, context, name, code, details):
         with self._lock:
@@ -399,6 +412,7 @@ class GrpcHost:
                     )
                 reply = self.steps.handle(name, party, message)
             except NotYet as e:
+                self.waits += 1
                 if time.monotonic() > deadline:
                     raise Refused(
                         grpc.StatusCode.UNAVAILABLE, f"still waiting: {e}"

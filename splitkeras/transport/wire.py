@@ -335,6 +335,14 @@ def decode_tensor(codec, encoded, parts, what):
     import tensorflow as tf
 
     dtype = tf.as_dtype(encoded.dtype)
+    if getattr(codec, "wire_dtype", None) == dtype:
+        # A float32 (or float16 to float16) cast codec: the part is the
+        # tensor. Checked in numpy, one op fewer per check on a busy host.
+        (part,) = parts
+        array = np.asarray(part).reshape(list(encoded.shape))
+        if dtype.is_floating and not np.isfinite(array).all():
+            raise WireError(f"{what}: has non-finite values (NaN or Inf)")
+        return tf.constant(array)
     try:
         tensor = codec.decode(
             tuple(tf.constant(p) for p in parts), dtype, list(encoded.shape)
