@@ -371,7 +371,8 @@ class GrpcHost:
                 f"client {message.client_id} cancelled its {message.kind.name} "
                 f"of step {message.step} (row {message.offset})",
             )
-        if self.rollbacks != rollbacks:
+        if message.kind in TRAINING and self.rollbacks != rollbacks:
+            # A step sent ahead of one that was rolled back: not applied.
             raise Rejected(
                 "restart",
                 f"the host rolled back while step {message.step} of client "

@@ -277,15 +277,15 @@ class GrpcLink:
             raise
 
     def _check_reply(self, reply, arrived, sent, reply_kind, specs):
-        if (reply.kind, reply.step, reply.offset) != (
-            reply_kind,
-            sent.step,
-            sent.offset,
-        ):
+        if reply.kind != reply_kind or reply.step != sent.step:
             raise wire.WireError(
-                f"expected a {reply_kind.name} reply for step {sent.step} (row "
-                f"{sent.offset}), got {wire.kind_name(reply.kind)} for step "
-                f"{reply.step} (row {reply.offset})"
+                f"expected a {reply_kind.name} reply for step {sent.step}, got "
+                f"{wire.kind_name(reply.kind)} for step {reply.step}"
+            )
+        if reply.offset != sent.offset:
+            raise wire.WireError(
+                f"expected the reply to the micro-batch at row {sent.offset} of "
+                f"step {sent.step}, got row {reply.offset}"
             )
         if len(reply.tensors) != len(specs):
             raise wire.WireError(

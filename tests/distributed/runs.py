@@ -1,6 +1,7 @@
 """What the process tests share: tiny data, configs, and the same run in one
 process to compare the processes' final weights with."""
 
+import json
 import os
 
 import numpy as np
@@ -129,10 +130,35 @@ def processes_weights(config, workdir, untrained=None) -> dict:
     return weights
 
 
-def in_process_weights(config) -> dict:
-    """The final weights of the same run in one process."""
-    trained = parties(config, in_process(config))
+def in_process_weights(config, schedule=None) -> dict:
+    """The final weights of the same run in one process (of `schedule`, a
+    trained one, if given)."""
+    trained = parties(config, schedule or in_process(config))
     return {name: [w.copy() for w in m.get_weights()] for name, m in trained.items()}
+
+
+def client_bytes(counts: dict) -> tuple:
+    """([bytes sent per client], [received]) over every kind of traffic of
+    a schedule's `byte_counts()`: steps, handoffs, averaging, alignment."""
+    sent = [sum(v) for v in zip(*(c for n, c in counts.items() if _sent(n)))]
+    received = [sum(v) for v in zip(*(c for n, c in counts.items() if not _sent(n)))]
+    return sent, received
+
+
+def _sent(name) -> bool:
+    return name == "bytes_up" or name.endswith("_sent")
+
+
+def processes_client_bytes(config, workdir) -> tuple:
+    """([bytes sent per client], [received]) as each client process counted
+    them at its gRPC connections (messages + gRPC framing)."""
+    summaries = []
+    for k in range(config.num_clients):
+        with open(os.path.join(workdir, f"client_{k}", "summary.json")) as f:
+            summaries.append(json.load(f))
+    return [s["bytes_sent"] for s in summaries], [
+        s["bytes_received"] for s in summaries
+    ]
 
 
 def loaded_segments(config, workdir, last_client):
