@@ -163,6 +163,10 @@ def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
         strategy,
     )
     server.build_optimizer()
+    if pipelining(config)[0] > 1:
+        # Micro-batches: the gradient sums exist before any step is compiled
+        # (a compiled function creates variables only at its first trace).
+        server.gradient_sums()
     coordinator = Turns(
         server,
         k,

@@ -184,7 +184,9 @@ class Server(SegmentParty):
         return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
 
     def gradient_sums(self) -> GradientSums:
-        """The running sums of a micro-batched step (made at the first use)."""
+        """The running sums of a micro-batched step, made at the first call:
+        call it before compiling steps that take micro-batches (a compiled
+        function makes variables only at its first trace)."""
         if self._sums is None:
             self._sums = GradientSums(self.trainable_variables)
         return self._sums

@@ -288,6 +288,8 @@ class RoundRobin(Schedule):
         ]
         for party in [self.server, *self.clients]:
             party.build_optimizer()
+        if microbatches > 1:
+            self.server.gradient_sums()  # made before any step is compiled
         key = key if key is not None else AESGCM.generate_key(256)
         # The clients' key, kept in their checkpoints: a resumed run still
         # opens the states sealed before it stopped.

@@ -42,6 +42,7 @@ class PiecesTest(base.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.f = _Fixture()
+        cls.f.server.gradient_sums()  # as serve() makes them for micro-batches
         cls.start = cls.f.snapshot()
 
     @classmethod
