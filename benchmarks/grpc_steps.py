@@ -73,12 +73,17 @@ def local_program(config):
 
 
 class Remote:
-    """A server process and a connected, turn-holding client in this process."""
+    """A server process and a connected, turn-holding client in this process.
 
-    def __init__(self, root, tag, config, args):
+    `started`: (process, port) of a server already started (`start_servers`).
+    """
+
+    def __init__(self, root, tag, config, args, started=None):
         self.workdir = os.path.join(root, tag)
         os.makedirs(self.workdir, exist_ok=True)
-        self.server, port = launcher.start_host(args, self.workdir, "server")
+        if started is None:
+            started = launcher.start_host(args, self.workdir, "server")
+        self.server, port = started
         self.process = ClientProcess(
             config, 0, {"server": f"127.0.0.1:{port}"}, key=os.urandom(32)
         )
@@ -90,6 +95,20 @@ class Remote:
         self.process.close()
         self.server.kill()
         self.server.wait()
+
+
+def start_servers(root, runs) -> list:
+    """Starts a server per (tag, args) of `runs` at once (their start-up is
+    mostly importing TensorFlow and tracing); returns [(process, port)]."""
+    import concurrent.futures
+
+    def start(tag, args):
+        workdir = os.path.join(root, tag)
+        os.makedirs(workdir, exist_ok=True)
+        return launcher.start_host(args, workdir, "server")
+
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda run: start(*run), runs))
 
 
 def rate(program, batch, steps) -> float:

@@ -18,9 +18,8 @@ float32.
 import statistics
 import tempfile
 
-from absl import app, flags
-
 import grpc_steps
+from absl import app, flags
 
 _CASES = flags.DEFINE_list("cases", ["lenet5:64", "vgg16:128"], "model:batch pairs.")
 _SETTINGS = flags.DEFINE_list(
