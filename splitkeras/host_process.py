@@ -61,18 +61,23 @@ class HostProcess(RunnerProcess):
     def round(self, epoch, skip=0):
         """Yields once per step applied here, until round `epoch` has ended."""
         seen = int(self.coordinator.step.numpy())
-        while True:
-            # The host's lock is held only while waiting: the runner's work
-            # on each step (progress, summaries, checkpoints) runs beside
-            # the next exchange instead of blocking it.
+        ended = False
+        while not ended:
+            # The host's lock is held only while waiting and reading: the
+            # runner's work on each step (progress, summaries, checkpoints)
+            # runs beside the next exchange instead of blocking it. The steps
+            # and the round's end are read together, so that none is missed.
             with self.host._changed:
-                if int(self.coordinator.round.numpy()) > epoch or self.host.done:
-                    return
-                self.host._changed.wait(0.5)
+                if not self._ended(epoch):
+                    self.host._changed.wait(0.5)
                 now = int(self.coordinator.step.numpy())
+                ended = self._ended(epoch)
             for _ in range(now - seen):
                 yield None
             seen = now
+
+    def _ended(self, epoch) -> bool:
+        return int(self.coordinator.round.numpy()) > epoch or self.host.done
 
     def logs(self, epoch):
         return self.coordinator.logs.get(epoch, ({}, {}))
@@ -171,7 +176,13 @@ def serve(
     )
     grpc_host.on_applied = kill_after
     server, port = start_host(
-        grpc_host, address, credentials, settings.max_message_mb << 20
+        grpc_host,
+        address,
+        credentials,
+        settings.max_message_mb << 20,
+        # A thread per call that may wait at once: every client's long poll,
+        # and a client's micro-batches and steps in flight.
+        workers=max(8, 2 * config.num_clients + 4) + count * (ahead + 1),
     )
     log.info("%s serving %s on port %d", host, ", ".join(parties), port)
     if on_started is not None:

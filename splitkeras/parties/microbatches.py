@@ -66,18 +66,19 @@ class GradientSums:
             ]
 
     def add(self, grads, last, apply) -> tf.Tensor:
-        grads = [
-            tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.variables)
-        ]
+        # A variable without a gradient (unused by the loss) gets none in
+        # the update either, as in the unpipelined step.
+        used = [(s, g) for s, g in zip(self.sums, grads) if g is not None]
 
         def finish():
-            apply([s + g for s, g in zip(self.sums, grads)])
-            for s in self.sums:
+            totals = iter([s + g for s, g in used])
+            apply([None if g is None else next(totals) for g in grads])
+            for s, _ in used:
                 s.assign(tf.zeros_like(s))
             return tf.constant(True)
 
         def keep():
-            for s, g in zip(self.sums, grads):
+            for s, g in used:
                 s.assign_add(g)
             return tf.constant(False)
 

@@ -153,24 +153,29 @@ class KerasTurns(TurnClient):
         objective = self.client.objective
         if objective is not None and not skip:
             objective.reset(training=True)
+        try:
+            yield from self._steps(epoch, skip)
+        except BaseException:
+            # The turn failed (it is begun again) or was abandoned: calls
+            # still in flight are cancelled, so the host applies none of them.
+            drop = getattr(self.link, "drop_pending", None)
+            if drop is not None:
+                drop()
+            raise
+
+    def _steps(self, epoch, skip):
         if not self.max_staleness:
             for x, y in self.train_data(epoch, skip):
                 yield self.train_fn(x, y)
             return
         # Up to max_staleness steps in flight; the turn ends with none.
         waiting = collections.deque()
-        try:
-            for x, y in self.train_data(epoch, skip):
-                waiting.append((x, self.send_fn(x, y)))
-                if len(waiting) > self.max_staleness:
-                    yield self.finish_fn(*waiting.popleft())
-            while waiting:
+        for x, y in self.train_data(epoch, skip):
+            waiting.append((x, self.send_fn(x, y)))
+            if len(waiting) > self.max_staleness:
                 yield self.finish_fn(*waiting.popleft())
-        finally:
-            if waiting:  # the turn failed (it is begun again): forget them
-                drop = getattr(self.link, "drop_pending", None)
-                if drop is not None:
-                    drop()
+        while waiting:
+            yield self.finish_fn(*waiting.popleft())
 
     def _metrics(self) -> dict:
         objective = self.client.objective

@@ -122,7 +122,7 @@ class GrpcHost:
         self._changed = threading.Condition(self._lock)
         self.replies = Replies(keep)
         self.rollbacks = 0  # a call waiting since before a rollback gives up
-        self.waits = 0  # messages that had to wait (NotYet) before an answer
+        self.waits = 0  # messages that had to wait (NotYet) for others
         self.steps = HostSteps(self.parties, run_eagerly, jit_compile)
         self._manager = None
         if checkpoint_dir is not None:
@@ -181,7 +181,7 @@ class GrpcHost:
         if self._manager is not None:
             with self._lock:
                 self._uncounted = {}  # the counters go back to the commit too
-            self._restore()
+                self._restore()
         for party in self.parties.values():
             rolled_back = getattr(party, "rolled_back", None)
             if rolled_back is not None:
@@ -232,7 +232,7 @@ class GrpcHost:
                         request,
                         payloads,
                         data[:1] == b"\x00",
-                        alive=context.is_active,
+                        context=context,
                     )
                 else:
                     request = wire.parse(wire_pb2.JoinRequest, data, "Join request")
@@ -266,10 +266,10 @@ class GrpcHost:
                 self._uncounted[key] = self._uncounted.get(key, 0) + n + FRAME_BYTES
 
     def _flush_counts(self) -> None:
-        with self._lock:
+        with self._lock:  # a commit or a rollback does not come in between
             uncounted, self._uncounted = self._uncounted, {}
-        for (name, client), n in uncounted.items():
-            self.counters.add(name, client, n)
+            for (name, client), n in uncounted.items():
+                self.counters.add(name, client, n)
 
     def _refuse(self, context, name, code, details):
         with self._lock:
@@ -314,12 +314,14 @@ class GrpcHost:
         )
 
     def exchange(
-        self, client, envelope, payloads=None, framed=False, alive=None
+        self, client, envelope, payloads=None, framed=False, context=None
     ) -> bytes:
         """Answers one message; returns the serialized reply.
 
-        `alive()` False: the caller has gone (cancelled its call, or its
-        process ended); a step it sent is then not applied.
+        `context`: the call's gRPC context, or None. When its caller has gone
+        (cancelled the call, or its process ended) a step it sent is not
+        applied; a step that waits for the ones before it (micro-batches,
+        steps sent ahead) waits until the call's deadline.
         """
         payloads = payloads or wire.Payloads()
         with self._changed:
@@ -344,7 +346,7 @@ class GrpcHost:
             message = decode_message(
                 envelope, party, client, payloads, self.codecs_in, specs
             )
-            reply = self._answer(name, party, message, alive)
+            reply = self._answer(name, party, message, context)
             data = encode_reply(envelope, reply, self.codecs_out, framed)
             self.replies.remember(name, client, envelope, reply, data)
             self._changed.notify_all()
@@ -363,9 +365,9 @@ class GrpcHost:
                 f"of order (expected 1 or {expected})",
             )
 
-    def _ready(self, name, message, alive, rollbacks) -> None:
+    def _ready(self, name, message, context, rollbacks) -> None:
         """Raises unless `message` can be answered now (NotYet: wait)."""
-        if alive is not None and not alive():
+        if context is not None and not context.is_active():
             raise Refused(
                 grpc.StatusCode.CANCELLED,
                 f"client {message.client_id} cancelled its {message.kind.name} "
@@ -380,6 +382,12 @@ class GrpcHost:
             )
         if message.kind == Kind.TRAIN and message.rows:
             expected = self.replies.next_offset(name, message.client_id, message.step)
+            rows = self.replies.step_rows(name, message.client_id, message.step)
+            if rows not in (None, message.rows):
+                raise wire.WireError(
+                    f"a micro-batch of step {message.step} says the step has "
+                    f"{message.rows} rows, its first said {rows}"
+                )
             if message.offset > expected:
                 raise NotYet(
                     f"the micro-batch at row {message.offset} of step "
@@ -392,15 +400,19 @@ class GrpcHost:
                     f"is out of order (expected row {expected})",
                 )
 
-    def _answer(self, name, party, message, alive=None) -> Message:
+    def _answer(self, name, party, message, context=None) -> Message:
         """The party's reply; waits while it cannot answer yet."""
         deadline = time.monotonic() + self.gather_seconds
+        remaining = getattr(context, "time_remaining", lambda: None)()
+        if message.kind in TRAINING and remaining is not None:
+            # A step waits for those before it as long as its caller waits.
+            deadline = max(deadline, time.monotonic() + remaining - 1.0)
         wait_until = time.monotonic() + self.wait_seconds
         check = getattr(party, "check", None) if message.kind in DATA_KINDS else None
-        rollbacks = self.rollbacks
+        rollbacks, waited = self.rollbacks, False
         while True:
             try:
-                self._ready(name, message, alive, rollbacks)
+                self._ready(name, message, context, rollbacks)
                 if check is not None:  # the coordinator: is the run there?
                     check(
                         Message(
@@ -413,7 +425,9 @@ class GrpcHost:
                     )
                 reply = self.steps.handle(name, party, message)
             except NotYet as e:
-                self.waits += 1
+                if not waited:
+                    waited = True
+                    self.waits += 1
                 if time.monotonic() > deadline:
                     raise Refused(
                         grpc.StatusCode.UNAVAILABLE, f"still waiting: {e}"

@@ -53,6 +53,14 @@ class Replies:
             return cached[2]
         return None
 
+    def step_rows(self, name, client, step):
+        """The rows of `step` as its micro-batches answered so far say, or
+        None (none answered, or the step is complete)."""
+        last = self._pieces.get((name, client))
+        if last is None or last[0] != step or last[1] >= last[2]:
+            return None
+        return last[2]
+
     def next_offset(self, name, client, step) -> int:
         """The first row of the micro-batch of `step` to answer next: a step's
         micro-batches are answered in order, as one process computes them."""
