@@ -7,12 +7,14 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties.server import Server
 from splitkeras.protocol import Kind, Message, Status
 from splitkeras.transport import wire
+from splitkeras.transport.grpc_link import GrpcLink
 from splitkeras.transport.proto import wire_pb2
 from tests import base
 from tests.distributed.test_service import (
@@ -137,6 +139,29 @@ class PiecesTest(base.TestCase):
         self.assertEqual(f.host.replies.next_offset("server", 0, 1), HALF)
         self.assertEqual(_raw(f.c0, self.piece(1, HALF))[0], Code.OK)
         self.assertEqual(f.snapshot()["iterations"], self.start["iterations"] + 1)
+
+    def test_a_client_drops_its_calls_in_flight(self):
+        # What a client does when its turn fails: GrpcLink.drop_pending
+        # cancels every call it has not received, and the host applies none.
+        f = self.f
+        link = GrpcLink(f.c0, cut_dtypes=["float32"], cut_shapes=[[None, 8, 8, 2]])
+        refused, waits = f.host.refused, f.host.waits
+        piece = Message(
+            Kind.TRAIN,
+            0,
+            1,
+            (f.cut_tensor(f.images[HALF:]),),
+            tf.constant(f.labels[HALF:]),
+            offset=HALF,
+            rows=ROWS,
+        )
+        link.send(piece)  # the second micro-batch: it waits for the first
+        _until(lambda: f.host.waits > waits)
+        link.drop_pending()
+        _until(lambda: f.host.refused > refused)
+        self.assertEqual(link._pending, {})
+        self.assertEqual(f.host.replies.next_offset("server", 0, 1), 0)
+        self.assertEqual(f.snapshot()["iterations"], self.start["iterations"])
 
     def test_a_step_ahead_waits_for_the_one_before(self):
         f = self.f

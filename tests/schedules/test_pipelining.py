@@ -8,7 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitkeras.objective import Objective
 from splitkeras.parties.microbatches import pieces
+from splitkeras.parties.server import Server
+from splitkeras.protocol import Kind, Message
 from splitkeras.schedules import RoundRobin, pipelining
 from tests import base
 from tests.distributed.runs import (
@@ -90,6 +93,11 @@ def _tiny():
     x = keras.Input((4,), name="x")
     h = keras.layers.Dense(3, activation="tanh", name="client")(x)
     return keras.Model(x, keras.layers.Dense(2, name="server")(h))
+
+
+def _tiny_server():
+    x = keras.Input((3,))
+    return keras.Model(x, keras.layers.Dense(2)(x))
 
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -189,6 +197,32 @@ class PipeliningConfigTest(base.TestCase):
             config, _ = setup("unused.npz", **{"train.max_staleness": 1}, **overrides)
             with self.subTest(named), self.assertRaisesRegex(ValueError, named):
                 pipelining(config)
+
+    def test_no_microbatches_on_a_distributed_server(self):
+        config, _ = setup(
+            "unused.npz",
+            **{"train.microbatches": 2, "server.strategy": "mirrored"},
+        )
+        with self.assertRaisesRegex(ValueError, "distributed server"):
+            pipelining(config)
+
+    def test_only_the_batch_mean_loss_is_shared_by_rows(self):
+        server = Server(
+            _tiny_server(),
+            keras.optimizers.SGD(RATE),
+            Objective(keras.losses.SparseCategoricalCrossentropy(reduction="sum")),
+        )
+        piece = Message(
+            Kind.TRAIN,
+            0,
+            1,
+            (tf.ones([2, 3]),),
+            tf.constant([0, 1], tf.int64),
+            offset=0,
+            rows=4,
+        )
+        with self.assertRaisesRegex(ValueError, "loss reduction 'sum'"):
+            server.handle(piece)
 
     def test_no_microbatches_with_loss_scaling(self):
         config, _ = setup(
