@@ -52,6 +52,12 @@ _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs per setting (median taken)."
 _STEPS = flags.DEFINE_string(
     "steps", "lenet5=10,vgg16=2", "Steps per timed run, per model."
 )
+_AT_ONCE = flags.DEFINE_integer(
+    "servers_at_once",
+    0,
+    "Settings (server processes) measured together, interleaved; 0 = all of "
+    "a codec's. VGG: 2 (six VGG servers at once slowed every step ~5x here).",
+)
 _WORKER = flags.DEFINE_string("worker", "", "Internal: measure this rate here.")
 
 _EPOCH_EXAMPLES = {"lenet5": 60000, "vgg16": 50000}
@@ -142,19 +148,23 @@ def worker(rate):
     try:
         for case in cases:
             name, batch = case.split(":")
+            settings = _SETTINGS.value
+            size = _AT_ONCE.value or len(settings)
+            groups = [settings[i : i + size] for i in range(0, len(settings), size)]
             for codec in _CODECS.value:
-                rows = _measure_codec(
-                    root,
-                    rate,
-                    name,
-                    int(batch),
-                    codec,
-                    _SETTINGS.value,
-                    _RUNS.value,
-                    int(steps[name]),
-                )
-                for row in rows:
-                    print("ROW " + json.dumps(row), flush=True)
+                for group in groups:
+                    rows = _measure_codec(
+                        root,
+                        rate,
+                        name,
+                        int(batch),
+                        codec,
+                        group,
+                        _RUNS.value,
+                        int(steps[name]),
+                    )
+                    for row in rows:
+                        print("ROW " + json.dumps(row), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
