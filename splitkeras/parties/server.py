@@ -153,12 +153,14 @@ class Server(SegmentParty):
                 "micro-batched steps (config.train.microbatches > 1) do not "
                 "run with a loss-scaled (mixed float16) server"
             )
-        reduction = getattr(self.objective.loss, "reduction", "sum_over_batch_size")
-        if piece and reduction not in ("sum_over_batch_size", "auto"):
-            raise ValueError(
-                "micro-batches share a batch's mean loss by their rows; loss "
-                f"reduction {reduction!r} is not supported"
-            )
+        if piece:
+            loss_fn = getattr(self.objective, "loss", None)
+            reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
+            if reduction not in ("sum_over_batch_size", "auto"):
+                raise ValueError(
+                    "micro-batches share a batch's mean loss by their rows; "
+                    f"loss reduction {reduction!r} is not supported"
+                )
         with tf.GradientTape() as tape:
             tape.watch(cut)
             y_pred = self.segment(inputs, training=True)
