@@ -154,6 +154,7 @@ def serve(
     )
     up, down = builders.codecs(config)
     count, ahead = pipelining(config)
+    in_flight = count * (ahead + 1)  # a client's calls that may be open at once
     grpc_host = GrpcHost(
         parties,
         config.num_clients,
@@ -171,8 +172,7 @@ def serve(
         gather_seconds=float(settings.get("gather_seconds", 10.0)),
         run_eagerly=config.train.run_eagerly,
         jit_compile=bool(config.train.get("jit_compile", False)),
-        # Any of a client's micro-batches in flight may be sent again.
-        keep=count * (ahead + 1),
+        keep=in_flight,  # any of them may be sent again
     )
     grpc_host.on_applied = kill_after
     server, port = start_host(
@@ -182,7 +182,7 @@ def serve(
         settings.max_message_mb << 20,
         # A thread per call that may wait at once: every client's long poll,
         # and a client's micro-batches and steps in flight.
-        workers=max(8, 2 * config.num_clients + 4) + count * (ahead + 1),
+        workers=max(8, 2 * config.num_clients + 4) + in_flight,
     )
     log.info("%s serving %s on port %d", host, ", ".join(parties), port)
     if on_started is not None:

@@ -35,16 +35,18 @@ def is_piece(message) -> bool:
     return not (isinstance(rows, int) and rows == 0)
 
 
+def _rows(message):
+    return tf.shape(message.tensors[0], out_type=tf.int64)[0]
+
+
 def share(message, dtype=tf.float32):
     """A micro-batch's share of its step's batch: its rows / the step's."""
-    n = tf.shape(message.tensors[0], out_type=tf.int64)[0]
-    return tf.cast(n, dtype) / tf.cast(message.rows, dtype)
+    return tf.cast(_rows(message), dtype) / tf.cast(message.rows, dtype)
 
 
 def last_piece(message):
     """True (a bool tensor) for the step's last micro-batch."""
-    n = tf.shape(message.tensors[0], out_type=tf.int64)[0]
-    end = tf.cast(message.offset, tf.int64) + n
+    end = tf.cast(message.offset, tf.int64) + _rows(message)
     return tf.equal(end, tf.cast(message.rows, tf.int64))
 
 
@@ -58,11 +60,10 @@ class GradientSums:
     """
 
     def __init__(self, variables):
-        self.variables = list(variables)
         with tf.init_scope():  # also when first used inside a tf.function
             self.sums = [
                 tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
-                for v in self.variables
+                for v in variables
             ]
 
     def add(self, grads, last, apply) -> tf.Tensor:
@@ -73,8 +74,7 @@ class GradientSums:
         def finish():
             totals = iter([s + g for s, g in used])
             apply([None if g is None else next(totals) for g in grads])
-            for s, _ in used:
-                s.assign(tf.zeros_like(s))
+            self.reset([s for s, _ in used])
             return tf.constant(True)
 
         def keep():
@@ -84,7 +84,7 @@ class GradientSums:
 
         return tf.cond(last, finish, keep)
 
-    def reset(self) -> None:
+    def reset(self, sums=None) -> None:
         """Forgets a step's partial sums (its micro-batches are sent again)."""
-        for s in self.sums:
+        for s in self.sums if sums is None else sums:
             s.assign(tf.zeros_like(s))

@@ -148,19 +148,8 @@ class Server(SegmentParty):
         variables = self.trainable_variables
         scale = loss_scale(self.optimizer)
         piece = is_piece(message)
-        if piece and scale is not None:
-            raise ValueError(
-                "micro-batched steps (config.train.microbatches > 1) do not "
-                "run with a loss-scaled (mixed float16) server"
-            )
         if piece:
-            loss_fn = getattr(self.objective, "loss", None)
-            reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
-            if reduction not in ("sum_over_batch_size", "auto"):
-                raise ValueError(
-                    "micro-batches share a batch's mean loss by their rows; "
-                    f"loss reduction {reduction!r} is not supported"
-                )
+            self._check_piece(scale)
         with tf.GradientTape() as tape:
             tape.watch(cut)
             y_pred = self.segment(inputs, training=True)
@@ -168,8 +157,8 @@ class Server(SegmentParty):
             reg = regularization(self.segment)
             total = loss if reg is None else loss + reg
             if piece:  # this micro-batch's share of the step's loss
-                loss = loss * share(message, loss.dtype)
-                total = total * share(message, total.dtype)
+                fraction = share(message, loss.dtype)
+                loss, total = loss * fraction, total * tf.cast(fraction, total.dtype)
             if scale is not None:  # mixed float16: the server's own loss scale
                 total = total * tf.cast(scale, total.dtype)
         grads = tape.gradient(total, cut + variables)
@@ -190,6 +179,21 @@ class Server(SegmentParty):
         apply_gradients(self.optimizer, skip_unless(finite, var_grads), variables)
         cut_grads = unscale(cut_grads, scale, finite)
         return self._reply(message, Kind.GRADIENTS, cut_grads, loss=loss)
+
+    def _check_piece(self, scale) -> None:
+        """Refuses a micro-batch this server cannot weigh exactly."""
+        if scale is not None:
+            raise ValueError(
+                "micro-batched steps (config.train.microbatches > 1) do not "
+                "run with a loss-scaled (mixed float16) server"
+            )
+        loss_fn = getattr(self.objective, "loss", None)
+        reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
+        if reduction not in ("sum_over_batch_size", "auto"):
+            raise ValueError(
+                "micro-batches share a batch's mean loss by their rows; "
+                f"loss reduction {reduction!r} is not supported"
+            )
 
     def gradient_sums(self) -> GradientSums:
         """The running sums of a micro-batched step, made at the first call:

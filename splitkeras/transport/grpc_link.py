@@ -246,7 +246,8 @@ class GrpcLink:
         try:
             envelope, payloads = self._envelope(layout, *args)
             reply, arrived = self.connection.exchange(envelope, payloads)
-            return self._check_reply(reply, arrived, envelope, layout[1], layout[2])
+            sent = (envelope.step, envelope.offset)
+            return self._check_reply(reply, arrived, sent, layout[1], layout[2])
         except Exception as e:
             self.error = e
             raise
@@ -270,22 +271,26 @@ class GrpcLink:
             with self._lock:
                 call, step, offset = self._pending.pop(int(token))
             reply, arrived = call.result()
-            sent = wire_pb2.Envelope(step=step, offset=offset)
-            return self._check_reply(reply, arrived, sent, layout[1], layout[2])
+            return self._check_reply(
+                reply, arrived, (step, offset), layout[1], layout[2]
+            )
         except Exception as e:
             self.error = e
             raise
 
     def _check_reply(self, reply, arrived, sent, reply_kind, specs):
-        if reply.kind != reply_kind or reply.step != sent.step:
+        """The round trip's outputs from `reply` to the message `sent` (its
+        step and row offset), checked."""
+        step, offset = sent
+        if reply.kind != reply_kind or reply.step != step:
             raise wire.WireError(
-                f"expected a {reply_kind.name} reply for step {sent.step}, got "
+                f"expected a {reply_kind.name} reply for step {step}, got "
                 f"{wire.kind_name(reply.kind)} for step {reply.step}"
             )
-        if reply.offset != sent.offset:
+        if reply.offset != offset:
             raise wire.WireError(
-                f"expected the reply to the micro-batch at row {sent.offset} of "
-                f"step {sent.step}, got row {reply.offset}"
+                f"expected the reply to the micro-batch at row {offset} of "
+                f"step {step}, got row {reply.offset}"
             )
         if len(reply.tensors) != len(specs):
             raise wire.WireError(

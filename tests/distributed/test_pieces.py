@@ -16,11 +16,11 @@ from splitkeras.protocol import Kind, Message, Status
 from splitkeras.transport import wire
 from splitkeras.transport.grpc_link import GrpcLink
 from splitkeras.transport.proto import wire_pb2
-from tests import base
 from tests.distributed.test_service import (
     BATCH,
     CODEC,
     Code,
+    FixtureCase,
     _Fixture,
     _model,
     _raw,
@@ -39,18 +39,12 @@ def _until(condition, seconds=10.0):
         time.sleep(0.02)
 
 
-class PiecesTest(base.TestCase):
+class PiecesTest(FixtureCase):
     @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.f = _Fixture()
-        cls.f.server.gradient_sums()  # as serve() makes them for micro-batches
-        cls.start = cls.f.snapshot()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.f.close()
-        super().tearDownClass()
+    def fixture(cls):
+        f = _Fixture()
+        f.server.gradient_sums()  # as serve() makes them for micro-batches
+        return f
 
     def setUp(self):
         super().setUp()

@@ -235,20 +235,33 @@ def _check_gradients_reply(test, reply_bytes, step):
     return reply
 
 
-class ServiceTest(base.TestCase):
-    """One service for the class; every test begins client 0's turn afresh
-    (beginning it again rolls the server back to the start of the turn)."""
+class FixtureCase(base.TestCase):
+    """One `_Fixture` for the class (`fixture()` makes it), and the state it
+    started in."""
+
+    @classmethod
+    def fixture(cls):
+        return _Fixture()
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.f = _Fixture(max_message_bytes=1 << 20)
+        cls.f = cls.fixture()
         cls.start = cls.f.snapshot()
 
     @classmethod
     def tearDownClass(cls):
         cls.f.close()
         super().tearDownClass()
+
+
+class ServiceTest(FixtureCase):
+    """One service for the class; every test begins client 0's turn afresh
+    (beginning it again rolls the server back to the start of the turn)."""
+
+    @classmethod
+    def fixture(cls):
+        return _Fixture(max_message_bytes=1 << 20)
 
     def setUp(self):
         super().setUp()
