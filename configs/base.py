@@ -130,6 +130,9 @@ def get_config(arg=None):
     c.server.strategy = "none"
     c.server.devices = ""  # mirrored: comma-separated devices; "" = all GPUs
     c.server.logical_cpus = 0  # >1: split the CPU into devices (tests, no GPU)
+    # multi_worker: server processes the launcher starts on this machine
+    # (scripts/launch.py; across machines each gets its own TF_CONFIG).
+    c.server.workers = 2
 
     # Server and clients as processes (scripts/serve.py, client.py, launch.py).
     c.grpc = ml_collections.ConfigDict()

@@ -12,6 +12,15 @@ the server's address), "head_0", "head_1" (multi-task). The host reads no
 dataset. Start it again with the same --workdir to resume after a crash:
 it goes back to its last commit and the clients carry on.
 
+A server on several machines (`--config.server.strategy=multi_worker`, each
+process with its TF_CONFIG): worker 0, the chief, is started as above and
+serves the clients; every other worker follows it:
+
+  TF_CONFIG='{"cluster": {"worker": ["s0:2222", "s1:2222"]},
+              "task": {"type": "worker", "index": 1}}' \
+  python scripts/serve.py --config=... --config.server.strategy=multi_worker \
+      --workdir=workdirs/grpc_server --chief=s0:50051 [--tls_dir=certs]
+
 With --predict it serves split inference instead (until stopped): the
 server segment trained in --workdir answers PREDICT messages, e.g. from
 scripts/predict.py.
@@ -48,6 +57,12 @@ _MUTUAL = flags.DEFINE_bool("mutual_tls", False, "Require client certificates.")
 _TOKENS = flags.DEFINE_string(
     "tokens", None, "tokens.json of every client; without it any client id is accepted."
 )
+_CHIEF = flags.DEFINE_string(
+    "chief",
+    None,
+    "HOST:PORT of worker 0 of a multi_worker server: this process is one of "
+    "the other workers (TF_CONFIG index >= 1) and follows it.",
+)
 _PREDICT = flags.DEFINE_bool(
     "predict", False, "Serve predictions with the server trained in --workdir."
 )
@@ -72,6 +87,17 @@ def main(argv):
             os.replace(_PORT_FILE.value + ".tmp", _PORT_FILE.value)
 
     address = f"{_HOST.value}:{_PORT.value}"
+    if _CHIEF.value:
+        summary = host_process.follow(
+            _CONFIG.value,
+            _WORKDIR.value,
+            _CHIEF.value,
+            credentials=tls.channel_credentials(_TLS_DIR.value)
+            if _TLS_DIR.value
+            else None,
+        )
+        print(f"server worker done: {summary}")
+        return
     if _PREDICT.value:
         host_process.serve_predictions(
             _CONFIG.value,

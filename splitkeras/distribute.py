@@ -9,7 +9,8 @@
   which is how the tests run it).
 - "multi_worker": `tf.distribute.MultiWorkerMirroredStrategy`, configured
   by the `TF_CONFIG` environment variable of each server process (see the
-  README, "Scaling out").
+  README, "Scaling out"). Over gRPC worker 0 serves the clients and the
+  others follow it (`splitkeras.transport.mirror`).
 
 The server's segment and optimizer are built inside the strategy's scope
 (`replicate`); each batch of cut tensors a client sends is split into one
@@ -41,6 +42,7 @@ __all__ = [
     "make_strategy",
     "replicate",
     "split_batch",
+    "worker_index",
     "worker_workdir",
 ]
 
@@ -98,6 +100,23 @@ def check_supported(config, strategy) -> None:
             "(gradient aggregation, synchronized batch norm), which tf.distribute "
             "cannot run inside an XLA-compiled function; turn one of them off"
         )
+
+
+def worker_index(strategy) -> int | None:
+    """This process's index among a multi-worker strategy's workers (0: the
+    chief), or None for a one-process strategy (or none)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if task_type is None:
+        return None
+    if task_type != "worker" or "chief" in resolver.cluster_spec().as_dict():
+        raise ValueError(
+            "a multi_worker server behind gRPC names its processes "
+            '{"cluster": {"worker": [...]}} in TF_CONFIG (worker 0 is the '
+            f"chief), got task type {task_type!r} in cluster "
+            f"{sorted(resolver.cluster_spec().as_dict())}"
+        )
+    return int(resolver.task_id)
 
 
 def worker_workdir(strategy, workdir: str) -> str:

@@ -35,6 +35,7 @@ from splitkeras.launcher import kill_after
 from splitkeras.runner import Runner, RunnerProcess
 from splitkeras.schedules import pipelining
 from splitkeras.transport import codec as codec_lib
+from splitkeras.transport import mirror as mirror_lib
 from splitkeras.transport.grpc_client import Connection
 from splitkeras.transport.grpc_host import GrpcHost, start_host
 from splitkeras.transport.grpc_link import GrpcLink
@@ -42,7 +43,7 @@ from splitkeras.transport.proto import wire_pb2
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["HostProcess", "serve", "serve_predictions"]
+__all__ = ["HostProcess", "follow", "serve", "serve_predictions"]
 
 
 class HostProcess(RunnerProcess):
@@ -137,12 +138,12 @@ def serve(
     """
     strategy = distribute.make_strategy(config.get("server", {}))  # first
     distribute.check_supported(config, strategy)
-    if strategy is not None and config.server.strategy == "multi_worker":
+    worker = distribute.worker_index(strategy)
+    if worker:
         raise ValueError(
-            "config.server.strategy='multi_worker' does not serve gRPC clients "
-            "yet (the first worker does not relay their messages to the "
-            "others): serve with 'mirrored' on one machine, or run multi_worker "
-            "in-process with scripts/train.py on every worker"
+            f"this process is worker {worker} of a multi_worker server: only "
+            "worker 0 (the chief) serves the clients; start the others with "
+            "scripts/serve.py --chief=HOST:PORT (the chief's address)"
         )
     settings = config.grpc
     links = {
@@ -175,6 +176,11 @@ def serve(
         keep=in_flight,  # any of them may be sent again
     )
     grpc_host.on_applied = kill_after
+    mirror = None
+    if worker == 0:  # the chief of a multi-worker server: the others follow
+        cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+        mirror = mirror_lib.Mirror.for_cluster(cluster)
+        grpc_host.mirror_to(mirror)
     server, port = start_host(
         grpc_host,
         address,
@@ -182,12 +188,14 @@ def serve(
         settings.max_message_mb << 20,
         # A thread per call that may wait at once: every client's long poll,
         # and a client's micro-batches and steps in flight.
-        workers=max(8, 2 * config.num_clients + 4) + in_flight,
+        workers=max(8, 2 * config.num_clients + 4) + in_flight + len(mirror or ()),
     )
     log.info("%s serving %s on port %d", host, ", ".join(parties), port)
     if on_started is not None:
         on_started(port)
     try:
+        if mirror is not None:
+            mirror.wait_for_followers(settings.retry_seconds)
         if coordinator is None:  # a relay: serves until its server is done
             summary = _serve_until_done(grpc_host, links, host, workdir)
         else:
@@ -199,11 +207,74 @@ def serve(
                 _hosts_linking_to(config, host),
                 settings.timeout_seconds,
             )
+        if mirror is not None:
+            mirror.publish(mirror_lib.pack(mirror_lib.DONE))
         time.sleep(0.5)  # let the last replies leave
     finally:
         grpc_host.closed.set()
         server.stop(grace=2.0).wait()
     _save_weights(parties, workdir)
+    return summary
+
+
+def follow(config, workdir: str, chief: str, credentials=None) -> dict:
+    """Runs one of the other workers of a multi-worker server (not the chief).
+
+    The worker builds the server as the chief does and then computes what
+    the chief streams to it (`splitkeras.transport.mirror`), in order: each
+    step and evaluation batch (its slice; the strategy's collective ops join
+    the workers' gradients and outputs), each commit and rollback. When the
+    run ends it saves its final weights and summary.json in its own directory
+    (`distribute.worker_workdir`). Started again after a crash, it resumes
+    from its last commit, which must be the chief's: restart every server
+    process together.
+
+    Args:
+      config: the run's config (`config.server.strategy` = "multi_worker";
+        `TF_CONFIG` names this worker, index >= 1).
+      workdir: the run's server directory (this worker writes under it).
+      chief: "host:port" where the chief serves its clients.
+      credentials: `grpc.ChannelCredentials` when the chief serves TLS.
+    """
+    strategy = distribute.make_strategy(config.get("server", {}))  # first
+    distribute.check_supported(config, strategy)
+    worker = distribute.worker_index(strategy)
+    if not worker:
+        raise ValueError(
+            "--chief is for the other workers of a server with "
+            "config.server.strategy='multi_worker' (TF_CONFIG task index >= 1); "
+            f"this process is {'the chief' if worker == 0 else 'not one of them'}"
+        )
+    workdir = distribute.worker_workdir(strategy, workdir)
+    parties, _, state = deployment.hosted_parties(
+        config, "server", {}, strategy, clock=time.monotonic
+    )
+    follower = mirror_lib.Follower(
+        parties,
+        state,
+        os.path.join(workdir, "checkpoints", "server"),
+        run_eagerly=config.train.run_eagerly,
+        jit_compile=bool(config.train.get("jit_compile", False)),
+    )
+    began = time.perf_counter()
+    log.info("server worker %d follows the chief at %s", worker, chief)
+    max_bytes = config.grpc.max_message_mb << 20
+    for item in mirror_lib.follow_stream(chief, worker, credentials, max_bytes):
+        if follower.apply(item):
+            break
+    else:
+        raise RuntimeError(
+            f"the chief at {chief} ended its stream before the run's end"
+        )
+    _save_weights(parties, workdir)
+    summary = {
+        "worker": worker,
+        "server_replicas": strategy.num_replicas_in_sync,
+        "wall_seconds": time.perf_counter() - began,
+        **{f"mirrored_{k}": v for k, v in follower.counts.items()},
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
     return summary
 
 

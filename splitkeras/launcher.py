@@ -213,10 +213,17 @@ def start_hosts(config, config_args, workdir, host_args=(), envs=None, starts=No
     hosts, addresses = {}, {}
     for name, parties in layout.hosts.items():
         connect = {p: addresses[p] for p in layout.host_links.get(name, [])}
-        proc, port = start_host(
-            config_args, workdir, name, 0, connect, host_args, envs.get(name)
-        )
+        if name == "server" and config.server.strategy == "multi_worker":
+            proc, port, followers = _start_server_workers(
+                config, config_args, workdir, host_args, envs
+            )
+        else:
+            proc, port = start_host(
+                config_args, workdir, name, 0, connect, host_args, envs.get(name)
+            )
+            followers = {}
         hosts[name] = proc
+        hosts.update(followers)
         for party in parties:
             addresses[party] = f"127.0.0.1:{port}"
         if starts is not None:
@@ -224,6 +231,46 @@ def start_hosts(config, config_args, workdir, host_args=(), envs=None, starts=No
                 _restart_host, config_args, workdir, name, port, connect, host_args
             )
     return hosts, addresses
+
+
+def _start_server_workers(config, config_args, workdir, host_args, envs):
+    """A multi-worker server on this machine: `config.server.workers`
+    processes, each with its TF_CONFIG (worker 0, the chief, serves the
+    clients; the others follow it). Returns (chief, its port, {name: other
+    worker})."""
+    count = int(config.server.workers)
+    if count < 2:
+        raise ValueError(
+            f"config.server.workers={count}: a multi_worker server has at "
+            "least 2 worker processes (one machine: use 'mirrored')"
+        )
+    cluster = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    port = free_port()
+
+    def env(name, index):
+        own = dict(envs.get(name) or os.environ)
+        own["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}}
+        )
+        return own
+
+    # The other workers first: the strategy's variables are made together.
+    tls_dir = [a for a in host_args if a.startswith("--tls_dir=")]
+    followers = {}
+    for index in range(1, count):
+        name = f"server_worker_{index}"
+        args = [
+            *config_args,
+            f"--workdir={os.path.join(workdir, 'server')}",
+            f"--chief=127.0.0.1:{port}",
+            *tls_dir,
+        ]
+        log_path = os.path.join(workdir, f"{name}.log")
+        followers[name] = _python("serve.py", args, log_path, env(name, index))
+    chief, port = start_host(
+        config_args, workdir, "server", port, (), host_args, env("server", 0)
+    )
+    return chief, port, followers
 
 
 def _restart_host(config_args, workdir, name, port, connect, host_args, env):

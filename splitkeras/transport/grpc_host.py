@@ -31,6 +31,7 @@ import grpc
 import tensorflow as tf
 
 from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Rejected, Status
+from splitkeras.transport import mirror as mirror_lib
 from splitkeras.transport import wire
 from splitkeras.transport.arrival import decode_message, encode_reply
 from splitkeras.transport.callers import Refused, authenticate
@@ -124,6 +125,7 @@ class GrpcHost:
         self.rollbacks = 0  # a call waiting since before a rollback gives up
         self.waits = 0  # messages that had to wait (NotYet) for others
         self.steps = HostSteps(self.parties, run_eagerly, jit_compile)
+        self.mirror = None  # a multi-worker server's chief: `mirror_to`
         self._manager = None
         if checkpoint_dir is not None:
             self._commits = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -141,6 +143,17 @@ class GrpcHost:
                 log.info("Host resumed at %s", self.position())
             else:
                 self.commit()
+
+    def mirror_to(self, mirror) -> None:
+        """Streams this host's steps, commits and rollbacks to the other
+        workers of a multi-worker server (`mirror`: a `mirror.Mirror`)."""
+        self.mirror = mirror
+        self.steps.mirror = mirror.call
+
+    @property
+    def commits(self) -> int:
+        """Commits made so far (this run's and, resumed, those before)."""
+        return int(self._commits.numpy()) if self._manager is not None else 0
 
     def _counter_state(self) -> dict:
         return {f"bytes_{k}": v for k, v in self.counters.variables().items()}
@@ -163,6 +176,8 @@ class GrpcHost:
             return
         with self._changed:
             self._flush_counts()
+            if self.mirror is not None:
+                self.mirror.publish(mirror_lib.pack(mirror_lib.COMMIT))
             self._commits.assign_add(1)
             self._manager.save(checkpoint_number=int(self._commits.numpy()))
             self._changed.notify_all()
@@ -180,6 +195,8 @@ class GrpcHost:
         log.warning("Rolling back to the last commit: %s", why)
         if self._manager is not None:
             with self._lock:
+                if self.mirror is not None:
+                    self.mirror.publish(mirror_lib.pack(mirror_lib.ROLLBACK))
                 self._uncounted = {}  # the counters go back to the commit too
                 self._restore()
         for party in self.parties.values():
@@ -209,15 +226,19 @@ class GrpcHost:
         metadata = dict(context.invocation_metadata())
         return authenticate(metadata, claimed, self.num_clients, self.tokens)
 
-    def handlers(self) -> grpc.GenericRpcHandler:
+    def handlers(self) -> tuple:
         """The gRPC handlers (bytes in, bytes out) of this host."""
-        return grpc.method_handlers_generic_handler(
+        service = grpc.method_handlers_generic_handler(
             SERVICE.strip("/").rstrip("/"),
             {
                 name: grpc.unary_unary_rpc_method_handler(self._serve(name))
                 for name in ("Join", "Exchange")
             },
         )
+        if self.mirror is None:
+            return (service,)
+        hello = mirror_lib.pack(mirror_lib.HELLO, commits=self.commits)
+        return service, self.mirror.handler(hello)
 
     def _serve(self, name):
         def serve(data, context):
@@ -464,7 +485,7 @@ def start_host(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers),
         options=channel_options(max_message_bytes),
     )
-    server.add_generic_rpc_handlers((host.handlers(),))
+    server.add_generic_rpc_handlers(host.handlers())
     if credentials is None:
         port = server.add_insecure_port(address)
     else:

@@ -33,6 +33,10 @@ class HostSteps:
         self._fns = {}  # (party name, kind, client or 0) -> compiled step
         self._reply_kinds = {}  # the same key -> the kind its reply has
         self._compile = (run_eagerly, jit_compile)
+        # Called with (name, message) before each compiled step: a
+        # multi-worker server's chief streams its steps to the other workers
+        # (`splitkeras.transport.mirror`).
+        self.mirror = None
         for party in parties.values():
             compile_paused = getattr(party, "compile_paused_steps", None)
             if compile_paused is not None:
@@ -54,6 +58,8 @@ class HostSteps:
                 tf.constant(message.offset, tf.int64),
                 tf.constant(message.rows, tf.int64),
             )
+        if self.mirror is not None:
+            self.mirror(name, message)
         tensors, loss = fn(
             tf.constant(message.step, tf.int64),
             list(message.tensors),

@@ -68,7 +68,7 @@ def _plain_server(host):
         concurrent.futures.ThreadPoolExecutor(max_workers=8),
         options=channel_options(64 << 20),
     )
-    server.add_generic_rpc_handlers((host.handlers(),))
+    server.add_generic_rpc_handlers(host.handlers())
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
@@ -78,7 +78,13 @@ class _Fixture:
     """A tiny vanilla split: the generic host serving a round robin's server
     and coordinator on 127.0.0.1, two clients."""
 
-    def __init__(self, turn_timeout=600.0, max_message_bytes=64 << 20, watchdog=True):
+    def __init__(
+        self,
+        turn_timeout=600.0,
+        max_message_bytes=64 << 20,
+        watchdog=True,
+        clock=time.monotonic,
+    ):
         self.dir = tempfile.mkdtemp(prefix="service-", dir=os.environ.get("TMPDIR"))
         self.segments = cut(_model(), "conv")
         self.server = Server(
@@ -96,7 +102,7 @@ class _Fixture:
             epochs=1,
             store_state=True,
             turn_timeout=turn_timeout,
-            clock=time.monotonic,
+            clock=clock,
         )
         self.host = GrpcHost(
             {"server": self.turns},
@@ -575,12 +581,15 @@ class TurnTimeoutTest(base.TestCase):
             )
 
     def test_tick_skips_a_silent_client(self):
-        f = self.fixture(watchdog=False)  # no watchdog: the test ticks
+        now = [0.0]  # the turns' clock: the test moves it
+        # No watchdog: the test ticks.
+        f = self.fixture(watchdog=False, clock=lambda: now[0])
         start = self.start_turn_and_go_silent(f)
+        now[0] += 0.9
         f.host.tick()  # not silent long enough yet
         self.assertEqual(f.turns.skipped, [])
         self.assertEqual(f.host.position(), (0, 0, 1))
-        time.sleep(1.5)
+        now[0] += 0.2
         f.host.tick()
         self.assertEqual(f.turns.skipped, [{"epoch": 0, "client": 0}])
         self.assertEqual(f.host.position(), (0, 1, 0))
