@@ -6,9 +6,11 @@ tests): each host (`scripts/serve.py --party=...`) and each client
 127.0.0.1, exactly as they would across machines. The hosts and the parties
 they serve come from `deployment.layout(config)`; the launcher starts them
 in order (a relay after the server it talks to), then the clients with the
-address of every party they talk to. It makes the clients' handoff key,
-and with `tls=True` a CA, certificates and per-client tokens, under the
-workdir.
+address of every party they talk to. It makes the clients' handoff key, and
+with `tls=True` a CA, certificates and per-client tokens. Each client's
+secrets (the handoff key, its own token) go into its own directory,
+`workdir/client_<k>/secrets` (mode 0700, files 0600); the hosts' directories
+hold neither the key nor any client's token file.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import time
 
 from splitkeras import deployment
-from splitkeras.transport.sealing import write_key
+from splitkeras.transport.sealing import read_key, write_key
 
 log = logging.getLogger("splitkeras")
 
@@ -169,12 +171,13 @@ def start_host(config_args, workdir, name, port=0, connect=(), tls_args=(), env=
 def start_client(
     config_args, workdir, k, connect, listen=None, client_args=(), env=None
 ):
-    """Starts scripts/client.py for client `k` with `connect` {party: address}."""
+    """Starts scripts/client.py for client `k` with `connect` {party: address}
+    (its handoff key from `client_secrets`)."""
     args = [
         *config_args,
         f"--client_id={k}",
         "--connect=" + ",".join(f"{p}={a}" for p, a in connect.items()),
-        f"--key_file={os.path.join(workdir, 'handoff.key')}",
+        f"--key_file={os.path.join(secrets_dir(workdir, k), KEY_FILE)}",
         f"--workdir={os.path.join(workdir, f'client_{k}')}",
         *client_args,
     ]
@@ -183,20 +186,46 @@ def start_client(
     return _python("client.py", args, os.path.join(workdir, f"client_{k}.log"), env)
 
 
-def credentials(workdir, num_clients) -> tuple[list, list]:
-    """Makes TLS credentials and tokens; returns (host args, client args)."""
+KEY_FILE = "handoff.key"
+TOKEN_FILE = "token.json"
+
+
+def secrets_dir(workdir, k) -> str:
+    """Client k's own secrets (handoff key, token): workdir/client_k/secrets."""
+    return os.path.join(workdir, f"client_{k}", "secrets")
+
+
+def client_secrets(workdir, num_clients) -> None:
+    """Gives every client the run's handoff key (made once, kept across
+    restarts) in its own secrets directory (0700; the key 0600)."""
+    first = os.path.join(secrets_dir(workdir, 0), KEY_FILE)
+    key = read_key(first) if os.path.exists(first) else None
+    for k in range(num_clients):
+        directory = secrets_dir(workdir, k)
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o700)
+        key = write_key(os.path.join(directory, KEY_FILE), key)
+
+
+def credentials(workdir, num_clients) -> tuple[list, dict]:
+    """Makes TLS credentials and tokens; returns (host args, {k: client k's
+    args}). The hosts read every token (`credentials/tokens.json`); client
+    k gets only its own, in its secrets directory."""
     from splitkeras.transport import tls
-    from splitkeras.transport.tokens import write_tokens
+    from splitkeras.transport.tokens import read_tokens, write_file, write_tokens
 
     directory = os.path.join(workdir, "credentials")
+    tokens = os.path.join(directory, "tokens.json")
     if not os.path.exists(os.path.join(directory, tls.CA_CERT)):
         tls.write_credentials(directory, clients=num_clients)
-        write_tokens(os.path.join(directory, "tokens.json"), num_clients)
-    tokens = os.path.join(directory, "tokens.json")
-    return (
-        [f"--tls_dir={directory}", f"--tokens={tokens}"],
-        [f"--tls_dir={directory}", f"--token_file={tokens}"],
-    )
+        write_tokens(tokens, num_clients)
+    client_args = {}
+    for k, token in read_tokens(tokens).items():
+        own = os.path.join(secrets_dir(workdir, k), TOKEN_FILE)
+        os.makedirs(os.path.dirname(own), exist_ok=True)
+        write_file(own, json.dumps({str(k): token}).encode(), 0o600)
+        client_args[k] = [f"--tls_dir={directory}", f"--token_file={own}"]
+    return [f"--tls_dir={directory}", f"--tokens={tokens}"], client_args
 
 
 def start_hosts(config, config_args, workdir, host_args=(), envs=None, starts=None):
@@ -310,11 +339,9 @@ def launch(
     """
     os.makedirs(workdir, exist_ok=True)
     envs = envs or {}
-    key = os.path.join(workdir, "handoff.key")
-    if not os.path.exists(key):
-        write_key(key)
+    client_secrets(workdir, config.num_clients)
     host_args, client_args = (
-        credentials(workdir, config.num_clients) if tls else ([], [])
+        credentials(workdir, config.num_clients) if tls else ([], {})
     )
     starts = {}
     hosts, addresses = start_hosts(
@@ -326,7 +353,7 @@ def launch(
     for k, connect in enumerate(client_connections(config, addresses, inbox_ports)):
         name = f"client_{k}"
         listen = inbox_ports[k] if inbox_ports else None
-        own = [*client_args, *(client_flags or {}).get(k, ())]
+        own = [*client_args.get(k, ()), *(client_flags or {}).get(k, ())]
         starts[name] = functools.partial(
             start_client, config_args, workdir, k, connect, listen, own
         )

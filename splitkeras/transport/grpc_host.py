@@ -34,7 +34,7 @@ from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Rejected, Sta
 from splitkeras.transport import mirror as mirror_lib
 from splitkeras.transport import wire
 from splitkeras.transport.arrival import decode_message, encode_reply
-from splitkeras.transport.callers import Refused, authenticate
+from splitkeras.transport.callers import Refused, authenticate, certificate_names
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.counters import CATEGORIES, ByteCounters, category
 from splitkeras.transport.grpc_client import FRAME_BYTES, SERVICE, channel_options
@@ -224,7 +224,8 @@ class GrpcHost:
     # ------------------------------------------------------------ calls
     def _authenticate(self, context, claimed: int) -> int:
         metadata = dict(context.invocation_metadata())
-        return authenticate(metadata, claimed, self.num_clients, self.tokens)
+        names = certificate_names(context)
+        return authenticate(metadata, claimed, self.num_clients, self.tokens, names)
 
     def handlers(self) -> tuple:
         """The gRPC handlers (bytes in, bytes out) of this host."""

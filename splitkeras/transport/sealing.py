@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 __all__ = [
     "HandoffError",
     "Sealer",
+    "handoff_header",
     "pack_arrays",
     "read_key",
     "seal",
@@ -95,8 +96,30 @@ class Sealer:
         self.client_id = client_id
 
     def seal(self, plain: bytes, to: int, round_index: int) -> bytes:
-        header = f"client {self.client_id} -> client {to}, round {round_index}"
+        header = handoff_header(self.client_id, to, round_index)
         return seal(self._aead, header, plain)
+
+    def open_turn(self, blob: bytes, num_clients: int, round_index: int) -> bytes:
+        """The plaintext of the state handed on to this client's turn of
+        `round_index`: sealed for this client by the client before it in
+        that round (the last client of the round before, for client 0).
+
+        Raises:
+          HandoffError: it fails authentication, was sealed for another
+            client (redirected), or by another client or in another round
+            (stale or replayed).
+        """
+        header, plain = self.open(blob)
+        k = self.client_id
+        sender = (k - 1) % num_clients
+        expected = handoff_header(sender, k, round_index if k else round_index - 1)
+        if header != expected:
+            raise HandoffError(
+                f"client {k} refuses the state handed to its turn of round "
+                f"{round_index}: it is {header!r}, not {expected!r} (a stale or "
+                "replayed state); it keeps its own"
+            )
+        return plain
 
     def open(self, blob: bytes) -> tuple[str, bytes]:
         """(header, plaintext) of a state sealed for this client.
@@ -117,10 +140,21 @@ class Sealer:
         return header, plain
 
 
-def write_key(path: str) -> None:
-    """Writes a fresh AES-256 key for the clients' handoff (mode 0600)."""
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(AESGCM.generate_key(256).hex().encode())
+def handoff_header(sender: int, receiver: int, round_index: int) -> str:
+    """The authenticated header of a state `sender` hands on to `receiver`
+    at the end of its turn of round `round_index`."""
+    return f"client {sender} -> client {receiver}, round {round_index}"
+
+
+def write_key(path: str, key: bytes | None = None) -> bytes:
+    """Writes the clients' AES-256 handoff key (a fresh one unless `key` is
+    given) to `path`, mode 0600; returns it."""
+    key = AESGCM.generate_key(256) if key is None else key
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # os.open's mode only applies to new files
+        f.write(key.hex().encode())
+    return key
 
 
 def read_key(path: str) -> bytes:

@@ -162,22 +162,37 @@ class TurnClient:
         return self.link.poll(Message(Kind.BEGIN, self.client_id, round=epoch))
 
     def _take_state(self, begin: Message) -> None:
-        """Loads the state handed on to this turn (or the initial state)."""
+        """Loads the state handed on to this turn (or, at the run's first
+        turn, the initial state). The state must be the one the client
+        before this one sealed for it at the end of its turn just before
+        this one (`Sealer.open_turn`); anything else (stale, replayed,
+        redirected, missing) is refused and this client's state stays as
+        it was."""
         if self.num_clients == 1:
             return  # nobody hands anything on: the client keeps its own
+        epoch, k = int(begin.round), self.client_id
+        first = (epoch, k) == (0, 0)
         blob = begin.state
         if self.handoff == "peer":
-            first = (int(begin.round), self.client_id) == (0, 0)
             blob = b"" if first else (self.inbox.peek() or b"")
             if blob and self.counters is not None:
-                self.counters.add("handoff_bytes_received", self.client_id, len(blob))
-            if not blob and not first:
+                self.counters.add("handoff_bytes_received", k, len(blob))
+        if first:
+            if blob:
                 raise HandoffError(
-                    f"client {self.client_id} begins its turn of round "
-                    f"{begin.round} but no state was handed on to it"
+                    f"client {k} begins the run's first turn, which starts from "
+                    f"the initial state, but was handed a state ({len(blob)} "
+                    "bytes): refused"
                 )
-        plain = self._sealer.open(blob)[1] if blob else None
-        self._load_state(plain)
+            self._load_state(None)
+            return
+        if not blob:
+            raise HandoffError(
+                f"client {k} begins its turn of round {epoch} but no state was "
+                "handed on to it: refused (only the run's first turn starts "
+                "from the initial state); it keeps its own"
+            )
+        self._load_state(self._sealer.open_turn(blob, self.num_clients, epoch))
 
     def _hand_on(self, epoch: int) -> bytes:
         """Seals this client's state for the next one; the blob END carries

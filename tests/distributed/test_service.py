@@ -370,6 +370,43 @@ class ServiceTest(FixtureCase):
         self.assertEqual(f.host.position(), (0, 0, 2))
 
     # ------------------------------------------------------------- 2. TLS
+    def test_mutual_tls_binds_the_client_id_to_the_certificate(self):
+        """Under mutual TLS a client's certificate names it ("client-<id>"):
+        a call claiming another id (with that id's own token) is refused
+        and changes nothing; the certificate's own id is served."""
+        f = self.f
+        certs = os.path.join(f.dir, "mutual")
+        tls.write_credentials(certs, clients=2)
+        mtls_server, port = start_host(
+            f.host, "127.0.0.1:0", credentials=tls.server_credentials(certs, True)
+        )
+        self.addCleanup(lambda: mtls_server.stop(grace=None).wait())
+        target = f"127.0.0.1:{port}"
+        before = f.snapshot()
+        as_client_1 = tls.channel_credentials(certs, client_id=1)
+        impostor = f.connect(0, TOKENS[0], as_client_1, target)
+        calls = {
+            "Join": ("Join", wire_pb2.JoinRequest(client_id=0), wire_pb2.JoinReply),
+            "BEGIN": ("Exchange", f.control(Kind.BEGIN), wire_pb2.Envelope),
+        }
+        for what, (method, request, reply_type) in calls.items():
+            with self.subTest(what=what):
+                _refused(
+                    self,
+                    Code.PERMISSION_DENIED,
+                    "the certificate of client-1 cannot call as client 0",
+                    impostor.call,
+                    method,
+                    request,
+                    reply_type,
+                )
+        self.assertUnchanged(before, "after calls with another client's certificate")
+        own = f.connect(
+            0, TOKENS[0], tls.channel_credentials(certs, client_id=0), target
+        )
+        info = own.call("Join", wire_pb2.JoinRequest(client_id=0), wire_pb2.JoinReply)
+        self.assertEqual(info.num_clients, 2)
+
     def test_tls(self):
         f = self.f
         certs = os.path.join(f.dir, "certs")
