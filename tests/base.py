@@ -18,6 +18,15 @@ class TestCase(parameterized.TestCase):
         super().setUp()
         keras.backend.clear_session()
 
+    def record(self, line: str) -> None:
+        """A line for the test run's summary (printed at its end, also
+        under pytest-xdist; see conftest.py)."""
+        node = getattr(self, "_pytest_node", None)
+        if node is None:
+            print(line)
+        else:
+            node.user_properties.append(("summary", line))
+
     def tempdir(self) -> str:
         """A fresh directory under TMPDIR (absltest's needs parsed flags)."""
         return tempfile.mkdtemp(dir=os.environ["TMPDIR"])

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from splitkeras.parties.segment_party import SegmentParty
 from splitkeras.parties.segment_step import apply_gradients, regularization, specs_of
-from splitkeras.protocol import Kind, Message, flat
+from splitkeras.protocol import Kind, Message, Rejected, flat
 
 __all__ = ["Relay"]
 
@@ -84,7 +84,8 @@ class Relay(SegmentParty):
             outputs = flat(self.segment(_unflat(message.tensors), training=False))
             reply = self.link.request(self._onward(message, outputs))
             return self._back(message, reply)
-        raise ValueError(
+        raise Rejected(
+            "invalid",
             f"a relay cannot handle a {message.kind.name} message (client "
             f"{message.client_id}, step {message.step}); it forwards TRAIN, "
             "EVALUATE and PREDICT"

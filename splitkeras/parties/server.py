@@ -25,7 +25,7 @@ from splitkeras.parties.segment_step import (
     unscale,
     wire_dtype,
 )
-from splitkeras.protocol import Kind, Message
+from splitkeras.protocol import Kind, Message, Rejected
 
 __all__ = ["Server"]
 
@@ -129,7 +129,9 @@ class Server(SegmentParty):
             return step.send(message)
         if message.kind in (Kind.EVALUATE, Kind.PREDICT):
             return self._infer(message)
-        raise ValueError(f"the server cannot handle a {message.kind.name} message")
+        raise Rejected(
+            "invalid", f"the server cannot handle a {message.kind.name} message"
+        )
 
     def _inputs(self, message):
         tensors = list(message.tensors)

@@ -44,6 +44,10 @@ from splitkeras.transport.replies import TRAINING, Replies
 
 log = logging.getLogger("splitkeras")
 
+# The longest refusal text sent back: a status travels in the reply's
+# trailing metadata, which gRPC limits (8 KiB by default).
+MAX_DETAILS = 1000
+
 __all__ = ["GrpcHost", "start_host"]
 
 _CODES = {
@@ -296,6 +300,8 @@ class GrpcHost:
     def _refuse(self, context, name, code, details):
         with self._lock:
             self.refused += 1
+        if len(details) > MAX_DETAILS:  # the status travels in a header
+            details = f"{details[:MAX_DETAILS]}... ({len(details)} characters)"
         log.info("%s refused: %s: %s", name, code.name, details)
         context.abort(code, details)
 

@@ -62,6 +62,18 @@ def _model():
     return keras.Model(x, out, name="tiny")
 
 
+def _ushaped_model():
+    """The tiny model with a hidden layer for the server of a U-shaped cut
+    ("conv" | flatten, hidden | logits)."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 1), name="x")
+    h = keras.layers.Conv2D(2, 3, padding="same", name="conv")(x)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(6, activation="relu", name="hidden")(h)
+    out = keras.layers.Dense(CLASSES, name="logits")(h)
+    return keras.Model(x, out, name="tiny_u")
+
+
 def _plain_server(host):
     """`start_host` without its watchdog thread (tests call `tick` themselves)."""
     server = grpc.server(
@@ -84,16 +96,24 @@ class _Fixture:
         max_message_bytes=64 << 20,
         watchdog=True,
         clock=time.monotonic,
+        codec="float32",
+        ushaped=False,
     ):
         self.dir = tempfile.mkdtemp(prefix="service-", dir=os.environ.get("TMPDIR"))
-        self.segments = cut(_model(), "conv")
+        # U-shaped: the server holds flatten and hidden, the client the tail.
+        self.segments = (
+            cut(_ushaped_model(), ("conv", "hidden"))
+            if ushaped
+            else cut(_model(), "conv")
+        )
+        objective = Objective(
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            ("accuracy",),
+        )
         self.server = Server(
             self.segments.server,
             keras.optimizers.SGD(0.1),
-            Objective(
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                ("accuracy",),
-            ),
+            None if ushaped else objective,
         )
         self.server.build_optimizer()
         self.turns = Turns(
@@ -118,6 +138,8 @@ class _Fixture:
             info={"run": "run", "epochs": 1},
             coordinator=self.turns,
             wait_seconds=0.2,
+            codec_up=codec,
+            codec_down=codec,
         )
         if watchdog:
             self.grpc_server, self.port = start_host(
@@ -159,7 +181,9 @@ class _Fixture:
             "weights": [w.copy() for w in self.segments.server.get_weights()],
             "iterations": int(self.server.optimizer.iterations.numpy()),
             "position": self.host.position(),
-            "metrics": self.server.objective.result(training=True),
+            "metrics": self.server.objective.result(training=True)
+            if self.server.objective is not None
+            else None,
         }
 
     def weights_equal(self, a, b):
@@ -813,11 +837,32 @@ class HostileInputTest(base.TestCase):
         self.assertEqual(parts[0].shape, (BATCH, *CUT_SHAPE))
         self.assertEqual(f.snapshot()["iterations"], before["iterations"] + 1)
 
+    def test_a_long_refusal_is_cut(self):
+        # A 10,000-dimension shape: its refusal names it, cut to 1,000
+        # characters (a status travels in a header gRPC limits to 8 KiB).
+        envelope = self.f.envelope(1)
+        del envelope.tensors[0].shape[:]
+        envelope.tensors[0].shape.extend([1] * 10_000)
+        code, details = _raw(self.f.c0, envelope.SerializeToString())
+        self.assertEqual(code, Code.INVALID_ARGUMENT)
+        self.assertRegex(details, r"\.\.\. \(\d+ characters\)$")
+        self.assertEqual(len(details.rsplit("...", 1)[0]), 1000)
+
     def test_label_rank_change_keeps_training_possible(self):
-        # (batch, 1) labels pass the checks; whether the server accepts or
-        # refuses them, (batch,) labels must still train afterwards.
+        # (batch, 1) labels are refused, naming the shape; (batch,) labels
+        # still train afterwards.
+        before = self.f.snapshot()
         code, details = self.train(1, labels=self.f.labels[:, None])
-        self.assertIn(code, (Code.OK, Code.INVALID_ARGUMENT), details)
+        self.assertEqual(
+            (code, details),
+            (
+                Code.INVALID_ARGUMENT,
+                "labels have shape [4, 1], expected [4] (one class id per example)",
+            ),
+        )
+        self.assertTrue(
+            self.f.weights_equal(self.f.snapshot()["weights"], before["weights"])
+        )
         for _ in range(2):
             code, reply = self.train(self.f.next_step())
             self.assertEqual(code, Code.OK, reply)

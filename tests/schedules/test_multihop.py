@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from splitkeras.protocol import DATA_KINDS, Kind, Message
+from splitkeras.protocol import DATA_KINDS, Kind, Message, Rejected
 from splitkeras.schedules.multihop import MultiHop, hop_segments
 from tests import base, tiny_models
 
@@ -191,7 +191,7 @@ class MultiHopProtocolTest(base.TestCase):
         multihop = MultiHop(tiny_models.skip_model(), ("relu_a", "fc1"), "sgd", _loss())
         message = Message(Kind.OUTPUT_GRADIENTS, client_id=0, step=1)
         with self.assertRaisesRegex(
-            ValueError, r"relay cannot handle a OUTPUT_GRADIENTS message"
+            Rejected, r"relay cannot handle a OUTPUT_GRADIENTS message"
         ):
             multihop.relays[0].handle(message)
 
