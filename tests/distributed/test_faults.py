@@ -18,12 +18,24 @@ from tests.distributed.runs import (
 
 # 256 examples, batch 32, 2 clients: a round is 8 steps (round robin, SplitFed:
 # 4 per client) or 8 batches of 2 parties' messages (vertical, 16 messages).
+# A host counts the training messages it applies (U-shaped: TRAIN and
+# OUTPUT_GRADIENTS, two per step), a client its steps.
 FAULTS = {
-    # (overrides, the process killed, after how many of its steps)
-    "round_robin_server": ({}, "server", 10),  # client 0's turn of round 2
-    "round_robin_client": ({}, "client_1", 6),  # client 1's turn of round 2
-    "splitfed_v1_server": ({"method": "splitfed_v1"}, "server", 11),
-    "vertical_server": ({"topology": "vertical"}, "server", 21),
+    # (overrides, {process killed: after how many of its steps}), in order
+    "round_robin": (
+        {},
+        # The server in client 0's turn of round 1 (its 2nd step applied),
+        # then client 1 in its own turn of round 1 (after its 2nd step).
+        {"server": 10, "client_1": 6},
+    ),
+    "ushaped": (
+        {"topology": "ushaped", "model.cut": "pool1,fc2"},
+        # The server with client 0's 2nd step of round 1 open (its TRAIN
+        # applied, paused for the OUTPUT_GRADIENTS), then client 1 as above.
+        {"server": 19, "client_1": 6},
+    ),
+    "splitfed_v1_server": ({"method": "splitfed_v1"}, {"server": 11}),
+    "vertical_server": ({"topology": "vertical"}, {"server": 21}),
 }
 
 
@@ -36,37 +48,44 @@ class KilledMidRoundTest(base.TestCase):
     @base.parameterized.named_parameters(
         (name, *fault) for name, fault in FAULTS.items()
     )
-    def test_restarted_run_equals_uninterrupted(self, overrides, victim, after):
+    def test_restarted_run_equals_uninterrupted(self, overrides, kills):
         config, args = setup(self.npz, **overrides)
         workdir = os.path.join(self.tempdir(), "run")
-        fault = {**os.environ, launcher.KILL_AFTER_STEPS: str(after)}
-        run = launcher.launch(args, workdir, config, envs={victim: fault})
+        envs = {
+            victim: {**os.environ, launcher.KILL_AFTER_STEPS: str(after)}
+            for victim, after in kills.items()
+        }
+        run = launcher.launch(args, workdir, config, envs=envs)
         try:
-            process = run.processes()[victim]
-            deadline = time.monotonic() + 300
-            while process.poll() is None:
-                self.assertLess(time.monotonic(), deadline, f"{victim} still runs")
-                time.sleep(0.05)
-            self.assertEqual(process.returncode, -9)  # SIGKILL, by the hook
-            with open(os.path.join(workdir, f"{victim}.log")) as f:
-                self.assertIn(f"{launcher.KILL_AFTER_STEPS}={after}: killing", f.read())
-            run.restart(victim)
+            for victim, after in kills.items():
+                process = run.processes()[victim]
+                deadline = time.monotonic() + 300
+                while process.poll() is None:
+                    self.assertLess(time.monotonic(), deadline, f"{victim} runs")
+                    time.sleep(0.05)
+                self.assertEqual(process.returncode, -9)  # SIGKILL, by the hook
+                with open(os.path.join(workdir, f"{victim}.log")) as f:
+                    self.assertIn(
+                        f"{launcher.KILL_AFTER_STEPS}={after}: killing", f.read()
+                    )
+                run.restart(victim)  # without the hook
             summary = run.wait(600)
         finally:
             run.kill()
         self.assertEqual(summary["epochs"], 2)
-        if victim.startswith("client"):
+        if "server" in kills:
+            self.assertRestarted(config, workdir)
+        if "client_1" in kills:
             # The host rolled the killed client's turn back when it began again.
             with open(os.path.join(workdir, "server.log")) as f:
                 self.assertIn("client 1 began its turn of round 1 again", f.read())
-        else:
-            self.assertRestarted(config, workdir)
         processes = processes_weights(config, workdir)
         in_process = in_process_weights(config)
         assert_same_weights(self, processes, in_process)
 
     def assertRestarted(self, config, workdir):
-        """The clients saw the host go back: a turn or round trained again."""
+        """The clients saw the host go back to its last commit: a turn or
+        round trained again."""
         restarted = 0
         for k in range(config.num_clients):
             with open(os.path.join(workdir, f"client_{k}", "summary.json")) as f:
