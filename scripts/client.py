@@ -13,9 +13,10 @@ aligner; multi-hop relay; multi-task head_0, head_1; a round robin with the
 peer handoff also the next client, whose inbox listens on its --listen
 port). Round robin clients share --key_file (make one with
 `splitkeras.transport.sealing.write_key('handoff.key')`; scripts/launch.py
-puts it in each client's own client_<k>/secrets directory): client states travel between clients sealed
-under it, and the server has no copy. With --config.data.sites (a folder
-from scripts/partition.py) the client reads only its own file.
+puts it in each client's own client_<k>/secrets directory): client states
+travel between clients sealed under it, and the server has no copy. With
+--config.data.sites (a folder from scripts/partition.py) the client reads
+only its own file.
 """
 
 import logging as std_logging
