@@ -88,7 +88,7 @@ class Relay(SegmentParty):
             "invalid",
             f"a relay cannot handle a {message.kind.name} message (client "
             f"{message.client_id}, step {message.step}); it forwards TRAIN, "
-            "EVALUATE and PREDICT"
+            "EVALUATE and PREDICT",
         )
 
     def _train(self, message):
