@@ -58,10 +58,11 @@ class BandwidthTest(base.TestCase):
             schedule.train_epoch(shards)
         up, down = _measured(schedule)
         computed = per_client_bytes(method, _build(), "pool1", N, K, EPOCHS, BATCH)
-        # Within 5% (the bound); activations and weights are exact,
-        # only the handoff's serialization headers are not modelled.
-        self.assertAlmostEqual(up / computed.up, 1.0, delta=0.05)
-        self.assertAlmostEqual(down / computed.down, 1.0, delta=0.05)
+        # Within 1% (0.67% up, 0.46% down seen); activations and weights
+        # are exact, only the handoff's serialization headers are not
+        # modelled.
+        self.assertAlmostEqual(up / computed.up, 1.0, delta=0.01)
+        self.assertAlmostEqual(down / computed.down, 1.0, delta=0.01)
         if method != "split":
             self.assertEqual((up, down), (computed.up, computed.down))
 
