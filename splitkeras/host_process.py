@@ -43,7 +43,7 @@ from splitkeras.transport.proto import wire_pb2
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["HostProcess", "follow", "serve", "serve_predictions"]
+__all__ = ["HostProcess", "follow", "lock_workdir", "serve", "serve_predictions"]
 
 
 class HostProcess(RunnerProcess):
@@ -139,6 +139,7 @@ def serve(
     strategy = distribute.make_strategy(config.get("server", {}))  # first
     distribute.check_supported(config, strategy)
     worker = distribute.worker_index(strategy)
+    lock = lock_workdir(workdir)  # noqa: F841 (held until this returns)
     if worker:
         raise ValueError(
             f"this process is worker {worker} of a multi_worker server: only "
@@ -246,6 +247,7 @@ def follow(config, workdir: str, chief: str, credentials=None) -> dict:
             f"this process is {'the chief' if worker == 0 else 'not one of them'}"
         )
     workdir = distribute.worker_workdir(strategy, workdir)
+    lock = lock_workdir(workdir)  # noqa: F841 (held until this returns)
     parties, _, state = deployment.hosted_parties(
         config, "server", {}, strategy, clock=time.monotonic
     )
@@ -276,6 +278,35 @@ def follow(config, workdir: str, chief: str, credentials=None) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
+
+
+def lock_workdir(workdir: str):
+    """Takes `workdir` for this host process (an exclusive lock on
+    `workdir/.lock`, released when the returned file is closed or the process
+    ends, also by a crash). A second host on the same workdir is refused:
+    its commits and checkpoints would overwrite this one's.
+
+    Raises:
+      RuntimeError: another process holds the workdir.
+    """
+    import fcntl
+
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, ".lock"), "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RuntimeError(
+            f"{workdir} is in use by {holder}: two hosts cannot share a "
+            "workdir (stop it, or give this one its own --workdir)"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
 
 
 def _wait_told(grpc_host, num_clients: int, hosts: list, seconds: float) -> None:

@@ -490,15 +490,23 @@ def start_host(
     workers = workers or max(8, 2 * host.num_clients + 4)
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers),
-        options=channel_options(max_message_bytes),
+        # No SO_REUSEPORT: a second server on a port in use fails to bind
+        # instead of sharing (and splitting) the clients' calls.
+        options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
     )
     server.add_generic_rpc_handlers(host.handlers())
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind the server to {address}")
+        raise OSError(
+            f"could not bind the server to {address}: is another server "
+            "listening there?"
+        )
     server.start()
 
     def watchdog():
