@@ -10,6 +10,7 @@ handed-on state, or this client's own snapshot of the round's start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -103,7 +104,10 @@ class ClientProcess(RunnerProcess):
     def _join(self, party):
         connection = self.links[party].connection
         request = wire_pb2.JoinRequest(
-            client_id=self.k, to=party, schedule=deployment.schedule_name(self.config)
+            client_id=self.k,
+            to=party,
+            schedule=deployment.schedule_name(self.config),
+            config=json.dumps(deployment.config_fingerprint(self.config)),
         )
         info = connection.call("Join", request, wire_pb2.JoinReply)
         up, down = builders.codecs(self.config)

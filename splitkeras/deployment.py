@@ -52,7 +52,36 @@ from splitkeras.schedules.round_robin import KerasTurns, server_party
 from splitkeras.schedules.splitfed import FedClient, segment_weights
 from splitkeras.schedules.turn_coordinator import Turns
 
-__all__ = ["Layout", "client_program", "hosted_parties", "layout", "schedule_name"]
+__all__ = [
+    "FINGERPRINT_FIELDS",
+    "Layout",
+    "client_program",
+    "config_fingerprint",
+    "hosted_parties",
+    "layout",
+    "schedule_name",
+]
+
+# What every process of a run must agree on: a client built from other
+# values trains silently against a server that computes something else.
+FINGERPRINT_FIELDS = (
+    "seed",
+    "num_clients",
+    "method",
+    "topology",
+    "weight_handoff",
+    "model.name",
+    "model.cut",
+    "train.epochs",
+    "train.batch_size",
+    "train.optimizer",
+    "train.learning_rate",
+    "train.weight_decay",
+    "train.lr_schedule",
+    "train.mixed_precision",
+    "train.microbatches",
+    "train.max_staleness",
+)
 
 
 @dataclasses.dataclass
@@ -79,6 +108,17 @@ def schedule_name(config) -> str:
     if config.method != "split":
         return config.method
     return f"split/{config.topology}"
+
+
+def config_fingerprint(config) -> dict:
+    """The values of `FINGERPRINT_FIELDS` in `config` (as strings)."""
+    values = {}
+    for field in FINGERPRINT_FIELDS:
+        node = config
+        for part in field.split("."):
+            node = node.get(part, None) if hasattr(node, "get") else None
+        values[field] = str(node)
+    return values
 
 
 def layout(config) -> Layout:

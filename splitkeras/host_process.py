@@ -169,6 +169,7 @@ def serve(
             "run": os.path.basename(os.path.normpath(workdir)),
             "schedule": deployment.schedule_name(config),
             "epochs": int(config.train.epochs),
+            "config": deployment.config_fingerprint(config),
         },
         coordinator=coordinator,
         gather_seconds=float(settings.get("gather_seconds", 10.0)),

@@ -23,6 +23,7 @@ the last commit when a transaction cannot finish.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import threading
 import time
@@ -322,6 +323,21 @@ class GrpcHost:
                 f"this host runs {expected!r}, the client {request.schedule!r}: "
                 "start both from the same config",
             )
+        mine = self.info.get("config")
+        if request.config and mine is not None:
+            try:
+                theirs = json.loads(request.config)
+            except ValueError:
+                theirs = None
+            if not isinstance(theirs, dict):
+                raise wire.WireError("the Join request's config is not a JSON object")
+            differences = config_differences(mine, theirs)
+            if differences:
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"client {client}'s config differs from this host's: "
+                    f"{'; '.join(differences)}: start both from the same config",
+                )
         with self._lock:
             position = self.position()
             if request.host and self.done:
@@ -477,6 +493,16 @@ class GrpcHost:
             if reply.status != Status.WAIT or time.monotonic() > wait_until:
                 return reply
             self._changed.wait(min(0.5, max(0.0, wait_until - time.monotonic())))
+
+
+def config_differences(mine: dict, theirs: dict) -> list:
+    """'field=theirs (here mine)' for each config field whose values differ
+    (`deployment.config_fingerprint` on each side)."""
+    return [
+        f"{field}={theirs.get(field)!s} (here {mine.get(field)!s})"
+        for field in sorted(set(mine) | set(theirs))
+        if mine.get(field) != theirs.get(field)
+    ]
 
 
 def start_host(

@@ -29,3 +29,45 @@ class GuardsTest(base.TestCase):
             lock_workdir(workdir)
         held.close()  # released (as when its process ends): taken again
         lock_workdir(workdir).close()
+
+
+class ConfigFingerprintTest(base.TestCase):
+    def test_a_client_with_another_config_is_refused_at_join(self):
+        import json
+
+        import grpc
+
+        from configs import fashion_mnist_lenet
+        from splitkeras.deployment import FINGERPRINT_FIELDS, config_fingerprint
+        from splitkeras.transport.grpc_client import Connection, RemoteError
+        from splitkeras.transport.proto import wire_pb2
+
+        config = fashion_mnist_lenet.get_config()
+        mine = config_fingerprint(config)
+        self.assertEqual(sorted(mine), sorted(FINGERPRINT_FIELDS))
+        self.assertNotIn("None", mine.values())  # every field exists
+        host = GrpcHost({"server": object()}, 2, info={"config": mine})
+        server, port = start_host(host, "127.0.0.1:0")
+        self.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
+        connection = Connection(f"127.0.0.1:{port}", 1, retry_seconds=0)
+        self.addCleanup(connection.close)
+
+        def join(fingerprint):
+            request = wire_pb2.JoinRequest(client_id=1, config=fingerprint)
+            return connection.call("Join", request, wire_pb2.JoinReply)
+
+        self.assertEqual(join(json.dumps(mine)).num_clients, 2)
+        config.seed, config.train.batch_size = 1, 32
+        with self.assertRaises(RemoteError) as refused:
+            join(json.dumps(config_fingerprint(config)))
+        self.assertEqual(
+            (refused.exception.code, refused.exception.details),
+            (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "client 1's config differs from this host's: seed=1 (here 0); "
+                "train.batch_size=32 (here 64): start both from the same config",
+            ),
+        )
+        with self.assertRaises(RemoteError) as refused:
+            join("[1, 2")
+        self.assertEqual(refused.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
