@@ -178,6 +178,15 @@ def serve(
         keep=in_flight,  # any of them may be sent again
     )
     grpc_host.on_applied = kill_after
+    finished = _finished_summary(grpc_host, workdir)
+    if finished is not None:
+        log.warning(
+            "%s: the run in %s has finished (its summary: %s); nothing to serve",
+            host,
+            workdir,
+            os.path.join(workdir, "summary.json"),
+        )
+        return finished
     mirror = None
     if worker == 0:  # the chief of a multi-worker server: the others follow
         cluster = strategy.cluster_resolver.cluster_spec().as_dict()
@@ -279,6 +288,16 @@ def follow(config, workdir: str, chief: str, credentials=None) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
+
+
+def _finished_summary(grpc_host, workdir: str) -> dict | None:
+    """The summary of a run this host already finished (restarted on its
+    workdir after the end), else None."""
+    path = os.path.join(workdir, "summary.json")
+    if not grpc_host.done or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def lock_workdir(workdir: str):

@@ -2,11 +2,12 @@
 launcher: one generic host per host of the layout, one process per client)
 ends with the weights of the same run in one process, equal to the bit."""
 
+import json
 import os
 
 import numpy as np
 
-from splitkeras import launcher
+from splitkeras import host_process, launcher
 from tests import base
 from tests.distributed.runs import (
     assert_same_weights,
@@ -85,6 +86,17 @@ class ConfigurationsOverGrpcTest(base.TestCase):
         processes = processes_weights(config, workdir)
         schedule = in_process(config)
         assert_same_weights(self, processes, in_process_weights(config, schedule))
+        if overrides == CONFIGURATIONS["round_robin_server_handoff"]:
+            # Started again on its finished workdir, the host returns the
+            # run's summary at once and leaves it as it was.
+            path = os.path.join(workdir, "server", "summary.json")
+            with open(path) as f:
+                written = f.read()
+            again = host_process.serve(config, os.path.join(workdir, "server"))
+            self.assertEqual(again, json.loads(written))
+            self.assertIn("test_accuracy", again)
+            with open(path) as f:
+                self.assertEqual(f.read(), written)
         if config.train.microbatches > 1:
             # M micro-batches per step over gRPC: within 1e-5 of unpipelined
             # steps (M = 1, the same staleness).
