@@ -179,6 +179,8 @@ def main(argv):
         )
     if flood["codes"] != {"UNAUTHENTICATED": _FLOOD.value}:
         problems.append(f"flood answered {flood['codes']}")
+    if closed != len(stalled):
+        problems.append(f"{len(stalled) - closed} stalled connections still open")
     print(
         f"clients: {k} processes, TLS+tokens: {_TLS.value}; steps applied: "
         f"{summary['steps']} (expected {expected}); refused calls: "
