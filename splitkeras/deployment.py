@@ -267,7 +267,8 @@ def _vertical_host(config, build, make_optimizer, epochs):
         client_specs=[specs_of(segments.client.outputs)[0]] * k,
     )
     server.build_optimizer()
-    coordinator = Rounds(server, k, epochs, reports=True)
+    # Every feature holder sends its part of each test batch.
+    coordinator = Rounds(server, k, epochs, reports=True, evaluators=None)
     state = {"server": party_checkpoint([server.segment], server.optimizer)}
     parties = {"server": coordinator, "aligner": Aligner(k, leader=0)}
     return parties, coordinator, _with(state, coordinator)

@@ -238,13 +238,23 @@ class Rounds(Coordinator):
       on_trained: called as `on_trained(round, {client: examples})` once
         every client has ended the round, before the evaluation (e.g.
         SplitFed v1 averages its server copies here).
+      evaluators: the clients whose EVALUATE messages count (client 0
+        evaluates the round's model; in a vertical split every feature
+        holder sends its part of each test batch); None: any client.
     """
 
     def __init__(
-        self, server, num_clients, epochs=None, reports=False, on_trained=None
+        self,
+        server,
+        num_clients,
+        epochs=None,
+        reports=False,
+        on_trained=None,
+        evaluators=(0,),
     ):
         super().__init__(server, num_clients, epochs, reports)
         self.on_trained = on_trained
+        self.evaluators = None if evaluators is None else set(evaluators)
         self.begun = set()  # clients in the current round
 
     def rolled_back(self) -> None:
@@ -283,6 +293,14 @@ class Rounds(Coordinator):
         if message.kind == Kind.PREDICT:
             return
         if message.kind == Kind.EVALUATE:
+            if self.evaluators is not None and k not in self.evaluators:
+                raise Rejected(
+                    "denied",
+                    f"client {k} does not evaluate this run: client"
+                    f"{'s' if len(self.evaluators) > 1 else ''} "
+                    f"{', '.join(map(str, sorted(self.evaluators)))} "
+                    f"{'do' if len(self.evaluators) > 1 else 'does'}",
+                )
             if int(self.ended[k].numpy()) < current:
                 raise Rejected(
                     "restart",

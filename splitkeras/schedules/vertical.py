@@ -109,7 +109,7 @@ class VerticalSplit(Schedule):
         )
         for party in [*self.clients, self.server]:
             party.build_optimizer()
-        self.coordinator = Rounds(self.server, self.num_clients)
+        self.coordinator = Rounds(self.server, self.num_clients, evaluators=None)
         # A vertical step sends K messages before the server can answer, so
         # it carries them one by one instead of using `request`.
         self.transport = LocalTransport(None, self.num_clients, *as_pair(codec))

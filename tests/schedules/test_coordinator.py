@@ -35,3 +35,25 @@ class RoundsReportTest(base.TestCase):
         self.assertEqual(rounds.position()[0], 1)
         with self.assertRaisesRegex(Rejected, "reports round 3, but the run is at"):
             rounds.handle(_message(Kind.REPORT, 0, 3))
+
+
+class RoundsEvaluatorsTest(base.TestCase):
+    def test_only_the_evaluating_client_evaluates(self):
+        """Client 0 evaluates a round's model: another client's EVALUATE
+        (which would change the figures client 0 reports) is refused; in a
+        vertical split (evaluators=None) every feature holder sends its part."""
+        rounds = Rounds(_Server(), 2, epochs=1, reports=True)
+        vertical = Rounds(_Server(), 2, epochs=1, reports=True, evaluators=None)
+        for coordinator in (rounds, vertical):
+            for k in (0, 1):
+                coordinator.handle(_message(Kind.BEGIN, k, 0, count=4))
+                coordinator.handle(_message(Kind.END, k, 0, count=128))
+        with self.assertRaises(Rejected) as refused:
+            rounds.check(_message(Kind.EVALUATE, 1, 0))
+        self.assertEqual(
+            (refused.exception.reason, refused.exception.details),
+            ("denied", "client 1 does not evaluate this run: client 0 does"),
+        )
+        rounds.check(_message(Kind.EVALUATE, 0, 0))
+        for k in (0, 1):
+            vertical.check(_message(Kind.EVALUATE, k, 0))
