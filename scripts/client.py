@@ -23,12 +23,12 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import client_process  # noqa: E402
+from splitkeras import cli, client_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 from splitkeras.transport.tokens import read_tokens  # noqa: E402
 
@@ -55,6 +55,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
     k = _CLIENT_ID.value
+    cli.check_config(_CONFIG.value)
+    cli.check_client_id(k, _CONFIG.value)
     credentials = None
     if _TLS_DIR.value:
         credentials = tls.channel_credentials(
@@ -75,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

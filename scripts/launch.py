@@ -12,12 +12,12 @@ logs are workdir/<host>.log and workdir/client_K.log.
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import launcher  # noqa: E402
+from splitkeras import cli, launcher  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
@@ -35,6 +35,7 @@ def main(argv):
     config = _CONFIG.value
     config.num_clients = _CLIENTS.value or config.num_clients
     config_args.append(f"--config.num_clients={config.num_clients}")
+    cli.check_config(config)
     run = launcher.launch(config_args, _WORKDIR.value, config, tls=_TLS.value)
     summary = run.wait()
     first = next(iter(run.hosts))
@@ -46,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

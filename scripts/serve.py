@@ -30,12 +30,12 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import host_process  # noqa: E402
+from splitkeras import cli, host_process  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 from splitkeras.transport.tokens import read_tokens  # noqa: E402
 
@@ -73,6 +73,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
+    cli.check_config(_CONFIG.value)
     credentials = (
         tls.server_credentials(_TLS_DIR.value, mutual=_MUTUAL.value)
         if _TLS_DIR.value
@@ -126,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

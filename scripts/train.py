@@ -10,13 +10,13 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 # Config files import `configs.base`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from splitkeras import experiment  # noqa: E402
+from splitkeras import cli, experiment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
@@ -28,6 +28,7 @@ def main(argv):
     # Our progress lines at INFO; TensorFlow's own INFO chatter stays hidden.
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
+    cli.check_config(_CONFIG.value)
     summary = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(
         f"test accuracy: {summary['test_accuracy']:.4f} "
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

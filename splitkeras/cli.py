@@ -1,0 +1,120 @@
+"""What the command-line scripts share: a user's mistake is one clear line.
+
+`run(main)` replaces `absl.app.run(main)`:
+
+- before the flags are parsed, every `--config.<field>=...` override is
+  looked up in the `--config=` file's config, and an unknown field is named
+  with the fields next to it (instead of ml_collections' traceback);
+- an error that describes a wrong input or setting (`USER_ERRORS`) ends the
+  process with that one line and exit code 1. `SPLITKERAS_TRACEBACK=1` shows
+  the traceback instead.
+
+`check_config(config)` refuses values no run can take (no epochs, no
+clients, an empty batch) before anything is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from absl import app
+
+__all__ = ["USER_ERRORS", "check_client_id", "check_config", "check_overrides", "run"]
+
+
+def _user_errors() -> tuple:
+    from splitkeras.runner import NonFiniteLossError
+    from splitkeras.transport.grpc_client import RemoteError
+    from splitkeras.transport.sealing import HandoffError
+
+    return (
+        ValueError,
+        FileNotFoundError,
+        HandoffError,
+        RemoteError,
+        NonFiniteLossError,
+    )
+
+
+USER_ERRORS = None  # filled on first use (importing them loads TensorFlow)
+
+
+def check_config(config) -> None:
+    """Raises ValueError naming the first value no run can take."""
+    for field, value in (
+        ("num_clients", config.num_clients),
+        ("train.epochs", config.train.epochs),
+        ("train.batch_size", config.train.batch_size),
+    ):
+        if int(value) < 1:
+            raise ValueError(f"config.{field}={value}: it must be at least 1")
+
+
+def check_client_id(client_id: int, config) -> None:
+    """Raises ValueError unless 0 <= client_id < config.num_clients."""
+    if not 0 <= client_id < int(config.num_clients):
+        raise ValueError(
+            f"--client_id={client_id}: this run's clients are 0.."
+            f"{int(config.num_clients) - 1} (config.num_clients="
+            f"{int(config.num_clients)})"
+        )
+
+
+def check_overrides(argv) -> None:
+    """Raises ValueError for a `--config.<field>` the config file lacks."""
+    path = None
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if path is None or not os.path.exists(path):
+        return  # absl reports a missing or wrong --config itself
+    spec = importlib.util.spec_from_file_location("_splitkeras_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        field = arg[len("--config.") :].split("=", 1)[0]
+        node, walked = config, []
+        for part in field.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                where = f"config.{'.'.join(walked)}" if walked else "the config"
+                raise ValueError(
+                    f"unknown config field {field!r} (in {arg}): {where} has "
+                    f"{', '.join(sorted(keys)) or 'no fields'}"
+                )
+            node, walked = node[part], [*walked, part]
+
+
+def run(main) -> None:
+    """`absl.app.run(main)`, with one line for a user's mistake."""
+    show = bool(os.environ.get("SPLITKERAS_TRACEBACK"))
+    try:
+        check_overrides(sys.argv)
+    except ValueError as e:
+        if show:
+            raise
+        _fail(e)
+
+    def guarded(argv):
+        global USER_ERRORS
+        try:
+            return main(argv)
+        except Exception as e:
+            if USER_ERRORS is None:
+                USER_ERRORS = _user_errors()
+            if show or not isinstance(e, USER_ERRORS):
+                raise
+            _fail(e)
+
+    app.run(guarded)
+
+
+def _fail(error) -> None:
+    name = sys.argv[0] and os.path.basename(sys.argv[0])
+    print(f"{name}: {type(error).__name__}: {error}", file=sys.stderr)
+    sys.exit(1)
