@@ -190,7 +190,7 @@ def serve(
     mirror = None
     if worker == 0:  # the chief of a multi-worker server: the others follow
         cluster = strategy.cluster_resolver.cluster_spec().as_dict()
-        mirror = mirror_lib.Mirror.for_cluster(cluster)
+        mirror = mirror_lib.Mirror.for_cluster(cluster, mirror_lib.server_secret())
         grpc_host.mirror_to(mirror)
     server, port = start_host(
         grpc_host,
@@ -219,9 +219,13 @@ def serve(
                 settings.timeout_seconds,
             )
         if mirror is not None:
-            mirror.publish(mirror_lib.pack(mirror_lib.DONE))
+            mirror.publish(mirror_lib.DONE_ITEM)
+            mirror = None  # ended
         time.sleep(0.5)  # let the last replies leave
     finally:
+        if mirror is not None:  # stopped early: the followers stop too
+            mirror.publish(mirror_lib.ABORT_ITEM)
+            time.sleep(0.5)
         grpc_host.closed.set()
         server.stop(grace=2.0).wait()
     _save_weights(parties, workdir)
@@ -258,6 +262,11 @@ def follow(config, workdir: str, chief: str, credentials=None) -> dict:
         )
     workdir = distribute.worker_workdir(strategy, workdir)
     lock = lock_workdir(workdir)  # noqa: F841 (held until this returns)
+    finished = os.path.join(workdir, "summary.json")
+    if os.path.exists(finished):  # the chief returns at once too
+        log.warning("server worker %d: the run has finished (%s)", worker, finished)
+        with open(finished) as f:
+            return json.load(f)
     parties, _, state = deployment.hosted_parties(
         config, "server", {}, strategy, clock=time.monotonic
     )
@@ -271,7 +280,9 @@ def follow(config, workdir: str, chief: str, credentials=None) -> dict:
     began = time.perf_counter()
     log.info("server worker %d follows the chief at %s", worker, chief)
     max_bytes = config.grpc.max_message_mb << 20
-    for item in mirror_lib.follow_stream(chief, worker, credentials, max_bytes):
+    secret = mirror_lib.server_secret()
+    stream = mirror_lib.follow_stream(chief, worker, secret, credentials, max_bytes)
+    for item in stream:
         if follower.apply(item):
             break
     else:

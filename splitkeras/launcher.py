@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import time
 
 from splitkeras import deployment
+from splitkeras.transport.mirror import SECRET_VARIABLE
 from splitkeras.transport.sealing import read_key, write_key
 
 log = logging.getLogger("splitkeras")
@@ -210,7 +212,8 @@ def client_secrets(workdir, num_clients) -> None:
 def credentials(workdir, num_clients) -> tuple[list, dict]:
     """Makes TLS credentials and tokens; returns (host args, {k: client k's
     args}). The hosts read every token (`credentials/tokens.json`); client
-    k gets only its own, in its secrets directory."""
+    k gets only its own, in its secrets directory, with its own TLS folder
+    (the CA's certificate, its own certificate and key)."""
     from splitkeras.transport import tls
     from splitkeras.transport.tokens import read_tokens, write_file, write_tokens
 
@@ -224,7 +227,18 @@ def credentials(workdir, num_clients) -> tuple[list, dict]:
         own = os.path.join(secrets_dir(workdir, k), TOKEN_FILE)
         os.makedirs(os.path.dirname(own), exist_ok=True)
         write_file(own, json.dumps({str(k): token}).encode(), 0o600)
-        client_args[k] = [f"--tls_dir={directory}", f"--token_file={own}"]
+        # Its own TLS folder: the CA's certificate and its own certificate
+        # and key, never the CA's key or another client's.
+        own_tls = os.path.join(secrets_dir(workdir, k), "tls")
+        os.makedirs(own_tls, exist_ok=True)
+        for name, mode in (
+            (tls.CA_CERT, 0o644),
+            (tls.client_cert_name(k), 0o644),
+            (tls.client_key_name(k), 0o600),
+        ):
+            with open(os.path.join(directory, name), "rb") as f:
+                write_file(os.path.join(own_tls, name), f.read(), mode)
+        client_args[k] = [f"--tls_dir={own_tls}", f"--token_file={own}"]
     return [f"--tls_dir={directory}", f"--tokens={tokens}"], client_args
 
 
@@ -275,12 +289,14 @@ def _start_server_workers(config, config_args, workdir, host_args, envs):
         )
     cluster = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     port = free_port()
+    secret = secrets.token_urlsafe(32)  # the followers' proof to the chief
 
     def env(name, index):
         own = dict(envs.get(name) or os.environ)
         own["TF_CONFIG"] = json.dumps(
             {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}}
         )
+        own[SECRET_VARIABLE] = secret
         return own
 
     # The other workers first: the strategy's variables are made together.

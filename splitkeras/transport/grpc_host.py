@@ -301,7 +301,9 @@ class GrpcHost:
     def _refuse(self, context, name, code, details):
         with self._lock:
             self.refused += 1
-        if len(details) > MAX_DETAILS:  # the status travels in a header
+        # The status travels in a header: ASCII, and not too long.
+        details = details.encode("ascii", "backslashreplace").decode("ascii")
+        if len(details) > MAX_DETAILS:
             details = f"{details[:MAX_DETAILS]}... ({len(details)} characters)"
         log.info("%s refused: %s: %s", name, code.name, details)
         context.abort(code, details)

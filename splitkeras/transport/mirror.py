@@ -17,15 +17,19 @@ A follower computes the same steps (its slice of each batch), commits and
 rolls back with the chief, and saves its final weights when the run ends.
 
 The stream (`/splitkeras.Mirror/Follow`) is served on the chief's gRPC port
-only to the addresses of the cluster's workers (`TF_CONFIG`), which is the
-trust TensorFlow's own collective ops between those workers have.
+only to a caller that presents the server's secret (`SECRET_VARIABLE`, the
+same random string in every server process's environment) from an address
+of the cluster's workers (`TF_CONFIG`). It carries every client's cut
+tensors and labels: keep the secret on the server machines.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import ipaddress
 import logging
+import os
 import queue
 import socket
 import threading
@@ -34,6 +38,7 @@ import grpc
 import numpy as np
 
 from splitkeras.protocol import Kind, Message
+from splitkeras.transport.grpc_client import channel_options
 
 log = logging.getLogger("splitkeras")
 
@@ -42,6 +47,7 @@ __all__ = [
     "COMMIT",
     "DONE",
     "HELLO",
+    "ABORT",
     "ROLLBACK",
     "Follower",
     "Mirror",
@@ -50,6 +56,24 @@ __all__ = [
 
 FOLLOW = "/splitkeras.Mirror/Follow"
 WORKER_METADATA = "x-splitkeras-worker"
+SECRET_METADATA = "x-splitkeras-server-secret"
+# The environment variable holding the secret the server's workers share
+# (the launcher makes one per run).
+SECRET_VARIABLE = "SPLITKERAS_SERVER_SECRET"
+
+
+def server_secret() -> str:
+    """The server workers' shared secret ($SPLITKERAS_SERVER_SECRET)."""
+    secret = os.environ.get(SECRET_VARIABLE, "")
+    if len(secret) < 16:
+        raise ValueError(
+            f"a multi_worker server needs ${SECRET_VARIABLE}: the same random "
+            "string (16 characters or more) in the environment of every "
+            'server process, e.g. from python -c "import secrets; '
+            'print(secrets.token_urlsafe(32))"'
+        )
+    return secret
+
 
 # What an item of the stream says.
 HELLO = "hello"  # the first item: the chief's commits so far
@@ -57,6 +81,7 @@ CALL = "call"  # a message of a distributed party
 COMMIT = "commit"
 ROLLBACK = "rollback"
 DONE = "done"
+ABORT = "abort"  # the chief stopped before the run's end
 
 
 def pack(what: str, party: str = "", message: Message | None = None, **numbers):
@@ -108,29 +133,36 @@ def unpack(data: bytes) -> tuple[str, str, Message | None, dict]:
     return what, party, message, numbers
 
 
+DONE_ITEM = pack(DONE)
+ABORT_ITEM = pack(ABORT)
+END_ITEMS = (DONE_ITEM, ABORT_ITEM)
+
+
 class Mirror:
     """The chief's side: a queue of items per follower, served as a stream.
 
     Args:
       followers: the other workers' indices (1..N-1 of a cluster of N).
       hosts: the addresses (IPs) the followers may connect from.
+      secret: what a follower must present (`server_secret()`).
     """
 
-    def __init__(self, followers, hosts):
+    def __init__(self, followers, hosts, secret: str):
         self._queues = {int(i): queue.Queue() for i in followers}
         self._hosts = set(hosts)
+        self._secret = secret.encode()
         self._connected = set()
         self._lock = threading.Condition()
 
     @classmethod
-    def for_cluster(cls, cluster: dict) -> Mirror:
+    def for_cluster(cls, cluster: dict, secret: str) -> Mirror:
         """The mirror of a chief whose cluster is `cluster` ({"worker": [...]}
         of TF_CONFIG, worker 0 the chief)."""
         workers = list(cluster.get("worker", []))
         hosts = set()
         for address in workers:
             hosts |= _addresses(address.rsplit(":", 1)[0])
-        return cls(range(1, len(workers)), hosts)
+        return cls(range(1, len(workers)), hosts, secret)
 
     def __len__(self) -> int:
         """The followers."""
@@ -167,7 +199,7 @@ class Mirror:
             while True:
                 item = items.get()
                 yield item
-                if unpack(item)[0] == DONE:
+                if item in END_ITEMS:
                     return
 
         return grpc.method_handlers_generic_handler(
@@ -181,6 +213,13 @@ class Mirror:
             worker = int(metadata.get(WORKER_METADATA, ""))
         except ValueError:
             worker = -1
+        presented = metadata.get(SECRET_METADATA, "").encode()
+        if not hmac.compare_digest(presented, self._secret):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "wrong or missing server secret: a follower needs the chief's "
+                f"${SECRET_VARIABLE}",
+            )
         host = _peer_host(context.peer())
         if host not in self._hosts:
             context.abort(
@@ -239,8 +278,16 @@ class Follower:
         """Applies one item of the chief's stream; True at the run's end."""
         what, name, message, numbers = unpack(item)
         if what == HELLO:
-            here = int(self.commits.numpy())
-            if numbers["commits"] != here:
+            here, chief = int(self.commits.numpy()), numbers["commits"]
+            kept = [p for p in self._manager.checkpoints if p.endswith(f"ckpt-{chief}")]
+            if chief != here and kept:
+                # The chief stopped between telling a commit and saving it
+                # (or the other way round): back to the commit it holds.
+                self._manager.checkpoint.restore(
+                    kept[0]
+                ).assert_existing_objects_matched()
+                log.warning("server worker: back to the chief's commit %d", chief)
+            elif chief != here:
                 raise RuntimeError(
                     f"this server worker is at commit {here}, the chief at "
                     f"{numbers['commits']}: restart every server process of the "
@@ -256,6 +303,11 @@ class Follower:
         elif what == COMMIT:
             self._commit()
             self.counts["commits"] += 1
+        elif what == ABORT:
+            raise RuntimeError(
+                "the chief stopped before the run's end (see its log); start "
+                "every server process again to resume from the last commit"
+            )
         elif what == ROLLBACK:
             self._restore()
             for party in self.parties.values():
@@ -276,20 +328,20 @@ class Follower:
         ).assert_existing_objects_matched()
 
 
-def follow_stream(target: str, worker: int, credentials=None, max_bytes=64 << 20):
+def follow_stream(
+    target: str, worker: int, secret: str, credentials=None, max_bytes=64 << 20
+):
     """The follower's side: the chief's items, in order (a generator)."""
-    options = [
-        ("grpc.max_send_message_length", int(max_bytes)),
-        ("grpc.max_receive_message_length", int(max_bytes)),
-    ]
+    options = channel_options(max_bytes)
     if credentials is None:
         channel = grpc.insecure_channel(target, options=options)
     else:
         channel = grpc.secure_channel(target, credentials, options=options)
     with channel:
         grpc.channel_ready_future(channel).result(timeout=300)
+        metadata = ((WORKER_METADATA, str(worker)), (SECRET_METADATA, secret))
         stream = channel.unary_stream(FOLLOW)(
-            b"", metadata=((WORKER_METADATA, str(worker)),), wait_for_ready=True
+            b"", metadata=metadata, wait_for_ready=True
         )
         yield from stream
 

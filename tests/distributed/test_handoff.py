@@ -183,6 +183,12 @@ class ClientSecretsTest(base.TestCase):
             own = os.path.join(directory, "token.json")
             self.assertEqual(read_tokens(own), {k: tokens[k]})
             self.assertIn(f"--token_file={own}", client_args[k])
+            own_tls = os.path.join(directory, "tls")
+            self.assertIn(f"--tls_dir={own_tls}", client_args[k])
+            self.assertEqual(
+                sorted(os.listdir(own_tls)),
+                ["ca.pem", f"client-{k}.key", f"client-{k}.pem"],
+            )
         self.assertEqual(len(keys), 1)
         launcher.client_secrets(workdir, 3)  # a restart keeps the key
         self.assertEqual(

@@ -23,6 +23,8 @@ from splitkeras.transport.proto import wire_pb2
 from tests import base
 from tests.distributed.test_service import FixtureCase, _model
 
+SECRET = "s" * 32
+
 
 class ItemTest(base.TestCase):
     def test_a_message_comes_back_as_sent(self):
@@ -69,16 +71,16 @@ class StreamTest(base.TestCase):
         self.addCleanup(lambda: server.stop(grace=None).wait())
         return f"127.0.0.1:{port}"
 
-    def _first_code(self, target, worker):
+    def _first_code(self, target, worker, secret=SECRET):
         try:
-            next(mirror.follow_stream(target, worker))
+            next(mirror.follow_stream(target, worker, secret))
         except grpc.RpcError as e:
             return e.code(), e.details()
         return None
 
     def test_items_come_in_order_until_done(self):
         chief = mirror.Mirror.for_cluster(
-            {"worker": ["localhost:1", "127.0.0.1:2", "127.0.0.1:3"]}
+            {"worker": ["localhost:1", "127.0.0.1:2", "127.0.0.1:3"]}, SECRET
         )
         self.assertEqual(len(chief), 2)
         target = self._serve(chief)
@@ -86,8 +88,16 @@ class StreamTest(base.TestCase):
             chief.wait_for_followers(0.1)
         for i in range(3):
             chief.publish(mirror.pack(mirror.COMMIT, step=i))
-        chief.publish(mirror.pack(mirror.DONE))
-        got = [mirror.unpack(item) for item in mirror.follow_stream(target, 2)]
+        chief.publish(mirror.DONE_ITEM)
+        self.assertEqual(
+            self._first_code(target, 1, "x" * 32),
+            (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "wrong or missing server secret: a follower needs the chief's "
+                "$SPLITKERAS_SERVER_SECRET",
+            ),
+        )
+        got = [mirror.unpack(i) for i in mirror.follow_stream(target, 2, SECRET)]
         self.assertEqual(
             [(what, numbers) for what, _, _, numbers in got],
             [
@@ -113,7 +123,9 @@ class StreamTest(base.TestCase):
         )
 
     def test_only_the_clusters_addresses_follow(self):
-        chief = mirror.Mirror.for_cluster({"worker": ["10.9.9.9:1", "10.9.9.8:1"]})
+        chief = mirror.Mirror.for_cluster(
+            {"worker": ["10.9.9.9:1", "10.9.9.8:1"]}, SECRET
+        )
         target = self._serve(chief)
         self.assertEqual(
             self._first_code(target, 1),
@@ -150,7 +162,7 @@ class FollowerTest(FixtureCase):
         turn's end on the chief; the follower, given what the chief
         streamed, holds the same weights, optimizer steps and commits."""
         f = self.f
-        chief = mirror.Mirror([1], ["127.0.0.1"])
+        chief = mirror.Mirror([1], ["127.0.0.1"], SECRET)
         f.host.mirror_to(chief)
         server, follower = _twin(os.path.join(self.tempdir(), "follower"))
         f.begin()
@@ -179,3 +191,13 @@ class FollowerTest(FixtureCase):
             int(f.server.optimizer.iterations.numpy()),
         )
         self.assertEqual(int(follower.commits.numpy()), f.host.commits)
+        # The chief restarted at the commit before the follower's last one
+        # (it stopped before saving what it told): the follower goes back to
+        # it. A commit it does not keep is refused.
+        follower.apply(mirror.pack(mirror.HELLO, commits=1))
+        self.assertEqual(int(follower.commits.numpy()), 1)
+        with self.assertRaisesRegex(RuntimeError, "is at commit 1, the chief at 9"):
+            follower.apply(mirror.pack(mirror.HELLO, commits=9))
+        # A chief that stops early stops its followers.
+        with self.assertRaisesRegex(RuntimeError, "the chief stopped before"):
+            follower.apply(mirror.ABORT_ITEM)
