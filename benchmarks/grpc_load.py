@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import launcher  # noqa: E402
+from splitkeras.cli import set_fields  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 from splitkeras.transport.grpc_client import SERVICE  # noqa: E402
 from splitkeras.transport.proto import wire_pb2  # noqa: E402
@@ -59,15 +60,8 @@ def _config(path, k):
         "weight_handoff": "server",
     }
     config = fashion_mnist_lenet.get_config()
-    args = ["--config=configs/fashion_mnist_lenet.py"]
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-        args.append(f"--config.{key}={value}")
-    return config, args
+    flags = set_fields(config, overrides)
+    return config, ["--config=configs/fashion_mnist_lenet.py", *flags]
 
 
 def _server_port(workdir, deadline=600):

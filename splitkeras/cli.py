@@ -21,7 +21,14 @@ import sys
 
 from absl import app
 
-__all__ = ["USER_ERRORS", "check_client_id", "check_config", "check_overrides", "run"]
+__all__ = [
+    "USER_ERRORS",
+    "check_client_id",
+    "check_config",
+    "check_overrides",
+    "run",
+    "set_fields",
+]
 
 
 def _user_errors() -> tuple:
@@ -39,6 +46,20 @@ def _user_errors() -> tuple:
 
 
 USER_ERRORS = None  # filled on first use (importing them loads TensorFlow)
+
+
+def set_fields(config, overrides: dict) -> list:
+    """Sets each dotted field of `overrides` ({"train.epochs": 2, ...}) on
+    `config`; returns the same as command-line flags (--config.a.b=value)."""
+    flags = []
+    for field, value in overrides.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        flags.append(f"--config.{field}={value}")
+    return flags
 
 
 def check_config(config) -> None:

@@ -40,11 +40,7 @@ class CliTest(base.TestCase):
             ("num_clients", "config.num_clients=0: it must be at least 1"),
         ):
             broken = fashion_mnist_lenet.get_config()
-            node = broken
-            *parents, leaf = field.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = 0
+            cli.set_fields(broken, {field: 0})
             with self.assertRaisesRegex(ValueError, f"^{text}$"):
                 cli.check_config(broken)
         config.num_clients = 2

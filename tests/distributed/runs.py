@@ -8,6 +8,7 @@ import numpy as np
 
 from configs import fashion_mnist_lenet
 from splitkeras import builders, learning_rate
+from splitkeras.cli import set_fields
 from splitkeras.cut import cut
 from splitkeras.experiment import InProcess
 from splitkeras.privacy.leakage import attach_privacy
@@ -51,15 +52,7 @@ def setup(data_path, **overrides):
         "data.num_classes": 3,  # for the hosts, which do not read the data
         **overrides,
     }
-    args = ["--config=configs/fashion_mnist_lenet.py"]
-    for key, value in settings.items():
-        node = c
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-        args.append(f"--config.{key}={value}")
-    return c, args
+    return c, ["--config=configs/fashion_mnist_lenet.py", *set_fields(c, settings)]
 
 
 def in_process(config, train=True):

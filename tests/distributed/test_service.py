@@ -592,35 +592,23 @@ class ServiceTest(FixtureCase):
         )
         self.assertUnchanged(after_second, "after an old step")
 
-    def test_evaluate_outside_a_turn_is_refused(self):
-        # Only the client whose turn it is evaluates (the round's last
-        # client, before it ends its turn): another's EVALUATE changes nothing.
+    def test_train_or_evaluate_outside_a_turn_is_refused(self):
+        # Only the client whose turn it is trains, and evaluates (the round's
+        # last client, before it ends its turn): another's changes nothing.
         f = self.f
         before = f.snapshot()
-        _refused(
-            self,
-            Code.FAILED_PRECONDITION,
-            "client 1 is not training a turn",
-            f.c1.call,
-            "Exchange",
-            f.envelope(1, kind=Kind.EVALUATE, client_id=1),
-            wire_pb2.Envelope,
-        )
-        self.assertUnchanged(before, "after an EVALUATE outside the turn")
-
-    def test_train_outside_a_turn_is_refused(self):
-        f = self.f
-        before = f.snapshot()
-        _refused(
-            self,
-            Code.FAILED_PRECONDITION,
-            "client 1 is not training a turn",
-            f.c1.call,
-            "Exchange",
-            f.envelope(1, client_id=1),
-            wire_pb2.Envelope,
-        )
-        self.assertUnchanged(before, "after a TRAIN outside the turn")
+        for kind in (Kind.TRAIN, Kind.EVALUATE):
+            with self.subTest(kind=kind.name):
+                _refused(
+                    self,
+                    Code.FAILED_PRECONDITION,
+                    "client 1 is not training a turn",
+                    f.c1.call,
+                    "Exchange",
+                    f.envelope(1, kind=kind, client_id=1),
+                    wire_pb2.Envelope,
+                )
+                self.assertUnchanged(before, f"after a {kind.name} outside the turn")
 
 
 class TurnTimeoutTest(base.TestCase):
