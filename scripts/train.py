@@ -30,10 +30,15 @@ def main(argv):
     std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
     cli.check_config(_CONFIG.value)
     summary = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(
+    test = (
         f"test accuracy: {summary['test_accuracy']:.4f} "
-        f"(test loss {summary['test_loss']:.4f}, {summary['steps']} steps, "
-        f"{summary['wall_seconds']:.0f} s; summary in {_WORKDIR.value}/summary.json)"
+        f"(test loss {summary['test_loss']:.4f}"
+        if "test_accuracy" in summary
+        else f"test figures: {summary['test_figures']} ("
+    )
+    print(
+        f"{test}, {summary['steps']} steps, {summary['wall_seconds']:.0f} s; "
+        f"summary in {_WORKDIR.value}/summary.json)"
     )
 
 

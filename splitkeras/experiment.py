@@ -146,6 +146,11 @@ def summary_fields(config, dataset_name: str, test: dict) -> dict:
     if "accuracy" in test:
         fields["test_accuracy"] = float(test["accuracy"])
         fields["test_loss"] = float(test["loss"])
+    else:
+        fields["test_figures"] = (
+            "none: the last round ended without an evaluation (its evaluating "
+            "client's turn was skipped, or there is no test data)"
+        )
     if "top5_accuracy" in test:
         fields["test_top5_accuracy"] = float(test["top5_accuracy"])
     if "tasks" in test:

@@ -232,7 +232,9 @@ class Runner:
         write_scalars(self.writers["train"], scalars, epoch + 1)
         if val:
             write_scalars(self.writers["validation"], {**val, **totals}, epoch + 1)
-            self.last_validation = val
+        # The summary's test figures are the last round's, or none: never an
+        # earlier round's passed off as the final ones.
+        self.last_validation = val
         log.info(
             "%sepoch %d/%d (%.1f s): train %s validation %s",
             self._who,
