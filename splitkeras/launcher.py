@@ -269,11 +269,21 @@ def start_hosts(config, config_args, workdir, host_args=(), envs=None, starts=No
         hosts.update(followers)
         for party in parties:
             addresses[party] = f"127.0.0.1:{port}"
-        if starts is not None:
+        if starts is not None and followers:
+            for process in (name, *followers):
+                starts[process] = _no_lone_restart
+        elif starts is not None:
             starts[name] = functools.partial(
                 _restart_host, config_args, workdir, name, port, connect, host_args
             )
     return hosts, addresses
+
+
+def _no_lone_restart(env=None):
+    raise RuntimeError(
+        "a multi_worker server's processes restart together (their collective "
+        "ops join them): stop the run and launch it again with the same workdir"
+    )
 
 
 def _start_server_workers(config, config_args, workdir, host_args, envs):

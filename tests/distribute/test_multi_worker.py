@@ -148,6 +148,10 @@ class MultiWorkerOverGrpcTest(base.TestCase):
         )
         summary = run.wait(600)
         self.assertEqual(summary["server_replicas"], 2)
+        # One of its processes alone is not started again (it would run as a
+        # one-worker server, or wait for the others' collective ops).
+        with self.assertRaisesRegex(RuntimeError, "processes restart together"):
+            run.restart("server")
         expected = in_process_weights(one_device)
         processes = processes_weights(one_device, workdir)
         self.assertEqual(sorted(processes), sorted(expected))
