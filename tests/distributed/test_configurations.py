@@ -24,8 +24,9 @@ from tests.distributed.runs import (
 # against the computed bytes too.
 BYTES_CHECKED = ("split", "splitfed_v1", "splitfed_v2")
 
+# Round robin with the peer handoff and the vertical split run as processes
+# in tests/distributed/test_sites.py (each client with only its own site).
 CONFIGURATIONS = {
-    "round_robin_peer": {},
     "round_robin_server_handoff": {"weight_handoff": "server"},
     "ushaped_nopeek": {
         "topology": "ushaped",
@@ -49,7 +50,6 @@ CONFIGURATIONS = {
     },
     "fedavg": {"method": "fedavg"},
     "large_batch_sgd": {"method": "large_batch_sgd"},
-    "vertical": {"topology": "vertical"},
     "multihop": {"topology": "multihop", "model.cut": "pool1,pool2", "num_clients": 1},
     "multitask": {
         "topology": "multitask",
