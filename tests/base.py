@@ -1,13 +1,20 @@
 """The one base test case of the suite."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import keras
 from absl.testing import parameterized
 
-# Importing TFDS leaves temporary folders behind: keep them out of /tmp.
-os.environ.setdefault("TMPDIR", tempfile.mkdtemp(prefix="splitkeras-tests-"))
+# Importing TFDS leaves temporary folders behind: keep them out of /tmp, in
+# one folder per test process, removed when the process ends (the runs'
+# checkpoints and logs take about 1 GB per process).
+if "TMPDIR" not in os.environ:
+    _made = tempfile.mkdtemp(prefix="splitkeras-tests-")
+    os.environ["TMPDIR"] = _made
+    atexit.register(shutil.rmtree, _made, ignore_errors=True)
 tempfile.tempdir = None  # mkdtemp cached /tmp: look at TMPDIR again
 
 
