@@ -204,10 +204,7 @@ class GrpcHost:
                     self.mirror.publish(mirror_lib.pack(mirror_lib.ROLLBACK))
                 self._uncounted = {}  # the counters go back to the commit too
                 self._restore()
-        for party in self.parties.values():
-            rolled_back = getattr(party, "rolled_back", None)
-            if rolled_back is not None:
-                rolled_back()
+        self.steps.rolled_back()
         self.replies.clear()
         with self._changed:
             self.rollbacks += 1

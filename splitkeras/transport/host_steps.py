@@ -32,6 +32,7 @@ class HostSteps:
     def __init__(self, parties: dict, run_eagerly=False, jit_compile=False):
         self._fns = {}  # (party name, kind, client or 0) -> compiled step
         self._reply_kinds = {}  # the same key -> the kind its reply has
+        self._parties = parties
         self._compile = (run_eagerly, jit_compile)
         # Called with (name, message) before each compiled step: a
         # multi-worker server's chief streams its steps to the other workers
@@ -41,6 +42,14 @@ class HostSteps:
             compile_paused = getattr(party, "compile_paused_steps", None)
             if compile_paused is not None:
                 compile_paused(run_eagerly)
+
+    def rolled_back(self) -> None:
+        """Tells every hosted party its host went back to its last commit
+        (a party ends what it holds open, e.g. a paused U-shaped step)."""
+        for party in self._parties.values():
+            rolled_back = getattr(party, "rolled_back", None)
+            if rolled_back is not None:
+                rolled_back()
 
     def handle(self, name, party, message) -> Message:
         """`party.handle(message)`, through its compiled step if it has one."""

@@ -310,10 +310,7 @@ class Follower:
             )
         elif what == ROLLBACK:
             self._restore()
-            for party in self.parties.values():
-                rolled_back = getattr(party, "rolled_back", None)
-                if rolled_back is not None:
-                    rolled_back()
+            self.steps.rolled_back()
             self.counts["rollbacks"] += 1
         return what == DONE
 

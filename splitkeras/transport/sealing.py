@@ -149,11 +149,10 @@ def handoff_header(sender: int, receiver: int, round_index: int) -> str:
 def write_key(path: str, key: bytes | None = None) -> bytes:
     """Writes the clients' AES-256 handoff key (a fresh one unless `key` is
     given) to `path`, mode 0600; returns it."""
+    from splitkeras.transport.tokens import write_file
+
     key = AESGCM.generate_key(256) if key is None else key
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f:
-        os.fchmod(fd, 0o600)  # os.open's mode only applies to new files
-        f.write(key.hex().encode())
+    write_file(path, key.hex().encode(), 0o600)
     return key
 
 
