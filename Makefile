@@ -42,7 +42,7 @@ data:
 	fi
 
 train: install data
-	$(PY) scripts/train.py --config=configs/fashion_mnist_lenet.py --workdir=$(WORKDIR)
+	$(VENV)/bin/splitkeras train --config=fashion_mnist_lenet --workdir=$(WORKDIR)
 
 lint: install
 	$(VENV)/bin/ruff check .

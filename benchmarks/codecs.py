@@ -1,7 +1,7 @@
 """Wire codecs on real data: bytes on the wire against test accuracy.
 
 Every row trains LeNet-5 on Fashion-MNIST split at `pool1` (one client,
-`configs/fashion_mnist_lenet.py`) for the same epochs from the same seed,
+`splitkeras/configs/fashion_mnist_lenet.py`) for the same epochs from the same seed,
 with one codec for the activations (client -> server) and `--gradient_codec`
 for the gradients (server -> client), and reports the bytes each way (cut
 tensors, plus labels up and losses down, including the evaluation traffic
@@ -17,11 +17,10 @@ import sys
 
 from absl import app, flags
 
-# Config files import `configs.base`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import experiment  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 
 CODECS = ["float32", "float16", "bfloat16", "int8", "int8_channel", "topk:0.1"]
 

@@ -11,7 +11,7 @@ the client-weight handoff of round-robin split learning).
 
 With `--transport=grpc` every row (but centralized, which has one party)
 also runs as separate processes over gRPC on 127.0.0.1, started by
-scripts/launch.py's launcher (one process per host and per client, the hosts
+`splitkeras launch`'s launcher (one process per host and per client, the hosts
 reading no dataset), and the table puts the processes' accuracy, bytes and
 seconds beside the in-process run's.
 """
@@ -24,12 +24,11 @@ import time
 
 from absl import app, flags
 
-# Config files import `configs.base`: make the repository root importable.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import experiment  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs (rounds) for every row.")
 _CLIENTS = flags.DEFINE_integer("clients", 5, "Clients in multi-client rows.")
@@ -43,9 +42,9 @@ _TRANSPORT = flags.DEFINE_enum(
     "gRPC, printed beside the in-process run.",
 )
 
-CONFIG_FILE = "configs/fashion_mnist_lenet.py"
+CONFIG_FILE = "splitkeras/configs/fashion_mnist_lenet.py"
 # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Boot
-# -> clothing 0, footwear 1, bag 2 (as configs/fashion_mnist_multitask.py).
+# -> clothing 0, footwear 1, bag 2 (as splitkeras/configs/fashion_mnist_multitask.py).
 COARSE_GROUPS = "0,0,0,0,0,1,0,1,2,1"
 
 # name -> config overrides

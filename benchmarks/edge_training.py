@@ -1,10 +1,10 @@
 """The LiteRT edge client against the Keras client, on real Fashion-MNIST.
 
-Every run is a server process (scripts/serve.py) and client processes over
+Every run is a server process (`splitkeras serve`) and client processes over
 gRPC on 127.0.0.1, from the same seed and config:
 
-- `keras`: one Keras client (scripts/client.py);
-- `edge`: one edge client (scripts/edge_client.py, in the environment
+- `keras`: one Keras client (`splitkeras client`);
+- `edge`: one edge client (`splitkeras edge-client`, in the environment
   without TensorFlow, `make edge`), its segment exported untrained from the
   same seed;
 - `mixed`: two clients taking turns, client 0 Keras and client 1 edge: the
@@ -30,9 +30,9 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import builders, client_data, launcher  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras.edge import EdgeSpec  # noqa: E402
 from splitkeras.edge.client import batches  # noqa: E402
 from splitkeras.export import export_segment  # noqa: E402
@@ -56,7 +56,7 @@ def _config(num_clients, epochs):
     config.num_clients = num_clients
     config.train.epochs = epochs
     args = [
-        "--config=configs/fashion_mnist_lenet.py",
+        "--config=fashion_mnist_lenet",
         f"--config.num_clients={num_clients}",
         f"--config.train.epochs={epochs}",
     ]
@@ -95,7 +95,9 @@ def _edge_client(model, port, k, workdir, key):
     return subprocess.Popen(
         [
             _EDGE_PYTHON.value,
-            os.path.join(ROOT, "scripts", "edge_client.py"),
+            "-m",
+            "splitkeras",
+            "edge-client",
             f"--model={model}",
             f"--server=127.0.0.1:{port}",
             f"--client_id={k}",

@@ -1,7 +1,7 @@
 """Load test: K client processes against one server process over gRPC, while
 unknown callers flood it with Join calls and stalled connections hang on it.
 
-Starts scripts/serve.py and K scripts/client.py processes on 127.0.0.1 (TLS
+Starts `splitkeras serve` and K `splitkeras client` processes on 127.0.0.1 (TLS
 and per-client tokens on by default; the server hands the clients' sealed
 states on, since a client's peer inbox serves no TLS) for a bounded run on a
 synthetic Fashion-MNIST-shaped dataset. While the clients train:
@@ -35,9 +35,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import launcher  # noqa: E402
 from splitkeras.cli import set_fields  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras.transport import tls  # noqa: E402
 from splitkeras.transport.grpc_client import SERVICE  # noqa: E402
 from splitkeras.transport.proto import wire_pb2  # noqa: E402
@@ -61,7 +61,7 @@ def _config(path, k):
     }
     config = fashion_mnist_lenet.get_config()
     flags = set_fields(config, overrides)
-    return config, ["--config=configs/fashion_mnist_lenet.py", *flags]
+    return config, ["--config=fashion_mnist_lenet", *flags]
 
 
 def _server_port(workdir, deadline=600):

@@ -14,10 +14,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import builders, launcher, models  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
 from splitkeras.client_process import ClientProcess  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 
 SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
 
@@ -50,7 +50,7 @@ def setup(root, name, batch, codec="float32", microbatches=1, staleness=0):
         "train.max_staleness": staleness,
     }
     config = fashion_mnist_lenet.get_config()
-    args = ["--config=configs/fashion_mnist_lenet.py"]
+    args = ["--config=fashion_mnist_lenet"]
     for key, value in settings.items():
         section, _, leaf = key.rpartition(".")
         (config[section] if section else config)[leaf] = value

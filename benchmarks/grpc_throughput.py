@@ -1,6 +1,6 @@
 """Steps/s over gRPC on loopback vs in-process, and bytes and steps/s per codec.
 
-For each case (model:batch) one server process (scripts/serve.py) per
+For each case (model:batch) one server process (`splitkeras serve`) per
 setting serves one client; this process trains the same client segment on
 the same in-memory batch, interleaved run by run: in-process (the round-robin
 schedule's compiled step: client, LocalTransport and server in one graph,

@@ -15,8 +15,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import experiment  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per setting.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/label_leakage", "Runs go here.")

@@ -25,10 +25,10 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import fashion_mnist_lenet  # noqa: E402
 from splitkeras import data as data_lib  # noqa: E402
 from splitkeras import experiment  # noqa: E402
 from splitkeras.accounting import tables  # noqa: E402
+from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs (rounds) per run.")
 _CLIENTS = flags.DEFINE_integer("clients", 5, "Clients per run.")

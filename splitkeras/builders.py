@@ -195,15 +195,24 @@ def build_model(config, data=None, input_shape=None) -> keras.Model:
 
 
 def cut_layers(config) -> str | tuple[str, ...]:
-    """`config.model.cut` checked against `config.topology`."""
+    """`config.model.cut` checked against `config.topology`; a U-shaped
+    split given one cut gets the zoo model's default tail cut as its second
+    (`models.default_tail_cut`)."""
     check_method(config)
     at = tuple(name.strip() for name in config.model.cut.split(","))
+    if config.topology == "ushaped" and len(at) == 1:
+        at = (*at, model_zoo.default_tail_cut(config.model.name))
     # vertical: one cut per client's copy; multihop: client | relay | server.
     expected = 2 if config.topology in ("ushaped", "multihop") else 1
     if len(at) != expected:
+        what = {
+            "ushaped": "the client's cut and the tail's, e.g. 'pool1,fc2'",
+            "multihop": "the client's cut and the relay's, e.g. 'pool1,pool2'",
+        }.get(config.topology, "one layer, e.g. 'pool1'")
         raise ValueError(
             f"config.topology={config.topology!r} needs {expected} cut layer(s) "
-            f"in config.model.cut, got {config.model.cut!r}"
+            f"in config.model.cut ({what}), got {config.model.cut!r}: set "
+            "--config.model.cut"
         )
     return at if len(at) > 1 else at[0]
 

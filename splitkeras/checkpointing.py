@@ -85,7 +85,7 @@ def load_trained(models, workdir: str, party: str, weights_file: str, optimizer=
 
     Either `workdir/weights_file` (a gRPC party's final weights; models[0])
     or the newest checkpoint under `workdir/checkpoints/party` (a
-    `scripts/train.py` run; with `optimizer`, its state too).
+    `splitkeras train` run; with `optimizer`, its state too).
 
     Raises:
       FileNotFoundError: `workdir` has neither.

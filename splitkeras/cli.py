@@ -2,6 +2,9 @@
 
 `run(main)` replaces `absl.app.run(main)`:
 
+- `--config=NAME[:ARG]` names a config shipped in `splitkeras/configs/`
+  (`config_names()`), `--config=PATH[:ARG]` a config file; a name that is
+  neither is refused with the names there are;
 - before the flags are parsed, every `--config.<field>=...` override is
   looked up in the `--config=` file's config, and an unknown field is named
   with the fields next to it (instead of ml_collections' traceback);
@@ -26,9 +29,14 @@ __all__ = [
     "check_client_id",
     "check_config",
     "check_overrides",
+    "config_names",
+    "config_path",
+    "define_config",
     "run",
     "set_fields",
 ]
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def _user_errors() -> tuple:
@@ -46,6 +54,62 @@ def _user_errors() -> tuple:
 
 
 USER_ERRORS = None  # filled on first use (importing them loads TensorFlow)
+
+
+def config_names() -> list[str]:
+    """The configs shipped with splitkeras, by name (`--config=NAME`)."""
+    return sorted(
+        name[: -len(".py")]
+        for name in os.listdir(CONFIGS)
+        if name.endswith(".py") and not name.startswith("_")
+    )
+
+
+def config_path(value: str) -> str:
+    """`--config`'s value as a file path: a file path (with its `:ARG`) as
+    given, or a shipped config's name (`fashion_mnist_lenet[:ARG]`) as its
+    file's path.
+
+    Raises:
+      ValueError: `value` is neither an existing file nor a shipped name.
+    """
+    where, colon, arg = value.partition(":")
+    if os.path.exists(where):
+        return value
+    if where in config_names():
+        return os.path.join(CONFIGS, f"{where}.py") + colon + arg
+    raise ValueError(
+        f"--config={value}: no such config file, and no shipped config of "
+        f"that name; shipped configs: {', '.join(config_names())}"
+    )
+
+
+def define_config():
+    """The `--config` flag of a command (ml_collections' config file flag),
+    which `run` lets name a shipped config too."""
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Experiment config: a shipped config's name (see `splitkeras configs`) "
+        "or a config file's path; then --config.<field>=value overrides.",
+    )
+
+
+def _with_config_paths(argv: list[str]) -> list[str]:
+    """argv with every --config value (`--config=V` or `--config V`) turned
+    into a path by `config_path`."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg == "--config":
+            value = next(args, None)
+            out.append(arg if value is None else f"--config={config_path(value)}")
+        elif arg.startswith("--config="):
+            out.append(f"--config={config_path(arg[len('--config=') :])}")
+        else:
+            out.append(arg)
+    return out
 
 
 def set_fields(config, overrides: dict) -> list:
@@ -85,16 +149,16 @@ def check_client_id(client_id: int, config) -> None:
 
 def check_overrides(argv) -> None:
     """Raises ValueError for a `--config.<field>` the config file lacks."""
-    path = None
-    for arg in argv[1:]:
+    path, config_arg = None, ""
+    for arg in _with_config_paths(argv[1:]):
         if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-    if path is None or not os.path.exists(path):
-        return  # absl reports a missing or wrong --config itself
+            path, _, config_arg = arg.split("=", 1)[1].partition(":")
+    if path is None:
+        return  # absl reports a missing --config itself
     spec = importlib.util.spec_from_file_location("_splitkeras_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(config_arg) if config_arg else module.get_config()
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
@@ -116,6 +180,7 @@ def run(main) -> None:
     show = bool(os.environ.get("SPLITKERAS_TRACEBACK"))
     try:
         check_overrides(sys.argv)
+        sys.argv = [sys.argv[0], *_with_config_paths(sys.argv[1:])]
     except ValueError as e:
         if show:
             raise

@@ -1,7 +1,7 @@
 """Each client's batches: its site's rows, in the order of each round.
 
 A client's data is its site (`splitkeras.data.sites`): read from its own
-file (`config.data.sites`, written by `scripts/partition.py`), or cut out of
+file (`config.data.sites`, written by `splitkeras partition`), or cut out of
 the whole dataset exactly as the file would be. Each round it trains on its
 rows in an order drawn from (seed, round, client) (one client: from (seed,
 round), as centralized training draws it); multi-task batches carry every
@@ -37,7 +37,7 @@ __all__ = [
 
 def sites(config, data=None) -> list:
     """Every client's site (in one process): from `config.data.sites`, or
-    partitioned out of `data` as `scripts/partition.py` would (a stream:
+    partitioned out of `data` as `splitkeras partition` would (a stream:
     each client's shard index)."""
     if isinstance(data, StreamingSource):
         return list(range(config.num_clients))
@@ -190,7 +190,7 @@ def client_flops_per_epoch(config, all_sites, data=None):
     if config.topology not in ("vanilla", "ushaped") or config.method == "centralized":
         return None
     if isinstance(data, StreamingSource):
-        return None  # scripts/resource_table.py has the ImageNet figures
+        return None  # `splitkeras resource-table` has the ImageNet figures
     first = all_sites[0]
     dataset = types.SimpleNamespace(
         input_shape=first.input_shape,

@@ -125,7 +125,7 @@ def layout(config) -> Layout:
     """The hosts, their parties and every client's links for `config`."""
     builders.check_method(config)
     if config.method == "centralized":
-        raise ValueError("centralized training has one party: run scripts/train.py")
+        raise ValueError("centralized training has one party: run `splitkeras train`")
     if config.topology == "multihop":
         return Layout(
             {"server": ["server"], "relay": ["relay"]}, {"relay": ["server"]}, ["relay"]

@@ -185,7 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Resumes from the newest checkpoint in `workdir` if there is one.
 
     Args:
-      config: an `ml_collections.ConfigDict` from `configs/`.
+      config: an `ml_collections.ConfigDict` from `splitkeras/configs/`.
       workdir: where the run writes everything (created if missing); a
         non-chief worker of a multi_worker server writes into
         `workdir/worker_<index>` instead (`distribute.worker_workdir`).

@@ -144,7 +144,7 @@ def serve(
         raise ValueError(
             f"this process is worker {worker} of a multi_worker server: only "
             "worker 0 (the chief) serves the clients; start the others with "
-            "scripts/serve.py --chief=HOST:PORT (the chief's address)"
+            "splitkeras serve --chief=HOST:PORT (the chief's address)"
         )
     settings = config.grpc
     links = {

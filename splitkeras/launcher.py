@@ -1,8 +1,8 @@
 """Starts every process of a run on this machine: its hosts, then its clients.
 
 One command for a local distributed run of any configuration (and for the
-tests): each host (`scripts/serve.py --party=...`) and each client
-(`scripts/client.py`) is a separate Python process talking gRPC over
+tests): each host (`splitkeras serve --party=...`) and each client
+(`splitkeras client`) is a separate Python process talking gRPC over
 127.0.0.1, exactly as they would across machines. The hosts and the parties
 they serve come from `deployment.layout(config)`; the launcher starts them
 in order (a relay after the server it talks to), then the clients with the
@@ -53,9 +53,6 @@ def kill_after(steps: int) -> None:
     if limit and steps >= limit:
         log.warning("%s=%d: killing this process", KILL_AFTER_STEPS, limit)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Launch:
@@ -124,13 +121,13 @@ class Launch:
                 proc.wait()
 
 
-def _python(script, args, log_path, env):
+def _python(command, args, log_path, env):
+    """`python -m splitkeras <command> <args>`, in this process's folder."""
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "scripts", script), *args],
+            [sys.executable, "-m", "splitkeras", command, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
             env=env,
         )
 
@@ -142,7 +139,7 @@ def free_port() -> int:
 
 
 def start_host(config_args, workdir, name, port=0, connect=(), tls_args=(), env=None):
-    """Starts scripts/serve.py for host `name`; returns (process, port) once
+    """Starts `splitkeras serve` for host `name`; returns (process, port) once
     it listens."""
     port_file = os.path.join(workdir, f"{name}.port")
     if os.path.exists(port_file):
@@ -157,7 +154,7 @@ def start_host(config_args, workdir, name, port=0, connect=(), tls_args=(), env=
     ]
     if connect:
         args.append("--connect=" + ",".join(f"{p}={a}" for p, a in connect.items()))
-    proc = _python("serve.py", args, os.path.join(workdir, f"{name}.log"), env)
+    proc = _python("serve", args, os.path.join(workdir, f"{name}.log"), env)
     deadline = time.monotonic() + 120
     while not os.path.exists(port_file):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -173,7 +170,7 @@ def start_host(config_args, workdir, name, port=0, connect=(), tls_args=(), env=
 def start_client(
     config_args, workdir, k, connect, listen=None, client_args=(), env=None
 ):
-    """Starts scripts/client.py for client `k` with `connect` {party: address}
+    """Starts `splitkeras client` for client `k` with `connect` {party: address}
     (its handoff key from `client_secrets`)."""
     args = [
         *config_args,
@@ -185,7 +182,7 @@ def start_client(
     ]
     if listen is not None:
         args.append(f"--listen={listen}")
-    return _python("client.py", args, os.path.join(workdir, f"client_{k}.log"), env)
+    return _python("client", args, os.path.join(workdir, f"client_{k}.log"), env)
 
 
 KEY_FILE = "handoff.key"
@@ -321,7 +318,7 @@ def _start_server_workers(config, config_args, workdir, host_args, envs):
             *tls_dir,
         ]
         log_path = os.path.join(workdir, f"{name}.log")
-        followers[name] = _python("serve.py", args, log_path, env(name, index))
+        followers[name] = _python("serve", args, log_path, env(name, index))
     chief, port = start_host(
         config_args, workdir, "server", port, (), host_args, env("server", 0)
     )
@@ -353,7 +350,7 @@ def launch(
 
     Args:
       config_args: the config flags every process gets, e.g.
-        ["--config=configs/fashion_mnist_lenet.py", "--config.num_clients=2"].
+        ["--config=fashion_mnist_lenet", "--config.num_clients=2"].
       workdir: each process's directory and log, the handoff key (and
         credentials/).
       config: the same config, resolved (for its layout).

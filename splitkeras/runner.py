@@ -1,7 +1,7 @@
 """The one training loop: begin / round / end, for every process of a run.
 
 `Runner` drives a process's part of a run, whatever the process holds: every
-party (`scripts/train.py`), a gRPC host (the server side), or one client.
+party (`splitkeras train`), a gRPC host (the server side), or one client.
 It owns what every run needs and every process does the same way:
 
 - progress lines every `config.train.log_every_seconds` (steps/s, ETA);
@@ -36,11 +36,30 @@ from splitkeras.progress import Progress, write_scalars
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["NonFiniteLossError", "Runner", "RunnerProcess"]
+__all__ = ["NonFiniteLossError", "Runner", "RunnerProcess", "read_config"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+def read_config(workdir: str):
+    """The config a run in `workdir` was started with (its `config.json`,
+    with every override it was given), as an `ml_collections.ConfigDict`.
+
+    Raises:
+      FileNotFoundError: `workdir` holds no `config.json`.
+    """
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a run's workdir (pass "
+            "--config with the run's config and overrides)"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
 class RunnerProcess:

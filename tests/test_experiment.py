@@ -8,8 +8,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from configs import fashion_mnist_lenet
 from splitkeras import experiment
+from splitkeras.configs import fashion_mnist_lenet
 from tests import base
 
 

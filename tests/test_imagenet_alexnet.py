@@ -1,7 +1,7 @@
 """The seed's largest setting, smoke-tested: AlexNet (224x224, cut after its
 first conv block) on mocked imagenet2012, 2 clients taking turns, the server
 mirrored over 2 logical CPUs, with the optimizer (SGD, weight decay) of
-configs/imagenet_alexnet.py; evaluation logs top-1 and top-5 accuracy.
+splitkeras/configs/imagenet_alexnet.py; evaluation logs top-1 and top-5 accuracy.
 The same run with a one-device server ends with the same weights."""
 
 import math
@@ -10,8 +10,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from configs import imagenet_alexnet
 from splitkeras import experiment
+from splitkeras.configs import imagenet_alexnet
 from tests import base
 from tests.data.test_data import _mock_tfds, _prepare_mock_metadata
 

@@ -11,6 +11,7 @@ than FedAvg. Nothing is trained: the figures are computed from the layers
 
 from __future__ import annotations
 
+from splitkeras import builders
 from splitkeras import models as model_zoo
 from splitkeras.accounting import bandwidth
 from splitkeras.accounting.flops import count_flops
@@ -55,10 +56,9 @@ def assumptions(config, arrays=None) -> Assumptions:
     model = model_zoo.build_model(
         config.model.name, input_shape=shape, num_classes=classes
     )
-    names = tuple(name.strip() for name in config.model.cut.split(","))
     return Assumptions(
         model,
-        names if len(names) > 1 else names[0],
+        builders.cut_layers(config),
         examples,
         acc.epochs or config.train.epochs,
         acc.batch_size or config.train.batch_size,

@@ -3,7 +3,7 @@
 A site is one party's data: its training rows, the test rows it evaluates
 on, and (vertical) the sample ids of both. In one process, or for a quick
 start, the sites come from partitioning a whole dataset exactly as the run
-would (`partition_sites`); for a real deployment `scripts/partition.py`
+would (`partition_sites`); for a real deployment `splitkeras partition`
 writes one file per site (`write_sites`), and each party is started with
 only its own file (`load_site`): a client reads nothing else, a server
 reads nothing at all.
@@ -170,7 +170,7 @@ def load_site(directory: str, name: str) -> Site:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist: config.data.sites must be a folder written "
-            "by scripts/partition.py that holds this party's file"
+            "by `splitkeras partition` that holds this party's file"
         )
     with np.load(path, allow_pickle=False) as f:
         values = {key: f[key] for key in f.files}

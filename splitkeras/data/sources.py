@@ -75,7 +75,7 @@ def load(
         raise NotImplementedError(
             "imagenet2012 does not fit in numpy arrays and cannot be loaded with "
             "load(); it is read as a stream: splitkeras.data.imagenet, or "
-            "splitkeras.builders.load_data(config) with configs/imagenet_alexnet.py"
+            "splitkeras.builders.load_data(config) with the imagenet_alexnet config"
         )
     return tfds_source.load_tfds(
         name,

@@ -1,6 +1,6 @@
 """An `EdgeClient` from the files a device holds: the exported model, its
-edge.json, the data, TLS certificates and tokens (what scripts/edge_client.py
-and scripts/predict.py share). numpy only."""
+edge.json, the data, TLS certificates and tokens (what `splitkeras edge-client`
+and `splitkeras predict` share). numpy only."""
 
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ class EdgeSpec:
             raise ValueError(
                 f"{path}: edge spec format {fields.get('format')!r}, this "
                 f"splitkeras reads format {FORMAT}: export the segment again "
-                "(scripts/export_client.py)"
+                "(`splitkeras export`)"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in known})

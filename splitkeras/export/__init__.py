@@ -3,7 +3,9 @@
 `export_segment(segment, optimizer, out_dir)` writes
 
 - `saved_model/`: the segment with the signatures serve, forward, backward,
-  save, restore and init (`splitkeras.export.module`), dynamic batch;
+  save, restore and init (`splitkeras.export.module`), dynamic batch; every
+  SavedModel written here has `serve` as `serving_default` too (what TF
+  Serving and `saved_model_cli` use when no signature is named);
 - `client.tflite`: the same signatures in LiteRT, builtin ops only, so the
   `ai-edge-litert` interpreter runs and trains it without TensorFlow
   (`splitkeras.edge`);
@@ -18,7 +20,7 @@
 client (or, with no workdir, the untrained one of the config's seed), writes
 the server segment's SavedModel when the workdir holds the trained server,
 and the `edge.json` a device needs to join the run.
-`scripts/export_client.py` is its command line.
+`splitkeras export` is its command line.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def export_segment(
     keys = SIGNATURES if training else ("serve",)
     saved_dir = os.path.join(out_dir, "saved_model")
     tf.saved_model.save(
-        module, saved_dir, module.signatures(keys), options=_SAVE_OPTIONS
+        module, saved_dir, _serving(module.signatures(keys)), options=_SAVE_OPTIONS
     )
     serve_dir = _save_frozen_serve(module, os.path.join(out_dir, "serve_saved_model"))
     x = _sample(segment, sample)
@@ -188,8 +190,16 @@ def _save_frozen_serve(module, path) -> str:
 
     holder = tf.Module()
     holder.infer = tf.function(serve, input_signature=[module.input_spec])
-    tf.saved_model.save(holder, path, {"serve": holder.infer.get_concrete_function()})
+    tf.saved_model.save(
+        holder, path, _serving({"serve": holder.infer.get_concrete_function()})
+    )
     return path
+
+
+def _serving(signatures: dict) -> dict:
+    """`signatures` with `serve` also as `serving_default`, the key TF
+    Serving and `saved_model_cli run` use when none is named."""
+    return {**signatures, "serving_default": signatures["serve"]}
 
 
 class _ServerModule(tf.Module):
@@ -212,7 +222,9 @@ def export_server_segment(segment, out_dir: str) -> str:
     """The server segment as a SavedModel: `serve(cut_0..) -> output_0..`."""
     module = _ServerModule(segment)
     path = os.path.join(out_dir, "server_saved_model")
-    tf.saved_model.save(module, path, {"serve": module.infer.get_concrete_function()})
+    tf.saved_model.save(
+        module, path, _serving({"serve": module.infer.get_concrete_function()})
+    )
     return path
 
 
@@ -242,7 +254,7 @@ def export_from_workdir(
 
     Args:
       config: the run's config.
-      workdir: a `scripts/train.py` run (party checkpoints under
+      workdir: a `splitkeras train` run (party checkpoints under
         `checkpoints/`: the client's optimizer state is exported too, the
         server segment as well) or a gRPC client's workdir
         (`client.weights.h5`; no server there, the optimizer starts fresh);

@@ -8,7 +8,12 @@ layer.
 from splitkeras.models.alexnet import alexnet
 from splitkeras.models.heads import with_task_head
 from splitkeras.models.lenet import lenet5
-from splitkeras.models.registry import available_models, build_model, default_cut
+from splitkeras.models.registry import (
+    available_models,
+    build_model,
+    default_cut,
+    default_tail_cut,
+)
 from splitkeras.models.resnet import resnet18, resnet50
 from splitkeras.models.vgg import vgg
 
@@ -17,6 +22,7 @@ __all__ = [
     "available_models",
     "build_model",
     "default_cut",
+    "default_tail_cut",
     "lenet5",
     "resnet18",
     "resnet50",

@@ -18,25 +18,26 @@ from splitkeras.models.resnet import (
 )
 from splitkeras.models.vgg import VGG_DEFAULT_CUT, vgg
 
-__all__ = ["available_models", "build_model", "default_cut"]
+__all__ = ["available_models", "build_model", "default_cut", "default_tail_cut"]
 
 
 class _Entry(NamedTuple):
     builder: Callable[..., keras.Model]
     fixed: dict[str, Any]  # arguments implied by the name, e.g. VGG depth
     cut: str
+    tail_cut: str  # U-shaped: the tail (on the client) is every layer after it
 
 
 _ZOO = types.MappingProxyType(
     {
-        "lenet5": _Entry(lenet5, {}, LENET5_DEFAULT_CUT),
+        "lenet5": _Entry(lenet5, {}, LENET5_DEFAULT_CUT, "fc2"),
         **{
-            f"vgg{d}": _Entry(vgg, {"depth": d}, VGG_DEFAULT_CUT)
+            f"vgg{d}": _Entry(vgg, {"depth": d}, VGG_DEFAULT_CUT, "drop2")
             for d in (11, 13, 16, 19)
         },
-        "alexnet": _Entry(alexnet, {}, ALEXNET_DEFAULT_CUT),
-        "resnet18": _Entry(resnet18, {}, RESNET18_DEFAULT_CUT),
-        "resnet50": _Entry(resnet50, {}, RESNET50_DEFAULT_CUT),
+        "alexnet": _Entry(alexnet, {}, ALEXNET_DEFAULT_CUT, "drop7"),
+        "resnet18": _Entry(resnet18, {}, RESNET18_DEFAULT_CUT, "avg_pool"),
+        "resnet50": _Entry(resnet50, {}, RESNET50_DEFAULT_CUT, "avg_pool"),
     }
 )
 
@@ -71,6 +72,17 @@ def default_cut(name: str) -> str:
       ValueError: if `name` is not a zoo model; the message lists the names.
     """
     return _entry(name).cut
+
+
+def default_tail_cut(name: str) -> str:
+    """Returns the default second cut of zoo model `name` for a U-shaped
+    split: the layer before its `logits` layer, so the label holder keeps
+    the classifier (and the loss) and the server the body in between.
+
+    Raises:
+      ValueError: if `name` is not a zoo model; the message lists the names.
+    """
+    return _entry(name).tail_cut
 
 
 def build_model(

@@ -15,7 +15,7 @@ Every schedule has two kinds of parties:
 - hosted parties: answer messages (the server and its `Coordinator`, an
   averager, relays, task heads), built by `hosted_parties`.
 
-In one process (`Schedule` instances, `train_epoch`, `scripts/train.py`)
+In one process (`Schedule` instances, `train_epoch`, `splitkeras train`)
 every party lives here and `LocalTransport`s link them, and the round runs
 its clients in an order in which nobody has to wait. Over gRPC each process
 builds only its own parties (`splitkeras.host_process`,

@@ -185,7 +185,7 @@ class Mirror:
                 missing = sorted(set(self._queues) - self._connected)
                 raise TimeoutError(
                     f"server workers {missing} did not connect in {seconds:.0f} s "
-                    "(start them with scripts/serve.py --chief=HOST:PORT and the "
+                    "(start them with splitkeras serve --chief=HOST:PORT and the "
                     "same TF_CONFIG cluster)"
                 )
 

@@ -1,7 +1,7 @@
 """Certificates for the gRPC transport (client tokens: `tokens.py`).
 
 Trust model: one private certificate authority (CA) per deployment, made by
-`write_credentials` (or `scripts/make_credentials.py`), signs every
+`write_credentials` (or `splitkeras make-credentials`), signs every
 certificate. Clients trust only that CA (`ca.pem`), not the system roots, and
 check that the server's certificate names the host they dial (TLS: the
 channel is encrypted and the server is who it claims to be). With mutual TLS

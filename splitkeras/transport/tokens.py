@@ -14,7 +14,7 @@ import secrets
 
 __all__ = ["make_token", "read_tokens", "write_file", "write_tokens"]
 
-CREDENTIALS_SCRIPT = "python scripts/make_credentials.py"
+CREDENTIALS_SCRIPT = "splitkeras make-credentials"
 
 
 def write_file(path: str, data: bytes, mode: int) -> None:

@@ -1,7 +1,7 @@
 """The resource tables script's library part."""
 
-from configs import cifar10_vgg
 from splitkeras.accounting import tables
+from splitkeras.configs import cifar10_vgg
 from tests import base
 
 

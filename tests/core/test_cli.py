@@ -4,12 +4,12 @@ import os
 import subprocess
 import sys
 
-from configs import fashion_mnist_lenet
 from splitkeras import cli
+from splitkeras.configs import fashion_mnist_lenet
 from tests import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = "--config=configs/fashion_mnist_lenet.py"
+CONFIG = "--config=fashion_mnist_lenet"
 
 
 class CliTest(base.TestCase):
@@ -51,12 +51,14 @@ class CliTest(base.TestCase):
             cli.check_client_id(5, config)
 
     def test_a_script_says_one_line(self):
-        # scripts/launch.py with no clients: one line on stderr, exit 1, no
+        # `splitkeras launch` with no clients: one line on stderr, exit 1, no
         # traceback and no hang.
         done = subprocess.run(
             [
                 sys.executable,
-                "scripts/launch.py",
+                "-m",
+                "splitkeras",
+                "launch",
                 CONFIG,
                 "--config.num_clients=0",
                 f"--workdir={self.tempdir()}",
@@ -67,9 +69,16 @@ class CliTest(base.TestCase):
             timeout=120,
         )
         self.assertEqual(done.returncode, 1)
-        ours = [line for line in done.stderr.splitlines() if "launch.py:" in line]
+        ours = [
+            line
+            for line in done.stderr.splitlines()
+            if line.startswith("splitkeras launch:")
+        ]
         self.assertEqual(
             ours,
-            ["launch.py: ValueError: config.num_clients=0: it must be at least 1"],
+            [
+                "splitkeras launch: ValueError: config.num_clients=0: it must "
+                "be at least 1"
+            ],
         )
         self.assertNotIn("Traceback", done.stderr)

@@ -8,7 +8,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import splitkeras
-from configs import base as base_config
+from splitkeras.configs import base as base_config
 from splitkeras.protocol import Kind, Message
 from splitkeras.transport import codec as codec_lib
 from splitkeras.transport.local import LocalTransport

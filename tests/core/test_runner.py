@@ -4,7 +4,7 @@ with the reason, never an earlier round's passed off as final."""
 import json
 import os
 
-from configs import fashion_mnist_lenet
+from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.experiment import summary_fields
 from splitkeras.runner import Runner, RunnerProcess
 from tests import base

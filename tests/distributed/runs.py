@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from configs import fashion_mnist_lenet
 from splitkeras import builders, learning_rate
 from splitkeras.cli import set_fields
+from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.experiment import InProcess
 from splitkeras.privacy.leakage import attach_privacy
@@ -52,11 +52,11 @@ def setup(data_path, **overrides):
         "data.num_classes": 3,  # for the hosts, which do not read the data
         **overrides,
     }
-    return c, ["--config=configs/fashion_mnist_lenet.py", *set_fields(c, settings)]
+    return c, ["--config=fashion_mnist_lenet", *set_fields(c, settings)]
 
 
 def in_process(config, train=True):
-    """The config's schedule in one process, trained as scripts/train.py
+    """The config's schedule in one process, trained as `splitkeras train`
     trains it (or untrained, to load weights into)."""
     data = None if config.data.get("sites", "") else builders.load_data(config)
     schedule = builders.build_schedule(config, data)

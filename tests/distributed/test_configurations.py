@@ -1,4 +1,4 @@
-"""Every configuration as separate processes over gRPC (scripts/launch.py's
+"""Every configuration as separate processes over gRPC (`splitkeras launch`'s
 launcher: one generic host per host of the layout, one process per client)
 ends with the weights of the same run in one process, equal to the bit."""
 

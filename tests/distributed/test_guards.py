@@ -37,7 +37,7 @@ class ConfigFingerprintTest(base.TestCase):
 
         import grpc
 
-        from configs import fashion_mnist_lenet
+        from splitkeras.configs import fashion_mnist_lenet
         from splitkeras.deployment import FINGERPRINT_FIELDS, config_fingerprint
         from splitkeras.transport.grpc_client import Connection, RemoteError
         from splitkeras.transport.proto import wire_pb2

@@ -1,4 +1,4 @@
-"""Data stays where it belongs: scripts/partition.py writes each site's file,
+"""Data stays where it belongs: `splitkeras partition` writes each site's file,
 each client is started with a folder holding only its own file, and the
 hosts run where the dataset does not exist. The run ends with the weights
 of the same run in one process over the whole dataset, equal to the bit
@@ -42,7 +42,7 @@ class SitesTest(base.TestCase):
 
         every = os.path.join(root, "sites")
         written = subprocess.run(
-            [sys.executable, "scripts/partition.py", *args, f"--out={every}"],
+            [sys.executable, "-m", "splitkeras", "partition", *args, f"--out={every}"],
             capture_output=True,
             text=True,
             cwd=ROOT,

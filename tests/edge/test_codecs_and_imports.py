@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from configs import fashion_mnist_lenet
+from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.edge import EdgeSpec, codecs
 from splitkeras.models.registry import build_model

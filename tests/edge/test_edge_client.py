@@ -113,7 +113,9 @@ class EdgeClientTest(base.TestCase):
         server, port = launcher.start_host(self.config_args, workdir, "server")
         try:
             result = self._edge(
-                "scripts/edge_client.py",
+                "-m",
+                "splitkeras",
+                "edge-client",
                 f"--model={export}/client.tflite",
                 f"--server=127.0.0.1:{port}",
                 "--client_id=0",
@@ -145,7 +147,9 @@ class EdgeClientTest(base.TestCase):
         )
         try:
             self._edge(
-                "scripts/predict.py",
+                "-m",
+                "splitkeras",
+                "predict",
                 f"--model={export}/client.tflite",
                 f"--state={workdir}/trained.npz",
                 f"--server=127.0.0.1:{port}",

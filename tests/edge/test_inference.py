@@ -1,4 +1,4 @@
-"""split_inference (scripts/predict.py): the accuracy counts every batch
+"""split_inference (`splitkeras predict`): the accuracy counts every batch
 sent, the warm-up batches are left out of the latency only."""
 
 import numpy as np

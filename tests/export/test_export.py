@@ -320,8 +320,10 @@ class ExportFromWorkdirTest(base.TestCase):
         self.assertIn("no trained server segment", report["server"]["reason"])
 
     def test_the_command_line_exports_a_training_checkpoint(self):
-        """scripts/export_client.py on a scripts/train.py run: the client with
-        its optimizer state (iterations included) and the trained server."""
+        """`splitkeras export --workdir=W --out=O` on a `splitkeras train`
+        run, with nothing else (the run's config.json, overrides included):
+        the client with its optimizer state (iterations included) and the
+        trained server, each with a serving_default signature."""
         from splitkeras import experiment
         from splitkeras.checkpointing import load_trained
         from tests.distributed.runs import setup as _setup
@@ -329,12 +331,12 @@ class ExportFromWorkdirTest(base.TestCase):
 
         root = self.tempdir()
         data = _write_npz(os.path.join(root, "data.npz"), 64)
-        config, args = _setup(data, num_clients=1, **{"train.epochs": 1})
+        config, _ = _setup(data, num_clients=1, **{"train.epochs": 1})
         workdir, out = os.path.join(root, "run"), os.path.join(root, "export")
         summary = experiment.train_and_evaluate(config, workdir)
         self.assertEqual(summary["steps"], 2)  # 64 examples / batch 32
         result = subprocess.run(
-            [sys.executable, "scripts/export_client.py", *args]
+            [sys.executable, "-m", "splitkeras", "export"]
             + [f"--workdir={workdir}", f"--out={out}", "--quantize="],
             capture_output=True,
             text=True,
@@ -372,11 +374,32 @@ class ExportFromWorkdirTest(base.TestCase):
         artifact = report["artifacts"]["server_saved_model"]
         self.assertLessEqual(artifact["max_abs_diff"], 1e-5)
 
+        # saved_model_cli finds serving_default: the input and the output.
+        for folder, expected in (
+            ("saved_model", ["inputs['x']", "(-1, 28, 28, 1)", "outputs['cut_0']"]),
+            ("server_saved_model", ["inputs['cut_0']", "outputs['output_0']"]),
+        ):
+            shown = subprocess.run(
+                [
+                    os.path.join(os.path.dirname(sys.executable), "saved_model_cli"),
+                    "show",
+                    f"--dir={os.path.join(out, folder)}",
+                    "--tag_set=serve",
+                    "--signature_def=serving_default",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            self.assertEqual(shown.returncode, 0, shown.stderr[-3000:])
+            for text in expected:
+                self.assertIn(text, shown.stdout)
+
     def test_an_untrained_imagenet_client_exports_without_loading_images(self):
         """A streamed dataset: shapes from its metadata, noise as the sample;
         no workdir: the seed's segment, and no server; mixed precision: a
         float32 build for inference."""
-        from configs import imagenet_alexnet
+        from splitkeras.configs import imagenet_alexnet
         from splitkeras.edge import EdgeSpec
         from splitkeras.export import export_from_workdir
         from tests.data.test_data import _prepare_mock_metadata

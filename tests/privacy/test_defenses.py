@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from configs import fashion_mnist_lenet
 from splitkeras import experiment
+from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.parties import Client
 from splitkeras.privacy.defenses import ClientPrivacy, flat_batch
@@ -134,8 +134,8 @@ class LeakageInExperimentTest(base.TestCase):
 
 class ColorectalConfigTest(base.TestCase):
     def test_config_cuts_its_model_and_turns_nopeek_on(self):
-        from configs import colorectal_nopeek
         from splitkeras import models
+        from splitkeras.configs import colorectal_nopeek
 
         c = colorectal_nopeek.get_config()
         self.assertEqual(c.data.name, "colorectal_histology")

@@ -1,6 +1,6 @@
-"""Runs one client of a split-learning run against its hosts (scripts/serve.py).
+"""Runs one client of a split-learning run against its hosts (`splitkeras serve`).
 
-  python scripts/client.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras client --config=fashion_mnist_lenet \
       --config.num_clients=2 --client_id=0 --connect=server=127.0.0.1:50051 \
       [--key_file=handoff.key] [--workdir=workdirs/client_0] \
       [--listen=50060 --connect=client_1=127.0.0.1:50061] \
@@ -12,27 +12,22 @@
 aligner; multi-hop relay; multi-task head_0, head_1; a round robin with the
 peer handoff also the next client, whose inbox listens on its --listen
 port). Round robin clients share --key_file (make one with
-`splitkeras.transport.sealing.write_key('handoff.key')`; scripts/launch.py
+`splitkeras.transport.sealing.write_key('handoff.key')`; `splitkeras launch`
 puts it in each client's own client_<k>/secrets directory): client states
 travel between clients sealed under it, and the server has no copy. With
---config.data.sites (a folder from scripts/partition.py) the client reads
+--config.data.sites (a folder from `splitkeras partition`) the client reads
 only its own file.
 """
 
 import logging as std_logging
-import os
-import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splitkeras import cli, client_process
+from splitkeras.transport import tls
+from splitkeras.transport.tokens import read_tokens
 
-from splitkeras import cli, client_process  # noqa: E402
-from splitkeras.transport import tls  # noqa: E402
-from splitkeras.transport.tokens import read_tokens  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id (0..K-1).")
 _CONNECT = flags.DEFINE_list(
     "connect", [], "party=host:port of every party it talks to."
@@ -76,5 +71,9 @@ def main(argv):
     print(f"client {k} done: {summary}")
 
 
-if __name__ == "__main__":
+def run() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

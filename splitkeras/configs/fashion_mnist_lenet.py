@@ -3,13 +3,13 @@
 Uses the real Fashion-MNIST IDX files of Debian's dataset-fashion-mnist when
 they are installed, else TFDS's fashion_mnist.
 
-  python scripts/train.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras train --config=fashion_mnist_lenet \
       --workdir=workdirs/fashion_mnist_lenet
 """
 
 import os
 
-from configs import base
+from splitkeras.configs import base
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

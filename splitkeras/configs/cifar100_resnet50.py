@@ -5,11 +5,11 @@ its stem (pool1_pool, 56x56x64 per example). The seed reports 6 / 3 / 13 GB
 per client at 100 clients and 1.2 / 2.4 / 14 GB at 500 (SplitNN / FL /
 large-batch SGD): SplitNN wins once there are enough clients.
 
-  python scripts/resource_table.py --config=configs/cifar100_resnet50.py
-  python scripts/train.py --config=configs/cifar100_resnet50.py --workdir=...
+  splitkeras resource-table --config=cifar100_resnet50
+  splitkeras train --config=cifar100_resnet50 --workdir=...
 """
 
-from configs import base
+from splitkeras.configs import base
 
 
 def get_config(arg=None):

@@ -4,11 +4,11 @@ The client runs LeNet-5 up to fc2; one server head predicts the 10 classes,
 another the coarse group (0 clothing, 1 footwear, 2 bag), each with its own
 labels, loss and optimizer.
 
-  python scripts/train.py --config=configs/fashion_mnist_multitask.py \
+  splitkeras train --config=fashion_mnist_multitask \
       --workdir=workdirs/fmnist_multitask
 """
 
-from configs import fashion_mnist_lenet
+from splitkeras.configs import fashion_mnist_lenet
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """Makes the TLS certificates and client tokens for the gRPC transport.
 
-  python scripts/make_credentials.py --out=credentials \
+  splitkeras make-credentials --out=credentials \
       [--hosts=localhost,127.0.0.1,server.example.org] [--clients=2] \
       [--notokens]
 
@@ -11,15 +11,13 @@ Running it again replaces everything, CA included. See docs/security.md.
 """
 
 import os
-import sys
 
 from absl import app, flags
 
 # Make the repository root importable when run from a checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from splitkeras.transport import tls  # noqa: E402
-from splitkeras.transport.tokens import write_tokens  # noqa: E402
+from splitkeras import cli
+from splitkeras.transport import tls
+from splitkeras.transport.tokens import write_tokens
 
 _OUT = flags.DEFINE_string("out", None, "Directory to write the credentials to.")
 _HOSTS = flags.DEFINE_list(
@@ -53,5 +51,9 @@ def main(argv):
     )
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

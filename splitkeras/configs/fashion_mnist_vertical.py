@@ -4,11 +4,11 @@ Client 0 holds the left 28x14 half, client 1 the right half; each runs LeNet-5
 up to pool1 on its half and the server averages the two cut tensors
 (config.vertical.merge) before the rest of LeNet-5. Samples are aligned by id.
 
-  python scripts/train.py --config=configs/fashion_mnist_vertical.py \
+  splitkeras train --config=fashion_mnist_vertical \
       --workdir=workdirs/fmnist_vertical
 """
 
-from configs import fashion_mnist_lenet
+from splitkeras.configs import fashion_mnist_lenet
 
 
 def get_config(arg=None):

@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.data.name = "fashion_mnist"  # a TFDS name
     c.data.path = config_dict.placeholder(str)  # IDX folder, .npz or TFDS dir
     c.data.download = True  # may TFDS download the dataset if missing
-    # A folder of one file per party from scripts/partition.py: each party
+    # A folder of one file per party from `splitkeras partition`: each party
     # then reads only its own file (the server none). "" = every process
     # partitions the dataset itself.
     c.data.sites = ""
@@ -98,7 +98,7 @@ def get_config(arg=None):
     c.fedavg = ml_collections.ConfigDict()
     c.fedavg.local_epochs = 1  # local passes per client per FedAvg round
 
-    # Resource tables (scripts/resource_table.py): 0 / "" = from the dataset.
+    # Resource tables (`splitkeras resource-table`): 0 / "" = from the dataset.
     c.accounting = ml_collections.ConfigDict()
     c.accounting.num_examples = 0  # training examples shared by the clients
     c.accounting.input_shape = ""  # e.g. "224,224,3"
@@ -131,10 +131,10 @@ def get_config(arg=None):
     c.server.devices = ""  # mirrored: comma-separated devices; "" = all GPUs
     c.server.logical_cpus = 0  # >1: split the CPU into devices (tests, no GPU)
     # multi_worker: server processes the launcher starts on this machine
-    # (scripts/launch.py; across machines each gets its own TF_CONFIG).
+    # (`splitkeras launch`; across machines each gets its own TF_CONFIG).
     c.server.workers = 2
 
-    # Server and clients as processes (scripts/serve.py, client.py, launch.py).
+    # Server and clients as processes (`splitkeras serve`, client.py, launch.py).
     c.grpc = ml_collections.ConfigDict()
     c.grpc.max_message_mb = 64  # largest message, both ends (gRPC default: 4)
     c.grpc.timeout_seconds = 120.0  # deadline of every call

@@ -1,6 +1,6 @@
 """Writes each site's own files from a dataset: one .npz per client.
 
-  python scripts/partition.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras partition --config=fashion_mnist_lenet \
       --config.num_clients=3 --out=sites/fmnist [--method=dirichlet]
 
 The partition is the one the run itself would make from the whole dataset
@@ -12,18 +12,12 @@ Copy `client_k.npz` to site k and start its client with
 nothing else; hosts read no data at all. `sites.json` describes the files.
 """
 
-import os
-import sys
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
+from splitkeras import builders, cli
+from splitkeras.data.sites import partition_sites, write_sites
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from splitkeras import builders  # noqa: E402
-from splitkeras.data.sites import partition_sites, write_sites  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _OUT = flags.DEFINE_string("out", None, "Folder to write the site files into.")
 _METHOD = flags.DEFINE_enum(
     "method",
@@ -57,5 +51,9 @@ def main(argv):
         print(f"{path}: {len(site.x_train)} training rows, {labels}")
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

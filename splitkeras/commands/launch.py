@@ -1,25 +1,21 @@
 """One command for a local distributed run of any configuration.
 
-  python scripts/launch.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras launch --config=fashion_mnist_lenet \
       --config.num_clients=2 --workdir=workdirs/grpc [--tls]
 
-Every host (scripts/serve.py: the server; SplitFed's fed server, a
+Every host (`splitkeras serve`: the server; SplitFed's fed server, a
 multi-hop relay, multi-task heads where the config has them) and every
-client (scripts/client.py) is its own process talking gRPC over 127.0.0.1;
+client (`splitkeras client`) is its own process talking gRPC over 127.0.0.1;
 logs are workdir/<host>.log and workdir/client_K.log.
 """
 
-import os
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splitkeras import cli, launcher
 
-from splitkeras import cli, launcher  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
 _TLS = flags.DEFINE_bool("tls", False, "TLS with per-client tokens.")
 _CLIENTS = flags.DEFINE_integer(
@@ -46,5 +42,9 @@ def main(argv):
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

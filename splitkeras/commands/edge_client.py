@@ -3,27 +3,23 @@
 Runs where TensorFlow is not installed: `pip install 'splitkeras[edge]'`
 (numpy, grpcio, protobuf, cryptography, ai-edge-litert).
 
-  python scripts/edge_client.py --model=export/client.tflite \
+  splitkeras edge-client --model=export/client.tflite \
       --server=127.0.0.1:50051 --client_id=0 --key_file=handoff.key \
       [--spec=export/edge.json] [--data=/usr/share/datasets/fashion-mnist] \
       [--tls_dir=certs [--mutual_tls]] [--token_file=certs/tokens.json] \
       [--summary=edge_summary.json] [--save_state=trained.npz]
 
-`export/` comes from scripts/export_client.py; the server is scripts/serve.py
+`export/` comes from `splitkeras export`; the server is `splitkeras serve`
 with the same config. The summary lists the loss of every step, the bytes
 sent and received, and confirms that TensorFlow was never imported.
 """
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import edge_flags  # noqa: E402  (scripts/, beside this file)
-
-from splitkeras.transport.sealing import pack_arrays, read_key  # noqa: E402
+from splitkeras.commands import edge_flags
+from splitkeras.transport.sealing import pack_arrays, read_key
 
 
 def main():
@@ -53,5 +49,7 @@ def main():
     )
 
 
+run = main
+
 if __name__ == "__main__":
-    main()
+    run()

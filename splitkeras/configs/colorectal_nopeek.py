@@ -7,15 +7,15 @@ SplitNN, 0.33 with NoPeekNN, at about the same accuracy. TFDS
 only a train split, so 20% of it becomes the test split) with ResNet-18 cut
 after its stem, NoPeek alpha 0.5.
 
-  python scripts/train.py --config=configs/colorectal_nopeek.py --workdir=workdirs/crc
-  python scripts/privacy_report.py --config=configs/colorectal_nopeek.py \
+  splitkeras train --config=colorectal_nopeek --workdir=workdirs/crc
+  splitkeras privacy-report --config=colorectal_nopeek \
       --workdir=workdirs/crc_privacy
 
 Needs internet for the TFDS download; on a machine without it, run the same
-report on Fashion-MNIST (configs/fashion_mnist_lenet.py).
+report on Fashion-MNIST (splitkeras/configs/fashion_mnist_lenet.py).
 """
 
-from configs import base
+from splitkeras.configs import base
 
 
 def get_config(arg=None):

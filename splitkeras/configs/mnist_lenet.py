@@ -1,10 +1,10 @@
 """The seed's MNIST / LeNet experiment (99.18% split vs 99.20% single agent).
 
-python scripts/train.py --config=configs/mnist_lenet.py --workdir=workdirs/mnist
+splitkeras train --config=mnist_lenet --workdir=workdirs/mnist
 (add --config.method=centralized for the single-agent run)
 """
 
-from configs import base
+from splitkeras.configs import base
 
 
 def get_config(arg=None):

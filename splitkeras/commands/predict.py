@@ -1,9 +1,9 @@
 """Split inference: an exported client segment (LiteRT) + the server's segment.
 
 Runs without TensorFlow (`pip install 'splitkeras[edge]'`). The server is
-`scripts/serve.py --predict` with the trained server's --workdir.
+`splitkeras serve --predict` with the trained server's --workdir.
 
-  python scripts/predict.py --model=export/client_serve_int8.tflite \
+  splitkeras predict --model=export/client_serve_int8.tflite \
       --server=127.0.0.1:50052 [--spec=export/edge.json] [--data=...] \
       [--batch_size=1] [--batches=200] [--warmup=5] [--summary=predict.json] \
       [--state=trained.npz] [--logits=logits.npy]
@@ -24,12 +24,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import edge_flags  # noqa: E402  (scripts/, beside this file)
-
-from splitkeras.edge.inference import split_inference  # noqa: E402
-from splitkeras.transport.sealing import unpack_arrays  # noqa: E402
+from splitkeras.commands import edge_flags
+from splitkeras.edge.inference import split_inference
+from splitkeras.transport.sealing import unpack_arrays
 
 
 def main():
@@ -66,5 +63,7 @@ def main():
     print(json.dumps(summary, indent=2))
 
 
+run = main
+
 if __name__ == "__main__":
-    main()
+    run()

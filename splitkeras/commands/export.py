@@ -1,34 +1,31 @@
 """Exports a client segment: SavedModel, LiteRT, and edge.json.
 
-  python scripts/export_client.py --config=configs/fashion_mnist_lenet.py \
-      --workdir=workdirs/fashion_mnist_lenet --out=workdirs/export_lenet \
-      [--client_id=0] [--quantize=float16,int8] [--notraining]
-  python scripts/export_client.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras export --workdir=workdirs/fashion_mnist_lenet \
+      --out=workdirs/export_lenet [--client_id=0] [--quantize=float16,int8] \
+      [--notraining]
+  splitkeras export --config=fashion_mnist_lenet \
       --untrained --out=workdirs/export_lenet_untrained
 
---workdir is a scripts/train.py run (checkpoints/: the client with its
+--workdir is a `splitkeras train` run (checkpoints/: the client with its
 optimizer state, and the server) or a gRPC client's workdir
-(client.weights.h5). --untrained exports the segment of the config's seed
-instead, as a run starts: what an edge client that trains from the run's
-first turn needs. Writes saved_model/ (serve, forward, backward, save,
-restore, init), client.tflite (the same, LiteRT builtins only),
-serve_saved_model/ and client_serve_{float16,int8}.tflite (inference),
-edge.json (for scripts/edge_client.py and scripts/predict.py), export.json
-(sizes and output differences from Keras) and, when the workdir holds the
-trained server, server_saved_model/; and prints them.
+(client.weights.h5); the run's config.json (with every override it was trained
+with) is its config, unless --config is given. --untrained exports the segment
+of the config's seed instead, as a run starts: what an edge client that trains
+from the run's first turn needs. Writes saved_model/ (serving_default = serve,
+forward, backward, save, restore, init), client.tflite (the same, LiteRT
+builtins only), serve_saved_model/ and client_serve_{float16,int8}.tflite
+(inference), edge.json (for `splitkeras edge-client` and `splitkeras
+predict`), export.json (sizes and output differences from Keras) and, when the
+workdir holds the trained server, server_saved_model/; and prints them.
 """
 
-import os
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from splitkeras import cli
+from splitkeras.export import export_from_workdir
+from splitkeras.runner import read_config
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from splitkeras.export import export_from_workdir  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's directory.")
 _UNTRAINED = flags.DEFINE_bool(
     "untrained", False, "Export the config seed's untrained segment (no --workdir)."
@@ -44,19 +41,27 @@ _TRAINING = flags.DEFINE_bool(
     "Export the on-device training signatures too (default: yes for a "
     "vanilla client, no for a U-shaped one).",
 )
-flags.mark_flags_as_required(["config", "out"])
+flags.mark_flags_as_required(["out"])
 flags.register_multi_flags_validator(
     ["workdir", "untrained"],
     lambda v: bool(v["workdir"]) != v["untrained"],
     "pass exactly one of --workdir (a trained run) and --untrained",
+)
+flags.register_multi_flags_validator(
+    ["config", "untrained"],
+    lambda v: v["config"] is not None or not v["untrained"],
+    "--untrained needs --config (there is no run to read it from)",
 )
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    if config is None:  # the run's own, overrides included
+        config = read_config(_WORKDIR.value)
     report = export_from_workdir(
-        _CONFIG.value,
+        config,
         None if _UNTRAINED.value else _WORKDIR.value,
         _OUT.value,
         client_id=_CLIENT_ID.value,
@@ -72,5 +77,9 @@ def main(argv):
     print(f"written to {_OUT.value}")
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,6 +1,6 @@
 """Serves one host of a split-learning run over gRPC (the server side).
 
-  python scripts/serve.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras serve --config=fashion_mnist_lenet \
       --config.num_clients=2 --workdir=workdirs/grpc_server --port=50051 \
       [--party=server] [--connect=server=HOST:PORT] \
       [--tls_dir=certs [--mutual_tls]] [--tokens=certs/tokens.json]
@@ -18,28 +18,24 @@ serves the clients; every other worker follows it:
 
   TF_CONFIG='{"cluster": {"worker": ["s0:2222", "s1:2222"]},
               "task": {"type": "worker", "index": 1}}' \
-  python scripts/serve.py --config=... --config.server.strategy=multi_worker \
+  splitkeras serve --config=... --config.server.strategy=multi_worker \
       --workdir=workdirs/grpc_server --chief=s0:50051 [--tls_dir=certs]
 
 With --predict it serves split inference instead (until stopped): the
 server segment trained in --workdir answers PREDICT messages, e.g. from
-scripts/predict.py.
+`splitkeras predict`.
 """
 
 import logging as std_logging
 import os
-import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splitkeras import cli, host_process
+from splitkeras.transport import tls
+from splitkeras.transport.tokens import read_tokens
 
-from splitkeras import cli, host_process  # noqa: E402
-from splitkeras.transport import tls  # noqa: E402
-from splitkeras.transport.tokens import read_tokens  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "This host's directory.")
 _PARTY = flags.DEFINE_string("party", "server", "Which host of the run to serve.")
 _CONNECT = flags.DEFINE_list(
@@ -126,5 +122,9 @@ def main(argv):
     print(f"{_PARTY.value} done: {summary}")
 
 
-if __name__ == "__main__":
+def run() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -3,10 +3,10 @@
 VGG-16 with batch norm, cut after its first convolution (the cut the seed's
 client-FLOPs figures imply).
 
-  python scripts/train.py --config=configs/cifar10_vgg.py --workdir=workdirs/c10
+  splitkeras train --config=cifar10_vgg --workdir=workdirs/c10
 """
 
-from configs import base
+from splitkeras.configs import base
 
 
 def get_config(arg=None):

@@ -1,4 +1,4 @@
-"""The command-line flags scripts/edge_client.py and scripts/predict.py share:
+"""The command-line flags `splitkeras edge-client` and `splitkeras predict` share:
 the model, the run, the server, the credentials and the gRPC limits.
 argparse only (no absl on a device)."""
 

@@ -2,10 +2,10 @@
 
 The CIFAR-10 / VGG-16 config with CIFAR-100's data.
 
-  python scripts/train.py --config=configs/cifar100_vgg.py --workdir=workdirs/c100
+  splitkeras train --config=cifar100_vgg --workdir=workdirs/c100
 """
 
-from configs import cifar10_vgg
+from splitkeras.configs import cifar10_vgg
 
 
 def get_config(arg=None):

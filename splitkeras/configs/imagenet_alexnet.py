@@ -7,13 +7,13 @@ client reads its own shard of the training files, with random-resized crops
 and flips; evaluation takes center crops of the validation split and logs
 top-1 and top-5 accuracy. The server can run on all GPUs of its machine:
 
-  python scripts/train.py --config=configs/imagenet_alexnet.py \
+  splitkeras train --config=imagenet_alexnet \
       --workdir=workdirs/imagenet --config.data.path=/path/to/tensorflow_datasets \
       --config.num_clients=2 --config.server.strategy=mirrored \
       --config.train.mixed_precision=mixed_float16
 """
 
-from configs import base
+from splitkeras.configs import base
 
 
 def get_config(arg=None):

@@ -1,26 +1,20 @@
 """Prints the seed's resource tables for a config: client FLOPs and bytes.
 
-  python scripts/resource_table.py --config=configs/cifar10_vgg.py
-  python scripts/resource_table.py --config=configs/cifar100_resnet50.py \
+  splitkeras resource-table --config=cifar10_vgg
+  splitkeras resource-table --config=cifar100_resnet50 \
       --clients=100,500
 
 Nothing is trained; the dataset is read only if `config.accounting` leaves
 its size or shape to it.
 """
 
-import os
-import sys
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
+from splitkeras import cli
+from splitkeras import data as data_lib
+from splitkeras.accounting import tables
 
-# Config files import `configs.base`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from splitkeras import data as data_lib  # noqa: E402
-from splitkeras.accounting import tables  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _CLIENTS = flags.DEFINE_list("clients", None, "Client counts (default: config).")
 flags.mark_flags_as_required(["config"])
 
@@ -36,5 +30,9 @@ def main(argv):
     print(tables.resource_tables(tables.assumptions(config, arrays), clients))
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,24 +1,18 @@
 """Trains one experiment: a config and a workdir.
 
-  python scripts/train.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras train --config=fashion_mnist_lenet \
       --workdir=workdirs/fmnist [--config.train.epochs=2 ...]
 
 Run it again with the same --workdir to resume a stopped run.
 """
 
 import logging as std_logging
-import os
-import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-# Config files import `configs.base`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splitkeras import cli, experiment
 
-from splitkeras import cli, experiment  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -42,5 +36,9 @@ def main(argv):
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

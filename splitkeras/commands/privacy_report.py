@@ -1,6 +1,6 @@
 """The privacy report: accuracy vs dCor leakage vs reconstruction, per defense.
 
-  python scripts/privacy_report.py --config=configs/fashion_mnist_lenet.py \
+  splitkeras privacy-report --config=fashion_mnist_lenet \
       --workdir=workdirs/privacy --config.train.epochs=3 \
       [--alphas=0,0.01,0.1,0.5,1 --noises=0.5,1]
 
@@ -10,16 +10,13 @@ workdir with a reconstructions.png grid (see splitkeras/privacy/report.py).
 
 import logging as std_logging
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splitkeras import cli
+from splitkeras.privacy.report import privacy_report
 
-from splitkeras.privacy.report import privacy_report  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the report.")
 _ALPHAS = flags.DEFINE_list(
     "alphas", ["0", "0.01", "0.1", "0.5", "1"], "NoPeek alphas."
@@ -50,5 +47,9 @@ def main(argv):
         print(f.read())
 
 
+def run() -> None:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()
