@@ -1,11 +1,14 @@
 """The command-line scripts' mistakes are one clear line (splitkeras.cli)."""
 
+import json
 import os
 import subprocess
 import sys
 
-from splitkeras import cli
-from splitkeras.configs import fashion_mnist_lenet
+import numpy as np
+
+from splitkeras import builders, cli
+from splitkeras.configs import cifar10_vgg, fashion_mnist_lenet
 from tests import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,3 +85,74 @@ class CliTest(base.TestCase):
             ],
         )
         self.assertNotIn("Traceback", done.stderr)
+
+    def test_a_config_is_a_shipped_name_or_a_path(self):
+        shipped = os.path.join(ROOT, "splitkeras", "configs", "cifar10_vgg.py")
+        self.assertEqual(cli.config_path("cifar10_vgg"), shipped)
+        self.assertEqual(cli.config_path("cifar10_vgg:arg"), f"{shipped}:arg")
+        self.assertEqual(cli.config_path(shipped), shipped)
+        self.assertIn("fashion_mnist_lenet", cli.config_names())
+        self.assertNotIn("__init__", cli.config_names())
+        with self.assertRaisesRegex(
+            ValueError,
+            r"^--config=cifar11_vgg: no such config file, and no shipped config "
+            r"of that name; shipped configs: base, cifar100_resnet50, .*, "
+            r"mnist_lenet$",
+        ):
+            cli.config_path("cifar11_vgg")
+        # Overrides are checked against the named config too.
+        with self.assertRaisesRegex(ValueError, r"^unknown config field 'nosuch'"):
+            cli.check_overrides(
+                ["train", "--config", "cifar10_vgg", "--config.nosuch=1"]
+            )
+
+    def test_an_unknown_command_lists_the_commands(self):
+        done = subprocess.run(
+            [sys.executable, "-m", "splitkeras", "trian"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("splitkeras: unknown command 'trian'", done.stderr)
+        for name in ("train", "serve", "client", "launch", "export"):
+            self.assertIn(f"\n  {name} ", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_ushaped_vgg16_trains_with_no_cut_given(self):
+        # The shipped CIFAR-10 config names one cut; U-shaped takes VGG-16's
+        # default tail cut (drop2) as its second. 16 examples of 32x32x3.
+        root = self.tempdir()
+        rng = np.random.default_rng(0)
+        data = os.path.join(root, "data.npz")
+        np.savez(
+            data,
+            x_train=rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
+            y_train=np.arange(16) % 10,
+            x_test=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8),
+            y_test=np.arange(8) % 10,
+        )
+        workdir = os.path.join(root, "run")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "splitkeras",
+                "train",
+                "--config=cifar10_vgg",
+                "--config.topology=ushaped",
+                f"--config.data.path={data}",
+                "--config.train.epochs=1",
+                "--config.train.batch_size=8",
+                f"--workdir={workdir}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        with open(os.path.join(workdir, "summary.json")) as f:
+            self.assertEqual(json.load(f)["steps"], 2)
+        config = cifar10_vgg.get_config()
+        config.topology = "ushaped"
+        self.assertEqual(builders.cut_layers(config), ("block1_relu1", "drop2"))

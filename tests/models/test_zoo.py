@@ -14,6 +14,7 @@ from splitkeras.models import (
     available_models,
     build_model,
     default_cut,
+    default_tail_cut,
     lenet5,
     resnet18,
     vgg,
@@ -104,6 +105,19 @@ def test_default_cut_passes_a_single_tensor(zoo, name):
     server = keras.Model(cut, model.output)  # fails if anything else crosses
     split = keras.ops.convert_to_numpy(server(client(x, training=False)))
     assert split.shape == logits.shape
+    np.testing.assert_allclose(split, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_default_ushaped_cuts_leave_the_classifier_to_the_tail(zoo, name):
+    from splitkeras.cut import cut
+
+    model, x, logits = zoo(name)
+    segments = cut(model, (default_cut(name), default_tail_cut(name)))
+    assert [layer.name for layer in segments.tail.layers[1:]] == ["logits"]
+    head = segments.client(x, training=False)
+    body = segments.server(head, training=False)
+    split = keras.ops.convert_to_numpy(segments.tail(body, training=False))
     np.testing.assert_allclose(split, logits, rtol=1e-5, atol=1e-5)
 
 
