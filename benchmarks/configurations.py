@@ -42,7 +42,7 @@ _TRANSPORT = flags.DEFINE_enum(
     "gRPC, printed beside the in-process run.",
 )
 
-CONFIG_FILE = "splitkeras/configs/fashion_mnist_lenet.py"
+CONFIG = "fashion_mnist_lenet"  # the shipped config, by name
 # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Boot
 # -> clothing 0, footwear 1, bag 2 (as splitkeras/configs/fashion_mnist_multitask.py).
 COARSE_GROUPS = "0,0,0,0,0,1,0,1,2,1"
@@ -93,7 +93,7 @@ def _config(overrides):
 
 def _config_args(overrides) -> list:
     """The same config as command-line flags, for every process."""
-    return [f"--config={CONFIG_FILE}"] + [
+    return [f"--config={CONFIG}"] + [
         f"--config.{key}={value}" for key, value in _settings(overrides).items()
     ]
 

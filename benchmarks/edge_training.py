@@ -39,7 +39,6 @@ from splitkeras.export import export_segment  # noqa: E402
 from splitkeras.objective import Objective  # noqa: E402
 from splitkeras.parties import Client, Server  # noqa: E402
 from splitkeras.transport.local import LocalTransport  # noqa: E402
-from splitkeras.transport.sealing import write_key  # noqa: E402
 
 _EPOCHS = flags.DEFINE_integer("epochs", 1, "Epochs of each run.")
 _RUNS = flags.DEFINE_list("runs", ["keras", "edge", "mixed"], "Runs to make.")
@@ -114,8 +113,10 @@ def _run(name, kinds, epochs, arrays):
     config, args = _config(len(kinds), epochs)
     workdir = os.path.abspath(os.path.join(_WORKDIR.value, name))
     os.makedirs(workdir, exist_ok=True)
-    key = os.path.join(workdir, "handoff.key")
-    write_key(key)
+    # Every client's handoff key in its own secrets folder (the launcher's
+    # layout, which the Keras clients read).
+    launcher.client_secrets(workdir, len(kinds))
+    key = os.path.join(launcher.secrets_dir(workdir, 0), launcher.KEY_FILE)
     model = _export(config, arrays, os.path.join(workdir, "export"))
     started = time.monotonic()
     server, port = launcher.start_host(args, workdir, "server")
@@ -124,7 +125,8 @@ def _run(name, kinds, epochs, arrays):
         if kind == "edge":
             clients.append(_edge_client(model, port, k, workdir, key))
         else:
-            clients.append(launcher.start_client(args, workdir, port, k))
+            connect = {"server": f"127.0.0.1:{port}"}
+            clients.append(launcher.start_client(args, workdir, k, connect))
     for proc in clients:
         if proc.wait() != 0:
             server.kill()

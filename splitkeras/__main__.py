@@ -2,4 +2,5 @@
 
 from splitkeras.commands import main
 
-main()
+if __name__ == "__main__":
+    main()

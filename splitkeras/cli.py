@@ -1,4 +1,4 @@
-"""What the command-line scripts share: a user's mistake is one clear line.
+"""What the `splitkeras` commands share: a user's mistake is one clear line.
 
 `run(main)` replaces `absl.app.run(main)`:
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-
-from absl import app
 
 __all__ = [
     "USER_ERRORS",
@@ -57,11 +55,12 @@ USER_ERRORS = None  # filled on first use (importing them loads TensorFlow)
 
 
 def config_names() -> list[str]:
-    """The configs shipped with splitkeras, by name (`--config=NAME`)."""
+    """The configs shipped with splitkeras, by name (`--config=NAME`); not
+    `base`, which the others start from."""
     return sorted(
         name[: -len(".py")]
         for name in os.listdir(CONFIGS)
-        if name.endswith(".py") and not name.startswith("_")
+        if name.endswith(".py") and not name.startswith("_") and name != "base.py"
     )
 
 
@@ -74,10 +73,12 @@ def config_path(value: str) -> str:
       ValueError: `value` is neither an existing file nor a shipped name.
     """
     where, colon, arg = value.partition(":")
-    if os.path.exists(where):
-        return value
-    if where in config_names():
+    # A bare name is a shipped config even where a folder of that name
+    # exists (a workdir named after its config).
+    if os.sep not in where and not where.endswith(".py") and where in config_names():
         return os.path.join(CONFIGS, f"{where}.py") + colon + arg
+    if os.path.isfile(where):
+        return value
     raise ValueError(
         f"--config={value}: no such config file, and no shipped config of "
         f"that name; shipped configs: {', '.join(config_names())}"
@@ -177,11 +178,18 @@ def check_overrides(argv) -> None:
 
 def run(main) -> None:
     """`absl.app.run(main)`, with one line for a user's mistake."""
+    from absl import app
+
+    # A command run as __main__ by `splitkeras <command>`: its --help shows
+    # its own docstring (absl prints the main module's).
+    entry = sys.modules.get("__main__")
+    if entry is not None and main.__globals__.get("__name__") == "__main__":
+        entry.__doc__ = main.__globals__.get("__doc__")
     show = bool(os.environ.get("SPLITKERAS_TRACEBACK"))
     try:
         check_overrides(sys.argv)
         sys.argv = [sys.argv[0], *_with_config_paths(sys.argv[1:])]
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         if show:
             raise
         _fail(e)

@@ -6,15 +6,15 @@
   splitkeras configs        the shipped configs, by name
   splitkeras <command> --help
 
-Each subcommand is a module here with a `run()` that reads `sys.argv`; only
-the chosen one is imported, so the edge commands (`edge-client`, `predict`)
-run where TensorFlow is not installed. `python -m splitkeras ...` is the same
-command.
+Each subcommand is a module here, run as `__main__` (its `run()` reads
+`sys.argv`; `--help` shows its docstring and flags); only the chosen one is
+loaded, so the edge commands (`edge-client`, `predict`) run where TensorFlow
+is not installed. `python -m splitkeras ...` is the same command.
 """
 
 from __future__ import annotations
 
-import importlib
+import runpy
 import sys
 
 __all__ = ["COMMANDS", "main"]
@@ -57,6 +57,28 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"splitkeras: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(f"splitkeras.commands.{COMMANDS[name][0]}")
     sys.argv = [f"splitkeras {name}", *rest]
-    module.run()
+    try:
+        module = f"splitkeras.commands.{COMMANDS[name][0]}"
+        runpy.run_module(module, run_name="__main__")
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _TF_EXTRA:
+            raise
+        print(
+            f"splitkeras {name}: needs {e.name}, which is not installed: "
+            "pip install 'splitkeras[tf]'",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+# What `pip install 'splitkeras[tf]'` adds (the edge commands need none).
+_TF_EXTRA = {
+    "absl",
+    "keras",
+    "matplotlib",
+    "ml_collections",
+    "tensorboard",
+    "tensorflow",
+    "tensorflow_datasets",
+}

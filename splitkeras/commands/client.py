@@ -1,4 +1,4 @@
-"""Runs one client of a split-learning run against its hosts (`splitkeras serve`).
+r"""Runs one client of a split-learning run against its hosts (`splitkeras serve`).
 
   splitkeras client --config=fashion_mnist_lenet \
       --config.num_clients=2 --client_id=0 --connect=server=127.0.0.1:50051 \

@@ -1,4 +1,4 @@
-"""Trains an exported client segment with LiteRT against a splitkeras server.
+r"""Trains an exported client segment with LiteRT against a splitkeras server.
 
 Runs where TensorFlow is not installed: `pip install 'splitkeras[edge]'`
 (numpy, grpcio, protobuf, cryptography, ai-edge-litert).

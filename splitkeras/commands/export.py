@@ -1,4 +1,4 @@
-"""Exports a client segment: SavedModel, LiteRT, and edge.json.
+r"""Exports a client segment: SavedModel, LiteRT, and edge.json.
 
   splitkeras export --workdir=workdirs/fashion_mnist_lenet \
       --out=workdirs/export_lenet [--client_id=0] [--quantize=float16,int8] \
@@ -19,11 +19,13 @@ predict`), export.json (sizes and output differences from Keras) and, when the
 workdir holds the trained server, server_saved_model/; and prints them.
 """
 
+import os
+import sys
+
 from absl import flags, logging
 
 from splitkeras import cli
 from splitkeras.export import export_from_workdir
-from splitkeras.runner import read_config
 
 _CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's directory.")
@@ -57,11 +59,8 @@ flags.register_multi_flags_validator(
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
-    if config is None:  # the run's own, overrides included
-        config = read_config(_WORKDIR.value)
     report = export_from_workdir(
-        config,
+        _CONFIG.value,
         None if _UNTRAINED.value else _WORKDIR.value,
         _OUT.value,
         client_id=_CLIENT_ID.value,
@@ -78,7 +77,27 @@ def main(argv):
 
 
 def run() -> None:
+    sys.argv = with_run_config(sys.argv)
     cli.run(main)
+
+
+def with_run_config(argv: list[str]) -> list[str]:
+    """`argv` with `--workdir` and no `--config`: the run's own config
+    (its config.json) as `--config`, so `--config.<field>` overrides apply
+    to it (e.g. a dataset that moved: `--config.data.path=...`)."""
+    args = argv[1:]
+    if any(a == "--config" or a.startswith("--config=") for a in args):
+        return argv
+    workdir = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--workdir="):
+            workdir = arg.split("=", 1)[1]
+        elif arg == "--workdir" and i + 1 < len(args):
+            workdir = args[i + 1]
+    if not workdir:
+        return argv  # --untrained without --config: the flags say what is missing
+    run_config = os.path.join(cli.CONFIGS, "_workdir.py")
+    return [argv[0], f"--config={run_config}:{os.path.abspath(workdir)}", *args]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One command for a local distributed run of any configuration.
+r"""One command for a local distributed run of any configuration.
 
   splitkeras launch --config=fashion_mnist_lenet \
       --config.num_clients=2 --workdir=workdirs/grpc [--tls]

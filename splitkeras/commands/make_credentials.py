@@ -1,4 +1,4 @@
-"""Makes the TLS certificates and client tokens for the gRPC transport.
+r"""Makes the TLS certificates and client tokens for the gRPC transport.
 
   splitkeras make-credentials --out=credentials \
       [--hosts=localhost,127.0.0.1,server.example.org] [--clients=2] \
@@ -14,7 +14,6 @@ import os
 
 from absl import app, flags
 
-# Make the repository root importable when run from a checkout.
 from splitkeras import cli
 from splitkeras.transport import tls
 from splitkeras.transport.tokens import write_tokens

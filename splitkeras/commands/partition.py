@@ -1,4 +1,4 @@
-"""Writes each site's own files from a dataset: one .npz per client.
+r"""Writes each site's own files from a dataset: one .npz per client.
 
   splitkeras partition --config=fashion_mnist_lenet \
       --config.num_clients=3 --out=sites/fmnist [--method=dirichlet]

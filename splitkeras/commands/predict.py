@@ -1,4 +1,4 @@
-"""Split inference: an exported client segment (LiteRT) + the server's segment.
+r"""Split inference: an exported client segment (LiteRT) + the server's segment.
 
 Runs without TensorFlow (`pip install 'splitkeras[edge]'`). The server is
 `splitkeras serve --predict` with the trained server's --workdir.
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=5, help="Batches not timed.")
     parser.add_argument(
         "--state",
-        help="Load this state (.npz from edge_client.py) first; needs the "
+        help="Load this state (.npz from edge-client --save_state) first; needs the "
         "client.tflite with training signatures.",
     )
     parser.add_argument("--logits", help="Write the returned logits (.npy) here.")

@@ -1,4 +1,4 @@
-"""The privacy report: accuracy vs dCor leakage vs reconstruction, per defense.
+r"""The privacy report: accuracy vs dCor leakage vs reconstruction, per defense.
 
   splitkeras privacy-report --config=fashion_mnist_lenet \
       --workdir=workdirs/privacy --config.train.epochs=3 \

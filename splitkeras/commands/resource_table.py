@@ -1,4 +1,4 @@
-"""Prints the seed's resource tables for a config: client FLOPs and bytes.
+r"""Prints the seed's resource tables for a config: client FLOPs and bytes.
 
   splitkeras resource-table --config=cifar10_vgg
   splitkeras resource-table --config=cifar100_resnet50 \

@@ -1,4 +1,4 @@
-"""Serves one host of a split-learning run over gRPC (the server side).
+r"""Serves one host of a split-learning run over gRPC (the server side).
 
   splitkeras serve --config=fashion_mnist_lenet \
       --config.num_clients=2 --workdir=workdirs/grpc_server --port=50051 \

@@ -1,4 +1,4 @@
-"""Trains one experiment: a config and a workdir.
+r"""Trains one experiment: a config and a workdir.
 
   splitkeras train --config=fashion_mnist_lenet \
       --workdir=workdirs/fmnist [--config.train.epochs=2 ...]

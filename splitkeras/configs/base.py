@@ -134,7 +134,7 @@ def get_config(arg=None):
     # (`splitkeras launch`; across machines each gets its own TF_CONFIG).
     c.server.workers = 2
 
-    # Server and clients as processes (`splitkeras serve`, client.py, launch.py).
+    # Server and clients as processes (`splitkeras serve`, `client`, `launch`).
     c.grpc = ml_collections.ConfigDict()
     c.grpc.max_message_mb = 64  # largest message, both ends (gRPC default: 4)
     c.grpc.timeout_seconds = 120.0  # deadline of every call

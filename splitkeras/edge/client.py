@@ -103,7 +103,7 @@ def _local_source(spec, path):
     source = path or spec.data_path
     ask = (
         f"the edge client reads {spec.data_name!r} from an IDX folder or a .npz "
-        "file (it has no TFDS): pass one (scripts: --data=PATH)"
+        "file (it has no TFDS): pass one (edge-client / predict --data=PATH)"
     )
     if not source:
         raise ValueError(f"edge.json names no data path; {ask}")

@@ -1,4 +1,4 @@
-"""The command-line scripts' mistakes are one clear line (splitkeras.cli)."""
+"""The `splitkeras` commands' mistakes are one clear line (splitkeras.cli)."""
 
 import json
 import os
@@ -93,10 +93,21 @@ class CliTest(base.TestCase):
         self.assertEqual(cli.config_path(shipped), shipped)
         self.assertIn("fashion_mnist_lenet", cli.config_names())
         self.assertNotIn("__init__", cli.config_names())
+        self.assertNotIn("base", cli.config_names())
+        # A bare name is the shipped config, even beside a folder of that
+        # name (a workdir named after its config).
+        folder = os.path.join(self.tempdir(), "cifar10_vgg")
+        os.makedirs(folder)
+        cwd = os.getcwd()
+        os.chdir(os.path.dirname(folder))
+        self.addCleanup(os.chdir, cwd)
+        self.assertEqual(cli.config_path("cifar10_vgg"), shipped)
+        with self.assertRaisesRegex(ValueError, "no such config file"):
+            cli.config_path("./cifar10_vgg")
         with self.assertRaisesRegex(
             ValueError,
             r"^--config=cifar11_vgg: no such config file, and no shipped config "
-            r"of that name; shipped configs: base, cifar100_resnet50, .*, "
+            r"of that name; shipped configs: cifar100_resnet50, .*, "
             r"mnist_lenet$",
         ):
             cli.config_path("cifar11_vgg")
