@@ -32,6 +32,7 @@ __all__ = [
     "define_config",
     "run",
     "set_fields",
+    "with_run_config",
 ]
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -111,6 +112,26 @@ def _with_config_paths(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def with_run_config(argv: list[str]) -> list[str]:
+    """`argv` with `--workdir` and no `--config`: the run's own config (its
+    config.json, every override it was started with) as `--config`, so
+    `--config.<field>` overrides apply on top of it (e.g. a dataset that
+    moved: `--config.data.path=...`). For commands on a finished run."""
+    args = argv[1:]
+    if any(a == "--config" or a.startswith("--config=") for a in args):
+        return argv
+    workdir = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--workdir="):
+            workdir = arg.split("=", 1)[1]
+        elif arg == "--workdir" and i + 1 < len(args):
+            workdir = args[i + 1]
+    if not workdir:
+        return argv  # the command's flags say what is missing
+    run_config = os.path.join(CONFIGS, "_workdir.py")
+    return [argv[0], f"--config={run_config}:{os.path.abspath(workdir)}", *args]
 
 
 def set_fields(config, overrides: dict) -> list:

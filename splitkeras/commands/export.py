@@ -19,7 +19,6 @@ predict`), export.json (sizes and output differences from Keras) and, when the
 workdir holds the trained server, server_saved_model/; and prints them.
 """
 
-import os
 import sys
 
 from absl import flags, logging
@@ -77,27 +76,8 @@ def main(argv):
 
 
 def run() -> None:
-    sys.argv = with_run_config(sys.argv)
+    sys.argv = cli.with_run_config(sys.argv)
     cli.run(main)
-
-
-def with_run_config(argv: list[str]) -> list[str]:
-    """`argv` with `--workdir` and no `--config`: the run's own config
-    (its config.json) as `--config`, so `--config.<field>` overrides apply
-    to it (e.g. a dataset that moved: `--config.data.path=...`)."""
-    args = argv[1:]
-    if any(a == "--config" or a.startswith("--config=") for a in args):
-        return argv
-    workdir = None
-    for i, arg in enumerate(args):
-        if arg.startswith("--workdir="):
-            workdir = arg.split("=", 1)[1]
-        elif arg == "--workdir" and i + 1 < len(args):
-            workdir = args[i + 1]
-    if not workdir:
-        return argv  # --untrained without --config: the flags say what is missing
-    run_config = os.path.join(cli.CONFIGS, "_workdir.py")
-    return [argv[0], f"--config={run_config}:{os.path.abspath(workdir)}", *args]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from splitkeras import builders, cli
+from splitkeras import builders, cli, runner
 from splitkeras.configs import cifar10_vgg, fashion_mnist_lenet
 from tests import base
 
@@ -167,3 +167,28 @@ class CliTest(base.TestCase):
         config = cifar10_vgg.get_config()
         config.topology = "ushaped"
         self.assertEqual(builders.cut_layers(config), ("block1_relu1", "drop2"))
+
+    def test_a_finished_run_is_its_own_config(self):
+        # `splitkeras export --workdir=W`: W's config.json is the config, and
+        # --config.<field> overrides apply on top of it.
+        workdir = self.tempdir()
+        config = fashion_mnist_lenet.get_config()
+        config.num_clients = 3
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort())
+        argv = ["export", f"--workdir={workdir}", "--config.data.path=/moved"]
+        rewritten = cli.with_run_config(argv)
+        run_config = os.path.join(ROOT, "splitkeras", "configs", "_workdir.py")
+        self.assertEqual(rewritten[1], f"--config={run_config}:{workdir}")
+        self.assertEqual(rewritten[2:], argv[1:])
+        cli.check_overrides(rewritten)  # data.path is a field of the run's
+        with self.assertRaisesRegex(ValueError, r"^unknown config field 'nosuch'"):
+            cli.check_overrides([*rewritten, "--config.nosuch=1"])
+        self.assertEqual(runner.read_config(workdir).num_clients, 3)
+        # An explicit --config wins; no workdir, nothing to read.
+        explicit = [*argv, CONFIG]
+        self.assertEqual(cli.with_run_config(explicit), explicit)
+        untrained = ["export", "--untrained"]
+        self.assertEqual(cli.with_run_config(untrained), untrained)
+        with self.assertRaisesRegex(FileNotFoundError, "is not a run's workdir"):
+            runner.read_config(self.tempdir())
