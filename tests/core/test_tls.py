@@ -203,13 +203,16 @@ class CertificateTest(base.TestCase):
     def test_missing_files_say_how_to_make_them(self):
         empty = self.tempdir()
         with self.assertRaisesRegex(
-            FileNotFoundError, r"server\.key.*make_credentials"
+            FileNotFoundError, r"server\.key.*splitkeras make-credentials"
         ):
             tls.server_credentials(empty)
-        with self.assertRaisesRegex(FileNotFoundError, r"ca\.pem.*make_credentials"):
+        with self.assertRaisesRegex(
+            FileNotFoundError, r"ca\.pem.*splitkeras make-credentials"
+        ):
             tls.channel_credentials(empty)
         with self.assertRaisesRegex(
-            FileNotFoundError, r"client-5\.key.*make_credentials.*--clients=6"
+            FileNotFoundError,
+            r"client-5\.key.*splitkeras make-credentials.*--clients=6",
         ):
             tls.channel_credentials(self.dir, client_id=5)
 
@@ -252,7 +255,7 @@ class TokenTest(base.TestCase):
         self.assertIn(path, str(cm.exception))
 
     def test_missing_file(self):
-        with self.assertRaisesRegex(FileNotFoundError, "make_credentials"):
+        with self.assertRaisesRegex(FileNotFoundError, "splitkeras make-credentials"):
             token_files.read_tokens(os.path.join(self.tempdir(), "tokens.json"))
 
 
