@@ -43,6 +43,9 @@ from splitkeras.transport.proto import wire_pb2
 
 log = logging.getLogger("splitkeras")
 
+# How often a host's runner looks at the steps applied (HostProcess.round).
+POLL_SECONDS = 0.05
+
 __all__ = ["HostProcess", "follow", "lock_workdir", "serve", "serve_predictions"]
 
 
@@ -64,18 +67,21 @@ class HostProcess(RunnerProcess):
         seen = int(self.coordinator.step.numpy())
         ended = False
         while not ended:
-            # The host's lock is held only while waiting and reading: the
-            # runner's work on each step (progress, summaries, checkpoints)
-            # runs beside the next exchange instead of blocking it. The steps
-            # and the round's end are read together, so that none is missed.
+            # The host's lock is held only while reading: the runner's work
+            # on each step (progress, summaries, checkpoints) runs beside the
+            # next exchange instead of blocking it. The steps and the round's
+            # end are read together, so that none is missed. The runner looks
+            # every POLL_SECONDS, not at every exchange: waking at each one
+            # to read the coordinator's variables took a fifth of a LeNet
+            # server's busy time (py-spy) from the exchanges.
             with self.host._changed:
-                if not self._ended(epoch):
-                    self.host._changed.wait(0.5)
                 now = int(self.coordinator.step.numpy())
                 ended = self._ended(epoch)
             for _ in range(now - seen):
                 yield None
             seen = now
+            if not ended:
+                time.sleep(POLL_SECONDS)
 
     def _ended(self, epoch) -> bool:
         return int(self.coordinator.round.numpy()) > epoch or self.host.done
