@@ -27,6 +27,7 @@ __all__ = [
     "check_client_id",
     "check_config",
     "check_overrides",
+    "config_args",
     "config_names",
     "config_path",
     "define_config",
@@ -132,6 +133,31 @@ def with_run_config(argv: list[str]) -> list[str]:
         return argv  # the command's flags say what is missing
     run_config = os.path.join(CONFIGS, "_workdir.py")
     return [argv[0], f"--config={run_config}:{os.path.abspath(workdir)}", *args]
+
+
+def config_args(args: list[str]) -> list[str]:
+    """The `--config` flags among command-line `args`, each as one
+    `--flag=value` argument (`--config.a.b 2` becomes `--config.a.b=2`;
+    `--noconfig.a.b` stays): what a launcher hands its processes."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(("--config", "--noconfig.")):
+            value = args[i + 1] if i + 1 < len(args) else None
+            if "=" not in arg and arg.startswith("--config") and _is_value(value):
+                out.append(f"{arg}={value}")
+                i += 2
+                continue
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _is_value(arg) -> bool:
+    """Whether `arg`, after a flag without `=`, is that flag's value."""
+    if arg is None:
+        return False
+    return not arg.startswith("-") or arg[1:2].isdigit() or arg[1:2] == "."
 
 
 def set_fields(config, overrides: dict) -> list:

@@ -26,8 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    # The --config flags go to the server and every client as given.
-    config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
+    # The --config flags go to the server and every client.
+    config_args = cli.config_args(sys.argv[1:])
     config = _CONFIG.value
     config.num_clients = _CLIENTS.value or config.num_clients
     config_args.append(f"--config.num_clients={config.num_clients}")

@@ -192,3 +192,29 @@ class CliTest(base.TestCase):
         self.assertEqual(cli.with_run_config(untrained), untrained)
         with self.assertRaisesRegex(FileNotFoundError, "is not a run's workdir"):
             runner.read_config(self.tempdir())
+
+    def test_a_launcher_hands_on_every_config_flag(self):
+        args = [
+            "--config=/configs/lenet.py",
+            "--workdir=w",
+            "--config.train.epochs",
+            "2",
+            "--config.train.learning_rate",
+            "-0.5",
+            "--noconfig.train.jit_compile",
+            "--config.privacy.nopeek_alpha=0.1",
+            "--tls",
+            "--config.train.jit_compile",
+            "--clients=2",
+        ]
+        self.assertEqual(
+            cli.config_args(args),
+            [
+                "--config=/configs/lenet.py",
+                "--config.train.epochs=2",
+                "--config.train.learning_rate=-0.5",
+                "--noconfig.train.jit_compile",
+                "--config.privacy.nopeek_alpha=0.1",
+                "--config.train.jit_compile",
+            ],
+        )
