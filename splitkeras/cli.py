@@ -100,19 +100,37 @@ def define_config():
     )
 
 
-def _with_config_paths(argv: list[str]) -> list[str]:
-    """argv with every --config value (`--config=V` or `--config V`) turned
-    into a path by `config_path`."""
-    out, args = [], iter(argv)
-    for arg in args:
-        if arg == "--config":
-            value = next(args, None)
-            out.append(arg if value is None else f"--config={config_path(value)}")
-        elif arg.startswith("--config="):
-            out.append(f"--config={config_path(arg[len('--config=') :])}")
-        else:
-            out.append(arg)
+def _joined(args: list[str]) -> list[str]:
+    """`args` with every --config flag in one piece: `--config V` as
+    `--config=V`, `--config.a.b 2` as `--config.a.b=2` (`--noconfig.a.b`,
+    a flag without a value, stays)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        value = args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith("--config") and "=" not in arg and _is_value(value):
+            arg, i = f"{arg}={value}", i + 1
+        out.append(arg)
+        i += 1
     return out
+
+
+def _is_value(arg) -> bool:
+    """Whether `arg`, after a flag without `=`, is that flag's value."""
+    if arg is None:
+        return False
+    return not arg.startswith("-") or arg[1:2].isdigit() or arg[1:2] == "."
+
+
+def _with_config_paths(args: list[str]) -> list[str]:
+    """`_joined(args)` with the --config value turned into a path by
+    `config_path`."""
+    return [
+        f"--config={config_path(a[len('--config=') :])}"
+        if a.startswith("--config=")
+        else a
+        for a in _joined(args)
+    ]
 
 
 def with_run_config(argv: list[str]) -> list[str]:
@@ -136,28 +154,9 @@ def with_run_config(argv: list[str]) -> list[str]:
 
 
 def config_args(args: list[str]) -> list[str]:
-    """The `--config` flags among command-line `args`, each as one
-    `--flag=value` argument (`--config.a.b 2` becomes `--config.a.b=2`;
-    `--noconfig.a.b` stays): what a launcher hands its processes."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith(("--config", "--noconfig.")):
-            value = args[i + 1] if i + 1 < len(args) else None
-            if "=" not in arg and arg.startswith("--config") and _is_value(value):
-                out.append(f"{arg}={value}")
-                i += 2
-                continue
-            out.append(arg)
-        i += 1
-    return out
-
-
-def _is_value(arg) -> bool:
-    """Whether `arg`, after a flag without `=`, is that flag's value."""
-    if arg is None:
-        return False
-    return not arg.startswith("-") or arg[1:2].isdigit() or arg[1:2] == "."
+    """The `--config` flags among command-line `args`, each in one piece
+    (`_joined`): what a launcher hands its processes."""
+    return [a for a in _joined(args) if a.startswith(("--config", "--noconfig."))]
 
 
 def set_fields(config, overrides: dict) -> list:
@@ -197,8 +196,9 @@ def check_client_id(client_id: int, config) -> None:
 
 def check_overrides(argv) -> None:
     """Raises ValueError for a `--config.<field>` the config file lacks."""
+    args = _with_config_paths(argv[1:])
     path, config_arg = None, ""
-    for arg in _with_config_paths(argv[1:]):
+    for arg in args:
         if arg.startswith("--config="):
             path, _, config_arg = arg.split("=", 1)[1].partition(":")
     if path is None:
@@ -207,7 +207,7 @@ def check_overrides(argv) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(config_arg) if config_arg else module.get_config()
-    for arg in argv[1:]:
+    for arg in args:
         if not arg.startswith("--config."):
             continue
         field = arg[len("--config.") :].split("=", 1)[0]
@@ -224,8 +224,11 @@ def check_overrides(argv) -> None:
 
 
 def run(main) -> None:
-    """`absl.app.run(main)`, with one line for a user's mistake."""
-    from absl import app
+    """`absl.app.run(main)`, with one line for a user's mistake; the
+    splitkeras log at INFO, absl's (TensorFlow's) at WARNING."""
+    import logging as std_logging
+
+    from absl import app, logging
 
     # A command run as __main__ by `splitkeras <command>`: its --help shows
     # its own docstring (absl prints the main module's).
@@ -243,6 +246,9 @@ def run(main) -> None:
 
     def guarded(argv):
         global USER_ERRORS
+        # splitkeras's progress lines at INFO; TensorFlow's INFO chatter not.
+        logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
         try:
             return main(argv)
         except Exception as e:

@@ -19,9 +19,7 @@ travel between clients sealed under it, and the server has no copy. With
 only its own file.
 """
 
-import logging as std_logging
-
-from absl import flags, logging
+from absl import flags
 
 from splitkeras import cli, client_process
 from splitkeras.transport import tls
@@ -47,8 +45,6 @@ flags.mark_flags_as_required(["config", "client_id", "connect"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
     k = _CLIENT_ID.value
     cli.check_config(_CONFIG.value)
     cli.check_client_id(k, _CONFIG.value)

@@ -21,7 +21,7 @@ workdir holds the trained server, server_saved_model/; and prints them.
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from splitkeras import cli
 from splitkeras.export import export_from_workdir
@@ -57,7 +57,6 @@ flags.register_multi_flags_validator(
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     report = export_from_workdir(
         _CONFIG.value,
         None if _UNTRAINED.value else _WORKDIR.value,

@@ -8,10 +8,9 @@ Writes workdir/report.md, report.json, report.png and, per setting, the run's
 workdir with a reconstructions.png grid (see splitkeras/privacy/report.py).
 """
 
-import logging as std_logging
 import os
 
-from absl import flags, logging
+from absl import flags
 
 from splitkeras import cli
 from splitkeras.privacy.report import privacy_report
@@ -32,8 +31,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
     privacy_report(
         _CONFIG.value,
         _WORKDIR.value,

@@ -26,10 +26,9 @@ server segment trained in --workdir answers PREDICT messages, e.g. from
 `splitkeras predict`.
 """
 
-import logging as std_logging
 import os
 
-from absl import flags, logging
+from absl import flags
 
 from splitkeras import cli, host_process
 from splitkeras.transport import tls
@@ -67,8 +66,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
     cli.check_config(_CONFIG.value)
     credentials = (
         tls.server_credentials(_TLS_DIR.value, mutual=_MUTUAL.value)

@@ -6,9 +6,7 @@ r"""Trains one experiment: a config and a workdir.
 Run it again with the same --workdir to resume a stopped run.
 """
 
-import logging as std_logging
-
-from absl import flags, logging
+from absl import flags
 
 from splitkeras import cli, experiment
 
@@ -19,9 +17,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    # Our progress lines at INFO; TensorFlow's own INFO chatter stays hidden.
-    logging.set_verbosity(logging.WARNING)
-    std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
     cli.check_config(_CONFIG.value)
     summary = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     test = (
