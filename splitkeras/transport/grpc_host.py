@@ -124,6 +124,9 @@ class GrpcHost:
         self.closed = threading.Event()  # set: the watchdog stops
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
         self._uncounted = {}  # (counter, client) -> bytes not yet in counters
+        # Counting takes a lock of its own: a reply must not wait for the
+        # host lock, which the next message holds while it computes.
+        self._counts_lock = threading.Lock()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self.replies = Replies(keep)
@@ -202,7 +205,8 @@ class GrpcHost:
             with self._lock:
                 if self.mirror is not None:
                     self.mirror.publish(mirror_lib.pack(mirror_lib.ROLLBACK))
-                self._uncounted = {}  # the counters go back to the commit too
+                with self._counts_lock:  # the counters go back to the commit too
+                    self._uncounted = {}
                 self._restore()
         self.steps.rolled_back()
         self.replies.clear()
@@ -284,19 +288,20 @@ class GrpcHost:
             names = CATEGORIES[category(kind)]
         except ValueError:
             return
-        with self._lock:  # into the counters at the next commit or read
+        with self._counts_lock:  # into the counters at the next commit or read
             for name, n in ((names[0], sent), (names[1], received)):
                 key = (name, client)
                 self._uncounted[key] = self._uncounted.get(key, 0) + n + FRAME_BYTES
 
     def _flush_counts(self) -> None:
         with self._lock:  # a commit or a rollback does not come in between
-            uncounted, self._uncounted = self._uncounted, {}
+            with self._counts_lock:
+                uncounted, self._uncounted = self._uncounted, {}
             for (name, client), n in uncounted.items():
                 self.counters.add(name, client, n)
 
     def _refuse(self, context, name, code, details):
-        with self._lock:
+        with self._counts_lock:
             self.refused += 1
         # The status travels in a header: ASCII, and not too long.
         details = details.encode("ascii", "backslashreplace").decode("ascii")

@@ -11,7 +11,9 @@ import concurrent.futures
 import os
 import shutil
 import tempfile
+import threading
 import time
+from unittest import mock
 
 import grpc
 import keras
@@ -28,6 +30,7 @@ from splitkeras.schedules.turn_coordinator import Turns
 from splitkeras.transport import tls, wire
 from splitkeras.transport.codec import get_codec
 from splitkeras.transport.grpc_client import (
+    FRAME_BYTES,
     Connection,
     RemoteError,
     TurnRestarted,
@@ -591,6 +594,39 @@ class ServiceTest(FixtureCase):
             wire_pb2.Envelope,
         )
         self.assertUnchanged(after_second, "after an old step")
+
+    def test_a_reply_does_not_wait_for_the_next_message(self):
+        # Steps sent ahead (max_staleness) or micro-batches: the next message
+        # takes the host while it computes. A hook makes it do so between a
+        # step's exchange and the rest of its call (counting its bytes); the
+        # step's reply must still come back at once. It used to wait for the
+        # next message's compute to end.
+        f = self.f
+        before = f.host.byte_counts()
+        holding, release = threading.Event(), threading.Event()
+
+        def next_message():
+            with f.host._changed:
+                holding.set()
+                release.wait(30)
+
+        exchange = f.host.exchange
+
+        def exchange_then_next(*args, **kwargs):
+            data = exchange(*args, **kwargs)
+            threading.Thread(target=next_message, daemon=True).start()
+            self.assertTrue(holding.wait(10))
+            return data
+
+        with mock.patch.object(f.host, "exchange", exchange_then_next):
+            try:
+                reply = self.train(1)  # CALL_TIMEOUT (5 s) if it waited
+            finally:
+                release.set()
+        _check_gradients_reply(self, reply, 1)
+        after = f.host.byte_counts()
+        sent = after["bytes_up"][0] - before["bytes_up"][0]
+        self.assertEqual(sent, len(f.envelope(1).SerializeToString()) + FRAME_BYTES)
 
     def test_train_or_evaluate_outside_a_turn_is_refused(self):
         # Only the client whose turn it is trains, and evaluates (the round's
