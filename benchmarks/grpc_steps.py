@@ -22,9 +22,10 @@ from splitkeras.configs import fashion_mnist_lenet  # noqa: E402
 SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
 
 
-def setup(root, name, batch, codec="float32", microbatches=1, staleness=0):
+def setup(root, name, batch, codec="float32", microbatches=1, staleness=0, threads=0):
     """A config (+ its command-line form) on a synthetic dataset of `name`'s
-    shape; `codec` on activations and gradients."""
+    shape; `codec` on activations and gradients; `threads`: intra-op threads
+    per process (0: TensorFlow's default)."""
     shape = SHAPES[name]
     path = os.path.join(root, f"{name}_{batch}.npz")
     if not os.path.exists(path):
@@ -48,6 +49,7 @@ def setup(root, name, batch, codec="float32", microbatches=1, staleness=0):
         "transport.codec": codec,
         "train.microbatches": microbatches,
         "train.max_staleness": staleness,
+        "runtime.intra_op_threads": threads,
     }
     config = fashion_mnist_lenet.get_config()
     args = ["--config=fashion_mnist_lenet"]

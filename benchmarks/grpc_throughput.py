@@ -1,29 +1,45 @@
 """Steps/s over gRPC on loopback vs in-process, and bytes and steps/s per codec.
 
-For each case (model:batch) one server process (`splitkeras serve`) per
-setting serves one client; this process trains the same client segment on
-the same in-memory batch, interleaved run by run: in-process (the round-robin
-schedule's compiled step: client, LocalTransport and server in one graph,
-synchronous) and over gRPC with each setting M:S (M micro-batches per step,
-up to S steps in flight: `config.train.microbatches`, `max_staleness`). It
-prints median steps/s and the gRPC / in-process ratio. Then, for LeNet, one
-server per codec (activations and gradients): steps/s and bytes per step as
-counted on the wire (serialized messages + gRPC framing), with the ratio to
-float32.
+For each case (model:batch) and each thread setting T (`--threads`: intra-op
+threads per process, `config.runtime.intra_op_threads`; 0 = TensorFlow's
+default, one per core) a process of its own holds, on the same in-memory
+batch: the in-process program (the round-robin schedule's compiled step:
+client, LocalTransport and server in one graph, synchronous) and a client
+over gRPC to one server process (`splitkeras serve`, also with T threads) per
+setting M:S (M micro-batches per step, up to S steps in flight:
+`config.train.microbatches`, `max_staleness`). Runs are interleaved across
+all of them, run by run; the table gives median steps/s and the ratio to the
+fastest in-process median. A raw gRPC round trip of the cut's bytes (no
+TensorFlow, both ends in this process) gives the transport's own cost.
+Then, for LeNet, one server per codec (activations and gradients): steps/s
+and bytes per step as counted on the wire (serialized messages + gRPC
+framing), with the ratio to float32.
 
   python benchmarks/grpc_throughput.py                 # LeNet/64, VGG-16/128, codecs
-  python benchmarks/grpc_throughput.py --cases=lenet5:64 --settings=1:0,1:1 --codecs=
+  python benchmarks/grpc_throughput.py --cases=lenet5:64 --settings=1:0,1:2 --codecs=
 """
 
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 
 import grpc_steps
 from absl import app, flags
 
 _CASES = flags.DEFINE_list("cases", ["lenet5:64", "vgg16:128"], "model:batch pairs.")
 _SETTINGS = flags.DEFINE_list(
-    "settings", ["1:0", "4:0", "1:1", "4:1"], "M:S (micro-batches : staleness)."
+    "settings", ["1:0", "4:0", "1:1", "1:2"], "M:S (micro-batches : staleness)."
+)
+_THREADS = flags.DEFINE_list(
+    "threads",
+    ["0", "1"],
+    "Intra-op threads per process to compare (0: TensorFlow's default); "
+    "each gets a client process and servers of its own.",
 )
 _CODECS = flags.DEFINE_list(
     "codecs",
@@ -32,32 +48,139 @@ _CODECS = flags.DEFINE_list(
 )
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs per way (median taken).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Steps per run; 0 = 100 LeNet, 5 VGG.")
+_WORKER = flags.DEFINE_string(
+    "worker", "", "Internal: ROOT,MODEL:BATCH,THREADS: one thread setting's runs."
+)
+
+_MARK = "@@ "  # a worker's answers on stdout (TensorFlow may print there too)
 
 
-def compare(root, name, batch, settings, runs, steps):
-    """{way: median steps/s}: in-process and gRPC with each M:S setting."""
-    config, _ = grpc_steps.setup(root, name, batch)
-    local = grpc_steps.local_program(config)
-    xy = grpc_steps.first_batch(config)
-    remotes = {}
+def worker(spec, settings):
+    """One thread setting: its in-process program and a gRPC client per M:S;
+    answers `[way, steps]` lines on stdin with steps/s."""
+    from splitkeras import cli
+
+    root, case, threads = spec.split(",")
+    name, batch = case.split(":")
+    config, _ = grpc_steps.setup(root, name, int(batch), threads=int(threads))
+    cli.use_threads(config)  # before TensorFlow's first op
+    programs = {"in-process": grpc_steps.local_program(config)}
+    remotes = []
     try:
         for setting in settings:
             m, s = (int(v) for v in setting.split(":"))
-            config, args = grpc_steps.setup(root, name, batch, "float32", m, s)
-            tag = f"{name}_{batch}_{m}_{s}"
-            remotes[f"grpc M={m} S={s}"] = grpc_steps.Remote(root, tag, config, args)
-        programs = {"in-process": local}
-        programs.update({k: r.program for k, r in remotes.items()})
+            config, args = grpc_steps.setup(
+                root, name, int(batch), "float32", m, s, int(threads)
+            )
+            tag = f"{name}_{batch}_{m}_{s}_t{threads}"
+            remotes.append(grpc_steps.Remote(root, tag, config, args))
+            programs[f"grpc M={m} S={s}"] = remotes[-1].program
+        xy = grpc_steps.first_batch(config)
         for program in programs.values():
             grpc_steps.rate(program, xy, 2)  # trace and warm up
-        rates = {k: [] for k in programs}
-        for _ in range(runs):
-            for way, program in programs.items():
-                rates[way].append(grpc_steps.rate(program, xy, steps))
+        print(_MARK + json.dumps(list(programs)), flush=True)
+        for line in sys.stdin:
+            way, steps = json.loads(line)
+            rate = grpc_steps.rate(programs[way], xy, steps)
+            print(_MARK + json.dumps(rate), flush=True)
     finally:
-        for remote in remotes.values():
+        for remote in remotes:
             remote.close()
+
+
+class Worker:
+    """A `worker` process, asked for runs one at a time."""
+
+    def __init__(self, root, case, threads, settings):
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--worker={root},{case},{threads}",
+                f"--settings={','.join(settings)}",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def answer(self):
+        for line in self.process.stdout:
+            if line.startswith(_MARK):
+                return json.loads(line[len(_MARK) :])
+        raise RuntimeError(f"worker ended: exit {self.process.wait()}")
+
+    def rate(self, way, steps) -> float:
+        self.process.stdin.write(json.dumps([way, steps]) + "\n")
+        self.process.stdin.flush()
+        return self.answer()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def compare(root, case, settings, threads, runs, steps):
+    """{(threads, way): median steps/s}, interleaved run by run."""
+    workers = {t: Worker(root, case, t, settings) for t in threads}
+    try:
+        ways = {t: w.answer() for t, w in workers.items()}  # all ready
+        rates = {(t, way): [] for t in threads for way in ways[t]}
+        for _ in range(runs):
+            for t, w in workers.items():
+                for way in ways[t]:
+                    rates[(t, way)].append(w.rate(way, steps))
+    finally:
+        for w in workers.values():
+            w.close()
     return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def echo(nbytes, runs=5, calls=10):
+    """(wall ms, CPU ms) medians of a raw gRPC call sending `nbytes` and
+    answering them (channel options as the library's, both ends here)."""
+    import concurrent.futures
+
+    import grpc
+
+    from splitkeras.transport.grpc_client import channel_options
+
+    options = channel_options(max(nbytes + (1 << 20), 4 << 20))
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), options=options)
+    handler = grpc.unary_unary_rpc_method_handler(lambda data, context: data)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("Echo", {"Call": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+    call = channel.unary_unary("/Echo/Call")
+    data = os.urandom(nbytes)
+    call(data)
+    walls, cpus = [], []
+    for _ in range(runs):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0, start = usage.ru_utime + usage.ru_stime, time.perf_counter()
+        for _ in range(calls):
+            call(data)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        walls.append((time.perf_counter() - start) / calls * 1000)
+        cpus.append((usage.ru_utime + usage.ru_stime - cpu0) / calls * 1000)
+    channel.close()
+    server.stop(None)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def cut_bytes(name, batch) -> int:
+    """Bytes of one step's float32 cut tensor at the case's default cut."""
+    from splitkeras import models
+
+    model = models.build_model(name, grpc_steps.SHAPES[name], 10)
+    shape = model.get_layer(models.default_cut(name)).output.shape[1:]
+    count = batch
+    for d in shape:
+        count *= d
+    return 4 * count
 
 
 def codecs(root, codec_names, runs, steps):
@@ -87,16 +210,33 @@ def codecs(root, codec_names, runs, steps):
 
 def main(argv):
     del argv
+    if _WORKER.value:
+        worker(_WORKER.value, _SETTINGS.value)
+        return
     root = tempfile.mkdtemp(prefix="grpc_bench_")
-    print("| case | way | steps/s (median) | / in-process |")
-    print("|---|---|---|---|")
+    print("| case | threads | way | steps/s (median) | / best in-process |")
+    print("|---|---|---|---|---|")
+    floors = []
     for case in _CASES.value:
         name, batch = case.split(":")
         steps = _STEPS.value or (100 if name == "lenet5" else 5)
-        medians = compare(root, name, int(batch), _SETTINGS.value, _RUNS.value, steps)
-        base = medians["in-process"]
-        for way, value in medians.items():
-            print(f"| {name}/{batch} | {way} | {value:.2f} | {value / base:.3f} |")
+        medians = compare(
+            root, case, _SETTINGS.value, _THREADS.value, _RUNS.value, steps
+        )
+        base = max(v for (_, way), v in medians.items() if way == "in-process")
+        for (threads, way), value in medians.items():
+            label = threads if threads != "0" else "default"
+            print(
+                f"| {name}/{batch} | {label} | {way} | {value:.2f} "
+                f"| {value / base:.3f} |"
+            )
+        nbytes = cut_bytes(name, int(batch))
+        floors.append((case, nbytes, *echo(nbytes)))
+    print()
+    print("| case | cut bytes each way | raw gRPC round trip: wall ms | CPU ms |")
+    print("|---|---|---|---|")
+    for case, nbytes, wall, cpu in floors:
+        print(f"| {case} | {nbytes:,} | {wall:.1f} | {cpu:.1f} |")
     codec_names = [c for c in _CODECS.value if c]
     if codec_names:
         rows = codecs(root, codec_names, _RUNS.value, _STEPS.value or 100)

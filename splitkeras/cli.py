@@ -13,12 +13,14 @@
   the traceback instead.
 
 `check_config(config)` refuses values no run can take (no epochs, no
-clients, an empty batch) before anything is built.
+clients, an empty batch) before anything is built; `use_threads(config)`
+sizes TensorFlow's thread pools (`config.runtime`) before its first op.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -33,6 +35,7 @@ __all__ = [
     "define_config",
     "run",
     "set_fields",
+    "use_threads",
     "with_run_config",
 ]
 
@@ -182,6 +185,44 @@ def check_config(config) -> None:
     ):
         if int(value) < 1:
             raise ValueError(f"config.{field}={value}: it must be at least 1")
+    runtime = config.get("runtime", {})
+    for field in ("intra_op_threads", "inter_op_threads"):
+        if int(runtime.get(field, 0)) < 0:
+            raise ValueError(
+                f"config.runtime.{field}={runtime[field]}: it must be 0 "
+                "(TensorFlow's default) or more"
+            )
+    if int(runtime.get("inter_op_threads", 0)) == 1:
+        # A step paused between two messages (U-shaped server, micro-batches)
+        # holds one inter-op thread while the next message is awaited.
+        raise ValueError(
+            "config.runtime.inter_op_threads=1: a step that waits for a "
+            "message holds one inter-op thread; use 0 (TensorFlow's default) "
+            "or at least 2"
+        )
+
+
+def use_threads(config) -> None:
+    """Sets TensorFlow's intra-op and inter-op thread pools from
+    `config.runtime` (0: TensorFlow's default, one thread per core). Call it
+    before TensorFlow runs its first op; a process's pools cannot change
+    after that (RuntimeError)."""
+    runtime = config.get("runtime", {})
+    intra = int(runtime.get("intra_op_threads", 0))
+    inter = int(runtime.get("inter_op_threads", 0))
+    if not (intra or inter):
+        return
+    import tensorflow as tf
+
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    logging.getLogger("splitkeras").info(
+        "TensorFlow threads: intra-op %s, inter-op %s",
+        intra or "default",
+        inter or "default",
+    )
 
 
 def check_client_id(client_id: int, config) -> None:

@@ -47,6 +47,7 @@ def main(argv):
     del argv
     k = _CLIENT_ID.value
     cli.check_config(_CONFIG.value)
+    cli.use_threads(_CONFIG.value)
     cli.check_client_id(k, _CONFIG.value)
     credentials = None
     if _TLS_DIR.value:

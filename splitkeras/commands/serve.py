@@ -67,6 +67,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     cli.check_config(_CONFIG.value)
+    cli.use_threads(_CONFIG.value)
     credentials = (
         tls.server_credentials(_TLS_DIR.value, mutual=_MUTUAL.value)
         if _TLS_DIR.value

@@ -18,6 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     cli.check_config(_CONFIG.value)
+    cli.use_threads(_CONFIG.value)
     summary = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     test = (
         f"test accuracy: {summary['test_accuracy']:.4f} "

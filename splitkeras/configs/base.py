@@ -134,6 +134,14 @@ def get_config(arg=None):
     # (`splitkeras launch`; across machines each gets its own TF_CONFIG).
     c.server.workers = 2
 
+    # TensorFlow's thread pools in each process of a run (tf.config.threading;
+    # 0 = TensorFlow's default: one thread per core). Processes that share a
+    # machine's cores (a server and its clients on one machine) each run best
+    # with fewer: benchmarks/README.md, "gRPC on loopback".
+    c.runtime = ml_collections.ConfigDict()
+    c.runtime.intra_op_threads = 0  # threads inside one op (a matmul, a conv)
+    c.runtime.inter_op_threads = 0  # ops at once; 1 is refused (paused steps)
+
     # Server and clients as processes (`splitkeras serve`, `client`, `launch`).
     c.grpc = ml_collections.ConfigDict()
     c.grpc.max_message_mb = 64  # largest message, both ends (gRPC default: 4)

@@ -38,12 +38,25 @@ class CliTest(base.TestCase):
         config = fashion_mnist_lenet.get_config()
         cli.check_config(config)
         cli.check_client_id(0, config)
-        for field, text in (
-            ("train.epochs", "config.train.epochs=0: it must be at least 1"),
-            ("num_clients", "config.num_clients=0: it must be at least 1"),
+        for field, value, text in (
+            ("train.epochs", 0, "config.train.epochs=0: it must be at least 1"),
+            ("num_clients", 0, "config.num_clients=0: it must be at least 1"),
+            (
+                "runtime.intra_op_threads",
+                -1,
+                r"config.runtime.intra_op_threads=-1: it must be 0 \(TensorFlow's "
+                r"default\) or more",
+            ),
+            (
+                "runtime.inter_op_threads",
+                1,
+                r"config.runtime.inter_op_threads=1: a step that waits for a "
+                r"message holds one inter-op thread; use 0 \(TensorFlow's "
+                r"default\) or at least 2",
+            ),
         ):
             broken = fashion_mnist_lenet.get_config()
-            cli.set_fields(broken, {field: 0})
+            cli.set_fields(broken, {field: value})
             with self.assertRaisesRegex(ValueError, f"^{text}$"):
                 cli.check_config(broken)
         config.num_clients = 2
@@ -155,6 +168,8 @@ class CliTest(base.TestCase):
                 f"--config.data.path={data}",
                 "--config.train.epochs=1",
                 "--config.train.batch_size=8",
+                "--config.runtime.intra_op_threads=1",
+                "--config.runtime.inter_op_threads=2",
                 f"--workdir={workdir}",
             ],
             capture_output=True,
@@ -162,6 +177,7 @@ class CliTest(base.TestCase):
             timeout=600,
         )
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertIn("TensorFlow threads: intra-op 1, inter-op 2", done.stderr)
         with open(os.path.join(workdir, "summary.json")) as f:
             self.assertEqual(json.load(f)["steps"], 2)
         config = cifar10_vgg.get_config()
