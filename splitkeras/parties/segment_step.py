@@ -52,11 +52,66 @@ def optimizer_factory(make_optimizer):
 def compiled(step, run_eagerly: bool = False, jit_compile: bool = False):
     """`step` as one `tf.function` (fused parties and transport), or as is.
 
-    `jit_compile` compiles it with XLA.
+    `jit_compile` compiles it with XLA. The function is called through its
+    concrete functions (`Dispatched`).
     """
     if run_eagerly:
         return step
-    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile or None)
+    return Dispatched(
+        tf.function(step, reduce_retracing=True, jit_compile=jit_compile or None)
+    )
+
+
+class Dispatched:
+    """A `tf.function` called through the concrete function of each input
+    signature it has seen, found by the arguments' nesting, shapes and
+    dtypes (`_signature`). `tf.function` itself builds the arguments' full
+    trace type on every call, which a small step feels: a host pays it once
+    per message, a client once or twice per step (`benchmarks/dispatch.py`).
+    An argument `_signature` cannot key goes to the `tf.function`. Other
+    attributes are the function's.
+    """
+
+    def __init__(self, function):
+        self.function = function
+        self._concrete = {}
+
+    def __call__(self, *args):
+        key = _signature(args)
+        if key is None:  # an argument only tf.function knows how to key
+            return self.function(*args)
+        concrete = self._concrete.get(key)
+        if concrete is None:
+            concrete = self.function.get_concrete_function(*args)
+            self._concrete[key] = concrete
+        return concrete(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.function, name)
+
+
+_VALUES = (bool, int, float, str, bytes, type(None))
+
+
+def _signature(value):
+    """What picks `value`'s concrete function: its nesting (tuples, lists)
+    and each leaf's shape and dtype (a tensor or an array), identity (a
+    variable) or value (None, a number, a string); None for anything else."""
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+        key = [type(value)]
+        for item in value:
+            item_key = _signature(item)
+            if item_key is None:
+                return None
+            key.append(item_key)
+        return tuple(key)
+    if isinstance(value, tf.Variable):
+        return ("variable", id(value))
+    if isinstance(value, (tf.Tensor, np.ndarray)):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, _VALUES):
+        return (type(value), value)
+    return None
 
 
 def wire_dtype(dtype) -> tf.DType:

@@ -15,6 +15,7 @@ from splitkeras import data as data_lib
 from splitkeras.experiment import InProcess
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
+from splitkeras.parties.segment_step import Dispatched
 from splitkeras.protocol import Kind, Message
 from splitkeras.split_model import SplitModel
 from tests import base
@@ -257,6 +258,8 @@ def _step_functions(schedule) -> list:
             if name == "_check_fn":
                 continue
             for item in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(item, Dispatched):  # segment_step.compiled's
+                    item = item.function
                 if isinstance(item, tf.types.experimental.PolymorphicFunction):
                     found.append(item)
     return found
