@@ -31,13 +31,15 @@ def setup(root, name, batch, codec="float32", microbatches=1, staleness=0, threa
     if not os.path.exists(path):
         rng = np.random.default_rng(0)
         n = batch * 2
-        np.savez(
-            path,
+        partial = f"{path}.{os.getpid()}.npz"  # workers start at once: whole
+        np.savez(  # files only, by a rename
+            partial,
             x_train=rng.integers(0, 255, (n, *shape), dtype=np.uint8),
             y_train=rng.integers(0, 10, n),
             x_test=rng.integers(0, 255, (batch, *shape), dtype=np.uint8),
             y_test=rng.integers(0, 10, batch),
         )
+        os.replace(partial, path)
     settings = {
         "data.path": path,
         "data.input_shape": ",".join(str(d) for d in shape),

@@ -193,12 +193,12 @@ def check_config(config) -> None:
                 "(TensorFlow's default) or more"
             )
     if int(runtime.get("inter_op_threads", 0)) == 1:
-        # A step paused between two messages (U-shaped server, micro-batches)
-        # holds one inter-op thread while the next message is awaited.
+        # A U-shaped server's step, paused between its two messages
+        # (parties/paused_step.py), holds one inter-op thread meanwhile.
         raise ValueError(
-            "config.runtime.inter_op_threads=1: a step that waits for a "
-            "message holds one inter-op thread; use 0 (TensorFlow's default) "
-            "or at least 2"
+            "config.runtime.inter_op_threads=1: a U-shaped server's step "
+            "holds one inter-op thread while it waits for its second "
+            "message; use 0 (TensorFlow's default) or at least 2"
         )
 
 

@@ -68,7 +68,9 @@ class Dispatched:
     dtypes (`_signature`). `tf.function` itself builds the arguments' full
     trace type on every call, which a small step feels: a host pays it once
     per message, a client once or twice per step (`benchmarks/dispatch.py`).
-    An argument `_signature` cannot key goes to the `tf.function`. Other
+    A signature's first call goes through the `tf.function` (which traces
+    it, and may make variables); so do keyword arguments, arguments
+    `_signature` cannot key and `tf.config.run_functions_eagerly`. Other
     attributes are the function's.
     """
 
@@ -76,17 +78,23 @@ class Dispatched:
         self.function = function
         self._concrete = {}
 
-    def __call__(self, *args):
-        key = _signature(args)
-        if key is None:  # an argument only tf.function knows how to key
-            return self.function(*args)
+    def __call__(self, *args, **kwargs):
+        key = None if kwargs or tf.config.functions_run_eagerly() else _signature(args)
+        if key is None:  # arguments only tf.function knows how to key
+            return self.function(*args, **kwargs)
         concrete = self._concrete.get(key)
-        if concrete is None:
-            concrete = self.function.get_concrete_function(*args)
-            self._concrete[key] = concrete
-        return concrete(*args)
+        if concrete is not None:
+            return concrete(*args)
+        # A new signature: traced by the tf.function's own call (which also
+        # makes variables at a first call, and enters an XLA context), then
+        # its concrete function kept for the next calls.
+        result = self.function(*args)
+        self._concrete[key] = self.function.get_concrete_function(*args)
+        return result
 
     def __getattr__(self, name):
+        if name == "function":  # not set yet (a copy): no recursion
+            raise AttributeError(name)
         return getattr(self.function, name)
 
 
@@ -95,8 +103,9 @@ _VALUES = (bool, int, float, str, bytes, type(None))
 
 def _signature(value):
     """What picks `value`'s concrete function: its nesting (tuples, lists)
-    and each leaf's shape and dtype (a tensor or an array), identity (a
-    variable) or value (None, a number, a string); None for anything else."""
+    and each leaf's shape and dtype (a tensor or an array), identity, shape
+    and dtype (a variable) or value (None, a number, a string); None for
+    anything else."""
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
         key = [type(value)]
         for item in value:
@@ -106,7 +115,7 @@ def _signature(value):
             key.append(item_key)
         return tuple(key)
     if isinstance(value, tf.Variable):
-        return ("variable", id(value))
+        return ("variable", id(value), tuple(value.shape), value.dtype)
     if isinstance(value, (tf.Tensor, np.ndarray)):
         return (tuple(value.shape), value.dtype)
     if isinstance(value, _VALUES):

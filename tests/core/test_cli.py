@@ -50,9 +50,9 @@ class CliTest(base.TestCase):
             (
                 "runtime.inter_op_threads",
                 1,
-                r"config.runtime.inter_op_threads=1: a step that waits for a "
-                r"message holds one inter-op thread; use 0 \(TensorFlow's "
-                r"default\) or at least 2",
+                r"config.runtime.inter_op_threads=1: a U-shaped server's step "
+                r"holds one inter-op thread while it waits for its second "
+                r"message; use 0 \(TensorFlow's default\) or at least 2",
             ),
         ):
             broken = fashion_mnist_lenet.get_config()

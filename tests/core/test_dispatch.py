@@ -57,6 +57,30 @@ class DispatchedTest(base.TestCase):
         self.assertEqual((float(a.numpy()), float(b.numpy())), (2.0, 6.0))
         self.assertLen(fn._concrete, 2)
 
+    def test_keywords_and_run_functions_eagerly_go_through_the_tf_function(self):
+        fn = compiled(lambda x, scale=2.0: x * scale)
+        self.assertEqual(float(fn(tf.constant(3.0), scale=3.0)), 9.0)
+        self.assertEqual(fn._concrete, {})
+        tf.config.run_functions_eagerly(True)
+        try:
+            self.assertEqual(float(fn(tf.constant(3.0))), 6.0)
+        finally:
+            tf.config.run_functions_eagerly(False)
+        self.assertEqual(fn._concrete, {})
+
+    def test_a_first_call_may_make_variables(self):
+        made = []
+
+        def step(x):
+            if not made:
+                made.append(tf.Variable(tf.zeros_like(x)))
+            return made[0].assign_add(x)
+
+        fn = compiled(step)
+        self.assertEqual(fn(tf.ones(2)).numpy().tolist(), [1.0, 1.0])
+        self.assertEqual(fn(tf.ones(2)).numpy().tolist(), [2.0, 2.0])
+        self.assertLen(fn._concrete, 1)
+
     def test_run_eagerly_is_the_python_function(self):
         def step(x):
             return x + 1
