@@ -20,6 +20,7 @@ framing), with the ratio to float32.
 """
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -177,10 +178,7 @@ def cut_bytes(name, batch) -> int:
 
     model = models.build_model(name, grpc_steps.SHAPES[name], 10)
     shape = model.get_layer(models.default_cut(name)).output.shape[1:]
-    count = batch
-    for d in shape:
-        count *= d
-    return 4 * count
+    return 4 * batch * math.prod(shape)
 
 
 def codecs(root, codec_names, runs, steps):

@@ -267,9 +267,8 @@ def check_overrides(argv) -> None:
 def run(main) -> None:
     """`absl.app.run(main)`, with one line for a user's mistake; the
     splitkeras log at INFO, absl's (TensorFlow's) at WARNING."""
-    import logging as std_logging
-
-    from absl import app, logging
+    from absl import app
+    from absl import logging as absl_logging
 
     # A command run as __main__ by `splitkeras <command>`: its --help shows
     # its own docstring (absl prints the main module's).
@@ -288,8 +287,8 @@ def run(main) -> None:
     def guarded(argv):
         global USER_ERRORS
         # splitkeras's progress lines at INFO; TensorFlow's INFO chatter not.
-        logging.set_verbosity(logging.WARNING)
-        std_logging.getLogger("splitkeras").setLevel(std_logging.INFO)
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("splitkeras").setLevel(logging.INFO)
         try:
             return main(argv)
         except Exception as e:

@@ -136,11 +136,11 @@ def get_config(arg=None):
 
     # TensorFlow's thread pools in each process of a run (tf.config.threading;
     # 0 = TensorFlow's default: one thread per core). Processes that share a
-    # machine's cores (a server and its clients on one machine) each run best
-    # with fewer: benchmarks/README.md, "gRPC on loopback".
+    # machine's cores (a server and its clients on one machine) may want
+    # fewer; measure first (benchmarks/README.md, "gRPC on loopback").
     c.runtime = ml_collections.ConfigDict()
     c.runtime.intra_op_threads = 0  # threads inside one op (a matmul, a conv)
-    c.runtime.inter_op_threads = 0  # ops at once; 1 is refused (paused steps)
+    c.runtime.inter_op_threads = 0  # ops at once; 1 is refused (U-shaped server)
 
     # Server and clients as processes (`splitkeras serve`, `client`, `launch`).
     c.grpc = ml_collections.ConfigDict()
