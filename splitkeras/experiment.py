@@ -50,6 +50,7 @@ class InProcess(RunnerProcess):
             self.test = client_data.test_batches(config, self.sites[0], data)
         first = self.sites[0]
         self.leakage = Leakage(config, first if hasattr(first, "x_test") else data)
+        self.leakage.measure_start(schedule)  # before any step (and restore)
         self.client_flops = client_data.client_flops_per_epoch(config, self.sites, data)
         self.steps_per_round = client_data.steps_per_round(config, self.sites, data)
         self.dataset_name = getattr(first, "data_name", "") or getattr(data, "name", "")
@@ -102,6 +103,7 @@ class InProcess(RunnerProcess):
         replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
         return {
             **summary_fields(self.config, self.dataset_name, test),
+            **self.leakage.summary(),
             **byte_totals(per_client),
             "per_client": per_client,
             "server_replicas": replicas,

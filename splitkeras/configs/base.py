@@ -117,7 +117,12 @@ def get_config(arg=None):
 
     # Privacy (splitkeras.privacy): defenses on every client, and leakage.
     c.privacy = ml_collections.ConfigDict()
-    c.privacy.nopeek_alpha = 0.0  # weight of dCor(raw batch, cut) (NoPeekNN)
+    # NoPeekNN: lower dCor(raw batch, cut). "normalized" step: alpha is the
+    # privacy step's size relative to the task step's (0.5-1 moves LeNet's
+    # client within a few epochs); "loss": alpha x dCor added to the loss.
+    c.privacy.nopeek_alpha = 0.0
+    c.privacy.nopeek_step = "normalized"  # normalized | loss
+    c.privacy.nopeek_window = 256  # earlier rows in each batch's dCor estimate
     c.privacy.activation_noise = 0.0  # std of Gaussian noise on sent activations
     c.privacy.gradient_max_norm = 0.0  # U-shaped: per-example bound on sent grads
     c.privacy.gradient_noise = 0.0  # U-shaped: std of noise on sent output grads

@@ -23,6 +23,7 @@ from splitkeras.parties.segment_step import (
     skipped,
     wire_dtype,
 )
+from splitkeras.privacy.defenses import NoPeekTerm
 from splitkeras.protocol import Kind, Message, flat
 
 __all__ = ["Client", "Forward"]
@@ -34,6 +35,7 @@ class Forward(NamedTuple):
     tape: tf.GradientTape
     cut: tuple
     reg: tf.Tensor | None
+    nopeek: NoPeekTerm | None = None
 
 
 class Client:
@@ -99,7 +101,11 @@ class Client:
         The returned `Forward` lives only as long as the caller's step: pass
         it to `backward` once the cut tensors' gradients arrive.
         """
-        with tf.GradientTape() as tape:
+        # The normalized NoPeek step takes dCor's gradient apart: two
+        # gradients from one tape.
+        two = self.privacy is not None and self.privacy.normalized
+        nopeek = None
+        with tf.GradientTape(persistent=two) as tape:
             # Mixed precision: 16-bit cut tensors cross in float32 (wire_dtype).
             cut = tuple(
                 tf.cast(c, wire_dtype(c.dtype))
@@ -107,10 +113,10 @@ class Client:
             )
             reg = regularization(self.segment)
             if self.privacy is not None:
-                # NoPeek: + alpha * dCor(x, cut) joins the regularization term,
-                # so backward adds its gradient to the task gradient.
-                cut, reg = self.privacy.protect_activations(x, cut, reg)
-        return Forward(tape, cut, reg)
+                # NoPeek "loss": alpha * dCor joins the regularization term;
+                # "normalized": backward adds its own step (nopeek_gradients).
+                cut, reg, nopeek = self.privacy.protect_activations(x, cut, reg)
+        return Forward(tape, cut, reg, nopeek)
 
     def backward(self, forward: Forward, gradients, tail_grads=()) -> None:
         """Applies the cut tensors' `gradients` (and the tail's) in one update."""
@@ -137,6 +143,9 @@ class Client:
             state = [self.optimizer.dynamic_scale, self.optimizer.step_counter]
             kept = [tf.identity(v) for v in state]
         head_grads = forward.tape.gradient(targets, head_vars, output_gradients=seeds)
+        if forward.nopeek is not None and self.privacy.normalized:
+            leak = forward.tape.gradient(forward.nopeek.dcor, head_vars)
+            head_grads = self.privacy.nopeek_gradients(head_grads, leak)
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
         apply_gradients(
@@ -144,6 +153,8 @@ class Client:
             list(head_grads) + list(tail_grads),
             list(head_vars) + list(tail_vars),
         )
+        if self.privacy is not None:
+            self.privacy.remember(forward.nopeek)  # the window of NoPeek's dCor
         if scale is not None:
             # The overflow was the server's: this client's scale stays.
             for variable, value in zip(state, kept):

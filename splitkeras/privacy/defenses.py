@@ -3,10 +3,24 @@
 A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
 `client.privacy = ...`) and acts inside its compiled step:
 
-- NoPeek (Vepakomma et al. 2020): the client adds `nopeek_alpha` x dCor(raw
-  batch, cut tensors) to its own objective. The term joins the segment's
-  regularization, so the client's update is the task gradient from the
-  server plus alpha times the dCor gradient, in one optimizer step.
+- NoPeek (Vepakomma et al. 2020): the client lowers dCor(raw batch, cut
+  tensors) besides its task loss, in one optimizer step. Two ways
+  (`nopeek_step`):
+  - "normalized" (the default): the privacy gradient is taken apart from
+    the task gradient, the part of it that opposes the task gradient is
+    removed (projected out, as in gradient surgery), and it is rescaled to
+    `nopeek_alpha` times the task gradient's global norm. Alpha is then the
+    size of the privacy step relative to the task step, whatever the scale
+    of dCor's gradient: it moves the client from the first steps (dCor's
+    gradient is tiny on the plateau near 1), and it stops when the task
+    gradient does (a client whose output went constant gets no further
+    push).
+  - "loss" (the paper's): `nopeek_alpha` x dCor joins the segment's
+    regularization, so the update is the task gradient plus alpha times
+    the dCor gradient.
+  dCor is estimated on the batch together with the `nopeek_window` rows of
+  the batches before it (their raw inputs and cut tensors as they were
+  sent; no gradient flows into them): one batch of 64 is a noisy estimate.
 - Gaussian noise on the activations (`activation_noise`: its standard
   deviation, recorded in the config and the summary): the server receives
   cut + N(0, sigma^2). The noise is a constant for the gradient, so the
@@ -21,13 +35,25 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
 from splitkeras.privacy.distance_correlation import distance_correlation
 
-__all__ = ["ClientPrivacy", "flat_batch", "from_config"]
+__all__ = ["NOPEEK_STEPS", "ClientPrivacy", "NoPeekTerm", "flat_batch", "from_config"]
+
+NOPEEK_STEPS = ("normalized", "loss")
+
+
+class NoPeekTerm(NamedTuple):
+    """A step's NoPeek term: dCor over the batch and the window, and the
+    batch's rows that join the window once the step is applied."""
+
+    dcor: tf.Tensor
+    x_rows: tf.Tensor
+    z_rows: tf.Tensor
 
 
 def flat_batch(tensors) -> tf.Tensor:
@@ -42,8 +68,12 @@ class ClientPrivacy:
     """What a client does to protect its inputs and labels.
 
     Attributes:
-      nopeek_alpha: weight of dCor(raw batch, cut tensors) in the client's
-        objective (0: off).
+      nopeek_alpha: strength of NoPeek (0: off): with `nopeek_step`
+        "normalized", the privacy step's size relative to the task step's;
+        with "loss", the weight of dCor in the client's objective.
+      nopeek_step: "normalized" or "loss" (see the module docstring).
+      nopeek_window: rows of earlier batches that join each batch's dCor
+        estimate (0: the batch alone).
       activation_noise: standard deviation of the Gaussian noise added to
         the cut tensors the client sends (0: off).
       gradient_max_norm: U-shaped: per-example L2 bound on the output
@@ -54,14 +84,22 @@ class ClientPrivacy:
     """
 
     nopeek_alpha: float = 0.0
+    nopeek_step: str = "normalized"
+    nopeek_window: int = 256
     activation_noise: float = 0.0
     gradient_max_norm: float = 0.0
     gradient_noise: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
+        if self.nopeek_step not in NOPEEK_STEPS:
+            raise ValueError(
+                f"nopeek_step must be one of {', '.join(NOPEEK_STEPS)}, got "
+                f"{self.nopeek_step!r}"
+            )
         for name in (
             "nopeek_alpha",
+            "nopeek_window",
             "activation_noise",
             "gradient_max_norm",
             "gradient_noise",
@@ -69,6 +107,7 @@ class ClientPrivacy:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self._seeds = keras.random.SeedGenerator(self.seed)
+        self._memory = None  # (x rows, z rows, rows filled), made at first use
 
     @property
     def active(self) -> bool:
@@ -96,14 +135,97 @@ class ClientPrivacy:
             for c in cut
         )
 
+    @property
+    def normalized(self) -> bool:
+        """True when NoPeek's gradient is taken apart (`nopeek_gradients`)."""
+        return bool(self.nopeek_alpha) and self.nopeek_step == "normalized"
+
     def protect_activations(self, x, cut, reg):
-        """(cut tensors to send, regularization + NoPeek term), under the tape."""
-        if self.nopeek_alpha:
-            term = self.nopeek_alpha * distance_correlation(
-                flat_batch(x), flat_batch(cut)
-            )
-            reg = term if reg is None else reg + tf.cast(term, reg.dtype)
-        return self.noised(cut), reg
+        """(cut tensors to send, regularization, NoPeek term or None), under
+        the tape. With `nopeek_step` "loss" the term's alpha x dCor joins the
+        regularization; "normalized" leaves it to `nopeek_gradients`."""
+        if not self.nopeek_alpha:
+            return self.noised(cut), reg, None
+        x_rows, z_rows = flat_batch(x), flat_batch(cut)
+        term = NoPeekTerm(self._windowed_dcor(x_rows, z_rows), x_rows, z_rows)
+        if self.nopeek_step == "loss":
+            weighted = self.nopeek_alpha * term.dcor
+            reg = weighted if reg is None else reg + tf.cast(weighted, reg.dtype)
+        return self.noised(cut), reg, term
+
+    def nopeek_gradients(self, task, leak) -> list:
+        """The client's gradients with the normalized NoPeek step.
+
+        Args:
+          task: the task's gradients of the client's variables (None for a
+            variable the task does not reach).
+          leak: dCor's gradients of the same variables.
+
+        Returns:
+          task + s * leak', where leak' is `leak` without its component
+          along `task` when the two conflict (a step down dCor would then
+          go up the task loss), and s = alpha * |task| / |leak'| (global
+          norms; 0 when either is 0).
+        """
+        task = [_dense(t) for t in task]
+        leak = [_dense(g) for g in leak]
+        both = [i for i, (t, g) in enumerate(zip(task, leak)) if None not in (t, g)]
+        if not both:
+            return task
+        t_sq = tf.add_n([tf.reduce_sum(tf.square(task[i])) for i in both])
+        dot = tf.add_n([tf.reduce_sum(task[i] * leak[i]) for i in both])
+        # Gradient surgery: a conflicting privacy step loses its part along
+        # the task's.
+        along = tf.minimum(dot, 0.0) / _nonzero(t_sq)
+        for i in both:
+            leak[i] = leak[i] - along * task[i]
+        l_sq = tf.add_n([tf.reduce_sum(tf.square(leak[i])) for i in both])
+        scale = tf.where(
+            l_sq > 0.0,
+            self.nopeek_alpha * tf.sqrt(t_sq) / tf.sqrt(_nonzero(l_sq)),
+            0.0,
+        )
+        for i in both:
+            task[i] = task[i] + scale * leak[i]
+        return task
+
+    def remember(self, term: NoPeekTerm | None) -> None:
+        """Puts a step's rows into the window (newest first), once the step
+        is applied: a step recomputed (asynchronous steps) counts once."""
+        if term is None or not self.nopeek_window:
+            return
+        x_memory, z_memory, filled = self._window(term.x_rows, term.z_rows)
+        for memory, rows in ((x_memory, term.x_rows), (z_memory, term.z_rows)):
+            rows = tf.stop_gradient(tf.cast(rows, memory.dtype))
+            memory.assign(tf.concat([rows, memory], 0)[: self.nopeek_window])
+        filled.assign(tf.minimum(filled + tf.shape(term.x_rows)[0], self.nopeek_window))
+
+    def _windowed_dcor(self, x_rows, z_rows) -> tf.Tensor:
+        """dCor of the batch's rows together with the window's."""
+        if not self.nopeek_window:
+            return distance_correlation(x_rows, z_rows)
+        x_memory, z_memory, filled = self._window(x_rows, z_rows)
+        return distance_correlation(
+            tf.concat([x_rows, x_memory[:filled]], 0),
+            tf.concat([z_rows, z_memory[:filled]], 0),
+        )
+
+    def _window(self, x_rows, z_rows):
+        """The window's variables, made (outside any graph) at first use."""
+        if self._memory is None:
+            widths = [rows.shape[1] for rows in (x_rows, z_rows)]
+            if None in widths:
+                raise ValueError(
+                    "nopeek_window needs inputs and cut tensors of static "
+                    f"shapes; got {widths[0]} and {widths[1]} features per "
+                    "example: set nopeek_window=0"
+                )
+            with tf.init_scope():
+                self._memory = tuple(
+                    tf.Variable(tf.zeros([self.nopeek_window, width]), trainable=False)
+                    for width in widths
+                ) + (tf.Variable(0, trainable=False),)
+        return self._memory
 
     def protect_gradients(self, gradients) -> list:
         """Output gradients as sent to the server (clipped and/or noised)."""
@@ -133,9 +255,21 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
     p = config.privacy
     privacy = ClientPrivacy(
         nopeek_alpha=float(p.nopeek_alpha),
+        nopeek_step=str(p.nopeek_step),
+        nopeek_window=int(p.nopeek_window),
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),
         seed=int(config.seed) * 10007 + int(client_id),
     )
     return privacy if privacy.active else None
+
+
+def _nonzero(x):
+    """x, with 0 replaced by 1 (for a divisor whose numerator is then 0)."""
+    return tf.where(x > 0.0, x, tf.ones_like(x))
+
+
+def _dense(gradient):
+    """A gradient as a dense tensor (IndexedSlices densified; None kept)."""
+    return None if gradient is None else tf.convert_to_tensor(gradient)

@@ -6,11 +6,18 @@ cut tensors, as they would be sent (inference mode, plus the activation
 noise if that defense is on), are compared with the raw inputs by distance
 correlation: 1 means the server could recover a function of the input up to
 a similarity transform, 0 means independence.
+
+It also says when the figure misleads. A client whose cut output is the same
+for every input ("collapsed", e.g. every ReLU dead) scores dCor 0, yet the
+server learns nothing from it; and NoPeek that has not moved dCor at least
+`NOT_MOVED` below the untrained client's gives no protection. Each is a
+warning in the log and in the summary's `privacy_warnings`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import keras
 import numpy as np
@@ -22,7 +29,51 @@ from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.protocol import flat
 
-__all__ = ["Leakage", "attach_privacy", "clients_of"]
+__all__ = ["NOT_MOVED", "Leakage", "attach_privacy", "clients_of", "privacy_warnings"]
+
+log = logging.getLogger("splitkeras")
+
+# NoPeek "has not moved" the client while leakage_dcor is less than this
+# fraction below the untrained client's.
+NOT_MOVED = 0.1
+# A cut output "is the same for every input" when no feature spreads over
+# more than this fraction of its largest magnitude (at least 1).
+_COLLAPSED = 1e-6
+
+
+def privacy_warnings(cut_rows, dcor: float, start, nopeek_alpha: float) -> list:
+    """What a leakage figure hides, as one-line warnings (may be empty).
+
+    Args:
+      cut_rows: the clean cut tensors of the fixed examples, [examples,
+        features] (before any activation noise).
+      dcor: leakage_dcor measured now.
+      start: leakage_dcor of the untrained client, or None.
+      nopeek_alpha: the client's NoPeek strength (0: off).
+    """
+    cut_rows = np.asarray(cut_rows, np.float64)
+    spread = float(np.ptp(cut_rows, axis=0).max()) if cut_rows.size else 0.0
+    scale = max(1.0, float(np.abs(cut_rows).max())) if cut_rows.size else 1.0
+    if spread <= _COLLAPSED * scale:
+        hint = (
+            f"lower config.privacy.nopeek_alpha (now {nopeek_alpha:g})"
+            if nopeek_alpha
+            else "check the learning rate and the client's activations"
+        )
+        return [
+            f"the client has collapsed: its cut output is the same for all "
+            f"{len(cut_rows)} leakage examples, so the server learns nothing "
+            f"from the inputs (leakage_dcor {dcor:.3f} here is not privacy); " + hint
+        ]
+    if nopeek_alpha and start and dcor > (1.0 - NOT_MOVED) * start:
+        return [
+            f"NoPeek is on (config.privacy.nopeek_alpha={nopeek_alpha:g}) but "
+            f"leakage_dcor {dcor:.3f} is {100 * (1 - dcor / start):.0f}% below "
+            f"the untrained client's {start:.3f} (less than "
+            f"{100 * NOT_MOVED:.0f}%): the cut leaks about as much as without "
+            "it; raise nopeek_alpha or train longer"
+        ]
+    return []
 
 
 def clients_of(trainer) -> list:
@@ -78,13 +129,46 @@ class Leakage:
         self._batch_size = int(config.train.batch_size)
         self._noise = None
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.start = None  # leakage_dcor of the untrained client
+        self.warnings = []  # the last measurement's privacy_warnings
+
+    def measure_start(self, trainer) -> None:
+        """Measures the untrained client's leakage_dcor (before any step)."""
+        client = _newest_client(trainer) if self.enabled else None
+        if client is not None:
+            self.start = float(self._dcor(client)[0])
+
+    def summary(self) -> dict:
+        """The summary's fields: the start figure and the last warnings."""
+        if not self.enabled:
+            return {}
+        fields = {"privacy_warnings": list(self.warnings)}
+        if self.start is not None:
+            fields["leakage_dcor_start"] = self.start
+        return fields
 
     def __call__(self, trainer) -> dict:
-        """{"leakage_dcor": value}, or {} when there is nothing to measure."""
+        """{"leakage_dcor": value, ...}, or {} when there is nothing to
+        measure; logs the warnings of `privacy_warnings`."""
         client = _newest_client(trainer) if self.enabled else None
         if client is None:
             return {}
-        cut = flat(client.segment(self.x, training=False))
+        value, cut, clean = self._dcor(client)
+        logs = {"leakage_dcor": value}
+        if self.start:
+            logs["leakage_dcor_change"] = value / self.start - 1.0
+        alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
+        self.warnings = privacy_warnings(flat_batch(clean), value, self.start, alpha)
+        for warning in self.warnings:
+            log.warning("Privacy: %s", warning)
+        server = getattr(trainer, "server", None)
+        if client.tail is not None and server is not None:
+            logs.update(self._label_leakage(client, server.segment, cut))
+        return logs
+
+    def _dcor(self, client):
+        """(leakage_dcor, the cut tensors as sent, the clean cut tensors)."""
+        cut = clean = flat(client.segment(self.x, training=False))
         if client.privacy is not None and client.privacy.activation_noise:
             # The noise the server would see, from a generator of its own so
             # that measuring does not shift the training noise.
@@ -94,11 +178,7 @@ class Leakage:
                 )
             cut = self._noise.noised(cut)
         value = distance_correlation(flat_batch(self.x), flat_batch(cut))
-        logs = {"leakage_dcor": float(value)}
-        server = getattr(trainer, "server", None)
-        if client.tail is not None and server is not None:
-            logs.update(self._label_leakage(client, server.segment, cut))
-        return logs
+        return float(value), cut, clean
 
     def _label_leakage(self, client, server_segment, cut) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.

@@ -2,17 +2,19 @@
 
 import json
 import os
+from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from splitkeras import experiment
+from splitkeras import builders, experiment
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.parties import Client
 from splitkeras.privacy.defenses import ClientPrivacy, flat_batch
 from splitkeras.privacy.distance_correlation import distance_correlation
+from splitkeras.privacy.leakage import privacy_warnings
 from tests import base
 from tests.test_experiment import _write_npz
 
@@ -48,22 +50,97 @@ class DefensesTest(base.TestCase):
         after = [v.numpy() for v in client.segment.trainable_variables]
         return client, before, after
 
-    def test_nopeek_gradient_is_task_plus_alpha_dcor_gradient(self):
-        alpha = 0.7
-        client, before, after = self._update(ClientPrivacy(nopeek_alpha=alpha))
-        # The expected gradient, computed apart on a fresh copy (same seed).
+    def _task_and_leak(self, g):
+        """Task and dCor gradients of a fresh client (same seed), apart."""
         fresh = _client(None)
         variables = fresh.segment.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
             a = fresh.segment(self.x, training=True)
             dcor = distance_correlation(flat_batch(self.x), flat_batch(a))
-        task = tape.gradient(a, variables, output_gradients=self.g)
+        task = tape.gradient(a, variables, output_gradients=g)
         leak = tape.gradient(dcor, variables)
         self.assertGreater(float(dcor), 0.1)
+        return [t.numpy() for t in task], [v.numpy() for v in leak]
+
+    def test_nopeek_loss_step_is_task_plus_alpha_dcor_gradient(self):
+        alpha = 0.7
+        privacy = ClientPrivacy(nopeek_alpha=alpha, nopeek_step="loss", nopeek_window=0)
+        client, before, after = self._update(privacy)
+        task, leak = self._task_and_leak(self.g)
         for w0, w1, gt, gl in zip(before, after, task, leak):
             # SGD(1.0): the update is minus the gradient.
             np.testing.assert_allclose(w0 - w1, gt + alpha * gl, atol=1e-5)
-            self.assertGreater(float(tf.reduce_max(tf.abs(gl))), 0.0)
+            self.assertGreater(float(np.max(np.abs(gl))), 0.0)
+
+    def test_normalized_step_is_alpha_times_the_task_norm_without_conflict(self):
+        alpha = 0.7
+        conflicts = []
+        # The task gradient is linear in the server's gradients: one of g and
+        # -g conflicts with dCor's gradient (negative dot product).
+        for g in (self.g, -self.g):
+            self.g = g
+            privacy = ClientPrivacy(nopeek_alpha=alpha, nopeek_window=0)
+            _, before, after = self._update(privacy)
+            task, leak = self._task_and_leak(g)
+            t = np.concatenate([v.ravel() for v in task])
+            lk = np.concatenate([v.ravel() for v in leak])
+            dot = float(t @ lk)
+            conflicts.append(dot < 0)
+            if dot < 0:  # projected out: the privacy step is orthogonal to task
+                lk = lk - dot / float(t @ t) * t
+            step = alpha * np.linalg.norm(t) / np.linalg.norm(lk) * lk
+            update = np.concatenate(
+                [(w0 - w1).ravel() for w0, w1 in zip(before, after)]
+            )
+            np.testing.assert_allclose(update, t + step, atol=1e-5)
+            privacy_part = update - t
+            self.assertAlmostEqual(
+                float(np.linalg.norm(privacy_part)),
+                alpha * float(np.linalg.norm(t)),
+                delta=1e-4,
+            )
+            if dot < 0:
+                self.assertAlmostEqual(float(privacy_part @ t), 0.0, delta=1e-5)
+        self.assertEqual(sorted(conflicts), [False, True])
+
+    def test_normalized_step_is_zero_without_a_task_gradient(self):
+        self.g = tf.zeros_like(self.g)
+        _, before, after = self._update(ClientPrivacy(nopeek_alpha=5.0))
+        self.assertWeightsClose(after, before, atol=0.0)
+
+    def test_window_holds_the_last_rows_of_applied_steps(self):
+        privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
+        client = _client(privacy)
+        x1, x2 = self.x, self.x[::-1] * 0.5
+        z1 = flat_batch(client.segment(x1, training=True)).numpy()
+        client.backward(client.forward(x1), [self.g])
+        x_memory, z_memory, filled = privacy._memory
+        self.assertEqual(int(filled), 16)
+        np.testing.assert_allclose(x_memory[:16], flat_batch(x1))
+        np.testing.assert_allclose(z_memory[:16], z1, atol=1e-6)
+        # A forward pass whose step is not applied (an asynchronous step's
+        # first pass) leaves the window as it is.
+        client.forward(x2)
+        self.assertEqual(int(filled), 16)
+        forward = client.forward(x2)
+        z2 = flat_batch(forward.cut).numpy()
+        # This step's dCor is over its batch and the window's 16 rows.
+        expected = distance_correlation(
+            np.concatenate([flat_batch(x2), flat_batch(x1)]), np.concatenate([z2, z1])
+        )
+        self.assertAlmostEqual(float(forward.nopeek.dcor), float(expected), places=5)
+        client.backward(forward, [self.g])
+        # 20 rows: the newest batch first, then the first 4 rows of the one before.
+        self.assertEqual(int(filled), 20)
+        np.testing.assert_allclose(
+            x_memory, np.concatenate([flat_batch(x2), flat_batch(x1)[:4]])
+        )
+
+    def test_unknown_nopeek_step_is_refused(self):
+        with self.assertRaisesRegex(
+            ValueError, "^nopeek_step must be one of normalized, loss, got 'sum'$"
+        ):
+            ClientPrivacy(nopeek_alpha=1.0, nopeek_step="sum")
 
     def test_activation_noise_is_sent_but_does_not_change_the_gradient(self):
         sigma = 0.5
@@ -130,6 +207,78 @@ class LeakageInExperimentTest(base.TestCase):
         )
         self.assertGreater(plain, 0.5)
         self.assertLess(noised, plain - 0.2)
+
+
+class PrivacyWarningsTest(base.TestCase):
+    def test_constant_cut_output_is_a_collapse(self):
+        rows = np.full((8, 5), 0.25)
+        self.assertEqual(
+            privacy_warnings(rows, 0.0, 0.98, nopeek_alpha=2.0),
+            [
+                "the client has collapsed: its cut output is the same for all 8 "
+                "leakage examples, so the server learns nothing from the inputs "
+                "(leakage_dcor 0.000 here is not privacy); lower "
+                "config.privacy.nopeek_alpha (now 2)"
+            ],
+        )
+        (without_nopeek,) = privacy_warnings(rows * 0, 0.0, None, nopeek_alpha=0.0)
+        self.assertTrue(
+            without_nopeek.endswith(
+                "(leakage_dcor 0.000 here is not privacy); check the learning "
+                "rate and the client's activations"
+            ),
+            without_nopeek,
+        )
+
+    def test_nopeek_that_has_not_moved_dcor_is_told(self):
+        rows = np.random.default_rng(0).random((8, 5))
+        self.assertEqual(
+            privacy_warnings(rows, 0.90, 0.98, nopeek_alpha=0.5),
+            [
+                "NoPeek is on (config.privacy.nopeek_alpha=0.5) but leakage_dcor "
+                "0.900 is 8% below the untrained client's 0.980 (less than 10%): "
+                "the cut leaks about as much as without it; raise nopeek_alpha "
+                "or train longer"
+            ],
+        )
+        # 10% or more below the start, or NoPeek off: nothing to tell.
+        self.assertEqual(privacy_warnings(rows, 0.88, 0.98, nopeek_alpha=0.5), [])
+        self.assertEqual(privacy_warnings(rows, 0.98, 0.98, nopeek_alpha=0.0), [])
+
+    def test_a_collapsed_client_is_warned_in_the_log_and_the_summary(self):
+        root = self.tempdir()
+        c = fashion_mnist_lenet.get_config()
+        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
+        c.train.epochs = 1
+        c.train.batch_size = 64
+        c.privacy.nopeek_alpha = 1.0
+        build_schedule = builders.build_schedule
+
+        def collapsed(*args, **kwargs):
+            # Every conv1 unit dead: ReLU(0 * x - 1) = 0 for every input, and
+            # no gradient ever reaches conv1 again.
+            schedule = build_schedule(*args, **kwargs)
+            conv1 = schedule.clients[0].segment.get_layer("conv1")
+            conv1.kernel.assign(tf.zeros_like(conv1.kernel))
+            conv1.bias.assign(-tf.ones_like(conv1.bias))
+            return schedule
+
+        with (
+            mock.patch.object(builders, "build_schedule", collapsed),
+            self.assertLogs("splitkeras", "WARNING") as logs,
+        ):
+            summary = experiment.train_and_evaluate(c, os.path.join(root, "run"))
+        message = (
+            "the client has collapsed: its cut output is the same for all 64 "
+            "leakage examples, so the server learns nothing from the inputs "
+            "(leakage_dcor 0.000 here is not privacy); lower "
+            "config.privacy.nopeek_alpha (now 1)"
+        )
+        self.assertEqual(summary["privacy_warnings"], [message])
+        self.assertEqual(summary["leakage_dcor"], 0.0)
+        self.assertIn("WARNING:splitkeras:Privacy: " + message, logs.output)
+        with open(os.path.join(root, "run", "summary.json")) as f:
+            self.assertEqual(json.load(f)["privacy_warnings"], [message])
 
 
 class ColorectalConfigTest(base.TestCase):
