@@ -22,6 +22,7 @@ from splitkeras import data as data_lib
 from splitkeras.builders import task_groups
 from splitkeras.data.sites import Site, load_site, partition_sites
 from splitkeras.data.streaming import StreamingSource
+from splitkeras.privacy.label_dp import training_labels
 
 __all__ = [
     "aligned_site",
@@ -68,8 +69,15 @@ def site_of(config, k: int, data=None):
 
 
 def train_batches(config, site, k: int, epoch: int, data=None):
-    """Client k's training batches of round `epoch`."""
+    """Client k's training batches of round `epoch` (its labels under label
+    DP, `config.privacy.label_epsilon`, drawn once per client)."""
     if isinstance(data, StreamingSource):
+        if config.privacy.get("label_epsilon", 0.0):
+            raise ValueError(
+                f"config.privacy.label_epsilon randomizes a label holder's "
+                f"labels once, before training; {data.name} streams its labels: "
+                "set label_epsilon=0"
+            )
         return data.train(
             config.train.batch_size, config.seed, epoch, site, config.num_clients
         )
@@ -79,7 +87,7 @@ def train_batches(config, site, k: int, epoch: int, data=None):
     stream = k if config.num_clients > 1 else None
     ds = data_lib.train_dataset(
         site.x_train,
-        site.y_train,
+        training_labels(config, site.y_train, site.num_classes, k),
         config.train.batch_size,
         config.seed,
         epoch,
@@ -115,7 +123,9 @@ def _labels(y, n):
 
 
 def _vertical_batches(config, site, epoch):
-    y = _labels(site.y_train, len(site.x_train))
+    # One party holds the labels: its own labels under label DP.
+    y = training_labels(config, site.y_train, site.num_classes)
+    y = _labels(y, len(site.x_train))
     return data_lib.train_dataset(
         site.x_train, y, config.train.batch_size, config.seed, epoch, with_ids=True
     )

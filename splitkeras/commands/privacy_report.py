@@ -1,4 +1,5 @@
-r"""The privacy report: accuracy vs dCor leakage vs reconstruction, per defense.
+r"""The privacy report: accuracy vs dCor leakage vs reconstruction vs label
+inference by model completion, per defense.
 
   splitkeras privacy-report --config=fashion_mnist_lenet \
       --workdir=workdirs/privacy --config.train.epochs=3 \
@@ -26,6 +27,9 @@ _AUX = flags.DEFINE_integer(
 )
 _EVAL = flags.DEFINE_integer("eval_examples", 512, "Held-out inputs to reconstruct.")
 _DECODER_EPOCHS = flags.DEFINE_integer("decoder_epochs", 20, "Decoder training epochs.")
+_KNOWN = flags.DEFINE_integer(
+    "known_per_class", 4, "Labelled examples per class for model completion."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,6 +43,7 @@ def main(argv):
         aux_examples=_AUX.value,
         eval_examples=_EVAL.value,
         decoder_epochs=_DECODER_EPOCHS.value,
+        known_per_class=_KNOWN.value,
     )
     with open(os.path.join(_WORKDIR.value, "report.md")) as f:
         print(f.read())

@@ -126,6 +126,9 @@ def get_config(arg=None):
     c.privacy.activation_noise = 0.0  # std of Gaussian noise on sent activations
     c.privacy.gradient_max_norm = 0.0  # U-shaped: per-example bound on sent grads
     c.privacy.gradient_noise = 0.0  # U-shaped: std of noise on sent output grads
+    # Label DP (randomized response, Ghazi et al. 2021): the label holder's
+    # training labels are randomized once with this epsilon (0: off).
+    c.privacy.label_epsilon = 0.0
     c.privacy.leakage_examples = 512  # fixed test examples for leakage_dcor (0: off)
 
     # The server party on several devices (splitkeras.distribute, README

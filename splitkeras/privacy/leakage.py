@@ -27,6 +27,7 @@ from splitkeras import data as data_lib
 from splitkeras.privacy.attacks.label_leakage import label_leakage
 from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
+from splitkeras.privacy.label_dp import training_labels
 from splitkeras.protocol import flat
 
 __all__ = ["NOT_MOVED", "Leakage", "attach_privacy", "clients_of", "privacy_warnings"]
@@ -39,6 +40,8 @@ NOT_MOVED = 0.1
 # A cut output "is the same for every input" when no feature spreads over
 # more than this fraction of its largest magnitude (at least 1).
 _COLLAPSED = 1e-6
+# Seeds the randomized labels of the fixed examples apart from any party's.
+_NOT_A_PARTY = 2**20
 
 
 def privacy_warnings(cut_rows, dcor: float, start, nopeek_alpha: float) -> list:
@@ -125,6 +128,12 @@ class Leakage:
         if self.enabled:
             ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)
             self.x, self.y = next(iter(ds))
+            # Under label DP the client's gradients come from randomized
+            # labels (drawn apart from the training ones); the attack is
+            # scored against the true ones.
+            self.y_trained = training_labels(
+                config, self.y.numpy(), int(arrays.num_classes), party=_NOT_A_PARTY
+            )
         # Per-example gradients at the scale of a training batch's mean loss.
         self._batch_size = int(config.train.batch_size)
         self._noise = None
@@ -183,11 +192,12 @@ class Leakage:
     def _label_leakage(self, client, server_segment, cut) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.
 
-        The gradients of the loss with respect to the server's outputs, at
-        the scale of a training batch's mean loss and as the client would send
-        them (after its gradient
-        protection), scored by Li et al.'s norm and cosine attacks for one
-        class against the rest (class 0: binary, as in their setting).
+        The gradients of the loss (of the labels the client trains with:
+        randomized under label DP) with respect to the server's outputs, at
+        the scale of a training batch's mean loss and as the client would
+        send them (after its gradient protection), scored by Li et al.'s
+        norm and cosine attacks for one class against the rest (class 0:
+        binary, as in their setting).
         """
         outputs = tf.nest.flatten(
             server_segment(cut[0] if len(cut) == 1 else list(cut), training=False)
@@ -196,7 +206,7 @@ class Leakage:
             tape.watch(outputs)
             y_pred = client.tail(outputs[0] if len(outputs) == 1 else outputs)
             n = tf.cast(tf.shape(self.y)[0], tf.float32)
-            loss = self._loss(self.y, y_pred) * n / self._batch_size
+            loss = self._loss(self.y_trained, y_pred) * n / self._batch_size
         grads = tape.gradient(loss, outputs)
         if client.privacy is not None:
             grads = client.privacy.protect_gradients(grads)

@@ -10,7 +10,11 @@ measures what the server could learn from the trained client segment:
   `aux_examples` (input, activation) pairs from the training set trains a
   decoder, then decodes the activations of `eval_examples` held-out test
   inputs (not the leakage set): MSE and SSIM of the reconstructions, and a
-  PNG grid of originals over reconstructions.
+  PNG grid of originals over reconstructions;
+- label inference by model completion (Fu et al. 2022): the client, which
+  holds no labels in a vanilla split, completes its trained segment with a
+  head trained on `known_per_class` labelled examples of each class (from
+  the auxiliary set) and labels the held-out inputs: its accuracy.
 
 It writes `report.md` (a table), `report.json` and `report.png` (test
 accuracy and reconstruction SSIM against dCor leakage) in the workdir.
@@ -28,6 +32,10 @@ from splitkeras import builders, experiment
 from splitkeras import data as data_lib
 from splitkeras.checkpointing import party_checkpoint
 from splitkeras.cut import cut
+from splitkeras.privacy.attacks.model_completion import (
+    known_examples,
+    model_completion_attack,
+)
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack, save_grid
 from splitkeras.privacy.defenses import from_config
 
@@ -75,6 +83,7 @@ def privacy_report(
     aux_examples: int = 1000,
     eval_examples: int = 512,
     decoder_epochs: int = 20,
+    known_per_class: int = 4,
 ) -> list[dict]:
     """Trains and attacks one run per setting; writes the report; returns rows."""
     if config.num_clients != 1 or config.method != "split":
@@ -85,6 +94,8 @@ def privacy_report(
     start = int(config.privacy.leakage_examples)  # held out from the leakage set
     stop = start + eval_examples
     held_out = _images(arrays.x_test[start:stop], arrays.y_test[start:stop])
+    held_out_labels = arrays.y_test[start:stop]
+    known = known_examples(arrays.y_train[:aux_examples], known_per_class, config.seed)
     rows = []
     for setting in settings(alphas, noises):
         c = copy.deepcopy(config)
@@ -104,6 +115,15 @@ def privacy_report(
             _as_sent(segment, from_config(c))(held_out[:8]), verbose=0
         )
         save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
+        completion = model_completion_attack(
+            _as_sent(segment, from_config(c)),
+            aux[known],
+            arrays.y_train[known],
+            held_out,
+            held_out_labels,
+            int(arrays.num_classes),
+            seed=c.seed,
+        )
         rows.append(
             {
                 **setting,
@@ -111,6 +131,7 @@ def privacy_report(
                 "leakage_dcor": summary["leakage_dcor"],
                 "reconstruction_mse": attack["mse"],
                 "reconstruction_ssim": attack["ssim"],
+                "completion_accuracy": completion,
             }
         )
         _write(workdir, config, rows)
@@ -132,8 +153,9 @@ def _write(workdir, config, rows):
         f"{config.privacy.leakage_examples} test examples.",
         "",
         "| NoPeek alpha | activation noise | test accuracy | vs first row (points) "
-        "| dCor leakage | vs first row | reconstruction MSE | reconstruction SSIM |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dCor leakage | vs first row | reconstruction MSE | reconstruction SSIM "
+        "| model-completion label accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         change = r["leakage_dcor"] / base["leakage_dcor"] - 1
@@ -142,7 +164,8 @@ def _write(workdir, config, rows):
             f"{r['test_accuracy']:.4f} | "
             f"{100 * (r['test_accuracy'] - base['test_accuracy']):+.2f} | "
             f"{r['leakage_dcor']:.3f} | {100 * change:+.0f}% | "
-            f"{r['reconstruction_mse']:.4f} | {r['reconstruction_ssim']:.3f} |"
+            f"{r['reconstruction_mse']:.4f} | {r['reconstruction_ssim']:.3f} | "
+            f"{r['completion_accuracy']:.3f} |"
         )
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
