@@ -2,7 +2,8 @@
 
   splitkeras train --config=fashion_mnist_lenet --workdir=workdirs/fmnist
   splitkeras serve | client | launch | export | partition | privacy-report |
-             resource-table | make-credentials | edge-client | predict ...
+             advise-cut | resource-table | make-credentials | edge-client |
+             predict ...
   splitkeras configs        the shipped configs, by name
   splitkeras <command> --help
 
@@ -28,6 +29,7 @@ COMMANDS = {
     "export": ("export", "a trained client segment as SavedModel, LiteRT, edge.json"),
     "partition": ("partition", "each site's data file from a dataset"),
     "privacy-report": ("privacy_report", "NoPeek / noise sweep with attacks"),
+    "advise-cut": ("advise_cut", "every cut's cost and leakage; the cut to use"),
     "resource-table": ("resource_table", "client FLOPs and bytes per method"),
     "make-credentials": ("make_credentials", "a CA, certificates and tokens"),
     "edge-client": ("edge_client", "train an exported segment with LiteRT (no TF)"),
