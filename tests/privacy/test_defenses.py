@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from splitkeras import builders, experiment
+from splitkeras import experiment
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.parties import Client
@@ -252,19 +252,19 @@ class PrivacyWarningsTest(base.TestCase):
         c.train.epochs = 1
         c.train.batch_size = 64
         c.privacy.nopeek_alpha = 1.0
-        build_schedule = builders.build_schedule
+        start_process = experiment.InProcess.__init__
 
-        def collapsed(*args, **kwargs):
-            # Every conv1 unit dead: ReLU(0 * x - 1) = 0 for every input, and
-            # no gradient ever reaches conv1 again.
-            schedule = build_schedule(*args, **kwargs)
+        def collapsed(process, config, schedule, *args, **kwargs):
+            # After the untrained client's leakage is measured, every conv1
+            # unit dies: ReLU(0 * x - 1) = 0 for every input, and no
+            # gradient ever reaches conv1 again.
+            start_process(process, config, schedule, *args, **kwargs)
             conv1 = schedule.clients[0].segment.get_layer("conv1")
             conv1.kernel.assign(tf.zeros_like(conv1.kernel))
             conv1.bias.assign(-tf.ones_like(conv1.bias))
-            return schedule
 
         with (
-            mock.patch.object(builders, "build_schedule", collapsed),
+            mock.patch.object(experiment.InProcess, "__init__", collapsed),
             self.assertLogs("splitkeras", "WARNING") as logs,
         ):
             summary = experiment.train_and_evaluate(c, os.path.join(root, "run"))
@@ -276,6 +276,9 @@ class PrivacyWarningsTest(base.TestCase):
         )
         self.assertEqual(summary["privacy_warnings"], [message])
         self.assertEqual(summary["leakage_dcor"], 0.0)
+        # Against the untrained client's (measured before the hook's change).
+        self.assertGreater(summary["leakage_dcor_start"], 0.5)
+        self.assertEqual(summary["leakage_dcor_change"], -1.0)
         self.assertIn("WARNING:splitkeras:Privacy: " + message, logs.output)
         with open(os.path.join(root, "run", "summary.json")) as f:
             self.assertEqual(json.load(f)["privacy_warnings"], [message])
