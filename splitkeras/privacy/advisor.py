@@ -384,11 +384,12 @@ def plot(rows, path: str, recommended: str | None = None, title: str = "") -> st
     )
     for ax, field, label in panels:
         front = set(pareto(rows, ("dcor", field)))
+        points = {}  # cuts at the same point share one label
         for r in rows:
-            x, y = getattr(r, field), r.dcor
-            if math.isnan(y):
-                continue
-            on = r.cut in front
+            if not math.isnan(r.dcor):
+                points.setdefault((getattr(r, field), r.dcor), []).append(r.cut)
+        for (x, y), names in points.items():
+            on = any(name in front for name in names)
             ax.scatter(
                 x,
                 y,
@@ -397,10 +398,14 @@ def plot(rows, path: str, recommended: str | None = None, title: str = "") -> st
                 edgecolor="tab:red" if on else "tab:gray",
                 zorder=3,
             )
-            if r.cut == recommended:
+            if recommended in names:
                 ax.scatter(x, y, s=220, marker="*", color="gold", zorder=2)
             ax.annotate(
-                r.cut, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                " = ".join(names),
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
             )
         line = sorted(
             (getattr(r, field), r.dcor)
@@ -424,8 +429,10 @@ def plot(rows, path: str, recommended: str | None = None, title: str = "") -> st
     return path
 
 
-def write(workdir: str, rows, recommendation: Recommendation, header: str) -> None:
-    """advisor.json, advisor.md and advisor.png in `workdir`."""
+def write(
+    workdir: str, rows, recommendation: Recommendation, header: str, title: str = ""
+) -> None:
+    """advisor.json, advisor.md and advisor.png (titled `title`) in `workdir`."""
     with open(os.path.join(workdir, "advisor.json"), "w") as f:
         json.dump(
             {
@@ -442,11 +449,10 @@ def write(workdir: str, rows, recommendation: Recommendation, header: str) -> No
     text = f"{header}\n\n{markdown_table(rows)}\n\n{recommendation.message}\n"
     with open(os.path.join(workdir, "advisor.md"), "w") as f:
         f.write(text)
-    plot(rows, os.path.join(workdir, "advisor.png"), recommendation.cut)
+    plot(rows, os.path.join(workdir, "advisor.png"), recommendation.cut, title)
 
 
-def _header(config, arrays, cuts, latency_repeats, threads) -> str:
-    steps = int(config.train.get("max_steps", 0) or 0)
+def _header(config, arrays, cuts, steps, latency_repeats, threads) -> str:
     training = f"{steps} steps" if steps else f"{config.train.epochs} epochs"
     path = config.data.get("path", None)
     source = f"{config.data.name} ({path})" if path else config.data.name
@@ -529,7 +535,13 @@ def advise(
         arrays.x_test[start : start + eval_examples],
         arrays.y_test[start : start + eval_examples],
     )
-    header = _header(config, arrays, cuts, latency_repeats, latency_threads)
+    header = _header(
+        config, arrays, cuts, train_steps, latency_repeats, latency_threads
+    )
+    training = (
+        f"{train_steps} steps" if train_steps else f"{config.train.epochs} epochs"
+    )
+    title = f"{config.model.name} on {config.data.name}, each cut trained {training}"
     rows = []
     for at in cuts:
         c = copy.deepcopy(config)
@@ -549,5 +561,5 @@ def advise(
         )
         rows.append(dataclasses.replace(row, latency_ms=latency, **measured))
         recommendation = recommend(rows, **(budgets or {}))
-        write(workdir, rows, recommendation, header)
+        write(workdir, rows, recommendation, header, title)
     return rows, recommend(rows, **(budgets or {}))

@@ -200,6 +200,7 @@ class AdviseTest(base.TestCase):
             text = f.read()
         self.assertIn("| pool1 | 156 | ", text)  # conv1: 5 * 5 * 6 + 6
         self.assertIn("| fc1 | ", text)
+        self.assertIn("each cut trained 3 steps (batch 32", text)
         self.assertTrue(text.rstrip().endswith(chosen.message))
         with open(os.path.join(workdir, "advisor.png"), "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
