@@ -78,7 +78,8 @@ class CutRow:
         return dataclasses.asdict(self)
 
 
-# The budgets: (flag, CutRow field, what the best value means).
+# The budgets: (flag of `advise-cut` and keyword of `recommend`, CutRow field
+# it bounds); bytes per example bounds the bytes up (down is the same size).
 BUDGETS = (
     ("max_dcor", "dcor"),
     ("max_bytes_per_example", "bytes_up"),
@@ -259,6 +260,12 @@ def _g(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else f"{value}"
 
 
+def _limit(value: float) -> str:
+    """A budget as given: 20000, not 2e+04."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else f"{value:g}"
+
+
 def recommend(
     rows,
     max_dcor: float = 0.0,
@@ -317,7 +324,7 @@ def recommend(
             else:
                 best = "not measured for any cut"
             everywhere.append(
-                f"--{flag}={_g(float(limits[flag]))} fails for every cut ({best})"
+                f"--{flag}={_limit(limits[flag])} fails for every cut ({best})"
             )
     if everywhere:
         return Recommendation(
@@ -342,11 +349,9 @@ _COLUMNS = (
 )
 
 
-def _cell(field: str, value) -> str:
+def _cell(value) -> str:
     if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:.3f}"
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -363,7 +368,7 @@ def markdown_table(rows) -> str:
     ]
     for r in rows:
         marks = ("B" if r.cut in by_bytes else "") + ("F" if r.cut in by_flops else "")
-        cells = [_cell(f, getattr(r, f)) for _, f in _COLUMNS]
+        cells = [_cell(getattr(r, f)) for _, f in _COLUMNS]
         lines.append("| " + " | ".join(cells) + f" | {marks} |")
     return "\n".join(lines)
 

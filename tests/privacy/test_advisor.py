@@ -126,6 +126,12 @@ class RecommendTest(base.TestCase):
             "no cut meets the budgets: --max_dcor=0.2 fails for every cut "
             "(best 0.3 at c)",
         )
+        chosen = recommend(ROWS, max_bytes_per_example=20_000.0, max_client_flops=5e2)
+        self.assertEqual(
+            chosen.message,
+            "no cut meets the budgets: --max_client_flops=500 fails for every "
+            "cut (best 1000 at a)",
+        )
         chosen = recommend(ROWS, max_dcor=0.2, max_latency_ms=0.05)
         self.assertEqual(
             chosen.message,
