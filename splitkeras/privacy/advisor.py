@@ -179,12 +179,6 @@ def litert_latency_ms(
     return 1000.0 * statistics.median(times)
 
 
-def _images(x, y):
-    from splitkeras import data as data_lib
-
-    return next(iter(data_lib.eval_dataset(x, y, len(x))))[0].numpy()
-
-
 def train_and_attack(
     config, run_dir: str, arrays, aux, held_out, decoder_epochs: int = 20
 ) -> dict:
@@ -511,6 +505,7 @@ def advise(
     from splitkeras import builders
     from splitkeras import data as data_lib
     from splitkeras.cut import cut_points
+    from splitkeras.privacy.report import images_of
 
     if config.num_clients != 1 or config.method != "split":
         raise ValueError(
@@ -534,9 +529,9 @@ def advise(
             f"not valid cuts of {config.model.name}: {', '.join(unknown)}; "
             f"valid cuts: {', '.join(valid)}"
         )
-    aux = _images(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
+    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
     start = int(config.privacy.leakage_examples)  # held out from the leakage set
-    held_out = _images(
+    held_out = images_of(
         arrays.x_test[start : start + eval_examples],
         arrays.y_test[start : start + eval_examples],
     )

@@ -39,7 +39,7 @@ from splitkeras.privacy.attacks.model_completion import (
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack, save_grid
 from splitkeras.privacy.defenses import from_config
 
-__all__ = ["privacy_report", "restore_client_segment", "settings"]
+__all__ = ["images_of", "privacy_report", "restore_client_segment", "settings"]
 
 
 def settings(alphas, noises) -> list[dict]:
@@ -90,10 +90,10 @@ def privacy_report(
         raise ValueError("the privacy report runs single-client splits (method split)")
     os.makedirs(workdir, exist_ok=True)
     arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    aux = _images(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
+    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
     start = int(config.privacy.leakage_examples)  # held out from the leakage set
     stop = start + eval_examples
-    held_out = _images(arrays.x_test[start:stop], arrays.y_test[start:stop])
+    held_out = images_of(arrays.x_test[start:stop], arrays.y_test[start:stop])
     held_out_labels = arrays.y_test[start:stop]
     known = known_examples(arrays.y_train[:aux_examples], known_per_class, config.seed)
     rows = []
@@ -138,7 +138,8 @@ def privacy_report(
     return rows
 
 
-def _images(x, y):
+def images_of(x, y):
+    """The images x as the input pipeline gives them (floats, scaled)."""
     batch = next(iter(data_lib.eval_dataset(x, y, len(x))))[0]
     return batch.numpy()
 
