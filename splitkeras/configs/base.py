@@ -117,9 +117,10 @@ def get_config(arg=None):
 
     # Privacy (splitkeras.privacy): defenses on every client, and leakage.
     c.privacy = ml_collections.ConfigDict()
-    # NoPeekNN: lower dCor(raw batch, cut). "normalized" step: alpha is the
-    # privacy step's size relative to the task step's (0.5-1 moves LeNet's
-    # client within a few epochs); "loss": alpha x dCor added to the loss.
+    # NoPeekNN: lower dCor(raw batch, cut). "normalized" step: the privacy
+    # gradient rescaled to alpha x the task gradient's norm (0.3-0.7 moved
+    # LeNet's client by 21-60% in 5 epochs: docs/privacy.md); "loss":
+    # alpha x dCor added to the loss (the paper's).
     c.privacy.nopeek_alpha = 0.0
     c.privacy.nopeek_step = "normalized"  # normalized | loss
     c.privacy.nopeek_window = 256  # earlier rows in each batch's dCor estimate

@@ -144,7 +144,12 @@ class Client:
             kept = [tf.identity(v) for v in state]
         head_grads = forward.tape.gradient(targets, head_vars, output_gradients=seeds)
         if forward.nopeek is not None and self.privacy.normalized:
-            leak = forward.tape.gradient(forward.nopeek.dcor, head_vars)
+            # Scaled like the task's backward pass (mixed float16), so that
+            # its small values survive; nopeek_gradients rescales it anyway.
+            seed = None if scale is None else tf.cast(scale, forward.nopeek.dcor.dtype)
+            leak = forward.tape.gradient(
+                forward.nopeek.dcor, head_vars, output_gradients=seed
+            )
             head_grads = self.privacy.nopeek_gradients(head_grads, leak)
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
@@ -154,7 +159,9 @@ class Client:
             list(head_vars) + list(tail_vars),
         )
         if self.privacy is not None:
-            self.privacy.remember(forward.nopeek)  # the window of NoPeek's dCor
+            # The window of NoPeek's dCor, unless the update was skipped.
+            applied = None if scale is None else tf.logical_not(server_skipped)
+            self.privacy.remember(forward.nopeek, applied)
         if scale is not None:
             # The overflow was the server's: this client's scale stays.
             for variable, value in zip(state, kept):

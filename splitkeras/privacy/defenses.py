@@ -19,8 +19,13 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
     regularization, so the update is the task gradient plus alpha times
     the dCor gradient.
   dCor is estimated on the batch together with the `nopeek_window` rows of
-  the batches before it (their raw inputs and cut tensors as they were
-  sent; no gradient flows into them): one batch of 64 is a noisy estimate.
+  the batches before it (their raw inputs and cut tensors, before any
+  activation noise, as they were computed then; no gradient flows into
+  them): one batch of 64 is a noisy estimate. The window holds this
+  client's own rows only and stays in this process: it is not handed on
+  with the weights (round robin), checkpointed, or emptied when a turn is
+  rolled back, so after a turn of other clients its rows are a round old,
+  and a resumed run starts with it empty.
 - Gaussian noise on the activations (`activation_noise`: its standard
   deviation, recorded in the config and the summary): the server receives
   cut + N(0, sigma^2). The noise is a constant for the gradient, so the
@@ -167,11 +172,12 @@ class ClientPrivacy:
           go up the task loss), and s = alpha * |task| / |leak'| (global
           norms; 0 when either is 0).
         """
-        task = [_dense(t) for t in task]
-        leak = [_dense(g) for g in leak]
+        task, leak = list(task), list(leak)
         both = [i for i, (t, g) in enumerate(zip(task, leak)) if None not in (t, g)]
         if not both:
             return task
+        for i in both:  # IndexedSlices (embeddings) densified where combined
+            task[i], leak[i] = _dense(task[i]), _dense(leak[i])
         t_sq = tf.add_n([tf.reduce_sum(tf.square(task[i])) for i in both])
         dot = tf.add_n([tf.reduce_sum(task[i] * leak[i]) for i in both])
         # Gradient surgery: a conflicting privacy step loses its part along
@@ -189,16 +195,20 @@ class ClientPrivacy:
             task[i] = task[i] + scale * leak[i]
         return task
 
-    def remember(self, term: NoPeekTerm | None) -> None:
+    def remember(self, term: NoPeekTerm | None, applied=None) -> None:
         """Puts a step's rows into the window (newest first), once the step
-        is applied: a step recomputed (asynchronous steps) counts once."""
+        is applied: a step recomputed (asynchronous steps) counts once, and
+        `applied` False (a boolean tensor: an update skipped on overflow)
+        leaves the window as it was."""
         if term is None or not self.nopeek_window:
             return
         x_memory, z_memory, filled = self._window(term.x_rows, term.z_rows)
         for memory, rows in ((x_memory, term.x_rows), (z_memory, term.z_rows)):
             rows = tf.stop_gradient(tf.cast(rows, memory.dtype))
-            memory.assign(tf.concat([rows, memory], 0)[: self.nopeek_window])
-        filled.assign(tf.minimum(filled + tf.shape(term.x_rows)[0], self.nopeek_window))
+            new = tf.concat([rows, memory], 0)[: self.nopeek_window]
+            memory.assign(new if applied is None else tf.where(applied, new, memory))
+        more = tf.minimum(filled + tf.shape(term.x_rows)[0], self.nopeek_window)
+        filled.assign(more if applied is None else tf.where(applied, more, filled))
 
     def _windowed_dcor(self, x_rows, z_rows) -> tf.Tensor:
         """dCor of the batch's rows together with the window's."""
@@ -271,5 +281,5 @@ def _nonzero(x):
 
 
 def _dense(gradient):
-    """A gradient as a dense tensor (IndexedSlices densified; None kept)."""
-    return None if gradient is None else tf.convert_to_tensor(gradient)
+    """A gradient as a dense tensor (IndexedSlices densified)."""
+    return tf.convert_to_tensor(gradient)

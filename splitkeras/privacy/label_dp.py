@@ -7,17 +7,23 @@ uniformly. Whatever is computed from the randomized labels (the weights, the
 output gradients a U-shaped server receives, the labels a vanilla server
 receives) is then epsilon-label-differentially private.
 
-The draw is fixed per (seed, party): every epoch trains on the same noisy
-labels. Drawing them again each epoch would spend epsilon again each time.
+The draw is secret and fixed: `training_labels` seeds it from the operating
+system's entropy, never from the config (whose seed the server knows: with
+it, the kept labels and the shifts could be recomputed and the randomization
+undone), and keeps that seed for the process, so every epoch trains on the
+same noisy labels (drawing again each epoch would spend epsilon again). A
+process started again (a resumed run, a restarted client) draws anew: two
+draws of the same labels are 2 x epsilon-label-DP by composition.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
-__all__ = ["keep_probability", "randomized_response", "training_labels"]
+__all__ = ["keep_probability", "randomized_response", "secret_seed", "training_labels"]
 
 
 def keep_probability(epsilon: float, num_classes: int) -> float:
@@ -53,12 +59,23 @@ def randomized_response(labels, epsilon: float, num_classes: int, seed) -> np.nd
     return np.where(kept, labels, other).astype(labels.dtype)
 
 
-def training_labels(config, labels, num_classes: int, party: int = 0):
+# This process's secret seed of each party's draw: OS entropy, made once.
+_SECRETS: dict = {}
+_SECRETS_LOCK = threading.Lock()
+
+
+def secret_seed(party) -> int:
+    """The secret seed of `party`'s draw in this process (OS entropy)."""
+    with _SECRETS_LOCK:
+        if party not in _SECRETS:
+            _SECRETS[party] = np.random.SeedSequence().entropy
+        return _SECRETS[party]
+
+
+def training_labels(config, labels, num_classes: int, party=0):
     """A label holder's training labels under `config.privacy.label_epsilon`
-    (0: off, the labels themselves)."""
+    (0: off, the labels themselves), randomized from `secret_seed(party)`."""
     epsilon = float(config.privacy.get("label_epsilon", 0.0))
     if not epsilon or labels is None:
         return labels
-    return randomized_response(
-        labels, epsilon, num_classes, seed=(int(config.seed), 0x1ABE1, party)
-    )
+    return randomized_response(labels, epsilon, num_classes, secret_seed(party))

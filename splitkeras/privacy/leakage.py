@@ -40,8 +40,8 @@ NOT_MOVED = 0.1
 # A cut output "is the same for every input" when no feature spreads over
 # more than this fraction of its largest magnitude (at least 1).
 _COLLAPSED = 1e-6
-# Seeds the randomized labels of the fixed examples apart from any party's.
-_NOT_A_PARTY = 2**20
+# The randomized labels of the fixed examples are drawn apart from any party's.
+_NOT_A_PARTY = "leakage examples"
 
 
 def privacy_warnings(cut_rows, dcor: float, start, nopeek_alpha: float) -> list:
@@ -71,10 +71,10 @@ def privacy_warnings(cut_rows, dcor: float, start, nopeek_alpha: float) -> list:
     if nopeek_alpha and start and dcor > (1.0 - NOT_MOVED) * start:
         return [
             f"NoPeek is on (config.privacy.nopeek_alpha={nopeek_alpha:g}) but "
-            f"leakage_dcor {dcor:.3f} is {100 * (1 - dcor / start):.0f}% below "
-            f"the untrained client's {start:.3f} (less than "
-            f"{100 * NOT_MOVED:.0f}%): the cut leaks about as much as without "
-            "it; raise nopeek_alpha or train longer"
+            f"leakage_dcor {dcor:.3f} is {100 * (dcor / start - 1):+.0f}% from "
+            f"the untrained client's {start:.3f} (not {100 * NOT_MOVED:.0f}% "
+            "lower): the cut leaks about as much as without it; raise "
+            "nopeek_alpha or train longer"
         ]
     return []
 

@@ -11,10 +11,12 @@ measures what the server could learn from the trained client segment:
   decoder, then decodes the activations of `eval_examples` held-out test
   inputs (not the leakage set): MSE and SSIM of the reconstructions, and a
   PNG grid of originals over reconstructions;
-- label inference by model completion (Fu et al. 2022): the client, which
-  holds no labels in a vanilla split, completes its trained segment with a
-  head trained on `known_per_class` labelled examples of each class (from
-  the auxiliary set) and labels the held-out inputs: its accuracy.
+- label inference by model completion (Fu et al. 2022): a party that sees
+  what the client sends (the server: in a U-shaped split it holds no
+  labels) and knows `known_per_class` labelled examples of each class (from
+  the auxiliary set) trains a head on their cut outputs (as sent, noise
+  included) and labels the held-out inputs: its accuracy, the label
+  information in the cut output.
 
 It writes `report.md` (a table), `report.json` and `report.png` (test
 accuracy and reconstruction SSIM against dCor leakage) in the workdir.

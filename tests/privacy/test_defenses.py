@@ -72,7 +72,7 @@ class DefensesTest(base.TestCase):
             np.testing.assert_allclose(w0 - w1, gt + alpha * gl, atol=1e-5)
             self.assertGreater(float(np.max(np.abs(gl))), 0.0)
 
-    def test_normalized_step_is_alpha_times_the_task_norm_without_conflict(self):
+    def test_normalized_step_is_alpha_times_the_task_norm_conflicts_projected(self):
         alpha = 0.7
         conflicts = []
         # The task gradient is linear in the server's gradients: one of g and
@@ -119,9 +119,12 @@ class DefensesTest(base.TestCase):
         np.testing.assert_allclose(x_memory[:16], flat_batch(x1))
         np.testing.assert_allclose(z_memory[:16], z1, atol=1e-6)
         # A forward pass whose step is not applied (an asynchronous step's
-        # first pass) leaves the window as it is.
-        client.forward(x2)
+        # first pass), or an update skipped on overflow, leaves the window.
+        skipped = client.forward(x2)
         self.assertEqual(int(filled), 16)
+        privacy.remember(skipped.nopeek, applied=tf.constant(False))
+        self.assertEqual(int(filled), 16)
+        np.testing.assert_allclose(x_memory[:16], flat_batch(x1))
         forward = client.forward(x2)
         z2 = flat_batch(forward.cut).numpy()
         # This step's dCor is over its batch and the window's 16 rows.
@@ -236,11 +239,14 @@ class PrivacyWarningsTest(base.TestCase):
             privacy_warnings(rows, 0.90, 0.98, nopeek_alpha=0.5),
             [
                 "NoPeek is on (config.privacy.nopeek_alpha=0.5) but leakage_dcor "
-                "0.900 is 8% below the untrained client's 0.980 (less than 10%): "
+                "0.900 is -8% from the untrained client's 0.980 (not 10% lower): "
                 "the cut leaks about as much as without it; raise nopeek_alpha "
                 "or train longer"
             ],
         )
+        # Risen: the sign says so.
+        (risen,) = privacy_warnings(rows, 0.99, 0.98, nopeek_alpha=0.5)
+        self.assertIn("leakage_dcor 0.990 is +1% from the untrained", risen)
         # 10% or more below the start, or NoPeek off: nothing to tell.
         self.assertEqual(privacy_warnings(rows, 0.88, 0.98, nopeek_alpha=0.5), [])
         self.assertEqual(privacy_warnings(rows, 0.98, 0.98, nopeek_alpha=0.0), [])

@@ -9,7 +9,9 @@ from absl.testing import parameterized
 from splitkeras import client_data, experiment
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.data.sites import Site
+from splitkeras.privacy import label_dp
 from splitkeras.privacy.label_dp import keep_probability, randomized_response
+from splitkeras.privacy.leakage import Leakage
 from tests import base
 from tests.test_experiment import _write_npz
 
@@ -74,12 +76,47 @@ class LabelDPInTrainingTest(base.TestCase):
         first = labels_by_row(0)
         np.testing.assert_array_equal(first, labels_by_row(1))
         np.testing.assert_array_equal(
-            first, randomized_response(y, 1.0, 10, seed=(0, 0x1ABE1, 0))
+            first, randomized_response(y, 1.0, 10, seed=label_dp.secret_seed(0))
         )
         self.assertFalse(np.array_equal(first, labels_by_row(0, k=1)))
+        # The config's seed does not give the draw away: the secret is not
+        # derived from it.
+        for guess in ((0, 0x1ABE1, 0), 0, (0, 0)):
+            self.assertFalse(
+                np.array_equal(first, randomized_response(y, 1.0, 10, seed=guess))
+            )
         changed = float(np.mean(first != y))
         # 1 - e / (e + 9) = 0.768 of the labels change at epsilon 1.
         self.assertAlmostEqual(changed, 1 - math.e / (math.e + 9), delta=0.07)
+
+    def test_secret_seeds_differ_per_party_and_process(self):
+        self.assertEqual(label_dp.secret_seed(7), label_dp.secret_seed(7))
+        self.assertNotEqual(label_dp.secret_seed(7), label_dp.secret_seed(8))
+        saved = dict(label_dp._SECRETS)
+        label_dp._SECRETS.clear()  # as in a new process
+        try:
+            self.assertNotEqual(label_dp.secret_seed(7), saved[7])
+        finally:
+            label_dp._SECRETS.clear()
+            label_dp._SECRETS.update(saved)
+
+    def test_leakage_scores_gradients_of_randomized_labels(self):
+        root = self.tempdir()
+        arrays = np.load(_write_npz(os.path.join(root, "tiny.npz")))
+        data = Site(
+            "d",
+            arrays["x_train"],
+            arrays["y_train"],
+            arrays["x_test"],
+            arrays["y_test"],
+            num_classes=10,
+        )
+        plain = Leakage(self._config("", 0.0), data)
+        np.testing.assert_array_equal(plain.y_trained, plain.y.numpy())
+        private = Leakage(self._config("", 1.0), data)
+        changed = float(np.mean(private.y_trained != private.y.numpy()))
+        # 64 leakage examples; 77% change at epsilon 1 with 10 classes.
+        self.assertGreater(changed, 0.5)
 
     def test_ushaped_run_with_label_dp_reports_its_epsilon(self):
         root = self.tempdir()
