@@ -16,6 +16,7 @@ from splitkeras.experiment import InProcess
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.segment_step import Dispatched
+from splitkeras.privacy.defenses import ClientPrivacy
 from splitkeras.protocol import Kind, Message
 from splitkeras.split_model import SplitModel
 from tests import base
@@ -123,6 +124,26 @@ class LossScaleTest(base.TestCase):
             updates["float32"],
             atol=2e-2 * np.abs(updates["float32"]).max(),
         )
+
+    def test_normalized_nopeek_under_loss_scaling_equals_float32(self):
+        rng = np.random.default_rng(2)
+        x = tf.constant(rng.random((16, 8, 8, 2)), tf.float32)
+        g = tf.constant(rng.normal(size=(16, 8, 8, 3)) * 0.01, tf.float32)
+        updates = {}
+        for name in ("float32", "float16_scaled"):
+            full, half = _pair(_client_segment)
+            segment = full if name == "float32" else half
+            before = segment.get_weights()
+            optimizer = keras.optimizers.SGD(1.0)
+            if name == "float16_scaled":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=0)
+            client = Client(segment, optimizer, privacy=privacy)
+            client.backward(client.forward(x), [g])
+            updates[name] = [b - a for b, a in zip(before, segment.get_weights())]
+        for scaled, plain in zip(updates["float16_scaled"], updates["float32"]):
+            self.assertGreater(np.abs(plain).max(), 0.0)
+            np.testing.assert_allclose(scaled, plain, atol=2e-2 * np.abs(plain).max())
 
 
 class RunTest(base.TestCase):
