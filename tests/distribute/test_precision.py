@@ -99,24 +99,30 @@ class LossScaleTest(base.TestCase):
         self.assertWeightsClose(half.get_weights(), before, atol=0)
         self.assertLess(float(optimizer.scale_loss(1.0)), 1e30)  # scale backed off
 
+    def _client_update(self, name, x, g, lr, privacy=None) -> list:
+        """Minus the weight change of one client step with SGD(lr): float32,
+        float16, or float16 with loss scaling ("float16_scaled")."""
+        full, half = _pair(_client_segment)
+        segment = full if name == "float32" else half
+        before = segment.get_weights()
+        optimizer = keras.optimizers.SGD(lr)
+        if name == "float16_scaled":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        client = Client(segment, optimizer, privacy=privacy)
+        forward = client.forward(x)
+        self.assertEqual(forward.cut[0].dtype, tf.float32)
+        client.backward(forward, [g])
+        return [b - a for b, a in zip(before, segment.get_weights())]
+
     def test_client_scales_its_own_backward(self):
         rng = np.random.default_rng(1)
         x = tf.constant(rng.normal(size=(4, 8, 8, 2)), tf.float32)
         # Gradients this small underflow in float16 unless scaled.
         g = tf.constant(rng.normal(size=(4, 8, 8, 3)) * 1e-9, tf.float32)
-        updates = {}
-        for name in ("float32", "float16", "float16_scaled"):
-            full, half = _pair(_client_segment)
-            segment = full if name == "float32" else half
-            before = segment.get_weights()
-            optimizer = keras.optimizers.SGD(1e7)
-            if name == "float16_scaled":
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            client = Client(segment, optimizer)
-            forward = client.forward(x)
-            self.assertEqual(forward.cut[0].dtype, tf.float32)
-            client.backward(forward, [g])
-            updates[name] = before[0] - segment.get_weights()[0]
+        updates = {
+            name: self._client_update(name, x, g, 1e7)[0]
+            for name in ("float32", "float16", "float16_scaled")
+        }
         self.assertGreater(np.abs(updates["float32"]).max(), 1e-2)
         self.assertEqual(np.abs(updates["float16"]).max(), 0.0)  # underflowed
         np.testing.assert_allclose(
@@ -129,18 +135,12 @@ class LossScaleTest(base.TestCase):
         rng = np.random.default_rng(2)
         x = tf.constant(rng.random((16, 8, 8, 2)), tf.float32)
         g = tf.constant(rng.normal(size=(16, 8, 8, 3)) * 0.01, tf.float32)
-        updates = {}
-        for name in ("float32", "float16_scaled"):
-            full, half = _pair(_client_segment)
-            segment = full if name == "float32" else half
-            before = segment.get_weights()
-            optimizer = keras.optimizers.SGD(1.0)
-            if name == "float16_scaled":
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=0)
-            client = Client(segment, optimizer, privacy=privacy)
-            client.backward(client.forward(x), [g])
-            updates[name] = [b - a for b, a in zip(before, segment.get_weights())]
+        updates = {
+            name: self._client_update(
+                name, x, g, 1.0, ClientPrivacy(nopeek_alpha=0.5, nopeek_window=0)
+            )
+            for name in ("float32", "float16_scaled")
+        }
         for scaled, plain in zip(updates["float16_scaled"], updates["float32"]):
             self.assertGreater(np.abs(plain).max(), 0.0)
             np.testing.assert_allclose(scaled, plain, atol=2e-2 * np.abs(plain).max())
