@@ -10,7 +10,7 @@ Each cut's split is trained for --train_steps steps (config.train.max_steps;
 0: the config's epochs) in workdir/cut_<name>/, then attacked (dCor leakage,
 a reconstruction decoder's SSIM) and its client segment exported to LiteRT
 and timed at batch 1. Writes workdir/advisor.md, advisor.json and
-advisor.png (see splitkeras/privacy/advisor.py); prints the table and the
+advisor.png (see splitkeras/studies/cut_advisor.py); prints the table and the
 recommendation (a budget of 0 is no budget).
 """
 
@@ -19,7 +19,7 @@ import os
 from absl import flags
 
 from splitkeras import cli
-from splitkeras.privacy.advisor import advise
+from splitkeras.studies.cut_advisor import advise
 
 _CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the runs and tables.")

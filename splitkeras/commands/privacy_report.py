@@ -6,7 +6,7 @@ inference by model completion, per defense.
       [--alphas=0,0.01,0.1,0.5,1 --noises=0.5,1]
 
 Writes workdir/report.md, report.json, report.png and, per setting, the run's
-workdir with a reconstructions.png grid (see splitkeras/privacy/report.py).
+workdir with a reconstructions.png grid (see splitkeras/studies/privacy_report.py).
 """
 
 import os
@@ -14,7 +14,7 @@ import os
 from absl import flags
 
 from splitkeras import cli
-from splitkeras.privacy.report import privacy_report
+from splitkeras.studies.privacy_report import privacy_report
 
 _CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the report.")

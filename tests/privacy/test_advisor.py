@@ -9,8 +9,8 @@ import numpy as np
 
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut, cut_points
-from splitkeras.privacy import advisor
-from splitkeras.privacy.advisor import CutRow, pareto, recommend
+from splitkeras.studies import cut_advisor as advisor
+from splitkeras.studies.cut_advisor import CutRow, pareto, recommend
 from tests import base
 from tests.test_experiment import _write_npz
 

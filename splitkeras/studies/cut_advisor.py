@@ -17,7 +17,7 @@ For every valid single cut of a config's model (`cut.cut_points`), one row
   (`experiment.train_and_evaluate`), its dCor leakage (the run's
   `leakage_dcor`) and a reconstruction attack on the trained client
   (`attacks.reconstruction.reconstruction_attack`), as
-  `privacy.report.privacy_report` does per defense setting.
+  `studies.privacy_report.privacy_report` does per defense setting.
 
 `pareto` finds the cuts no other cut beats on every chosen column,
 `recommend` the cut that meets the user's budgets with the lowest dCor.
@@ -195,7 +195,7 @@ def train_and_attack(
         reconstruction_attack,
         save_grid,
     )
-    from splitkeras.privacy.report import restore_client_segment
+    from splitkeras.studies.privacy_report import restore_client_segment
 
     summary = experiment.train_and_evaluate(config, run_dir)
     client = restore_client_segment(config, run_dir, arrays)
@@ -505,7 +505,7 @@ def advise(
     from splitkeras import builders
     from splitkeras import data as data_lib
     from splitkeras.cut import cut_points
-    from splitkeras.privacy.report import images_of
+    from splitkeras.studies.privacy_report import images_of
 
     if config.num_clients != 1 or config.method != "split":
         raise ValueError(
