@@ -13,11 +13,10 @@ For every valid single cut of a config's model (`cut.cut_points`), one row
   it (`export.export_segment`, inference only, float32), run by the LiteRT
   interpreter (`edge.runtime.LiteSegment`) at batch 1: the median of
   several invocations, in milliseconds, on this machine;
-- `train_and_attack`: a short training of the split at that cut
-  (`experiment.train_and_evaluate`), its dCor leakage (the run's
-  `leakage_dcor`) and a reconstruction attack on the trained client
-  (`attacks.reconstruction.reconstruction_attack`), as
-  `studies.privacy_report.privacy_report` does per defense setting.
+- a short training of the split at that cut and a reconstruction attack on
+  it (`studies.privacy_report.train_and_attack`, as the privacy report
+  does per defense setting): the run's `leakage_dcor` and the attack's
+  SSIM and MSE (NaN for a cut with several cut tensors).
 
 `pareto` finds the cuts no other cut beats on every chosen column,
 `recommend` the cut that meets the user's budgets with the lowest dCor.
@@ -52,7 +51,6 @@ __all__ = [
     "plot",
     "recommend",
     "static_row",
-    "train_and_attack",
     "write",
 ]
 
@@ -177,43 +175,6 @@ def litert_latency_ms(
         lite.serve(x)
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
-
-
-def train_and_attack(
-    config, run_dir: str, arrays, aux, held_out, decoder_epochs: int = 20
-) -> dict:
-    """Trains `config`'s split (its `model.cut`) in `run_dir`, attacks it.
-
-    Returns:
-      {"dcor", "ssim", "mse", "test_accuracy"}: the run's `leakage_dcor` and
-      test accuracy, the reconstruction attack's SSIM and MSE (a decoder
-      trained on the `aux` inputs and their activations, measured on
-      `held_out`; NaN for a client with several cut tensors).
-    """
-    from splitkeras import experiment
-    from splitkeras.privacy.attacks.reconstruction import (
-        reconstruction_attack,
-        save_grid,
-    )
-    from splitkeras.studies.privacy_report import restore_client_segment
-
-    summary = experiment.train_and_evaluate(config, run_dir)
-    client = restore_client_segment(config, run_dir, arrays)
-    result = {
-        "dcor": float(summary.get("leakage_dcor", NAN)),
-        "test_accuracy": float(summary.get("test_accuracy", NAN)),
-        "ssim": NAN,
-        "mse": NAN,
-        "client": client,
-    }
-    if len(client.outputs) == 1:
-        attack = reconstruction_attack(
-            client, aux, held_out, epochs=decoder_epochs, seed=config.seed
-        )
-        result["ssim"], result["mse"] = attack["ssim"], attack["mse"]
-        decoded = attack["decoder"].predict(client(held_out[:8]), verbose=0)
-        save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
-    return result
 
 
 def _worse(a: float, b: float) -> bool:
@@ -505,7 +466,7 @@ def advise(
     from splitkeras import builders
     from splitkeras import data as data_lib
     from splitkeras.cut import cut_points
-    from splitkeras.studies.privacy_report import images_of
+    from splitkeras.studies.privacy_report import images_of, train_and_attack
 
     if config.num_clients != 1 or config.method != "split":
         raise ValueError(
@@ -550,10 +511,16 @@ def advise(
             c.train.max_steps = int(train_steps)
         run_dir = os.path.join(workdir, f"cut_{at}")
         row = static_row(builders.build_model(c, arrays), at)
-        measured = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
-        client = measured.pop("client")
+        run = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
+        attack = run.attack or {"ssim": NAN, "mse": NAN}
+        measured = {
+            "dcor": float(run.summary.get("leakage_dcor", NAN)),
+            "test_accuracy": float(run.summary.get("test_accuracy", NAN)),
+            "ssim": attack["ssim"],
+            "mse": attack["mse"],
+        }
         latency = litert_latency_ms(
-            client,
+            run.segment,
             os.path.join(run_dir, "litert"),
             repeats=latency_repeats,
             threads=latency_threads,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -41,7 +42,14 @@ from splitkeras.privacy.attacks.model_completion import (
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack, save_grid
 from splitkeras.privacy.defenses import from_config
 
-__all__ = ["images_of", "privacy_report", "restore_client_segment", "settings"]
+__all__ = [
+    "AttackedRun",
+    "images_of",
+    "privacy_report",
+    "restore_client_segment",
+    "settings",
+    "train_and_attack",
+]
 
 
 def settings(alphas, noises) -> list[dict]:
@@ -71,6 +79,35 @@ def _as_sent(segment, privacy):
         return privacy.noised([segment(x, training=training)])[0]
 
     return sent
+
+
+class AttackedRun(NamedTuple):
+    """A trained run and the reconstruction attack on what its server gets."""
+
+    summary: dict  # the run's summary.json
+    segment: object  # the trained client segment
+    sent: object  # x -> what the server receives (the segment, + noise)
+    attack: dict | None  # reconstruction_attack's; None: several cut tensors
+
+
+def train_and_attack(
+    config, run_dir: str, arrays, aux, held_out, decoder_epochs: int = 20
+) -> AttackedRun:
+    """Trains `config`'s single-client split in `run_dir`, restores its client
+    segment and attacks what the server receives: a decoder trained on the
+    `aux` inputs' activations, measured on `held_out` (MSE, SSIM), and
+    `reconstructions.png` in `run_dir`."""
+    summary = experiment.train_and_evaluate(config, run_dir)
+    segment = restore_client_segment(config, run_dir, arrays)
+    sent = _as_sent(segment, from_config(config))
+    if len(segment.outputs) != 1:
+        return AttackedRun(summary, segment, sent, None)
+    attack = reconstruction_attack(
+        sent, aux, held_out, epochs=decoder_epochs, seed=config.seed
+    )
+    decoded = attack["decoder"].predict(sent(held_out[:8]), verbose=0)
+    save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
+    return AttackedRun(summary, segment, sent, attack)
 
 
 def _name(setting) -> str:
@@ -104,21 +141,15 @@ def privacy_report(
         c.privacy.nopeek_alpha = setting["nopeek_alpha"]
         c.privacy.activation_noise = setting["activation_noise"]
         run_dir = os.path.join(workdir, _name(setting))
-        summary = experiment.train_and_evaluate(c, run_dir)
-        segment = restore_client_segment(c, run_dir, arrays)
-        attack = reconstruction_attack(
-            _as_sent(segment, from_config(c)),
-            aux,
-            held_out,
-            epochs=decoder_epochs,
-            seed=c.seed,
-        )
-        decoded = attack["decoder"].predict(
-            _as_sent(segment, from_config(c))(held_out[:8]), verbose=0
-        )
-        save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
+        run = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
+        if run.attack is None:
+            raise ValueError(
+                f"the privacy report attacks one cut tensor; cut "
+                f"{c.model.cut!r} sends several"
+            )
+        summary, attack = run.summary, run.attack
         completion = model_completion_attack(
-            _as_sent(segment, from_config(c)),
+            run.sent,
             aux[known],
             arrays.y_train[known],
             held_out,
