@@ -28,7 +28,7 @@ log = logging.getLogger("splitkeras")
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate"]
 
-_LEAKAGE = ("leakage_", "label_leak_")  # privacy measurements in the logs
+_LEAKAGE = ("leakage_", "label_leak_", "hijack_")  # privacy figures in the logs
 
 
 class InProcess(RunnerProcess):

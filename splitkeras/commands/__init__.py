@@ -2,8 +2,8 @@
 
   splitkeras train --config=fashion_mnist_lenet --workdir=workdirs/fmnist
   splitkeras serve | client | launch | export | partition | privacy-report |
-             advise-cut | resource-table | make-credentials | edge-client |
-             predict ...
+             advise-cut | attack-table | resource-table | make-credentials |
+             edge-client | predict ...
   splitkeras configs        the shipped configs, by name
   splitkeras <command> --help
 
@@ -30,6 +30,7 @@ COMMANDS = {
     "partition": ("partition", "each site's data file from a dataset"),
     "privacy-report": ("privacy_report", "NoPeek / noise sweep with attacks"),
     "advise-cut": ("advise_cut", "every cut's cost and leakage; the cut to use"),
+    "attack-table": ("attack_table", "every defense against every attack"),
     "resource-table": ("resource_table", "client FLOPs and bytes per method"),
     "make-credentials": ("make_credentials", "a CA, certificates and tokens"),
     "edge-client": ("edge_client", "train an exported segment with LiteRT (no TF)"),

@@ -178,6 +178,7 @@ class Client:
         reply is awaited (`splitkeras.parties.microbatches`).
         """
         if microbatches > 1:
+            self._unguarded("micro-batched")
             forward = self.forward(x)
             tickets = self._send_pieces(
                 link, step, forward.cut, y, sample_weight, microbatches
@@ -185,6 +186,12 @@ class Client:
             grads, loss = self._receive_pieces(link, forward.cut, tickets)
             self.backward(forward, grads)
             return loss
+        guard = None if self.privacy is None or y is None else self.privacy.guard
+        probe = None
+        if guard is not None:
+            # A probe of the hijack guard: shuffled labels, no update here.
+            probe = guard.is_probe()
+            y = guard.labels(y, probe)
         forward = self.forward(x)
         reply = link.request(
             self._message(Kind.TRAIN, step, forward.cut, y, sample_weight, ids)
@@ -195,7 +202,20 @@ class Client:
             if self.privacy is not None:
                 out_grads = self.privacy.protect_gradients(out_grads)
             reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
-        self.backward(forward, reply.tensors, tail_grads)
+        if probe is None:
+            self.backward(forward, reply.tensors, tail_grads)
+            return loss
+        guard.record(probe, reply.tensors)
+
+        def learn():
+            # Tensors from outside the branch, made the branch's own (one
+            # graph for the optimizer's all-reduce).
+            received = [tf.identity(g) for g in reply.tensors]
+            tail = [None if g is None else tf.identity(g) for g in tail_grads]
+            self.backward(forward, received, tail)
+            return tf.constant(True)
+
+        tf.cond(probe, lambda: tf.constant(False), learn)
         return loss
 
     # ------------------------------------------ steps that do not wait
@@ -203,6 +223,7 @@ class Client:
         """The first half of a step whose gradients come later (vanilla,
         `config.train.max_staleness`): runs the forward pass and sends the
         cut tensors; returns the tickets `finish_step` takes."""
+        self._unguarded("asynchronous")
         cut = self.forward(x).cut  # the tape ends here: finish_step recomputes
         return self._send_pieces(link, step, cut, y, sample_weight, microbatches)
 
@@ -214,6 +235,15 @@ class Client:
         grads, loss = self._receive_pieces(link, forward.cut, tickets)
         self.backward(forward, grads)
         return loss
+
+    def _unguarded(self, what: str) -> None:
+        """The hijack guard probes whole steps that wait for their reply."""
+        if self.privacy is not None and self.privacy.guard is not None:
+            raise ValueError(
+                f"the hijack guard (config.privacy.hijack_probe_every) probes "
+                f"steps that wait for their gradients, not {what} ones: set "
+                "config.train.microbatches=1 and config.train.max_staleness=0"
+            )
 
     def _send_pieces(self, link, step, cut, y, sample_weight, count):
         """Sends the cut tensors as `count` micro-batches (1: the whole batch

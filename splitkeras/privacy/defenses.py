@@ -35,6 +35,9 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
   and/or gets Gaussian noise of standard deviation `gradient_noise` before
   it is sent, which blunts the norm and direction attacks of Li et al.
   (ICLR 2022). The client's own tail update is not changed.
+- A hijack guard (`hijack_probe_every` > 0): now and then a step with
+  shuffled labels tests whether the server's gradients depend on the
+  labels (`splitkeras.privacy.hijack_guard`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras.privacy.distance_correlation import distance_correlation
+from splitkeras.privacy.hijack_guard import HijackGuard
 
 __all__ = ["NOPEEK_STEPS", "ClientPrivacy", "NoPeekTerm", "flat_batch", "from_config"]
 
@@ -85,6 +89,9 @@ class ClientPrivacy:
         gradients sent to the server (0: off).
       gradient_noise: U-shaped: standard deviation of Gaussian noise added
         to those gradients (0: off).
+      hijack_probe_every: the hijack guard's probe interval in steps (0:
+        no guard); `hijack_warmup`, `hijack_threshold`, `hijack_probes`:
+        the rest of its settings (see `HijackGuard`).
       seed: seed of the noise.
     """
 
@@ -94,6 +101,10 @@ class ClientPrivacy:
     activation_noise: float = 0.0
     gradient_max_norm: float = 0.0
     gradient_noise: float = 0.0
+    hijack_probe_every: int = 0
+    hijack_warmup: int = 20
+    hijack_threshold: float = 1.5
+    hijack_probes: int = 5
     seed: int = 0
 
     def __post_init__(self):
@@ -108,11 +119,21 @@ class ClientPrivacy:
             "activation_noise",
             "gradient_max_norm",
             "gradient_noise",
+            "hijack_probe_every",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self._seeds = keras.random.SeedGenerator(self.seed)
         self._memory = None  # (x rows, z rows, rows filled), made at first use
+        self.guard = None
+        if self.hijack_probe_every:
+            self.guard = HijackGuard(
+                self.hijack_probe_every,
+                self.hijack_warmup,
+                self.hijack_threshold,
+                self.hijack_probes,
+                seed=self.seed + 104729,
+            )
 
     @property
     def active(self) -> bool:
@@ -122,6 +143,7 @@ class ClientPrivacy:
                 self.activation_noise,
                 self.gradient_max_norm,
                 self.gradient_noise,
+                self.hijack_probe_every,
             )
         )
 
@@ -270,6 +292,10 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),
+        hijack_probe_every=int(p.hijack_probe_every),
+        hijack_warmup=int(p.hijack_warmup),
+        hijack_threshold=float(p.hijack_threshold),
+        hijack_probes=int(p.hijack_probes),
         seed=int(config.seed) * 10007 + int(client_id),
     )
     return privacy if privacy.active else None

@@ -149,7 +149,7 @@ class Leakage:
 
     def summary(self) -> dict:
         """The summary's fields: the start figure and the last warnings."""
-        if not self.enabled:
+        if not (self.enabled or self.warnings):
             return {}
         fields = {"privacy_warnings": list(self.warnings)}
         if self.start is not None:
@@ -158,18 +158,46 @@ class Leakage:
 
     def __call__(self, trainer) -> dict:
         """{"leakage_dcor": value, ...}, or {} when there is nothing to
-        measure; logs the warnings of `privacy_warnings`."""
+        measure; logs the warnings of `privacy_warnings` and of the clients'
+        hijack guards (`hijack_score`, and `hijack_alarm_step` once the alarm
+        went off; client 0's unsuffixed, the others' with `_<k>`)."""
+        logs, self.warnings = self._guards(trainer), []
+        for client in clients_of(trainer):
+            guard = client.privacy.guard if client.privacy is not None else None
+            if guard is not None:
+                self.warnings += guard.warnings()
         client = _newest_client(trainer) if self.enabled else None
-        if client is None:
-            return {}
+        if client is not None:
+            logs.update(self._leakage(trainer, client))
+        for warning in self.warnings:
+            log.warning("Privacy: %s", warning)
+        return logs
+
+    @staticmethod
+    def _guards(trainer) -> dict:
+        """The hijack guards' scores (clients that have probed)."""
+        logs = {}
+        for client in clients_of(trainer):
+            guard = client.privacy.guard if client.privacy is not None else None
+            if guard is None or guard.score() is None:
+                continue
+            suffix = f"_{client.client_id}" if client.client_id else ""
+            logs["hijack_score" + suffix] = guard.score()
+            if guard.lowest_score() is not None:
+                logs["hijack_lowest_score" + suffix] = guard.lowest_score()
+            if guard.alarm() is not None:
+                logs["hijack_alarm_step" + suffix] = guard.alarm()
+        return logs
+
+    def _leakage(self, trainer, client) -> dict:
+        """leakage_dcor (+ its change, + U-shaped label leakage) of `client`;
+        adds its `privacy_warnings`."""
         value, cut, clean = self._dcor(client)
         logs = {"leakage_dcor": value}
         if self.start:
             logs["leakage_dcor_change"] = value / self.start - 1.0
         alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
-        self.warnings = privacy_warnings(flat_batch(clean), value, self.start, alpha)
-        for warning in self.warnings:
-            log.warning("Privacy: %s", warning)
+        self.warnings += privacy_warnings(flat_batch(clean), value, self.start, alpha)
         server = getattr(trainer, "server", None)
         if client.tail is not None and server is not None:
             logs.update(self._label_leakage(client, server.segment, cut))

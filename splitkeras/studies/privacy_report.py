@@ -44,6 +44,7 @@ from splitkeras.privacy.defenses import from_config
 
 __all__ = [
     "AttackedRun",
+    "attack_sets",
     "images_of",
     "privacy_report",
     "restore_client_segment",
@@ -128,13 +129,9 @@ def privacy_report(
     if config.num_clients != 1 or config.method != "split":
         raise ValueError("the privacy report runs single-client splits (method split)")
     os.makedirs(workdir, exist_ok=True)
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
-    start = int(config.privacy.leakage_examples)  # held out from the leakage set
-    stop = start + eval_examples
-    held_out = images_of(arrays.x_test[start:stop], arrays.y_test[start:stop])
-    held_out_labels = arrays.y_test[start:stop]
-    known = known_examples(arrays.y_train[:aux_examples], known_per_class, config.seed)
+    arrays, aux, held_out, held_out_labels, known = attack_sets(
+        config, aux_examples, eval_examples, known_per_class
+    )
     rows = []
     for setting in settings(alphas, noises):
         c = copy.deepcopy(config)
@@ -169,6 +166,19 @@ def privacy_report(
         )
         _write(workdir, config, rows)
     return rows
+
+
+def attack_sets(config, aux_examples, eval_examples, known_per_class):
+    """The data of the attacks: (arrays, the attacker's auxiliary inputs (the
+    first training examples), held-out test inputs after the leakage set,
+    their labels, the auxiliary rows whose labels the attacker knows)."""
+    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
+    start = int(config.privacy.leakage_examples)  # held out from the leakage set
+    stop = start + eval_examples
+    held_out = images_of(arrays.x_test[start:stop], arrays.y_test[start:stop])
+    known = known_examples(arrays.y_train[:aux_examples], known_per_class, config.seed)
+    return arrays, aux, held_out, arrays.y_test[start:stop], known
 
 
 def images_of(x, y):

@@ -1,0 +1,159 @@
+"""The attack table: every defense against every attack, in one run.
+
+Each row is a defense setting (`config.privacy` overrides). For each, the
+config is trained honestly (`privacy_report.train_and_attack`) and then
+attacked:
+
+- reconstruction by an honest-but-curious server (a decoder trained on the
+  auxiliary inputs' activations): SSIM on held-out inputs;
+- label inference by model completion (Fu et al.) on what the client sends;
+- U-shaped: Li et al.'s norm and cosine leak AUCs of the output gradients
+  the server receives (the run's last `label_leak_*` figures; "-" for a
+  vanilla split, whose server holds the labels);
+- feature-space hijacking (`studies.hijacking`): a fresh client of the same
+  settings, its hijack guard on, trained for `hijack_steps` steps against
+  a hijacking server that holds the auxiliary inputs: the attacker's SSIM
+  on the held-out inputs at the end (the client trains on: no detector)
+  and at the guard's alarm (the client stops there), and the alarm's step.
+
+It writes attack_table.md and attack_table.json in the workdir.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from splitkeras.privacy.attacks.model_completion import model_completion_attack
+from splitkeras.studies.hijacking import hijack
+from splitkeras.studies.privacy_report import attack_sets, train_and_attack
+
+__all__ = ["ROWS", "attack_table"]
+
+# (name, config.privacy overrides); the last row measures the guard's cost
+# on an honest server.
+ROWS = (
+    ("no defense", {}),
+    ("NoPeek alpha 0.5", {"nopeek_alpha": 0.5}),
+    ("activation noise 1", {"activation_noise": 1.0}),
+    ("label DP epsilon 2", {"label_epsilon": 2.0}),
+    ("Marvell strength 1", {"marvell_strength": 1.0}),
+    ("hijack guard (honest server)", {"hijack_probe_every": 10}),
+)
+
+
+def attack_table(
+    config,
+    workdir: str,
+    rows=None,
+    hijack_steps: int = 600,
+    hijack_probe_every: int = 10,
+    aux_examples: int = 1000,
+    eval_examples: int = 512,
+    decoder_epochs: int = 20,
+    known_per_class: int = 4,
+) -> list[dict]:
+    """Trains and attacks each row of `rows` (numbers into ROWS; None: all).
+
+    Returns the table's rows as dicts (also written to the workdir).
+    """
+    if config.num_clients != 1 or config.method != "split":
+        raise ValueError("the attack table runs single-client splits (method split)")
+    chosen = [ROWS[i] for i in (range(len(ROWS)) if rows is None else rows)]
+    for name, settings in chosen:
+        unknown = sorted(set(settings) - set(config.privacy))
+        if unknown:
+            raise ValueError(
+                f"row {name!r} sets unknown config.privacy fields {unknown}"
+            )
+    os.makedirs(workdir, exist_ok=True)
+    arrays, aux, held_out, held_out_labels, known = attack_sets(
+        config, aux_examples, eval_examples, known_per_class
+    )
+    table = []
+    for name, settings in chosen:
+        c = copy.deepcopy(config)
+        c.privacy.update(settings)
+        run_dir = os.path.join(workdir, _slug(name))
+        run = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
+        completion = model_completion_attack(
+            run.sent,
+            aux[known],
+            arrays.y_train[known],
+            held_out,
+            held_out_labels,
+            int(arrays.num_classes),
+            seed=c.seed,
+        )
+        attacked = copy.deepcopy(c)
+        attacked.privacy.hijack_probe_every = hijack_probe_every
+        hijacked = hijack(attacked, arrays, aux, held_out, hijack_steps)
+        s = run.summary
+        table.append(
+            {
+                "defense": name,
+                "privacy": settings,
+                "test_accuracy": s["test_accuracy"],
+                "leakage_dcor": s.get("leakage_dcor"),
+                "reconstruction_ssim": run.attack["ssim"],
+                "completion_accuracy": completion,
+                "norm_auc": s.get("label_leak_norm_auc"),
+                "cosine_auc": s.get("label_leak_cosine_auc"),
+                "honest_lowest_guard_score": s.get("hijack_lowest_score"),
+                "honest_alarm_step": s.get("hijack_alarm_step"),
+                "hijack_ssim": hijacked["ssim"],
+                "hijack_ssim_at_alarm": hijacked["ssim_at_alarm"],
+                "hijack_alarm_step": hijacked["alarm_step"],
+                "hijack_score": hijacked["score"],
+                "hijack_curve": hijacked["curve"],
+            }
+        )
+        _write(workdir, config, hijack_steps, hijack_probe_every, table)
+    return table
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def _figure(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _write(workdir, config, hijack_steps, probe_every, table) -> None:
+    with open(os.path.join(workdir, "attack_table.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    lines = [
+        f"Model {config.model.name} cut at {config.model.cut} "
+        f"({config.topology}), {config.train.epochs} epochs, seed {config.seed}; "
+        f"hijacking: {hijack_steps} steps, a probe every {probe_every} steps "
+        f"after {config.privacy.hijack_warmup}.",
+        "",
+        "| defense | test accuracy | dCor | reconstruction SSIM "
+        "| model-completion accuracy | norm leak AUC | cosine leak AUC "
+        "| hijacking SSIM, no detector | hijacking SSIM, detector "
+        "| alarm step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['defense']} | {r['test_accuracy']:.4f} | "
+            f"{_figure(r['leakage_dcor'])} | {r['reconstruction_ssim']:.3f} | "
+            f"{r['completion_accuracy']:.3f} | {_figure(r['norm_auc'])} | "
+            f"{_figure(r['cosine_auc'])} | {r['hijack_ssim']:.3f} | "
+            f"{_figure(r['hijack_ssim_at_alarm'])} | "
+            f"{_figure(r['hijack_alarm_step'], 'd')} |"
+        )
+    guarded = [r for r in table if r["honest_lowest_guard_score"] is not None]
+    for r in guarded:
+        alarm = r["honest_alarm_step"]
+        lines += [
+            "",
+            f"{r['defense']}: lowest guard score on the honest server "
+            f"{r['honest_lowest_guard_score']:.2f} (alarm below "
+            f"{config.privacy.hijack_threshold:g}); alarm "
+            + ("never." if alarm is None else f"at step {alarm:.0f}."),
+        ]
+    with open(os.path.join(workdir, "attack_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
