@@ -1,0 +1,238 @@
+"""Feature-space hijacking and the client's hijack guard."""
+
+import types
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from splitkeras.configs import fashion_mnist_lenet
+from splitkeras.cut import cut
+from splitkeras.objective import Objective
+from splitkeras.parties import Client, Server
+from splitkeras.privacy.attacks.hijacking import FeatureSpaceHijacker
+from splitkeras.privacy.defenses import ClientPrivacy
+from splitkeras.privacy.hijack_guard import HijackGuard, hijack_warning
+from splitkeras.privacy.leakage import Leakage
+from splitkeras.protocol import Kind, Message
+from splitkeras.transport.local import LocalTransport
+from tests import base
+
+
+def _images(n, seed):
+    """Two classes of 8x8 images: the bright half is the label."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.random((n, 8, 8, 1)).astype("float32") * 0.3
+    for i, label in enumerate(y):
+        x[i, :, 4 * label : 4 * label + 4] += 0.7
+    return x, y.astype("int64")
+
+
+def _segments():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(
+        inputs
+    )
+    h = keras.layers.Flatten()(keras.layers.MaxPooling2D(2)(h))
+    outputs = keras.layers.Dense(2, name="logits")(h)
+    return cut(keras.Model(inputs, outputs), "conv")
+
+
+def _loss():
+    return Objective(keras.losses.SparseCategoricalCrossentropy(from_logits=True), [])
+
+
+class GuardTest(base.TestCase):
+    def _guard(self):
+        return HijackGuard(probe_every=3, warmup=2, threshold=1.5, probes=2)
+
+    def _record(self, guard, probe_norm):
+        """One step: a row of norm 1 (regular) or `probe_norm` (a probe)."""
+        probe = guard.is_probe()
+        norm = probe_norm if bool(probe) else 1.0
+        guard.record(probe, [tf.constant([[norm, 0.0], [0.0, norm]])])
+        return bool(probe)
+
+    def test_probes_come_every_n_steps_after_the_warmup(self):
+        guard = self._guard()
+        probes = [self._record(guard, 3.0) for _ in range(9)]
+        self.assertEqual(
+            [i for i, p in enumerate(probes) if p], [2, 5, 8]
+        )  # warmup 2, then every 3rd
+
+    def test_honest_ratios_raise_no_alarm(self):
+        guard = self._guard()
+        for _ in range(9):
+            self._record(guard, 3.0)
+        self.assertAlmostEqual(guard.score(), 3.0, places=5)
+        self.assertAlmostEqual(guard.lowest_score(), 3.0, places=5)
+        self.assertIsNone(guard.alarm())
+        self.assertEqual(guard.warnings(), [])
+
+    def test_label_independent_gradients_raise_the_alarm_and_it_stays(self):
+        guard = self._guard()
+        for _ in range(6):  # probes at steps 2 and 5: both at ratio 1
+            self._record(guard, 1.0)
+        self.assertEqual(guard.alarm(), 6)
+        for _ in range(6):  # honest again: the score recovers, the alarm stays
+            self._record(guard, 3.0)
+        self.assertAlmostEqual(guard.score(), 3.0, places=5)
+        self.assertEqual(guard.alarm(), 6)
+        self.assertEqual(guard.warnings(), [hijack_warning(6, guard.score(), 1.5, 2)])
+
+    def test_the_run_logs_the_score_and_the_alarm_and_warns(self):
+        guard = self._guard()
+        for _ in range(6):
+            self._record(guard, 1.0)
+        clients = [types.SimpleNamespace(client_id=0, privacy=None)]
+        clients.append(
+            types.SimpleNamespace(
+                client_id=1, privacy=types.SimpleNamespace(guard=guard)
+            )
+        )
+        config = fashion_mnist_lenet.get_config()
+        config.privacy.leakage_examples = 0
+        leakage = Leakage(config, types.SimpleNamespace(x_test=np.zeros((0, 1))))
+        with self.assertLogs("splitkeras", "WARNING") as logs:
+            figures = leakage(types.SimpleNamespace(clients=clients))
+        self.assertEqual(
+            figures,
+            {
+                "hijack_score_1": 1.0,
+                "hijack_lowest_score_1": 1.0,
+                "hijack_alarm_step_1": 6,
+            },
+        )
+        warning = hijack_warning(6, 1.0, 1.5, 2)
+        self.assertEqual(logs.output, [f"WARNING:splitkeras:Privacy: {warning}"])
+        self.assertEqual(leakage.summary(), {"privacy_warnings": [warning]})
+
+    def test_labels_are_shuffled_on_probes_only(self):
+        guard = HijackGuard(probe_every=2, warmup=1, seed=4)
+        y = tf.range(64, dtype=tf.int64)
+        same = guard.labels(y, tf.constant(False))
+        shuffled = guard.labels(y, tf.constant(True)).numpy()
+        np.testing.assert_array_equal(same, y)
+        self.assertFalse(np.array_equal(shuffled, y.numpy()))
+        np.testing.assert_array_equal(np.sort(shuffled), y.numpy())
+
+    def test_bad_settings_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "probe_every must be >= 2, got 1"):
+            HijackGuard(probe_every=1)
+        with self.assertRaisesRegex(ValueError, "threshold must be > 0, got 0"):
+            HijackGuard(threshold=0)
+
+
+class GuardedClientTest(base.TestCase):
+    def _client(self, guard_every=2):
+        segments = _segments()
+        privacy = ClientPrivacy(hijack_probe_every=guard_every, hijack_warmup=1)
+        client = Client(segments.client, keras.optimizers.SGD(0.1), privacy=privacy)
+        client.build_optimizer()
+        return client, segments
+
+    def test_a_probe_step_sends_shuffled_labels_and_leaves_the_client_as_it_was(self):
+        client, segments = self._client()
+        x, y = _images(32, 0)
+        labels = tf.Variable(tf.zeros([32], tf.int64))
+
+        class Recording:
+            def handle(self, message):
+                labels.assign(message.labels)
+                grads = 1e-4 * tf.ones_like(message.tensors[0])
+                return Message(Kind.GRADIENTS, 0, message.step, (grads,), loss=0.0)
+
+        link = LocalTransport(Recording())
+        step = tf.function(lambda x, y, s: client.train_step(link, s, x, y))
+        weights, sent = [], []
+        for s in range(3):  # regular, probe (step 1 = warmup), regular
+            weights.append([v.numpy() for v in client.segment.weights])
+            step(x, y, tf.constant(s, tf.int64))
+            sent.append(labels.numpy())
+        weights.append([v.numpy() for v in client.segment.weights])
+        np.testing.assert_array_equal(sent[0], y)
+        self.assertFalse(np.array_equal(sent[1], y))
+        np.testing.assert_array_equal(np.sort(sent[1]), np.sort(y))
+        for before, after, moved in zip(weights, weights[1:], (True, False, True)):
+            same = all(np.array_equal(b, a) for b, a in zip(before, after))
+            self.assertEqual(same, not moved)
+
+    def test_the_guard_refuses_micro_batched_steps(self):
+        client, _ = self._client()
+        x, y = _images(8, 0)
+        with self.assertRaisesRegex(
+            ValueError,
+            "the hijack guard \\(config.privacy.hijack_probe_every\\) probes "
+            "steps that wait for their gradients, not micro-batched ones",
+        ):
+            client.train_step(None, 0, x, y, microbatches=2)
+
+
+class HijackingTest(base.TestCase):
+    """The guard against an honest server and against a hijacker."""
+
+    def _train(self, hijacker: bool, steps=40):
+        segments = _segments()
+        privacy = ClientPrivacy(hijack_probe_every=5, hijack_warmup=20, hijack_probes=3)
+        client = Client(segments.client, keras.optimizers.Adam(0.01), privacy=privacy)
+        client.build_optimizer()
+        if hijacker:
+            public, _ = _images(256, 1)
+            server = FeatureSpaceHijacker(segments.client, public, batch_size=32)
+        else:
+            server = Server(segments.server, keras.optimizers.Adam(0.01), _loss())
+            server.build_optimizer()
+        link = LocalTransport(server)
+        step = tf.function(lambda x, y, s: client.train_step(link, s, x, y))
+        x, y = _images(32 * steps, 2)
+        for s in range(steps):
+            rows = slice(32 * s, 32 * s + 32)
+            step(x[rows], y[rows], tf.constant(s, tf.int64))
+        return client.privacy.guard, server, client
+
+    def test_an_honest_server_raises_no_alarm(self):
+        guard, _, _ = self._train(hijacker=False)
+        self.assertIsNone(guard.alarm())
+        self.assertGreater(guard.lowest_score(), 1.5)
+
+    def test_a_hijacking_server_raises_the_alarm_after_the_first_probes(self):
+        guard, hijacker, client = self._train(hijacker=True)
+        # Probes at steps 20, 25, 30: the alarm is on after the third.
+        self.assertEqual(guard.alarm(), 31)
+        self.assertLess(guard.score(), 1.5)
+        x, _ = _images(4, 3)
+        reconstruction = hijacker.reconstruct(client.infer(x)[0])
+        self.assertEqual(reconstruction.shape, x.shape)
+
+    def test_the_hijacker_answers_u_shaped_clients_with_outputs_then_gradients(self):
+        segments = cut(_segments_model(), ("conv", "hidden"))
+        public, _ = _images(64, 1)
+        hijacker = FeatureSpaceHijacker(
+            segments.client, public, server_segment=segments.server, batch_size=16
+        )
+        x, _ = _images(8, 0)
+        z = segments.client(x)
+        out = hijacker.handle(Message(Kind.TRAIN, 0, 0, (z,)))
+        self.assertEqual(out.kind, Kind.SERVER_OUTPUT)
+        self.assertEqual(out.tensors[0].shape, segments.server(z).shape)
+        grads = hijacker.handle(
+            Message(Kind.OUTPUT_GRADIENTS, 0, 0, (tf.ones_like(out.tensors[0]),))
+        )
+        self.assertEqual(grads.kind, Kind.GRADIENTS)
+        self.assertEqual(grads.tensors[0].shape, z.shape)
+        with self.assertRaisesRegex(ValueError, "OUTPUT_GRADIENTS before any TRAIN"):
+            hijacker.handle(Message(Kind.OUTPUT_GRADIENTS, 0, 1, (out.tensors[0],)))
+
+
+def _segments_model():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(
+        inputs
+    )
+    h = keras.layers.Flatten()(keras.layers.MaxPooling2D(2)(h))
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
+    outputs = keras.layers.Dense(2, name="logits")(h)
+    return keras.Model(inputs, outputs)
