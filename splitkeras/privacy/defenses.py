@@ -34,7 +34,11 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
   its outputs): each example's gradient is clipped to `gradient_max_norm`
   and/or gets Gaussian noise of standard deviation `gradient_noise` before
   it is sent, which blunts the norm and direction attacks of Li et al.
-  (ICLR 2022). The client's own tail update is not changed.
+  (ICLR 2022). `marvell_strength` > 0 adds Marvell-style noise shaped to
+  the classes' gradients (`splitkeras.privacy.marvell`, from the labels
+  the client trains with) first; clipping and noise then act on the
+  result, so `gradient_max_norm` stays a bound on what is sent. The
+  client's own tail update is not changed.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras.privacy.distance_correlation import distance_correlation
+from splitkeras.privacy.marvell import marvell_noise
 
 __all__ = ["NOPEEK_STEPS", "ClientPrivacy", "NoPeekTerm", "flat_batch", "from_config"]
 
@@ -85,6 +90,9 @@ class ClientPrivacy:
         gradients sent to the server (0: off).
       gradient_noise: U-shaped: standard deviation of Gaussian noise added
         to those gradients (0: off).
+      marvell_strength: U-shaped: Marvell-style noise on those gradients,
+        its power budget as a multiple of the squared distance between a
+        class's mean gradient and the rest's (0: off).
       seed: seed of the noise.
     """
 
@@ -94,6 +102,7 @@ class ClientPrivacy:
     activation_noise: float = 0.0
     gradient_max_norm: float = 0.0
     gradient_noise: float = 0.0
+    marvell_strength: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -108,6 +117,7 @@ class ClientPrivacy:
             "activation_noise",
             "gradient_max_norm",
             "gradient_noise",
+            "marvell_strength",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -122,6 +132,7 @@ class ClientPrivacy:
                 self.activation_noise,
                 self.gradient_max_norm,
                 self.gradient_noise,
+                self.marvell_strength,
             )
         )
 
@@ -237,8 +248,15 @@ class ClientPrivacy:
                 ) + (tf.Variable(0, trainable=False),)
         return self._memory
 
-    def protect_gradients(self, gradients) -> list:
-        """Output gradients as sent to the server (clipped and/or noised)."""
+    def protect_gradients(self, gradients, labels=None, num_classes=None) -> list:
+        """Output gradients as sent to the server: Marvell-style noise
+        (from `labels`, the classes the client trains with, of
+        `num_classes` if known), then clipped and/or noised.
+
+        Raises:
+          ValueError: `marvell_strength` is set and `labels` is None.
+        """
+        gradients = self._marvell(list(gradients), labels, num_classes)
         out = []
         for g in gradients:
             if self.gradient_max_norm:
@@ -255,6 +273,28 @@ class ClientPrivacy:
             out.append(g)
         return out
 
+    def _marvell(self, gradients, labels, num_classes) -> list:
+        """The gradients with Marvell-style noise, computed on all of them
+        as one [n, features] matrix per example."""
+        if not self.marvell_strength:
+            return gradients
+        if labels is None:
+            raise ValueError(
+                f"marvell_strength={self.marvell_strength:g} needs the labels "
+                "the gradients come from: protect_gradients(gradients, labels)"
+            )
+        rows = [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
+        sizes = [tf.shape(r)[1] for r in rows]
+        both = tf.concat([tf.cast(r, tf.float32) for r in rows], axis=1)
+        noised = marvell_noise(
+            both, labels, self.marvell_strength, self._seeds, num_classes
+        )
+        parts = tf.split(noised, tf.stack(sizes), axis=1)
+        return [
+            tf.reshape(tf.cast(p, g.dtype), tf.shape(g))
+            for p, g in zip(parts, gradients)
+        ]
+
 
 def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
     """The `ClientPrivacy` of `config.privacy`, or None when every defense is off.
@@ -270,6 +310,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),
+        marvell_strength=float(p.marvell_strength),
         seed=int(config.seed) * 10007 + int(client_id),
     )
     return privacy if privacy.active else None
