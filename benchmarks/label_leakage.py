@@ -1,10 +1,11 @@
 """Label leakage in U-shaped runs, with and without label protection.
 
 Trains U-shaped LeNet-5 (`pool1,fc2`) on Fashion-MNIST once per setting
-(output-gradient clipping or noise, or label DP by randomized response) and
-prints test accuracy and the leak AUCs of Li et al.'s norm and cosine
-attacks on the output gradients the server receives (class 0 vs the rest;
-logged by every U-shaped run as label_leak_norm_auc / label_leak_cosine_auc).
+(output-gradient clipping or noise, Marvell-style noise, or label DP by
+randomized response) and prints test accuracy and the leak AUCs of Li et
+al.'s norm and cosine attacks on the output gradients the server receives
+(class 0 vs the rest; logged by every U-shaped run as label_leak_norm_auc
+/ label_leak_cosine_auc).
 
   python benchmarks/label_leakage.py --epochs=3
 """
@@ -30,6 +31,10 @@ SETTINGS = [
     ("`label_epsilon=4`", {"label_epsilon": 4.0}),
     ("`label_epsilon=2`", {"label_epsilon": 2.0}),
     ("`label_epsilon=1`", {"label_epsilon": 1.0}),
+    ("`marvell_strength=0.0625`", {"marvell_strength": 0.0625}),
+    ("`marvell_strength=0.25`", {"marvell_strength": 0.25}),
+    ("`marvell_strength=1`", {"marvell_strength": 1.0}),
+    ("`marvell_strength=4`", {"marvell_strength": 4.0}),
 ]
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (numbers from 0).")
 

@@ -25,10 +25,15 @@ Here, for each class k present in a batch (one against the rest):
 
 How this differs from Marvell: the paper solves for four variables, the
 noise along Delta and the isotropic noise orthogonal to it for each class,
-and handles two classes only. This keeps the noise along Delta only (no
-orthogonal noise, which does not change the projected divergence of the
-model), and generalizes to many classes one against the rest, so an
-example receives noise along every present class's direction. A class
+and handles two classes only. This keeps the noise along Delta only (the
+objective here is the divergence of the two groups projected on Delta,
+which noise orthogonal to Delta does not change), and generalizes to many
+classes one against the rest, so an example receives noise along every
+present class's direction. With two classes both one-against-the-rest
+problems lie on the same line (Delta_0 = -Delta_1) and choose mirrored
+variances, so an example gets twice the variance along Delta that one
+problem chose: the mean power added is 2 s |Delta|^2, not Marvell's
+s |Delta|^2 (in general, s times the sum of |Delta_k|^2). A class
 absent from the batch, or holding every example of it (no rest), gets no
 noise; so does a class whose Delta is 0.
 """

@@ -58,6 +58,11 @@ class MarvellTest(base.TestCase):
         self.assertGreater(np.abs(noise @ e).min(), 0.0)
         # float64 throughout: only rounding is left of the orthogonal part.
         self.assertLess(np.abs(orthogonal).max(), 1e-12 * np.abs(noise).max())
+        # Both one-vs-rest problems are one line: mirrored variances, so
+        # class 1's examples get a1_1 + a0_0 = 2 a1_1 along Delta.
+        _, a1, a0, directions = marvell.marvell_variances(g, y, 1.0)
+        np.testing.assert_allclose(a1.numpy(), a0.numpy()[::-1], rtol=1e-12)
+        np.testing.assert_allclose(directions[0], -directions[1], rtol=1e-12)
 
     def test_chosen_variances_meet_the_budget_and_minimize_symmetric_kl(self):
         g, y = _gradients(n=50, classes=3)
