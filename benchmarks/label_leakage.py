@@ -37,6 +37,7 @@ SETTINGS = [
     ("`marvell_strength=4`", {"marvell_strength": 4.0}),
 ]
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (numbers from 0).")
+_SEED = flags.DEFINE_integer("seed", 0, "config.seed of every run.")
 
 
 def main(argv):
@@ -47,10 +48,13 @@ def main(argv):
             continue
         c = fashion_mnist_lenet.get_config()
         c.train.epochs = _EPOCHS.value
+        c.seed = _SEED.value
         c.topology = "ushaped"
         c.model.cut = "pool1,fc2"
         c.privacy.update(privacy)
         tag = "_".join(f"{k}{v:g}" for k, v in privacy.items()) or "none"
+        if _SEED.value:
+            tag += f"_seed{_SEED.value}"
         workdir = os.path.join(_WORKDIR.value, tag)
         s = experiment.train_and_evaluate(c, workdir)
         rows.append(
