@@ -38,7 +38,7 @@ from splitkeras.parties.averager import Averager, weight_specs
 from splitkeras.parties.relay import Relay
 from splitkeras.parties.segment_step import specs_of, wire_dtype
 from splitkeras.parties.splitfed_servers import OrderedServer, ServerCopies
-from splitkeras.parties.vertical_server import VerticalServer
+from splitkeras.parties.vertical_server import VerticalServer, label_protection
 from splitkeras.privacy.defenses import from_config
 from splitkeras.schedules import pipelining
 from splitkeras.schedules.alignment import Aligner
@@ -265,6 +265,7 @@ def _vertical_host(config, build, make_optimizer, epochs):
         config.vertical.merge,
         label_client=0,
         client_specs=[specs_of(segments.client.outputs)[0]] * k,
+        **label_protection(config),
     )
     server.build_optimizer()
     # Every feature holder sends its part of each test batch.

@@ -127,6 +127,11 @@ def get_config(arg=None):
     c.privacy.activation_noise = 0.0  # std of Gaussian noise on sent activations
     c.privacy.gradient_max_norm = 0.0  # U-shaped: per-example bound on sent grads
     c.privacy.gradient_noise = 0.0  # U-shaped: std of noise on sent output grads
+    # Marvell-style label protection (Li et al. 2022, splitkeras.privacy.
+    # marvell): noise on the gradients the label holder sends (U-shaped: the
+    # client's output gradients; vertical: the server's to the other
+    # parties), power = this x |class mean gradient - rest's|^2 (0: off).
+    c.privacy.marvell_strength = 0.0
     # Label DP (randomized response, Ghazi et al. 2021): the label holder's
     # training labels are randomized once with this epsilon (0: off).
     c.privacy.label_epsilon = 0.0

@@ -24,6 +24,7 @@ from splitkeras.parties.segment_step import (
     wire_dtype,
 )
 from splitkeras.privacy.defenses import NoPeekTerm
+from splitkeras.privacy.marvell import num_classes_of
 from splitkeras.protocol import Kind, Message, flat
 
 __all__ = ["Client", "Forward"]
@@ -200,7 +201,9 @@ class Client:
         if self.tail is not None:
             tail_grads, out_grads, loss = self._tail_step(reply, y, sample_weight)
             if self.privacy is not None:
-                out_grads = self.privacy.protect_gradients(out_grads)
+                out_grads = self.privacy.protect_gradients(
+                    out_grads, y, num_classes_of(self.tail)
+                )
             reply = link.request(self._message(Kind.OUTPUT_GRADIENTS, step, out_grads))
         if probe is None:
             self.backward(forward, reply.tensors, tail_grads)

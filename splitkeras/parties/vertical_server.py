@@ -14,6 +14,11 @@ server:        merge(a_0..a_K-1) ──segment──► logits, loss(y)
 server:        dL/da_k ─► client k: tape.gradient(a_k, vars_k, dL/da_k)
 ```
 
+With `marvell_strength` > 0 the gradients sent to the clients that do not
+hold the labels get Marvell-style noise (`splitkeras.privacy.marvell`,
+from the labels of the step), which hides what their gradients tell about
+the labels; the label owner's are sent as computed.
+
 In one process the schedule hands it a step's K messages together
 (`handle_batch`); a gRPC host hands it one message at a time (`handle`),
 and it gathers each step's messages until all K are there.
@@ -21,6 +26,7 @@ and it gathers each step's messages until all K are there.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from splitkeras.parties.segment_party import SegmentParty
@@ -30,9 +36,16 @@ from splitkeras.parties.segment_step import (
     regularization,
     specs_of,
 )
+from splitkeras.privacy.marvell import marvell_noise, num_classes_of
 from splitkeras.protocol import Kind, Message, NotYet, flat
 
-__all__ = ["MERGES", "VerticalServer", "alignment_checks", "merge_cut_tensors"]
+__all__ = [
+    "MERGES",
+    "VerticalServer",
+    "alignment_checks",
+    "label_protection",
+    "merge_cut_tensors",
+]
 
 MERGES = ("concat", "sum", "mean")
 _REQUESTS = (Kind.TRAIN, Kind.EVALUATE, Kind.PREDICT)
@@ -46,6 +59,15 @@ def merge_cut_tensors(tensors, merge: str) -> tf.Tensor:
     return total if merge == "sum" else total / len(tensors)
 
 
+def label_protection(config) -> dict:
+    """The `VerticalServer` arguments of `config.privacy.marvell_strength`:
+    the strength and the seed of its noise (apart from every client's)."""
+    return {
+        "marvell_strength": float(config.privacy.marvell_strength),
+        "seed": int(config.seed) * 10007 + int(config.num_clients),
+    }
+
+
 class VerticalServer(SegmentParty):
     """The server of a vertical split: merges K clients' cut tensors.
 
@@ -56,6 +78,13 @@ class VerticalServer(SegmentParty):
       num_clients: K, the number of clients that send a message each step.
       merge: how the cut tensors are merged: "concat", "sum" or "mean".
       label_client: the client whose messages carry the labels.
+      client_specs: [(dtype, shape)] of each client's cut tensor (a host's
+        checks).
+      marvell_strength: Marvell-style noise on the gradients sent to the
+        clients other than `label_client`, its power budget as a multiple
+        of the squared distance between a class's mean gradient and the
+        rest's (0: off).
+      seed: seed of that noise.
     """
 
     def __init__(
@@ -67,6 +96,8 @@ class VerticalServer(SegmentParty):
         merge="concat",
         label_client=0,
         client_specs=None,
+        marvell_strength=0.0,
+        seed=0,
     ):
         if merge not in MERGES:
             raise ValueError(f"unknown merge {merge!r}; choose one of {MERGES}")
@@ -86,6 +117,10 @@ class VerticalServer(SegmentParty):
         self.checks_alignment = True
         # [(dtype, shape)] of each client's cut tensor, for a host's checks.
         self.client_specs = client_specs
+        if marvell_strength < 0:
+            raise ValueError(f"marvell_strength must be >= 0, got {marvell_strength}")
+        self.marvell_strength = float(marvell_strength)
+        self._seeds = keras.random.SeedGenerator(seed)
         self._gathered = {}  # (kind, step) -> {client: message}
         self._answers = {}  # (kind, step) -> {client: reply}
         self._batch_fns = {}
@@ -234,9 +269,23 @@ class VerticalServer(SegmentParty):
         grads = tape.gradient(total, cuts + variables)
         apply_gradients(self.optimizer, grads[len(cuts) :], variables)
         cut_grads = [
-            (tf.zeros_like(c) if g is None else g,) for c, g in zip(cuts, grads)
+            (self._protected(k, tf.zeros_like(c) if g is None else g, owner.labels),)
+            for k, (c, g) in enumerate(zip(cuts, grads))
         ]
         return self._replies(messages, Kind.GRADIENTS, cut_grads, loss)
+
+    def _protected(self, client_id, gradient, labels):
+        """A client's cut gradient as sent: with Marvell-style noise unless
+        the client holds the labels (or the noise is off)."""
+        if client_id == self.label_client or not self.marvell_strength:
+            return gradient
+        return marvell_noise(
+            gradient,
+            labels,
+            self.marvell_strength,
+            self._seeds,
+            num_classes_of(self.segment),
+        )
 
     def _validate(self, messages):
         ids = sorted(m.client_id for m in messages)

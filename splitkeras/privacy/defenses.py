@@ -34,7 +34,11 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
   its outputs): each example's gradient is clipped to `gradient_max_norm`
   and/or gets Gaussian noise of standard deviation `gradient_noise` before
   it is sent, which blunts the norm and direction attacks of Li et al.
-  (ICLR 2022). The client's own tail update is not changed.
+  (ICLR 2022). `marvell_strength` > 0 adds Marvell-style noise shaped to
+  the classes' gradients (`splitkeras.privacy.marvell`, from the labels
+  the client trains with) first; clipping and noise then act on the
+  result, so `gradient_max_norm` stays a bound on what is sent. The
+  client's own tail update is not changed.
 - A hijack guard (`hijack_probe_every` > 0): now and then a step with
   shuffled labels tests whether the server's gradients depend on the
   labels (`splitkeras.privacy.hijack_guard`).
@@ -50,6 +54,7 @@ import tensorflow as tf
 
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.hijack_guard import HijackGuard
+from splitkeras.privacy.marvell import marvell_noise
 
 __all__ = ["NOPEEK_STEPS", "ClientPrivacy", "NoPeekTerm", "flat_batch", "from_config"]
 
@@ -92,6 +97,9 @@ class ClientPrivacy:
       hijack_probe_every: the hijack guard's probe interval in steps (0:
         no guard); `hijack_warmup`, `hijack_threshold`, `hijack_probes`:
         the rest of its settings (see `HijackGuard`).
+      marvell_strength: U-shaped: Marvell-style noise on those gradients,
+        its power budget as a multiple of the squared distance between a
+        class's mean gradient and the rest's (0: off).
       seed: seed of the noise.
     """
 
@@ -105,6 +113,7 @@ class ClientPrivacy:
     hijack_warmup: int = 20
     hijack_threshold: float = 1.5
     hijack_probes: int = 5
+    marvell_strength: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -120,6 +129,7 @@ class ClientPrivacy:
             "gradient_max_norm",
             "gradient_noise",
             "hijack_probe_every",
+            "marvell_strength",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -144,6 +154,7 @@ class ClientPrivacy:
                 self.gradient_max_norm,
                 self.gradient_noise,
                 self.hijack_probe_every,
+                self.marvell_strength,
             )
         )
 
@@ -259,8 +270,15 @@ class ClientPrivacy:
                 ) + (tf.Variable(0, trainable=False),)
         return self._memory
 
-    def protect_gradients(self, gradients) -> list:
-        """Output gradients as sent to the server (clipped and/or noised)."""
+    def protect_gradients(self, gradients, labels=None, num_classes=None) -> list:
+        """Output gradients as sent to the server: Marvell-style noise
+        (from `labels`, the classes the client trains with, of
+        `num_classes` if known), then clipped and/or noised.
+
+        Raises:
+          ValueError: `marvell_strength` is set and `labels` is None.
+        """
+        gradients = self._marvell(list(gradients), labels, num_classes)
         out = []
         for g in gradients:
             if self.gradient_max_norm:
@@ -276,6 +294,28 @@ class ClientPrivacy:
                 )
             out.append(g)
         return out
+
+    def _marvell(self, gradients, labels, num_classes) -> list:
+        """The gradients with Marvell-style noise, computed on all of them
+        as one [n, features] matrix per example."""
+        if not self.marvell_strength:
+            return gradients
+        if labels is None:
+            raise ValueError(
+                f"marvell_strength={self.marvell_strength:g} needs the labels "
+                "the gradients come from: protect_gradients(gradients, labels)"
+            )
+        rows = [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
+        sizes = [tf.shape(r)[1] for r in rows]
+        both = tf.concat([tf.cast(r, tf.float32) for r in rows], axis=1)
+        noised = marvell_noise(
+            both, labels, self.marvell_strength, self._seeds, num_classes
+        )
+        parts = tf.split(noised, tf.stack(sizes), axis=1)
+        return [
+            tf.reshape(tf.cast(p, g.dtype), tf.shape(g))
+            for p, g in zip(parts, gradients)
+        ]
 
 
 def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
@@ -296,6 +336,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         hijack_warmup=int(p.hijack_warmup),
         hijack_threshold=float(p.hijack_threshold),
         hijack_probes=int(p.hijack_probes),
+        marvell_strength=float(p.marvell_strength),
         seed=int(config.seed) * 10007 + int(client_id),
     )
     return privacy if privacy.active else None

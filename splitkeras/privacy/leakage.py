@@ -28,6 +28,7 @@ from splitkeras.privacy.attacks.label_leakage import label_leakage
 from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.label_dp import training_labels
+from splitkeras.privacy.marvell import num_classes_of
 from splitkeras.protocol import flat
 
 __all__ = ["NOT_MOVED", "Leakage", "attach_privacy", "clients_of", "privacy_warnings"]
@@ -237,6 +238,8 @@ class Leakage:
             loss = self._loss(self.y_trained, y_pred) * n / self._batch_size
         grads = tape.gradient(loss, outputs)
         if client.privacy is not None:
-            grads = client.privacy.protect_gradients(grads)
+            grads = client.privacy.protect_gradients(
+                grads, self.y_trained, num_classes_of(client.tail)
+            )
         aucs = label_leakage(flat_batch(grads).numpy(), np.equal(self.y, 0))
         return {f"label_leak_{k}": float(v) for k, v in aucs.items()}

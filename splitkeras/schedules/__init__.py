@@ -3,6 +3,7 @@
 from splitkeras import distribute
 from splitkeras.cut import cut
 from splitkeras.objective import metric_names
+from splitkeras.parties.vertical_server import label_protection
 from splitkeras.schedules.base import Schedule
 from splitkeras.schedules.centralized import Centralized
 from splitkeras.schedules.fedavg import FedAvg
@@ -99,6 +100,7 @@ def schedule_for(config, build_model, make_optimizer, loss, at, server_strategy=
             make_optimizer,
             loss,
             merge=config.vertical.merge,
+            **label_protection(config),
             **split_common,
         )
     if config.topology == "multitask":

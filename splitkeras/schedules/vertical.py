@@ -66,6 +66,9 @@ class VerticalSplit(Schedule):
         directions) or an (activations, gradients) pair.
       run_eagerly: run steps eagerly instead of as one `tf.function`.
       jit_compile: compile the steps with XLA.
+      marvell_strength: the server's Marvell-style noise on the gradients
+        it sends to the clients without labels (0: off; `VerticalServer`).
+      seed: seed of that noise.
 
     Batches are `(features, ids, y)`: K feature tensors, K id tensors (one
     per client; they travel as int64 and must list the same samples in the
@@ -90,6 +93,8 @@ class VerticalSplit(Schedule):
         codec="float32",
         run_eagerly=False,
         jit_compile=False,
+        marvell_strength=0.0,
+        seed=0,
     ):
         make = optimizer_factory(make_optimizer)
         self.num_clients = len(client_segments)
@@ -106,6 +111,8 @@ class VerticalSplit(Schedule):
             merge,
             label_client,
             client_specs=[specs_of(c.outputs)[0] for c in client_segments],
+            marvell_strength=marvell_strength,
+            seed=seed,
         )
         for party in [*self.clients, self.server]:
             party.build_optimizer()
