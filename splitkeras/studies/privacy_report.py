@@ -39,7 +39,11 @@ from splitkeras.privacy.attacks.model_completion import (
     known_examples,
     model_completion_attack,
 )
-from splitkeras.privacy.attacks.reconstruction import reconstruction_attack, save_grid
+from splitkeras.privacy.attacks.reconstruction import (
+    grid_image,
+    reconstruction_attack,
+    save_grid,
+)
 from splitkeras.privacy.defenses import from_config
 
 __all__ = [
@@ -108,6 +112,15 @@ def train_and_attack(
     )
     decoded = attack["decoder"].predict(sent(held_out[:8]), verbose=0)
     save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
+    # Beside the run's own figures in TensorBoard, at its last step.
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, "attacks"))
+    with writer.as_default():
+        step = int(summary.get("steps", 0))
+        grid = grid_image(held_out[:8], decoded)
+        tf.summary.image("reconstructions", grid[None], step=step)
+        tf.summary.scalar("reconstruction_ssim", attack["ssim"], step=step)
+        tf.summary.scalar("reconstruction_mse", attack["mse"], step=step)
+    writer.close()
     return AttackedRun(summary, segment, sent, attack)
 
 

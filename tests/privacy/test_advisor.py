@@ -1,11 +1,13 @@
 """The cut-point advisor: its columns, Pareto set, recommendation and files."""
 
+import glob
 import json
 import math
 import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut, cut_points
@@ -210,3 +212,14 @@ class AdviseTest(base.TestCase):
         self.assertTrue(text.rstrip().endswith(chosen.message))
         with open(os.path.join(workdir, "advisor.png"), "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        # Each run's reconstruction grid and figures are in its TensorBoard.
+        (events,) = glob.glob(os.path.join(workdir, "cut_pool1", "attacks", "events*"))
+        tags = {
+            value.tag: event.step
+            for event in tf.compat.v1.train.summary_iterator(events)
+            for value in event.summary.value
+        }
+        self.assertEqual(
+            tags,
+            {"reconstructions": 3, "reconstruction_ssim": 3, "reconstruction_mse": 3},
+        )

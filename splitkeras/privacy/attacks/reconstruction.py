@@ -20,6 +20,7 @@ import tensorflow as tf
 __all__ = [
     "build_decoder",
     "evaluate_reconstruction",
+    "grid_image",
     "reconstruction_attack",
     "save_grid",
     "train_decoder",
@@ -191,6 +192,24 @@ def _tile_row(images: np.ndarray, pad: int) -> np.ndarray:
     return row
 
 
+def grid_image(originals, reconstructions, n: int = 8, *, pad: int = 2):
+    """The grid of `save_grid` as a float image ``[height, width, C]`` in [0, 1]
+    (for a PNG or a TensorBoard image summary)."""
+    originals = np.asarray(originals, "float32")
+    reconstructions = np.asarray(reconstructions, "float32")
+    if originals.shape != reconstructions.shape or originals.ndim not in (3, 4):
+        raise ValueError(
+            "save_grid needs two image batches [m, H, W(, C)] of one shape, got "
+            f"{originals.shape} and {reconstructions.shape}."
+        )
+    recons = reconstructions
+    if originals.ndim == 3:
+        originals, recons = originals[..., None], recons[..., None]
+    rows = [_tile_row(np.clip(b[:n], 0.0, 1.0), pad) for b in (originals, recons)]
+    spacer = np.ones((pad,) + rows[0].shape[1:], "float32")
+    return np.concatenate([rows[0], spacer, rows[1]], axis=0)
+
+
 def save_grid(
     originals, reconstructions, path: str, n: int = 8, *, pad: int = 2
 ) -> str:
@@ -209,19 +228,7 @@ def save_grid(
     Raises:
       ValueError: the two batches differ in shape or are not images.
     """
-    originals = np.asarray(originals, "float32")
-    reconstructions = np.asarray(reconstructions, "float32")
-    if originals.shape != reconstructions.shape or originals.ndim not in (3, 4):
-        raise ValueError(
-            "save_grid needs two image batches [m, H, W(, C)] of one shape, got "
-            f"{originals.shape} and {reconstructions.shape}."
-        )
-    recons = reconstructions
-    if originals.ndim == 3:
-        originals, recons = originals[..., None], recons[..., None]
-    rows = [_tile_row(np.clip(b[:n], 0.0, 1.0), pad) for b in (originals, recons)]
-    spacer = np.ones((pad,) + rows[0].shape[1:], "float32")
-    grid = np.concatenate([rows[0], spacer, rows[1]], axis=0)
+    grid = grid_image(originals, reconstructions, n, pad=pad)
     png = tf.io.encode_png(np.round(grid * 255.0).astype("uint8"))
     directory = os.path.dirname(path)
     if directory:
