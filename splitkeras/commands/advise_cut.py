@@ -19,6 +19,7 @@ import os
 from absl import flags
 
 from splitkeras import cli
+from splitkeras.commands.attack_flags import attack_kwargs
 from splitkeras.studies.cut_advisor import advise
 
 _CONFIG = cli.define_config()
@@ -27,9 +28,6 @@ _CUTS = flags.DEFINE_list("cuts", [], "Cuts to measure (default: every valid cut
 _STEPS = flags.DEFINE_integer(
     "train_steps", 300, "Training steps per cut (0: config.train.epochs)."
 )
-_AUX = flags.DEFINE_integer("aux_examples", 1000, "Attacker's training inputs.")
-_EVAL = flags.DEFINE_integer("eval_examples", 512, "Held-out inputs to reconstruct.")
-_DECODER_EPOCHS = flags.DEFINE_integer("decoder_epochs", 20, "Decoder epochs.")
 _REPEATS = flags.DEFINE_integer(
     "latency_repeats", 50, "Timed LiteRT invocations per cut (0: not measured)."
 )
@@ -56,9 +54,7 @@ def main(argv):
         _WORKDIR.value,
         cuts=[c for c in _CUTS.value if c] or None,
         train_steps=_STEPS.value,
-        aux_examples=_AUX.value,
-        eval_examples=_EVAL.value,
-        decoder_epochs=_DECODER_EPOCHS.value,
+        **attack_kwargs(),
         latency_repeats=_REPEATS.value,
         latency_threads=_THREADS.value or None,
         budgets={

@@ -15,6 +15,7 @@ import os
 from absl import flags
 
 from splitkeras import cli
+from splitkeras.commands.attack_flags import attack_kwargs
 from splitkeras.studies.attack_table import ROWS, attack_table
 
 _CONFIG = cli.define_config()
@@ -31,11 +32,6 @@ _HIJACK_STEPS = flags.DEFINE_integer(
 _PROBE_EVERY = flags.DEFINE_integer(
     "hijack_probe_every", 10, "The hijack guard's probe interval in that run."
 )
-_AUX = flags.DEFINE_integer(
-    "aux_examples", 1000, "Attacker's inputs (decoder pairs, hijacker's public set)."
-)
-_EVAL = flags.DEFINE_integer("eval_examples", 512, "Held-out inputs to reconstruct.")
-_DECODER_EPOCHS = flags.DEFINE_integer("decoder_epochs", 20, "Decoder training epochs.")
 _KNOWN = flags.DEFINE_integer(
     "known_per_class", 4, "Labelled examples per class for model completion."
 )
@@ -50,9 +46,7 @@ def main(argv):
         rows=[int(r) for r in _ROWS.value] or None,
         hijack_steps=_HIJACK_STEPS.value,
         hijack_probe_every=_PROBE_EVERY.value,
-        aux_examples=_AUX.value,
-        eval_examples=_EVAL.value,
-        decoder_epochs=_DECODER_EPOCHS.value,
+        **attack_kwargs(),
         known_per_class=_KNOWN.value,
     )
     with open(os.path.join(_WORKDIR.value, "attack_table.md")) as f:

@@ -14,6 +14,7 @@ import os
 from absl import flags
 
 from splitkeras import cli
+from splitkeras.commands.attack_flags import attack_kwargs
 from splitkeras.studies.privacy_report import privacy_report
 
 _CONFIG = cli.define_config()
@@ -22,11 +23,6 @@ _ALPHAS = flags.DEFINE_list(
     "alphas", ["0", "0.01", "0.1", "0.5", "1"], "NoPeek alphas."
 )
 _NOISES = flags.DEFINE_list("noises", ["0.5", "1"], "Activation noise std values.")
-_AUX = flags.DEFINE_integer(
-    "aux_examples", 1000, "Attacker's (input, activation) pairs."
-)
-_EVAL = flags.DEFINE_integer("eval_examples", 512, "Held-out inputs to reconstruct.")
-_DECODER_EPOCHS = flags.DEFINE_integer("decoder_epochs", 20, "Decoder training epochs.")
 _KNOWN = flags.DEFINE_integer(
     "known_per_class", 4, "Labelled examples per class for model completion."
 )
@@ -40,9 +36,7 @@ def main(argv):
         _WORKDIR.value,
         alphas=[float(a) for a in _ALPHAS.value if a],
         noises=[float(s) for s in _NOISES.value if s],
-        aux_examples=_AUX.value,
-        eval_examples=_EVAL.value,
-        decoder_epochs=_DECODER_EPOCHS.value,
+        **attack_kwargs(),
         known_per_class=_KNOWN.value,
     )
     with open(os.path.join(_WORKDIR.value, "report.md")) as f:

@@ -136,14 +136,16 @@ def get_config(arg=None):
     # training labels are randomized once with this epsilon (0: off).
     c.privacy.label_epsilon = 0.0
     # Hijack guard (after SplitGuard; splitkeras.privacy.hijack_guard): the
-    # label holder's every N-th step after the warm-up trains on shuffled
-    # labels and is not applied; an honest server's gradients grow for them,
-    # a hijacking server's do not: alarm when the mean ratio of the last
-    # `hijack_probes` probes is below the threshold. 0: off.
+    # label holder's every N-th step after the warm-up gives a fraction of
+    # its examples each other's labels and is not applied; an honest
+    # server's gradients for them grow, a hijacking server's do not: alarm
+    # when their norm over the other examples', averaged over the last
+    # `hijack_probes` probes, is below the threshold. 0: off.
     c.privacy.hijack_probe_every = 0
     c.privacy.hijack_warmup = 20  # regular steps before the first probe
     c.privacy.hijack_threshold = 1.5
     c.privacy.hijack_probes = 5
+    c.privacy.hijack_fraction = 0.25  # of a probe's examples
     c.privacy.leakage_examples = 512  # fixed test examples for leakage_dcor (0: off)
 
     # The server party on several devices (splitkeras.distribute, README

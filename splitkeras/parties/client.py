@@ -190,9 +190,9 @@ class Client:
         guard = None if self.privacy is None or y is None else self.privacy.guard
         probe = None
         if guard is not None:
-            # A probe of the hijack guard: shuffled labels, no update here.
+            # A probe of the hijack guard: some labels rotated, no update here.
             probe = guard.is_probe()
-            y = guard.labels(y, probe)
+            y, rotated = guard.labels(y, probe)
         forward = self.forward(x)
         reply = link.request(
             self._message(Kind.TRAIN, step, forward.cut, y, sample_weight, ids)
@@ -208,7 +208,7 @@ class Client:
         if probe is None:
             self.backward(forward, reply.tensors, tail_grads)
             return loss
-        guard.record(probe, reply.tensors)
+        guard.record(probe, reply.tensors, rotated)
 
         def learn():
             # Tensors from outside the branch, made the branch's own (one

@@ -95,8 +95,8 @@ class ClientPrivacy:
       gradient_noise: U-shaped: standard deviation of Gaussian noise added
         to those gradients (0: off).
       hijack_probe_every: the hijack guard's probe interval in steps (0:
-        no guard); `hijack_warmup`, `hijack_threshold`, `hijack_probes`:
-        the rest of its settings (see `HijackGuard`).
+        no guard); `hijack_warmup`, `hijack_threshold`, `hijack_probes`,
+        `hijack_fraction`: the rest of its settings (see `HijackGuard`).
       marvell_strength: U-shaped: Marvell-style noise on those gradients,
         its power budget as a multiple of the squared distance between a
         class's mean gradient and the rest's (0: off).
@@ -113,6 +113,7 @@ class ClientPrivacy:
     hijack_warmup: int = 20
     hijack_threshold: float = 1.5
     hijack_probes: int = 5
+    hijack_fraction: float = 0.25
     marvell_strength: float = 0.0
     seed: int = 0
 
@@ -142,6 +143,7 @@ class ClientPrivacy:
                 self.hijack_warmup,
                 self.hijack_threshold,
                 self.hijack_probes,
+                self.hijack_fraction,
                 seed=self.seed + 104729,
             )
 
@@ -336,6 +338,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         hijack_warmup=int(p.hijack_warmup),
         hijack_threshold=float(p.hijack_threshold),
         hijack_probes=int(p.hijack_probes),
+        hijack_fraction=float(p.hijack_fraction),
         marvell_strength=float(p.marvell_strength),
         seed=int(config.seed) * 10007 + int(client_id),
     )

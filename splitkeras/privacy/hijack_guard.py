@@ -10,26 +10,30 @@ randomized (a "probe") and compares the gradients that come back with the
 regular ones.
 
 `HijackGuard` is our version. After `warmup` steps, every `probe_every`-th
-step is a probe: the batch's labels are shuffled among its examples (the
-label histogram is unchanged, so the server cannot tell a probe from the
-sent labels alone), the client sends it as usual and does not apply what
-comes back. For a model that has learned something, an honest server's
-gradients for wrong labels are much larger than for right ones; a hijacker's
-are the same. Each probe's ratio is the mean per-example norm of its cut
-gradients over the running mean (EMA) of the regular steps'; the score is
-the mean ratio of the last `probes` probes, and the guard raises its alarm
-when that score falls below `threshold`.
+step is a probe: the labels of a random `fraction` of the batch's examples
+are rotated among those examples (the batch's label histogram is
+unchanged, so the server cannot tell a probe from the sent labels alone),
+the client sends the batch as usual and does not apply what comes back.
+For a model that has learned something, an honest server's gradients for
+wrong labels are much larger than for right ones; a hijacker's do not
+depend on the labels. Each probe's ratio compares the two groups of the
+same batch: the mean per-example norm of the cut gradients of the rotated
+examples over that of the others (a hijacker's ratio is 1 in expectation
+whatever its gradients do from step to step). The score is the mean ratio
+of the last `probes` probes, and the guard raises its alarm when that
+score falls below `threshold`.
 
-It differs from SplitGuard: SplitGuard sends fake batches at random with a
-probability, also compares gradient directions and maps its score through a
-function with tuned constants; we probe on a fixed schedule and compare
-norms only. A hijacker that runs an honest model beside its attack could
-tell probes apart and answer them honestly: like SplitGuard, this detects a
-server that hijacks, not one that also knows it is being tested.
+It differs from SplitGuard: SplitGuard sends whole fake batches at random
+with a probability, compares them with regular batches by gradient
+direction and size, and maps its score through a function with tuned
+constants; we probe on a fixed schedule and compare norms within one
+batch. A hijacker that runs an honest model beside its attack could tell
+the rotated labels apart and answer them honestly: like SplitGuard, this
+detects a server that hijacks, not one that also knows it is being tested.
 
 The cost: a probe step is a step the client does not learn from, and an
-honest server learns from the shuffled labels once every `probe_every`
-steps (docs/privacy.md measures the accuracy cost).
+honest server learns from `fraction` wrong labels once every
+`probe_every` steps (docs/privacy.md measures the accuracy cost).
 """
 
 from __future__ import annotations
@@ -39,17 +43,15 @@ import tensorflow as tf
 
 __all__ = ["HijackGuard", "hijack_warning"]
 
-# Weight of the newest regular step in the running mean of regular norms.
-_EMA = 0.1
-
 
 def hijack_warning(step: int, score: float, threshold: float, probes: int) -> str:
     """The alarm's one-line warning."""
     return (
         f"the server may be hijacking this client's training: since step "
-        f"{step}, its gradients for batches with shuffled labels were below "
-        f"{threshold:g}x the regular ones over {probes} probes (an honest "
-        f"server's are larger; now {score:.2f}x); stop sending to this server"
+        f"{step}, its gradients for examples given wrong labels were below "
+        f"{threshold:g}x those for the other examples of their batches over "
+        f"{probes} probes (an honest server's are larger; now {score:.2f}x); "
+        "stop sending to this server"
     )
 
 
@@ -60,10 +62,13 @@ class HijackGuard:
       probe_every: a probe every this many steps after the warm-up (>= 2).
       warmup: regular steps before the first probe (the model must have
         learned something for wrong labels to stand out).
-      threshold: the alarm goes off when the score (probe norm / regular
-        norm, averaged over the last `probes` probes) is below this.
+      threshold: the alarm goes off when the score (the rotated examples'
+        gradient norm over the others', averaged over the last `probes`
+        probes) is below this.
       probes: probes in the score; no alarm before this many.
-      seed: seeds the label shuffles.
+      fraction: the share of a probe's examples whose labels are rotated
+        (at least 2 and at least 1 left; a smaller batch is not probed).
+      seed: seeds the choice of examples.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class HijackGuard:
         warmup: int = 20,
         threshold: float = 1.5,
         probes: int = 5,
+        fraction: float = 0.25,
         seed: int = 0,
     ):
         if probe_every < 2:
@@ -80,12 +86,14 @@ class HijackGuard:
             raise ValueError(f"warmup and probes must be >= 1, got {warmup}, {probes}")
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         self.probe_every, self.warmup = int(probe_every), int(warmup)
         self.threshold, self.probes = float(threshold), int(probes)
+        self.fraction = float(fraction)
         self._seeds = keras.random.SeedGenerator(seed)
         with tf.init_scope():
             self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self.regular = tf.Variable(0.0, trainable=False)  # EMA of regular norms
             self.ratios = tf.Variable(tf.zeros([self.probes]), trainable=False)
             self.count = tf.Variable(0, dtype=tf.int64, trainable=False)  # probes
             # The step after which the alarm first went off (-1: never); it
@@ -101,17 +109,28 @@ class HijackGuard:
         return tf.logical_and(after >= 0, after % self.probe_every == 0)
 
     def labels(self, y, probe):
-        """The labels to train on: `y`, or (a probe) `y` shuffled."""
-        shuffled = keras.random.shuffle(y, axis=0, seed=self._seeds)
-        return tf.where(probe, shuffled, y)
+        """(The labels to train on, the rows whose labels were rotated).
 
-    def record(self, probe, gradients) -> None:
-        """Counts a step with the cut `gradients` it received."""
-        norm = _mean_norm(gradients)
-        first = tf.equal(self.regular, 0.0)
-        ema = tf.where(first, norm, (1 - _EMA) * self.regular + _EMA * norm)
-        self.regular.assign(tf.where(probe, self.regular, ema))
-        ratio = norm / tf.maximum(self.regular, 1e-30)
+        Not a probe: (`y`, no rows). A probe: a random `fraction` of the
+        rows (at least 2, at least 1 left out; none in a batch under 3)
+        get each other's labels, rotated by one among them.
+        """
+        n = tf.shape(y)[0]
+        k = tf.cast(tf.round(self.fraction * tf.cast(n, tf.float32)), tf.int32)
+        k = tf.minimum(tf.maximum(k, 2), n - 1)
+        k = tf.where(tf.logical_and(probe, n >= 3), k, 0)
+        chosen = keras.random.shuffle(tf.range(n), seed=self._seeds)[:k]
+        rotated = tf.roll(tf.gather(y, chosen), shift=1, axis=0)
+        sent = tf.tensor_scatter_nd_update(y, chosen[:, None], rotated)
+        rows = tf.scatter_nd(chosen[:, None], tf.ones([k]), [n]) > 0
+        return sent, rows
+
+    def record(self, probe, gradients, rows) -> None:
+        """Counts a step with the cut `gradients` it received; `rows`: the
+        rotated rows of `labels` (a probe with none is not counted)."""
+        norms = _norms(gradients)
+        probe = tf.logical_and(probe, tf.reduce_any(rows))
+        ratio = _mean(norms, rows) / tf.maximum(_mean(norms, ~rows), 1e-30)
         slot = self.count % self.probes
         ratios = tf.tensor_scatter_nd_update(self.ratios, [[slot]], [ratio])
         self.ratios.assign(tf.where(probe, ratios, self.ratios))
@@ -150,11 +169,17 @@ class HijackGuard:
         return [hijack_warning(step, self.score(), self.threshold, self.probes)]
 
 
-def _mean_norm(gradients) -> tf.Tensor:
-    """The mean over examples of each example's gradient norm (all tensors)."""
+def _norms(gradients) -> tf.Tensor:
+    """Each example's gradient norm (over all tensors), [examples]."""
     rows = [
         tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1])
         for g in tf.nest.flatten(gradients)
     ]
     rows = rows[0] if len(rows) == 1 else tf.concat(rows, axis=1)
-    return tf.reduce_mean(tf.norm(rows, axis=1))
+    return tf.norm(rows, axis=1)
+
+
+def _mean(values, rows) -> tf.Tensor:
+    """The mean of `values` at `rows` (0 when there are none)."""
+    weights = tf.cast(rows, values.dtype)
+    return tf.reduce_sum(values * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)

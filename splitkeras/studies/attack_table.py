@@ -25,9 +25,12 @@ import copy
 import json
 import os
 
-from splitkeras.privacy.attacks.model_completion import model_completion_attack
 from splitkeras.studies.hijacking import hijack
-from splitkeras.studies.privacy_report import attack_sets, train_and_attack
+from splitkeras.studies.privacy_report import (
+    attack_sets,
+    completion_accuracy,
+    train_and_attack,
+)
 
 __all__ = ["ROWS", "attack_table"]
 
@@ -68,27 +71,17 @@ def attack_table(
                 f"row {name!r} sets unknown config.privacy fields {unknown}"
             )
     os.makedirs(workdir, exist_ok=True)
-    arrays, aux, held_out, held_out_labels, known = attack_sets(
-        config, aux_examples, eval_examples, known_per_class
-    )
+    sets = attack_sets(config, aux_examples, eval_examples, known_per_class)
     table = []
     for name, settings in chosen:
         c = copy.deepcopy(config)
         c.privacy.update(settings)
         run_dir = os.path.join(workdir, _slug(name))
-        run = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
-        completion = model_completion_attack(
-            run.sent,
-            aux[known],
-            arrays.y_train[known],
-            held_out,
-            held_out_labels,
-            int(arrays.num_classes),
-            seed=c.seed,
-        )
+        run = train_and_attack(c, run_dir, sets, decoder_epochs)
+        completion = completion_accuracy(run.sent, sets, c.seed)
         attacked = copy.deepcopy(c)
         attacked.privacy.hijack_probe_every = hijack_probe_every
-        hijacked = hijack(attacked, arrays, aux, held_out, hijack_steps)
+        hijacked = hijack(attacked, sets.arrays, sets.aux, sets.held_out, hijack_steps)
         s = run.summary
         table.append(
             {

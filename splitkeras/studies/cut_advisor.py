@@ -464,9 +464,8 @@ def advise(
       The rows, in graph order, and the recommendation.
     """
     from splitkeras import builders
-    from splitkeras import data as data_lib
     from splitkeras.cut import cut_points
-    from splitkeras.studies.privacy_report import images_of, train_and_attack
+    from splitkeras.studies.privacy_report import attack_sets, train_and_attack
 
     if config.num_clients != 1 or config.method != "split":
         raise ValueError(
@@ -480,7 +479,8 @@ def advise(
             f"{config.topology!r}"
         )
     os.makedirs(workdir, exist_ok=True)
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    sets = attack_sets(config, aux_examples, eval_examples, known_per_class=0)
+    arrays = sets.arrays
     model = builders.build_model(config, arrays)
     valid = cut_points(model)
     cuts = list(valid if not cuts else cuts)
@@ -490,12 +490,6 @@ def advise(
             f"not valid cuts of {config.model.name}: {', '.join(unknown)}; "
             f"valid cuts: {', '.join(valid)}"
         )
-    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
-    start = int(config.privacy.leakage_examples)  # held out from the leakage set
-    held_out = images_of(
-        arrays.x_test[start : start + eval_examples],
-        arrays.y_test[start : start + eval_examples],
-    )
     header = _header(
         config, arrays, cuts, train_steps, latency_repeats, latency_threads
     )
@@ -511,7 +505,7 @@ def advise(
             c.train.max_steps = int(train_steps)
         run_dir = os.path.join(workdir, f"cut_{at}")
         row = static_row(builders.build_model(c, arrays), at)
-        run = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
+        run = train_and_attack(c, run_dir, sets, decoder_epochs)
         attack = run.attack or {"ssim": NAN, "mse": NAN}
         measured = {
             "dcor": float(run.summary.get("leakage_dcor", NAN)),
@@ -524,7 +518,7 @@ def advise(
             os.path.join(run_dir, "litert"),
             repeats=latency_repeats,
             threads=latency_threads,
-            sample=held_out[:1],
+            sample=sets.held_out[:1],
         )
         rows.append(dataclasses.replace(row, latency_ms=latency, **measured))
         recommendation = recommend(rows, **(budgets or {}))

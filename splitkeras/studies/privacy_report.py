@@ -47,8 +47,10 @@ from splitkeras.privacy.attacks.reconstruction import (
 from splitkeras.privacy.defenses import from_config
 
 __all__ = [
+    "AttackSets",
     "AttackedRun",
     "attack_sets",
+    "completion_accuracy",
     "images_of",
     "privacy_report",
     "restore_client_segment",
@@ -86,6 +88,41 @@ def _as_sent(segment, privacy):
     return sent
 
 
+class AttackSets(NamedTuple):
+    """The data of the attacks."""
+
+    arrays: object  # the dataset
+    aux: object  # the attacker's inputs: the first training examples
+    held_out: object  # test inputs after the leakage set, to attack
+    held_out_labels: object
+    known: object  # rows of `aux` whose labels the attacker knows
+
+
+def attack_sets(config, aux_examples, eval_examples, known_per_class) -> AttackSets:
+    """The `AttackSets` of `config`'s dataset."""
+    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
+    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
+    start = int(config.privacy.leakage_examples)  # held out from the leakage set
+    stop = start + eval_examples
+    held_out = images_of(arrays.x_test[start:stop], arrays.y_test[start:stop])
+    known = known_examples(arrays.y_train[:aux_examples], known_per_class, config.seed)
+    return AttackSets(arrays, aux, held_out, arrays.y_test[start:stop], known)
+
+
+def completion_accuracy(sent, sets: AttackSets, seed: int) -> float:
+    """Model completion's label accuracy on the held-out inputs, from what
+    the server receives (`sent`) and the attacker's known labels."""
+    return model_completion_attack(
+        sent,
+        sets.aux[sets.known],
+        sets.arrays.y_train[sets.known],
+        sets.held_out,
+        sets.held_out_labels,
+        int(sets.arrays.num_classes),
+        seed=seed,
+    )
+
+
 class AttackedRun(NamedTuple):
     """A trained run and the reconstruction attack on what its server gets."""
 
@@ -96,19 +133,20 @@ class AttackedRun(NamedTuple):
 
 
 def train_and_attack(
-    config, run_dir: str, arrays, aux, held_out, decoder_epochs: int = 20
+    config, run_dir: str, sets: AttackSets, decoder_epochs: int = 20
 ) -> AttackedRun:
     """Trains `config`'s single-client split in `run_dir`, restores its client
     segment and attacks what the server receives: a decoder trained on the
-    `aux` inputs' activations, measured on `held_out` (MSE, SSIM), and
-    `reconstructions.png` in `run_dir`."""
+    `sets.aux` inputs' activations, measured on `sets.held_out` (MSE, SSIM),
+    and `reconstructions.png` in `run_dir`."""
+    held_out = sets.held_out
     summary = experiment.train_and_evaluate(config, run_dir)
-    segment = restore_client_segment(config, run_dir, arrays)
+    segment = restore_client_segment(config, run_dir, sets.arrays)
     sent = _as_sent(segment, from_config(config))
     if len(segment.outputs) != 1:
         return AttackedRun(summary, segment, sent, None)
     attack = reconstruction_attack(
-        sent, aux, held_out, epochs=decoder_epochs, seed=config.seed
+        sent, sets.aux, held_out, epochs=decoder_epochs, seed=config.seed
     )
     decoded = attack["decoder"].predict(sent(held_out[:8]), verbose=0)
     save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
@@ -142,31 +180,21 @@ def privacy_report(
     if config.num_clients != 1 or config.method != "split":
         raise ValueError("the privacy report runs single-client splits (method split)")
     os.makedirs(workdir, exist_ok=True)
-    arrays, aux, held_out, held_out_labels, known = attack_sets(
-        config, aux_examples, eval_examples, known_per_class
-    )
+    sets = attack_sets(config, aux_examples, eval_examples, known_per_class)
     rows = []
     for setting in settings(alphas, noises):
         c = copy.deepcopy(config)
         c.privacy.nopeek_alpha = setting["nopeek_alpha"]
         c.privacy.activation_noise = setting["activation_noise"]
         run_dir = os.path.join(workdir, _name(setting))
-        run = train_and_attack(c, run_dir, arrays, aux, held_out, decoder_epochs)
+        run = train_and_attack(c, run_dir, sets, decoder_epochs)
         if run.attack is None:
             raise ValueError(
                 f"the privacy report attacks one cut tensor; cut "
                 f"{c.model.cut!r} sends several"
             )
         summary, attack = run.summary, run.attack
-        completion = model_completion_attack(
-            run.sent,
-            aux[known],
-            arrays.y_train[known],
-            held_out,
-            held_out_labels,
-            int(arrays.num_classes),
-            seed=c.seed,
-        )
+        completion = completion_accuracy(run.sent, sets, c.seed)
         rows.append(
             {
                 **setting,
@@ -179,19 +207,6 @@ def privacy_report(
         )
         _write(workdir, config, rows)
     return rows
-
-
-def attack_sets(config, aux_examples, eval_examples, known_per_class):
-    """The data of the attacks: (arrays, the attacker's auxiliary inputs (the
-    first training examples), held-out test inputs after the leakage set,
-    their labels, the auxiliary rows whose labels the attacker knows)."""
-    arrays = data_lib.load(config.data.name, config.data.path, config.data.download)
-    aux = images_of(arrays.x_train[:aux_examples], arrays.y_train[:aux_examples])
-    start = int(config.privacy.leakage_examples)  # held out from the leakage set
-    stop = start + eval_examples
-    held_out = images_of(arrays.x_test[start:stop], arrays.y_test[start:stop])
-    known = known_examples(arrays.y_train[:aux_examples], known_per_class, config.seed)
-    return arrays, aux, held_out, arrays.y_test[start:stop], known
 
 
 def images_of(x, y):

@@ -1,5 +1,7 @@
 """Feature-space hijacking and the client's hijack guard."""
 
+import json
+import os
 import types
 
 import keras
@@ -15,8 +17,10 @@ from splitkeras.privacy.defenses import ClientPrivacy
 from splitkeras.privacy.hijack_guard import HijackGuard, hijack_warning
 from splitkeras.privacy.leakage import Leakage
 from splitkeras.protocol import Kind, Message
+from splitkeras.studies.attack_table import ROWS, attack_table
 from splitkeras.transport.local import LocalTransport
 from tests import base
+from tests.test_experiment import _write_npz
 
 
 def _images(n, seed):
@@ -49,10 +53,12 @@ class GuardTest(base.TestCase):
         return HijackGuard(probe_every=3, warmup=2, threshold=1.5, probes=2)
 
     def _record(self, guard, probe_norm):
-        """One step: a row of norm 1 (regular) or `probe_norm` (a probe)."""
+        """One step of 8 examples: gradients of norm 1, `probe_norm` for the
+        examples whose labels a probe rotated."""
         probe = guard.is_probe()
-        norm = probe_norm if bool(probe) else 1.0
-        guard.record(probe, [tf.constant([[norm, 0.0], [0.0, norm]])])
+        _, rows = guard.labels(tf.range(8, dtype=tf.int64), probe)
+        norms = tf.where(rows, probe_norm, 1.0)
+        guard.record(probe, [tf.stack([norms, tf.zeros(8)], axis=1)], rows)
         return bool(probe)
 
     def test_probes_come_every_n_steps_after_the_warmup(self):
@@ -109,20 +115,30 @@ class GuardTest(base.TestCase):
         self.assertEqual(logs.output, [f"WARNING:splitkeras:Privacy: {warning}"])
         self.assertEqual(leakage.summary(), {"privacy_warnings": [warning]})
 
-    def test_labels_are_shuffled_on_probes_only(self):
+    def test_a_probe_rotates_the_labels_of_a_quarter_of_the_rows(self):
         guard = HijackGuard(probe_every=2, warmup=1, seed=4)
         y = tf.range(64, dtype=tf.int64)
-        same = guard.labels(y, tf.constant(False))
-        shuffled = guard.labels(y, tf.constant(True)).numpy()
+        same, none = guard.labels(y, tf.constant(False))
         np.testing.assert_array_equal(same, y)
-        self.assertFalse(np.array_equal(shuffled, y.numpy()))
-        np.testing.assert_array_equal(np.sort(shuffled), y.numpy())
+        self.assertFalse(none.numpy().any())
+        sent, rows = guard.labels(y, tf.constant(True))
+        sent, rows = sent.numpy(), rows.numpy()
+        self.assertEqual(rows.sum(), 16)
+        np.testing.assert_array_equal(sent != y.numpy(), rows)  # all moved
+        np.testing.assert_array_equal(np.sort(sent[rows]), np.flatnonzero(rows))
+        # Too small a batch to compare two groups: not probed.
+        _, rows = guard.labels(tf.range(2, dtype=tf.int64), tf.constant(True))
+        self.assertFalse(rows.numpy().any())
 
     def test_bad_settings_are_refused(self):
         with self.assertRaisesRegex(ValueError, "probe_every must be >= 2, got 1"):
             HijackGuard(probe_every=1)
         with self.assertRaisesRegex(ValueError, "threshold must be > 0, got 0"):
             HijackGuard(threshold=0)
+        with self.assertRaisesRegex(
+            ValueError, "fraction must be in \\(0, 1\\), got 1"
+        ):
+            HijackGuard(fraction=1)
 
 
 class GuardedClientTest(base.TestCase):
@@ -133,9 +149,10 @@ class GuardedClientTest(base.TestCase):
         client.build_optimizer()
         return client, segments
 
-    def test_a_probe_step_sends_shuffled_labels_and_leaves_the_client_as_it_was(self):
+    def test_a_probe_step_rotates_some_labels_and_leaves_the_client_as_it_was(self):
         client, segments = self._client()
-        x, y = _images(32, 0)
+        x, _ = _images(32, 0)
+        y = np.arange(32, dtype="int64")  # distinct: every rotated label moves
         labels = tf.Variable(tf.zeros([32], tf.int64))
 
         class Recording:
@@ -153,7 +170,7 @@ class GuardedClientTest(base.TestCase):
             sent.append(labels.numpy())
         weights.append([v.numpy() for v in client.segment.weights])
         np.testing.assert_array_equal(sent[0], y)
-        self.assertFalse(np.array_equal(sent[1], y))
+        self.assertEqual(int(np.sum(sent[1] != y)), 8)  # a quarter of 32 rows
         np.testing.assert_array_equal(np.sort(sent[1]), np.sort(y))
         for before, after, moved in zip(weights, weights[1:], (True, False, True)):
             same = all(np.array_equal(b, a) for b, a in zip(before, after))
@@ -224,6 +241,42 @@ class HijackingTest(base.TestCase):
         self.assertEqual(grads.tensors[0].shape, z.shape)
         with self.assertRaisesRegex(ValueError, "OUTPUT_GRADIENTS before any TRAIN"):
             hijacker.handle(Message(Kind.OUTPUT_GRADIENTS, 0, 1, (out.tensors[0],)))
+
+
+class AttackTableTest(base.TestCase):
+    def test_a_u_shaped_row_on_tiny_data_writes_every_column(self):
+        root = self.tempdir()
+        c = fashion_mnist_lenet.get_config()
+        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
+        c.topology, c.model.cut = "ushaped", "pool1,fc2"
+        c.train.epochs, c.train.batch_size = 1, 32
+        c.train.log_every_seconds = 0.0
+        c.privacy.leakage_examples = 32
+        c.privacy.hijack_warmup = 2
+        workdir = os.path.join(root, "table")
+        (row,) = attack_table(
+            c,
+            workdir,
+            rows=[0],
+            hijack_steps=12,
+            hijack_probe_every=2,
+            aux_examples=64,
+            eval_examples=16,
+            decoder_epochs=1,
+            known_per_class=2,
+        )
+        self.assertEqual(row["defense"], ROWS[0][0])
+        for key in ("reconstruction_ssim", "completion_accuracy", "hijack_ssim"):
+            self.assertTrue(np.isfinite(row[key]), key)
+        for key in ("norm_auc", "cosine_auc"):  # U-shaped: the server's view
+            self.assertTrue(0.0 <= row[key] <= 1.0, key)
+        # Warm-up 2, a probe every 2: the fifth probe is step 10.
+        self.assertEqual(row["hijack_alarm_step"], 11)
+        self.assertEqual([step for step, _ in row["hijack_curve"]], [12])
+        with open(os.path.join(workdir, "attack_table.json")) as f:
+            self.assertEqual(json.load(f)[0]["hijack_alarm_step"], 11)
+        with open(os.path.join(workdir, "attack_table.md")) as f:
+            self.assertIn("| no defense | ", f.read())
 
 
 def _segments_model():
