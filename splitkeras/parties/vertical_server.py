@@ -136,6 +136,11 @@ class VerticalServer(SegmentParty):
     def arrival_specs(self, kind, client_id: int) -> list:
         return [self.client_specs[client_id]]
 
+    def merged(self, cuts) -> tf.Tensor:
+        """The clients' cut tensors (in client order) merged as this server
+        merges them."""
+        return merge_cut_tensors(cuts, self.merge)
+
     def output_specs(self) -> list:
         return specs_of(self.segment.outputs)
 
