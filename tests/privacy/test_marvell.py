@@ -157,6 +157,14 @@ class MarvellInPartiesTest(base.TestCase):
         c = fashion_mnist_lenet.get_config()
         self.assertIsNone(from_config(c))
         c.privacy.marvell_strength = 0.5
+        with self.assertRaisesRegex(
+            ValueError,
+            r"^config.privacy.marvell_strength=0.5 protects the gradients a "
+            r"label holder sends: use config.topology 'ushaped' or 'vertical', "
+            r"not 'vanilla' \(there the server receives the labels\)$",
+        ):
+            from_config(c)
+        c.topology = "ushaped"
         self.assertEqual(from_config(c).marvell_strength, 0.5)
         self.assertEqual(label_protection(c)["marvell_strength"], 0.5)
         with self.assertRaisesRegex(
