@@ -100,6 +100,10 @@ class MarvellTest(base.TestCase):
         np.testing.assert_allclose(b0.numpy(), np.r_[a0.numpy(), 0, 0], rtol=1e-12)
         np.testing.assert_array_equal(f.numpy()[3:], 0.0)
         np.testing.assert_allclose(f.numpy()[:3], e.numpy(), atol=1e-15)
+        # One-hot labels name the same classes.
+        _, c1, c0, _ = marvell.marvell_variances(g, np.eye(3)[y], 1.0)
+        np.testing.assert_array_equal(c1.numpy(), a1.numpy())
+        np.testing.assert_array_equal(c0.numpy(), a0.numpy())
 
     def test_a_class_holding_every_example_gets_no_noise(self):
         g, _ = _gradients()
