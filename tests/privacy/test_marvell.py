@@ -18,6 +18,7 @@ from splitkeras.privacy.defenses import ClientPrivacy, from_config
 from splitkeras.privacy.leakage import Leakage
 from splitkeras.protocol import Kind, Message
 from tests import base
+from tests.schedules import test_vertical
 
 
 def _gradients(n=40, d=6, classes=3, seed=0):
@@ -226,6 +227,24 @@ class MarvellInPartiesTest(base.TestCase):
         orthogonal = noise - np.outer(noise @ e, e)
         # float32 gradients: the noise is added in float32.
         self.assertLess(np.abs(orthogonal).max(), 1e-5 * np.abs(noise).max())
+
+    def test_a_resumed_vertical_server_draws_the_same_noise(self):
+        images, ids, y = test_vertical._data(3 * test_vertical.BATCH)
+        ds = test_vertical._vertical_dataset(images, ids, y)
+        split = test_vertical._split(marvell_strength=1.0)
+        split.train_epoch(ds.take(1))
+        checkpoints = split.checkpoints()
+        self.assertIn("marvell_seeds", checkpoints["server"]._trackable_children())
+        root = self.tempdir()
+        paths = {name: c.write(f"{root}/{name}") for name, c in checkpoints.items()}
+        split.train_epoch(ds.skip(1))
+        uninterrupted = test_vertical._split_weights(split)
+        for name, checkpoint in checkpoints.items():
+            checkpoint.read(paths[name]).assert_consumed()
+        split.train_epoch(ds.skip(1))
+        self.assertWeightsClose(
+            sum(test_vertical._split_weights(split), []), sum(uninterrupted, []), 0
+        )
 
     def test_ushaped_leakage_measures_marvell(self):
         rng = np.random.default_rng(0)
