@@ -270,7 +270,7 @@ def _vertical_host(config, build, make_optimizer, epochs):
     server.build_optimizer()
     # Every feature holder sends its part of each test batch.
     coordinator = Rounds(server, k, epochs, reports=True, evaluators=None)
-    state = {"server": party_checkpoint([server.segment], server.optimizer)}
+    state = {"server": server.checkpoint()}
     parties = {"server": coordinator, "aligner": Aligner(k, leader=0)}
     return parties, coordinator, _with(state, coordinator)
 

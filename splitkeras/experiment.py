@@ -49,7 +49,11 @@ class InProcess(RunnerProcess):
         else:
             self.test = client_data.test_batches(config, self.sites[0], data)
         first = self.sites[0]
-        self.leakage = Leakage(config, first if hasattr(first, "x_test") else data)
+        self.leakage = Leakage(
+            config,
+            first if hasattr(first, "x_test") else data,
+            strips=self.sites if config.topology == "vertical" else None,
+        )
         self.leakage.measure_start(schedule)  # before any step (and restore)
         self.client_flops = client_data.client_flops_per_epoch(config, self.sites, data)
         self.steps_per_round = client_data.steps_per_round(config, self.sites, data)

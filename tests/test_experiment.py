@@ -323,6 +323,15 @@ class ExperimentTest(base.TestCase):
         self.assertEqual(up[1], (16 * 32 + 2 * 64) * per_example)
         self.assertGreater(up[0], up[1])  # client 0 also sends the labels
         self.assertNotIn("leakage_dcor", summary)  # each client sees a strip
+        # Per party without the labels: its strip's dCor, its gradients' AUCs.
+        for key in (
+            "leakage_dcor_1",
+            "label_leak_norm_auc_1",
+            "label_leak_cosine_auc_1",
+        ):
+            self.assertGreaterEqual(summary[key], 0.0)
+            self.assertLessEqual(summary[key], 1.0)
+        self.assertNotIn("leakage_dcor_0", summary)  # the label owner's
         # NoPeek acts on every vertical client: the run trains differently.
         config.privacy.nopeek_alpha = 2.0
         nopeek = experiment.train_and_evaluate(config, os.path.join(self.root, "vn"))

@@ -136,6 +136,19 @@ class VerticalServer(SegmentParty):
     def arrival_specs(self, kind, client_id: int) -> list:
         return [self.client_specs[client_id]]
 
+    def checkpoint(self, **extra) -> tf.train.Checkpoint:
+        """The party's own state (+ `extra`), with the state of its
+        Marvell-style noise when that is on, so that a resumed or rolled
+        back run draws the noise an uninterrupted one would."""
+        if self.marvell_strength:
+            extra["marvell_seeds"] = self._seeds.state
+        return super().checkpoint(**extra)
+
+    def merged(self, cuts) -> tf.Tensor:
+        """The clients' cut tensors (in client order) merged as this server
+        merges them."""
+        return merge_cut_tensors(cuts, self.merge)
+
     def output_specs(self) -> list:
         return specs_of(self.segment.outputs)
 

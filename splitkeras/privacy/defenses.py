@@ -56,9 +56,18 @@ from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.hijack_guard import HijackGuard
 from splitkeras.privacy.marvell import marvell_noise
 
-__all__ = ["NOPEEK_STEPS", "ClientPrivacy", "NoPeekTerm", "flat_batch", "from_config"]
+__all__ = [
+    "MARVELL_TOPOLOGIES",
+    "NOPEEK_STEPS",
+    "ClientPrivacy",
+    "NoPeekTerm",
+    "flat_batch",
+    "from_config",
+]
 
 NOPEEK_STEPS = ("normalized", "loss")
+# Where the label holder sends gradients that Marvell's noise can protect.
+MARVELL_TOPOLOGIES = ("ushaped", "vertical")
 
 
 class NoPeekTerm(NamedTuple):
@@ -325,8 +334,19 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
 
     `client_id` seeds the noise apart per client process (gRPC), so that no
     two clients draw the same noise.
+
+    Raises:
+      ValueError: `marvell_strength` is set in a topology where the label
+        holder sends no gradients (neither U-shaped nor vertical).
     """
     p = config.privacy
+    if p.marvell_strength and config.topology not in MARVELL_TOPOLOGIES:
+        raise ValueError(
+            f"config.privacy.marvell_strength={p.marvell_strength:g} protects "
+            "the gradients a label holder sends: use config.topology "
+            f"'ushaped' or 'vertical', not {config.topology!r} (there the "
+            "server receives the labels)"
+        )
     privacy = ClientPrivacy(
         nopeek_alpha=float(p.nopeek_alpha),
         nopeek_step=str(p.nopeek_step),

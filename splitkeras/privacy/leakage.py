@@ -12,6 +12,13 @@ for every input ("collapsed", e.g. every ReLU dead) scores dCor 0, yet the
 server learns nothing from it; and NoPeek that has not moved dCor at least
 `NOT_MOVED` below the untrained client's gives no protection. Each is a
 warning in the log and in the summary's `privacy_warnings`.
+
+Vertical runs (each party holds a strip of the features) measure, for each
+party k without the labels, `leakage_dcor_k` (its strip against its cut
+tensors) and `label_leak_norm_auc_k` / `label_leak_cosine_auc_k`: Li et
+al.'s attacks on the gradients the server would send it (the server's
+segment and loss on the fixed examples, with the server's Marvell-style
+noise when `config.privacy.marvell_strength` is on).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from splitkeras.privacy.attacks.label_leakage import label_leakage
 from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.label_dp import training_labels
-from splitkeras.privacy.marvell import num_classes_of
+from splitkeras.privacy.marvell import marvell_noise, num_classes_of
 from splitkeras.protocol import flat
 
 __all__ = ["NOT_MOVED", "Leakage", "attach_privacy", "clients_of", "privacy_warnings"]
@@ -119,16 +126,24 @@ class Leakage:
       config: the experiment config (`config.privacy.leakage_examples`; 0
         turns the measurement off).
       arrays: the dataset; its first test examples are the fixed set.
+      strips: vertical runs: every party's aligned site (`arrays` is then
+        the label owner's); without them a vertical run measures nothing.
     """
 
-    def __init__(self, config, arrays):
+    def __init__(self, config, arrays, strips=None):
         # Streams (imagenet2012) have no fixed test arrays: nothing measured.
         available = len(arrays.x_test) if hasattr(arrays, "x_test") else 0
         n = min(int(config.privacy.leakage_examples), available)
-        self.enabled = n > 0 and config.topology != "vertical"
+        self.vertical = config.topology == "vertical"
+        self.enabled = n > 0 and (not self.vertical or strips is not None)
         if self.enabled:
             ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)
             self.x, self.y = next(iter(ds))
+            # Vertical: each party's strip of the same n examples.
+            self.strips = [
+                next(iter(data_lib.eval_dataset(s.x_test[:n], arrays.y_test[:n], n)))[0]
+                for s in strips or ()
+            ]
             # Under label DP the client's gradients come from randomized
             # labels (drawn apart from the training ones); the attack is
             # scored against the true ones.
@@ -137,7 +152,8 @@ class Leakage:
             )
         # Per-example gradients at the scale of a training batch's mean loss.
         self._batch_size = int(config.train.batch_size)
-        self._noise = None
+        self._noises = {}  # per client id: a copy of its activation noise
+        self._marvell_seeds = keras.random.SeedGenerator(int(config.seed) + 7919)
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.start = None  # leakage_dcor of the untrained client
         self.warnings = []  # the last measurement's privacy_warnings
@@ -145,7 +161,7 @@ class Leakage:
     def measure_start(self, trainer) -> None:
         """Measures the untrained client's leakage_dcor (before any step)."""
         client = _newest_client(trainer) if self.enabled else None
-        if client is not None:
+        if client is not None and not self.vertical:
             self.start = float(self._dcor(client)[0])
 
     def summary(self) -> dict:
@@ -168,7 +184,9 @@ class Leakage:
             if guard is not None:
                 self.warnings += guard.warnings()
         client = _newest_client(trainer) if self.enabled else None
-        if client is not None:
+        if client is not None and self.vertical:
+            logs.update(self._vertical(trainer.clients, trainer.server))
+        elif client is not None:
             logs.update(self._leakage(trainer, client))
         for warning in self.warnings:
             log.warning("Privacy: %s", warning)
@@ -204,19 +222,55 @@ class Leakage:
             logs.update(self._label_leakage(client, server.segment, cut))
         return logs
 
-    def _dcor(self, client):
-        """(leakage_dcor, the cut tensors as sent, the clean cut tensors)."""
-        cut = clean = flat(client.segment(self.x, training=False))
+    def _dcor(self, client, x=None):
+        """(leakage_dcor, the cut tensors as sent, the clean cut tensors) of
+        `client` on `x` (default: the fixed examples)."""
+        x = self.x if x is None else x
+        cut = clean = flat(client.segment(x, training=False))
         if client.privacy is not None and client.privacy.activation_noise:
             # The noise the server would see, from a generator of its own so
             # that measuring does not shift the training noise.
-            if self._noise is None:
-                self._noise = dataclasses.replace(
+            if client.client_id not in self._noises:
+                self._noises[client.client_id] = dataclasses.replace(
                     client.privacy, seed=client.privacy.seed + 7919
                 )
-            cut = self._noise.noised(cut)
-        value = distance_correlation(flat_batch(self.x), flat_batch(cut))
+            cut = self._noises[client.client_id].noised(cut)
+        value = distance_correlation(flat_batch(x), flat_batch(cut))
         return float(value), cut, clean
+
+    def _vertical(self, clients, server) -> dict:
+        """Each party k without the labels: leakage_dcor_k and the leak AUCs
+        of the gradients the server would send it."""
+        measured = [self._dcor(c, x) for c, x in zip(clients, self.strips)]
+        cuts = [cut[0] for _, cut, _ in measured]
+        with tf.GradientTape() as tape:
+            tape.watch(cuts)
+            y_pred = server.segment(server.merged(cuts), training=False)
+            n = tf.cast(tf.shape(self.y)[0], tf.float32)
+            loss = self._loss(self.y_trained, y_pred) * n / self._batch_size
+        grads = tape.gradient(loss, cuts)
+        logs = {}
+        for k, (client, (value, _, clean)) in enumerate(zip(clients, measured)):
+            if k == server.label_client:
+                continue
+            logs[f"leakage_dcor_{k}"] = value
+            alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
+            for warning in privacy_warnings(flat_batch(clean), value, None, alpha):
+                self.warnings.append(f"party {k}: {warning}")
+            g = grads[k]
+            if server.marvell_strength:
+                # From a generator of its own: measuring does not shift the
+                # server's training noise.
+                g = marvell_noise(
+                    g,
+                    self.y_trained,
+                    server.marvell_strength,
+                    self._marvell_seeds,
+                    num_classes_of(server.segment),
+                )
+            aucs = label_leakage(flat_batch(g).numpy(), np.equal(self.y, 0))
+            logs.update({f"label_leak_{a}_{k}": float(v) for a, v in aucs.items()})
+        return logs
 
     def _label_leakage(self, client, server_segment, cut) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.

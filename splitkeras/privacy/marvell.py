@@ -107,9 +107,9 @@ def marvell_variances(gradients, labels, strength: float, num_classes=None):
     Returns:
       (classes [m], a1 [m], a0 [m], directions [m, d]) in float64: the m
       classes (present ones in order of first appearance, or 0..m-1), the
-      noise variances
-      of class-k examples and of the others along e_k, and the e_k (rows
-      of zeros, with a1 = a0 = 0, where there is no noise).
+      noise variances of class-k examples and of the others along e_k,
+      and the e_k (rows of zeros, with a1 = a0 = 0, where there is no
+      noise).
     """
     g = tf.cast(gradients, tf.float64)
     classes, members = _membership(labels, num_classes)  # [m], [n, m]

@@ -18,6 +18,7 @@ from splitkeras.privacy.defenses import ClientPrivacy, from_config
 from splitkeras.privacy.leakage import Leakage
 from splitkeras.protocol import Kind, Message
 from tests import base
+from tests.schedules import test_vertical
 
 
 def _gradients(n=40, d=6, classes=3, seed=0):
@@ -100,6 +101,10 @@ class MarvellTest(base.TestCase):
         np.testing.assert_allclose(b0.numpy(), np.r_[a0.numpy(), 0, 0], rtol=1e-12)
         np.testing.assert_array_equal(f.numpy()[3:], 0.0)
         np.testing.assert_allclose(f.numpy()[:3], e.numpy(), atol=1e-15)
+        # One-hot labels name the same classes.
+        _, c1, c0, _ = marvell.marvell_variances(g, np.eye(3)[y], 1.0)
+        np.testing.assert_array_equal(c1.numpy(), a1.numpy())
+        np.testing.assert_array_equal(c0.numpy(), a0.numpy())
 
     def test_a_class_holding_every_example_gets_no_noise(self):
         g, _ = _gradients()
@@ -157,6 +162,14 @@ class MarvellInPartiesTest(base.TestCase):
         c = fashion_mnist_lenet.get_config()
         self.assertIsNone(from_config(c))
         c.privacy.marvell_strength = 0.5
+        with self.assertRaisesRegex(
+            ValueError,
+            r"^config.privacy.marvell_strength=0.5 protects the gradients a "
+            r"label holder sends: use config.topology 'ushaped' or 'vertical', "
+            r"not 'vanilla' \(there the server receives the labels\)$",
+        ):
+            from_config(c)
+        c.topology = "ushaped"
         self.assertEqual(from_config(c).marvell_strength, 0.5)
         self.assertEqual(label_protection(c)["marvell_strength"], 0.5)
         with self.assertRaisesRegex(
@@ -214,6 +227,24 @@ class MarvellInPartiesTest(base.TestCase):
         orthogonal = noise - np.outer(noise @ e, e)
         # float32 gradients: the noise is added in float32.
         self.assertLess(np.abs(orthogonal).max(), 1e-5 * np.abs(noise).max())
+
+    def test_a_resumed_vertical_server_draws_the_same_noise(self):
+        images, ids, y = test_vertical._data(3 * test_vertical.BATCH)
+        ds = test_vertical._vertical_dataset(images, ids, y)
+        split = test_vertical._split(marvell_strength=1.0, run_eagerly=True)
+        split.train_epoch(ds.take(1))
+        checkpoints = split.checkpoints()
+        self.assertIn("marvell_seeds", checkpoints["server"]._trackable_children())
+        root = self.tempdir()
+        paths = {name: c.write(f"{root}/{name}") for name, c in checkpoints.items()}
+        split.train_epoch(ds.skip(1))
+        uninterrupted = test_vertical._split_weights(split)
+        for name, checkpoint in checkpoints.items():
+            checkpoint.read(paths[name]).assert_consumed()
+        split.train_epoch(ds.skip(1))
+        self.assertWeightsClose(
+            sum(test_vertical._split_weights(split), []), sum(uninterrupted, []), 0
+        )
 
     def test_ushaped_leakage_measures_marvell(self):
         rng = np.random.default_rng(0)
