@@ -41,7 +41,7 @@ ROWS = (
     ("NoPeek alpha 0.5", {"nopeek_alpha": 0.5}),
     ("activation noise 1", {"activation_noise": 1.0}),
     ("label DP epsilon 2", {"label_epsilon": 2.0}),
-    ("Marvell strength 1", {"marvell_strength": 1.0}),
+    ("Marvell strength 0.25", {"marvell_strength": 0.25}),
     ("hijack guard (honest server)", {"hijack_probe_every": 10}),
 )
 
