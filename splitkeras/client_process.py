@@ -21,6 +21,7 @@ from splitkeras import builders, client_data, deployment
 from splitkeras.launcher import kill_after
 from splitkeras.parties.handoff import state_variables
 from splitkeras.parties.segment_step import wire_dtype
+from splitkeras.privacy.leakage import guard_report
 from splitkeras.protocol import Kind, Message, Status
 from splitkeras.runner import Runner, RunnerProcess
 from splitkeras.schedules import alignment
@@ -286,6 +287,11 @@ class ClientProcess(RunnerProcess):
 
     def summary(self, test: dict) -> dict:
         connections = list(self._connections.values())
+        client = getattr(self.program, "client", None)
+        # The hijack guard's figures and alarm, as an in-process run has them.
+        guard, warnings = guard_report([] if client is None else [client])
+        for warning in warnings:
+            log.warning("Privacy: %s", warning)
         return {
             "client_id": self.k,
             "bytes_sent": sum(c.bytes_sent for c in connections),
@@ -293,6 +299,8 @@ class ClientProcess(RunnerProcess):
             "retries": sum(c.retries for c in connections),
             "restarted_turns": int(getattr(self.program, "restarts", 0)),
             "restarted_rounds": self._restarted_rounds,
+            **guard,
+            **({"privacy_warnings": warnings} if warnings else {}),
         }
 
     def checkpoints(self, **loop) -> dict:

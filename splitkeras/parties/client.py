@@ -191,8 +191,8 @@ class Client:
         probe = None
         if guard is not None:
             # A probe of the hijack guard: some labels rotated, no update here.
-            probe = guard.is_probe()
-            y, rotated = guard.labels(y, probe)
+            y, rotated = guard.labels(y, guard.is_probe())
+            probe = tf.reduce_any(rotated)
         forward = self.forward(x)
         reply = link.request(
             self._message(Kind.TRAIN, step, forward.cut, y, sample_weight, ids)

@@ -56,7 +56,11 @@ def hijack_warning(step: int, score: float, threshold: float, probes: int) -> st
 
 
 class HijackGuard:
-    """Probes the server with label-shuffled batches (see the module docstring).
+    """Probes the server with rotated labels (see the module docstring).
+
+    Its state (probes, scores, the alarm) lives in this process: it is not
+    checkpointed or handed on, so a resumed client probes afresh after its
+    warm-up.
 
     Args:
       probe_every: a probe every this many steps after the warm-up (>= 2).
@@ -113,7 +117,9 @@ class HijackGuard:
 
         Not a probe: (`y`, no rows). A probe: a random `fraction` of the
         rows (at least 2, at least 1 left out; none in a batch under 3)
-        get each other's labels, rotated by one among them.
+        get each other's labels, rotated by one among them. The step is a
+        probe when some rows were rotated (`record`; the client then does
+        not apply it).
         """
         n = tf.shape(y)[0]
         k = tf.cast(tf.round(self.fraction * tf.cast(n, tf.float32)), tf.int32)
@@ -129,7 +135,7 @@ class HijackGuard:
         """Counts a step with the cut `gradients` it received; `rows`: the
         rotated rows of `labels` (a probe with none is not counted)."""
         norms = _norms(gradients)
-        probe = tf.logical_and(probe, tf.reduce_any(rows))
+        probe = tf.logical_and(probe, tf.reduce_any(rows))  # none in a tiny batch
         ratio = _mean(norms, rows) / tf.maximum(_mean(norms, ~rows), 1e-30)
         slot = self.count % self.probes
         ratios = tf.tensor_scatter_nd_update(self.ratios, [[slot]], [ratio])

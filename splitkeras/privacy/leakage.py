@@ -38,7 +38,14 @@ from splitkeras.privacy.label_dp import training_labels
 from splitkeras.privacy.marvell import marvell_noise, num_classes_of
 from splitkeras.protocol import flat
 
-__all__ = ["NOT_MOVED", "Leakage", "attach_privacy", "clients_of", "privacy_warnings"]
+__all__ = [
+    "NOT_MOVED",
+    "Leakage",
+    "attach_privacy",
+    "clients_of",
+    "guard_report",
+    "privacy_warnings",
+]
 
 log = logging.getLogger("splitkeras")
 
@@ -85,6 +92,24 @@ def privacy_warnings(cut_rows, dcor: float, start, nopeek_alpha: float) -> list:
             "nopeek_alpha or train longer"
         ]
     return []
+
+
+def guard_report(clients) -> tuple[dict, list]:
+    """The hijack guards' figures (of clients that have probed: client 0's
+    unsuffixed, the others' with `_<k>`) and their alarms' warnings."""
+    figures, warnings = {}, []
+    for client in clients:
+        guard = client.privacy.guard if client.privacy is not None else None
+        if guard is None or guard.score() is None:
+            continue
+        suffix = f"_{client.client_id}" if client.client_id else ""
+        figures["hijack_score" + suffix] = guard.score()
+        if guard.lowest_score() is not None:
+            figures["hijack_lowest_score" + suffix] = guard.lowest_score()
+        if guard.alarm() is not None:
+            figures["hijack_alarm_step" + suffix] = guard.alarm()
+        warnings += guard.warnings()
+    return figures, warnings
 
 
 def clients_of(trainer) -> list:
@@ -178,11 +203,7 @@ class Leakage:
         measure; logs the warnings of `privacy_warnings` and of the clients'
         hijack guards (`hijack_score`, and `hijack_alarm_step` once the alarm
         went off; client 0's unsuffixed, the others' with `_<k>`)."""
-        logs, self.warnings = self._guards(trainer), []
-        for client in clients_of(trainer):
-            guard = client.privacy.guard if client.privacy is not None else None
-            if guard is not None:
-                self.warnings += guard.warnings()
+        logs, self.warnings = guard_report(clients_of(trainer))
         client = _newest_client(trainer) if self.enabled else None
         if client is not None and self.vertical:
             logs.update(self._vertical(trainer.clients, trainer.server))
@@ -190,22 +211,6 @@ class Leakage:
             logs.update(self._leakage(trainer, client))
         for warning in self.warnings:
             log.warning("Privacy: %s", warning)
-        return logs
-
-    @staticmethod
-    def _guards(trainer) -> dict:
-        """The hijack guards' scores (clients that have probed)."""
-        logs = {}
-        for client in clients_of(trainer):
-            guard = client.privacy.guard if client.privacy is not None else None
-            if guard is None or guard.score() is None:
-                continue
-            suffix = f"_{client.client_id}" if client.client_id else ""
-            logs["hijack_score" + suffix] = guard.score()
-            if guard.lowest_score() is not None:
-                logs["hijack_lowest_score" + suffix] = guard.lowest_score()
-            if guard.alarm() is not None:
-                logs["hijack_alarm_step" + suffix] = guard.alarm()
         return logs
 
     def _leakage(self, trainer, client) -> dict:

@@ -3,9 +3,12 @@ each client is started with a folder holding only its own file, and the
 hosts run where the dataset does not exist. The run ends with the weights
 of the same run in one process over the whole dataset, equal to the bit
 (round robin with the peer handoff, and the vertical split: these two
-configurations are tested as processes here; the vertical one with the
-server's Marvell-style noise on, whose draws must match too)."""
+configurations are tested as processes here; round robin with the
+clients' hijack guards on, whose probes must match too, and the vertical
+one with the server's Marvell-style noise on, whose draws must match
+too)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,7 +33,10 @@ from tests.distributed.runs import (
 
 class SitesTest(base.TestCase):
     @base.parameterized.named_parameters(
-        ("round_robin", {}),
+        (
+            "round_robin",
+            {"privacy.hijack_probe_every": 2, "privacy.hijack_warmup": 2},
+        ),
         ("vertical", {"topology": "vertical", "privacy.marvell_strength": 1.0}),
     )
     def test_clients_hold_only_their_site_and_hosts_no_data(self, overrides):
@@ -68,6 +74,14 @@ class SitesTest(base.TestCase):
         processes = processes_weights(config, workdir, untrained)
         assert_same_weights(self, processes, expected)
         if not vertical:
+            # Each client process reports its guard's score as the same
+            # client in one process has it (probes at steps 2, 4, 6).
+            for client in schedule.clients:
+                k = client.client_id
+                with open(os.path.join(workdir, f"client_{k}", "summary.json")) as f:
+                    reported = json.load(f)
+                key = "hijack_score" + (f"_{k}" if k else "")
+                self.assertEqual(reported[key], client.privacy.guard.score())
             # What each client sent and received, counted at its gRPC
             # connections (framing included), is within 2% of what the
             # in-process transports count.
