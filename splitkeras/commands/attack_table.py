@@ -32,6 +32,9 @@ _HIJACK_STEPS = flags.DEFINE_integer(
 _PROBE_EVERY = flags.DEFINE_integer(
     "hijack_probe_every", 10, "The hijack guard's probe interval in that run."
 )
+_FREEZE = flags.DEFINE_bool(
+    "hijack_freeze", False, "In that run the guard freezes the client at its alarm."
+)
 _KNOWN = flags.DEFINE_integer(
     "known_per_class", 4, "Labelled examples per class for model completion."
 )
@@ -46,6 +49,7 @@ def main(argv):
         rows=[int(r) for r in _ROWS.value] or None,
         hijack_steps=_HIJACK_STEPS.value,
         hijack_probe_every=_PROBE_EVERY.value,
+        hijack_freeze=_FREEZE.value,
         **attack_kwargs(),
         known_per_class=_KNOWN.value,
     )

@@ -146,6 +146,9 @@ def get_config(arg=None):
     c.privacy.hijack_threshold = 1.5
     c.privacy.hijack_probes = 5
     c.privacy.hijack_fraction = 0.25  # of a probe's examples
+    # After the alarm the client applies no more updates from this server
+    # (it stops being steered); False: it only warns.
+    c.privacy.hijack_freeze = True
     c.privacy.leakage_examples = 512  # fixed test examples for leakage_dcor (0: off)
 
     # The server party on several devices (splitkeras.distribute, README

@@ -190,7 +190,8 @@ class Client:
         guard = None if self.privacy is None or y is None else self.privacy.guard
         probe = None
         if guard is not None:
-            # A probe of the hijack guard: some labels rotated, no update here.
+            # A probe of the hijack guard: some labels rotated, no update here
+            # (nor any after its alarm, when it freezes the client).
             y, rotated = guard.labels(y, guard.is_probe())
             probe = tf.reduce_any(rotated)
         forward = self.forward(x)
@@ -211,14 +212,15 @@ class Client:
         guard.record(probe, reply.tensors, rotated)
 
         def learn():
-            # Tensors from outside the branch, made the branch's own (one
-            # graph for the optimizer's all-reduce).
+            # Tensors from outside the branch, made the branch's own: Keras
+            # sums gradients with the replica context's all-reduce (even
+            # without a strategy), which wants them from one graph.
             received = [tf.identity(g) for g in reply.tensors]
             tail = [None if g is None else tf.identity(g) for g in tail_grads]
             self.backward(forward, received, tail)
             return tf.constant(True)
 
-        tf.cond(probe, lambda: tf.constant(False), learn)
+        tf.cond(tf.logical_or(probe, guard.frozen()), lambda: tf.constant(False), learn)
         return loss
 
     # ------------------------------------------ steps that do not wait

@@ -39,9 +39,9 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
   the client trains with) first; clipping and noise then act on the
   result, so `gradient_max_norm` stays a bound on what is sent. The
   client's own tail update is not changed.
-- A hijack guard (`hijack_probe_every` > 0): now and then a step with
-  shuffled labels tests whether the server's gradients depend on the
-  labels (`splitkeras.privacy.hijack_guard`).
+- A hijack guard (`hijack_probe_every` > 0): now and then a step with some
+  labels rotated among the batch's examples tests whether the server's
+  gradients depend on the labels (`splitkeras.privacy.hijack_guard`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from splitkeras.privacy.hijack_guard import HijackGuard
 from splitkeras.privacy.marvell import marvell_noise
 
 __all__ = [
+    "GUARD_TOPOLOGIES",
     "MARVELL_TOPOLOGIES",
     "NOPEEK_STEPS",
     "ClientPrivacy",
@@ -68,6 +69,9 @@ __all__ = [
 NOPEEK_STEPS = ("normalized", "loss")
 # Where the label holder sends gradients that Marvell's noise can protect.
 MARVELL_TOPOLOGIES = ("ushaped", "vertical")
+# Where the client that holds the labels runs whole steps that the hijack
+# guard probes (Client.train_step).
+GUARD_TOPOLOGIES = ("vanilla", "ushaped")
 
 
 class NoPeekTerm(NamedTuple):
@@ -105,7 +109,8 @@ class ClientPrivacy:
         to those gradients (0: off).
       hijack_probe_every: the hijack guard's probe interval in steps (0:
         no guard); `hijack_warmup`, `hijack_threshold`, `hijack_probes`,
-        `hijack_fraction`: the rest of its settings (see `HijackGuard`).
+        `hijack_fraction`, `hijack_freeze`: the rest of its settings (see
+        `HijackGuard`).
       marvell_strength: U-shaped: Marvell-style noise on those gradients,
         its power budget as a multiple of the squared distance between a
         class's mean gradient and the rest's (0: off).
@@ -123,6 +128,7 @@ class ClientPrivacy:
     hijack_threshold: float = 1.5
     hijack_probes: int = 5
     hijack_fraction: float = 0.25
+    hijack_freeze: bool = True
     marvell_strength: float = 0.0
     seed: int = 0
 
@@ -153,6 +159,7 @@ class ClientPrivacy:
                 self.hijack_threshold,
                 self.hijack_probes,
                 self.hijack_fraction,
+                freeze=self.hijack_freeze,
                 seed=self.seed + 104729,
             )
 
@@ -347,6 +354,8 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
             f"'ushaped' or 'vertical', not {config.topology!r} (there the "
             "server receives the labels)"
         )
+    if p.hijack_probe_every:
+        _check_guard(config)
     privacy = ClientPrivacy(
         nopeek_alpha=float(p.nopeek_alpha),
         nopeek_step=str(p.nopeek_step),
@@ -359,10 +368,27 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         hijack_threshold=float(p.hijack_threshold),
         hijack_probes=int(p.hijack_probes),
         hijack_fraction=float(p.hijack_fraction),
+        hijack_freeze=bool(p.hijack_freeze),
         marvell_strength=float(p.marvell_strength),
         seed=int(config.seed) * 10007 + int(client_id),
     )
     return privacy if privacy.active else None
+
+
+def _check_guard(config) -> None:
+    """The hijack guard probes whole steps of a label-holding client."""
+    where = f"config.privacy.hijack_probe_every={config.privacy.hijack_probe_every}"
+    if config.topology not in GUARD_TOPOLOGIES:
+        raise ValueError(
+            f"{where} probes the steps of a client that holds the labels: use "
+            f"config.topology 'vanilla' or 'ushaped', not {config.topology!r}"
+        )
+    train = config.train
+    if train.get("microbatches", 1) > 1 or train.get("max_staleness", 0) > 0:
+        raise ValueError(
+            f"{where} probes steps that wait for their gradients: set "
+            "config.train.microbatches=1 and config.train.max_staleness=0"
+        )
 
 
 def _nonzero(x):

@@ -72,6 +72,8 @@ class HijackGuard:
       probes: probes in the score; no alarm before this many.
       fraction: the share of a probe's examples whose labels are rotated
         (at least 2 and at least 1 left; a smaller batch is not probed).
+      freeze: after the alarm, the client applies no more updates from
+        this server (`frozen`): it is no longer steered.
       seed: seeds the choice of examples.
     """
 
@@ -82,6 +84,7 @@ class HijackGuard:
         threshold: float = 1.5,
         probes: int = 5,
         fraction: float = 0.25,
+        freeze: bool = True,
         seed: int = 0,
     ):
         if probe_every < 2:
@@ -94,7 +97,7 @@ class HijackGuard:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         self.probe_every, self.warmup = int(probe_every), int(warmup)
         self.threshold, self.probes = float(threshold), int(probes)
-        self.fraction = float(fraction)
+        self.fraction, self.freeze = float(fraction), bool(freeze)
         self._seeds = keras.random.SeedGenerator(seed)
         with tf.init_scope():
             self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -117,9 +120,10 @@ class HijackGuard:
 
         Not a probe: (`y`, no rows). A probe: a random `fraction` of the
         rows (at least 2, at least 1 left out; none in a batch under 3)
-        get each other's labels, rotated by one among them. The step is a
-        probe when some rows were rotated (`record`; the client then does
-        not apply it).
+        get each other's labels, rotated by one among them; the rows whose
+        label changed are returned (a row next to one of its own class
+        keeps its label and is not counted). The step is a probe when some
+        row changed (`record`; the client then does not apply it).
         """
         n = tf.shape(y)[0]
         k = tf.cast(tf.round(self.fraction * tf.cast(n, tf.float32)), tf.int32)
@@ -128,8 +132,10 @@ class HijackGuard:
         chosen = keras.random.shuffle(tf.range(n), seed=self._seeds)[:k]
         rotated = tf.roll(tf.gather(y, chosen), shift=1, axis=0)
         sent = tf.tensor_scatter_nd_update(y, chosen[:, None], rotated)
-        rows = tf.scatter_nd(chosen[:, None], tf.ones([k]), [n]) > 0
-        return sent, rows
+        changed = tf.not_equal(sent, y)
+        if len(changed.shape) > 1:  # one-hot or [n, 1] labels
+            changed = tf.reduce_any(changed, axis=list(range(1, len(changed.shape))))
+        return sent, changed
 
     def record(self, probe, gradients, rows) -> None:
         """Counts a step with the cut `gradients` it received; `rows`: the
@@ -148,6 +154,10 @@ class HijackGuard:
         low = mean < self.threshold
         first = tf.logical_and(tf.logical_and(full, low), self.alarm_step < 0)
         self.alarm_step.assign(tf.where(first, self.steps, self.alarm_step))
+
+    def frozen(self) -> tf.Tensor:
+        """Whether the client applies no more updates (a boolean tensor)."""
+        return tf.logical_and(tf.constant(self.freeze), self.alarm_step >= 0)
 
     def score(self) -> float | None:
         """The mean ratio of the last `probes` probes (None before the first)."""

@@ -13,8 +13,11 @@ attacked:
 - feature-space hijacking (`studies.hijacking`): a fresh client of the same
   settings, its hijack guard on, trained for `hijack_steps` steps against
   a hijacking server that holds the auxiliary inputs: the attacker's SSIM
-  on the held-out inputs at the end (the client trains on: no detector)
-  and at the guard's alarm (the client stops there), and the alarm's step.
+  on the held-out inputs at the end and at the guard's alarm, and the
+  alarm's step. By default the guard only warns (`hijack_freeze` off):
+  the end is what a client without a detector leaves the attacker, the
+  alarm what one that stops there leaves it; with `hijack_freeze` the
+  client freezes at the alarm and the end is what it leaves.
 
 It writes attack_table.md and attack_table.json in the workdir.
 """
@@ -52,6 +55,7 @@ def attack_table(
     rows=None,
     hijack_steps: int = 600,
     hijack_probe_every: int = 10,
+    hijack_freeze: bool = False,
     aux_examples: int = 1000,
     eval_examples: int = 512,
     decoder_epochs: int = 20,
@@ -81,6 +85,7 @@ def attack_table(
         completion = completion_accuracy(run.sent, sets, c.seed)
         attacked = copy.deepcopy(c)
         attacked.privacy.hijack_probe_every = hijack_probe_every
+        attacked.privacy.hijack_freeze = hijack_freeze
         hijacked = hijack(attacked, sets.arrays, sets.aux, sets.held_out, hijack_steps)
         s = run.summary
         table.append(
@@ -102,7 +107,8 @@ def attack_table(
                 "hijack_curve": hijacked["curve"],
             }
         )
-        _write(workdir, config, hijack_steps, hijack_probe_every, table)
+        hijacking = (hijack_steps, hijack_probe_every, hijack_freeze)
+        _write(workdir, config, hijacking, table)
     return table
 
 
@@ -114,14 +120,16 @@ def _figure(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _write(workdir, config, hijack_steps, probe_every, table) -> None:
+def _write(workdir, config, hijacking, table) -> None:
+    hijack_steps, probe_every, freeze = hijacking
     with open(os.path.join(workdir, "attack_table.json"), "w") as f:
         json.dump(table, f, indent=2)
     lines = [
         f"Model {config.model.name} cut at {config.model.cut} "
         f"({config.topology}), {config.train.epochs} epochs, seed {config.seed}; "
         f"hijacking: {hijack_steps} steps, a probe every {probe_every} steps "
-        f"after {config.privacy.hijack_warmup}.",
+        f"after {config.privacy.hijack_warmup}"
+        + (", the client frozen at the alarm." if freeze else "."),
         "",
         "| defense | test accuracy | dCor | reconstruction SSIM "
         "| model-completion accuracy | norm leak AUC | cosine leak AUC "

@@ -13,7 +13,7 @@ from splitkeras.cut import cut
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.privacy.attacks.hijacking import FeatureSpaceHijacker
-from splitkeras.privacy.defenses import ClientPrivacy
+from splitkeras.privacy.defenses import ClientPrivacy, from_config
 from splitkeras.privacy.hijack_guard import HijackGuard, hijack_warning
 from splitkeras.privacy.leakage import Leakage
 from splitkeras.protocol import Kind, Message
@@ -126,6 +126,13 @@ class GuardTest(base.TestCase):
         self.assertEqual(rows.sum(), 16)
         np.testing.assert_array_equal(sent != y.numpy(), rows)  # all moved
         np.testing.assert_array_equal(np.sort(sent[rows]), np.flatnonzero(rows))
+        # Binary labels: a row next to one of its own class keeps its
+        # label and is not counted.
+        y = tf.constant([0, 1] * 8, tf.int64)
+        sent, rows = guard.labels(y, tf.constant(True))
+        np.testing.assert_array_equal(rows, sent.numpy() != y.numpy())
+        same, rows = guard.labels(tf.zeros([16], tf.int64), tf.constant(True))
+        self.assertFalse(rows.numpy().any())  # one class: nothing to probe
         # Too small a batch to compare two groups: not probed.
         _, rows = guard.labels(tf.range(2, dtype=tf.int64), tf.constant(True))
         self.assertFalse(rows.numpy().any())
@@ -176,6 +183,37 @@ class GuardedClientTest(base.TestCase):
             same = all(np.array_equal(b, a) for b, a in zip(before, after))
             self.assertEqual(same, not moved)
 
+    def test_after_the_alarm_a_freezing_guard_applies_no_update(self):
+        for freeze in (True, False):
+            segments = _segments()
+            privacy = ClientPrivacy(
+                hijack_probe_every=2,
+                hijack_warmup=1,
+                hijack_probes=1,
+                hijack_freeze=freeze,
+            )
+            client = Client(segments.client, keras.optimizers.SGD(0.1), privacy=privacy)
+            client.build_optimizer()
+
+            class LabelBlind:  # the same gradient whatever the labels
+                def handle(self, message):
+                    grads = 1e-4 * tf.ones_like(message.tensors[0])
+                    return Message(Kind.GRADIENTS, 0, message.step, (grads,), loss=0.0)
+
+            link = LocalTransport(LabelBlind())
+            x, _ = _images(32, 0)
+            y = np.arange(32, dtype="int64")
+            for s in range(2):  # regular, probe: the alarm goes off
+                client.train_step(link, s, x, y)
+            self.assertEqual(client.privacy.guard.alarm(), 2)
+            before = [v.numpy() for v in client.segment.weights]
+            client.train_step(link, 2, x, y)  # a regular step
+            moved = any(
+                not np.array_equal(b, v.numpy())
+                for b, v in zip(before, client.segment.weights)
+            )
+            self.assertEqual(moved, not freeze)
+
     def test_the_guard_refuses_micro_batched_steps(self):
         client, _ = self._client()
         x, y = _images(8, 0)
@@ -187,12 +225,35 @@ class GuardedClientTest(base.TestCase):
             client.train_step(None, 0, x, y, microbatches=2)
 
 
+class GuardConfigTest(base.TestCase):
+    def test_the_guard_is_refused_where_it_cannot_probe(self):
+        c = fashion_mnist_lenet.get_config()
+        c.privacy.hijack_probe_every = 10
+        c.topology = "vertical"
+        with self.assertRaisesRegex(
+            ValueError,
+            "config.privacy.hijack_probe_every=10 probes the steps of a client "
+            "that holds the labels: use config.topology 'vanilla' or 'ushaped', "
+            "not 'vertical'",
+        ):
+            from_config(c)
+        c.topology = "vanilla"
+        c.train.microbatches = 4
+        with self.assertRaisesRegex(
+            ValueError,
+            "hijack_probe_every=10 probes steps that wait for their gradients",
+        ):
+            from_config(c)
+
+
 class HijackingTest(base.TestCase):
     """The guard against an honest server and against a hijacker."""
 
     def _train(self, hijacker: bool, steps=40):
         segments = _segments()
-        privacy = ClientPrivacy(hijack_probe_every=5, hijack_warmup=20, hijack_probes=3)
+        privacy = ClientPrivacy(  # warns only: the client trains on
+            hijack_probe_every=5, hijack_warmup=20, hijack_probes=3, hijack_freeze=False
+        )
         client = Client(segments.client, keras.optimizers.Adam(0.01), privacy=privacy)
         client.build_optimizer()
         if hijacker:
@@ -215,13 +276,30 @@ class HijackingTest(base.TestCase):
         self.assertGreater(guard.lowest_score(), 1.5)
 
     def test_a_hijacking_server_raises_the_alarm_after_the_first_probes(self):
-        guard, hijacker, client = self._train(hijacker=True)
+        guard, _, _ = self._train(hijacker=True)
         # Probes at steps 20, 25, 30: the alarm is on after the third.
         self.assertEqual(guard.alarm(), 31)
         self.assertLess(guard.score(), 1.5)
-        x, _ = _images(4, 3)
-        reconstruction = hijacker.reconstruct(client.infer(x)[0])
-        self.assertEqual(reconstruction.shape, x.shape)
+
+    def test_the_critic_learns_apart_and_the_client_is_pushed_towards_the_pilot(self):
+        segments = _segments()
+        public, _ = _images(256, 1)
+        hijacker = FeatureSpaceHijacker(segments.client, public, batch_size=64)
+        x, _ = _images(64, 0)
+        z = segments.client(x)
+        pilot = hijacker.pilot(public[:64])
+
+        def gap():  # the critic's score of the pilot's features over the client's
+            critic = hijacker.critic
+            return float(tf.reduce_mean(critic(pilot)) - tf.reduce_mean(critic(z)))
+
+        before = gap()
+        grads, _ = hijacker.step(z)
+        self.assertGreater(gap(), before)  # the critic tells them apart better
+        # A client step down the gradient it receives looks more like the pilot.
+        score = float(tf.reduce_mean(hijacker.critic(z)))
+        moved = float(tf.reduce_mean(hijacker.critic(z - 0.1 * grads / tf.norm(grads))))
+        self.assertGreater(moved, score)
 
     def test_the_hijacker_answers_u_shaped_clients_with_outputs_then_gradients(self):
         segments = cut(_segments_model(), ("conv", "hidden"))

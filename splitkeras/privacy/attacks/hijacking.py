@@ -161,17 +161,18 @@ class FeatureSpaceHijacker:
 
 
 def _fresh_copy(segment, seed: int) -> keras.Model:
-    """The segment's architecture with new weights (Glorot kernels, zero
-    biases): the attacker's pilot network."""
+    """The segment's architecture with new weights: the attacker's pilot
+    network. Kernels are drawn anew (Glorot, from `seed`: a seeded
+    initializer in the layers' configs would repeat the client's); the
+    other weights (biases, batch norm) start as the layers initialize
+    them."""
     pilot = keras.models.clone_model(segment)
     seeds = itertools.count(seed)
-    for weight in pilot.weights:
+    for weight in pilot.trainable_weights:
         if len(weight.shape) >= 2:
             weight.assign(
                 keras.initializers.GlorotUniform(seed=next(seeds))(weight.shape)
             )
-        else:
-            weight.assign(tf.zeros(weight.shape, weight.dtype))
     return pilot
 
 
