@@ -133,8 +133,12 @@ def _write(workdir, config, hijacking, table) -> None:
         "",
         "| defense | test accuracy | dCor | reconstruction SSIM "
         "| model-completion accuracy | norm leak AUC | cosine leak AUC "
-        "| hijacking SSIM, no detector | hijacking SSIM, detector "
-        "| alarm step |",
+        + (
+            f"| hijacking SSIM, frozen at the alarm (step {hijack_steps}) "
+            if freeze
+            else "| hijacking SSIM, no detector "
+        )
+        + "| hijacking SSIM, detector (at the alarm) | alarm step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:

@@ -354,7 +354,9 @@ class AttackTableTest(base.TestCase):
         with open(os.path.join(workdir, "attack_table.json")) as f:
             self.assertEqual(json.load(f)[0]["hijack_alarm_step"], 11)
         with open(os.path.join(workdir, "attack_table.md")) as f:
-            self.assertIn("| no defense | ", f.read())
+            text = f.read()
+        self.assertIn("| hijacking SSIM, no detector | hijacking SSIM, detector", text)
+        self.assertIn("| no defense | ", text)
 
 
 def _segments_model():
