@@ -28,6 +28,7 @@ import copy
 import json
 import os
 
+from splitkeras.privacy.defenses import from_config
 from splitkeras.studies.hijacking import hijack
 from splitkeras.studies.privacy_report import (
     attack_sets,
@@ -68,24 +69,33 @@ def attack_table(
     if config.num_clients != 1 or config.method != "split":
         raise ValueError("the attack table runs single-client splits (method split)")
     chosen = [ROWS[i] for i in (range(len(ROWS)) if rows is None else rows)]
+    configs = []  # (the row's run, its hijacked client), checked before any run
     for name, settings in chosen:
         unknown = sorted(set(settings) - set(config.privacy))
         if unknown:
             raise ValueError(
                 f"row {name!r} sets unknown config.privacy fields {unknown}"
             )
-    os.makedirs(workdir, exist_ok=True)
-    sets = attack_sets(config, aux_examples, eval_examples, known_per_class)
-    table = []
-    for name, settings in chosen:
         c = copy.deepcopy(config)
         c.privacy.update(settings)
-        run_dir = os.path.join(workdir, _slug(name))
-        run = train_and_attack(c, run_dir, sets, decoder_epochs)
-        completion = completion_accuracy(run.sent, sets, c.seed)
         attacked = copy.deepcopy(c)
         attacked.privacy.hijack_probe_every = hijack_probe_every
         attacked.privacy.hijack_freeze = hijack_freeze
+        for checked in (c, attacked):
+            from_config(checked)  # a defense this topology refuses
+        configs.append((c, attacked))
+    os.makedirs(workdir, exist_ok=True)
+    sets = attack_sets(config, aux_examples, eval_examples, known_per_class)
+    table = []
+    for (name, settings), (c, attacked) in zip(chosen, configs):
+        run_dir = os.path.join(workdir, _slug(name))
+        run = train_and_attack(c, run_dir, sets, decoder_epochs)
+        if run.attack is None:
+            raise ValueError(
+                f"the attack table attacks one cut tensor; cut {c.model.cut!r} "
+                "sends several"
+            )
+        completion = completion_accuracy(run.sent, sets, c.seed)
         hijacked = hijack(attacked, sets.arrays, sets.aux, sets.held_out, hijack_steps)
         s = run.summary
         table.append(

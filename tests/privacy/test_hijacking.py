@@ -34,14 +34,7 @@ def _images(n, seed):
 
 
 def _segments():
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(
-        inputs
-    )
-    h = keras.layers.Flatten()(keras.layers.MaxPooling2D(2)(h))
-    outputs = keras.layers.Dense(2, name="logits")(h)
-    return cut(keras.Model(inputs, outputs), "conv")
+    return cut(_model(), "conv")
 
 
 def _loss():
@@ -302,7 +295,7 @@ class HijackingTest(base.TestCase):
         self.assertGreater(moved, score)
 
     def test_the_hijacker_answers_u_shaped_clients_with_outputs_then_gradients(self):
-        segments = cut(_segments_model(), ("conv", "hidden"))
+        segments = cut(_model(hidden=True), ("conv", "hidden"))
         public, _ = _images(64, 1)
         hijacker = FeatureSpaceHijacker(
             segments.client, public, server_segment=segments.server, batch_size=16
@@ -322,6 +315,13 @@ class HijackingTest(base.TestCase):
 
 
 class AttackTableTest(base.TestCase):
+    def test_a_row_the_topology_refuses_stops_the_table_before_any_run(self):
+        c = fashion_mnist_lenet.get_config()  # vanilla: Marvell has no gradients
+        workdir = os.path.join(self.tempdir(), "table")
+        with self.assertRaisesRegex(ValueError, "marvell_strength=0.25 protects"):
+            attack_table(c, workdir, rows=[0, 4])
+        self.assertFalse(os.path.exists(workdir))
+
     def test_a_u_shaped_row_on_tiny_data_writes_every_column(self):
         root = self.tempdir()
         c = fashion_mnist_lenet.get_config()
@@ -359,13 +359,15 @@ class AttackTableTest(base.TestCase):
         self.assertIn("| no defense | ", text)
 
 
-def _segments_model():
+def _model(hidden=False):
+    """conv -> pool -> (hidden ->) logits on 8x8 images, seeded."""
     keras.utils.set_random_seed(1)
     inputs = keras.Input((8, 8, 1))
     h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(
         inputs
     )
     h = keras.layers.Flatten()(keras.layers.MaxPooling2D(2)(h))
-    h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
+    if hidden:  # a U-shaped cut needs a middle
+        h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
     outputs = keras.layers.Dense(2, name="logits")(h)
     return keras.Model(inputs, outputs)
