@@ -383,6 +383,16 @@ def _check_guard(config) -> None:
             f"{where} probes the steps of a client that holds the labels: use "
             f"config.topology 'vanilla' or 'ushaped', not {config.topology!r}"
         )
+    p = config.privacy
+    if p.label_epsilon or p.marvell_strength:
+        # Measured on an honest server (docs/privacy.md): randomized labels
+        # are often wrong already, and Marvell's noise swamps the norms.
+        raise ValueError(
+            f"{where} compares the server's gradients for wrong and right "
+            "labels; beside config.privacy.label_epsilon or marvell_strength "
+            "it raised false alarms on an honest server (docs/privacy.md): "
+            "turn those off or the guard off"
+        )
     train = config.train
     if train.get("microbatches", 1) > 1 or train.get("max_staleness", 0) > 0:
         raise ValueError(

@@ -11,7 +11,8 @@ attacked:
   the server receives (the run's last `label_leak_*` figures; "-" for a
   vanilla split, whose server holds the labels);
 - feature-space hijacking (`studies.hijacking`): a fresh client of the same
-  settings, its hijack guard on, trained for `hijack_steps` steps against
+  settings (but label DP and Marvell, which the guard refuses and the
+  hijacker ignores), its hijack guard on, trained for `hijack_steps` steps against
   a hijacking server that holds the auxiliary inputs: the attacker's SSIM
   on the held-out inputs at the end and at the guard's alarm, and the
   alarm's step. By default the guard only warns (`hijack_freeze` off):
@@ -81,6 +82,11 @@ def attack_table(
         attacked = copy.deepcopy(c)
         attacked.privacy.hijack_probe_every = hijack_probe_every
         attacked.privacy.hijack_freeze = hijack_freeze
+        # The guard is refused beside these; the hijacker ignores labels
+        # and the gradients sent to it, so the hijacked client's steps are
+        # the same without them.
+        attacked.privacy.label_epsilon = 0.0
+        attacked.privacy.marvell_strength = 0.0
         for checked in (c, attacked):
             from_config(checked)  # a defense this topology refuses
         configs.append((c, attacked))
