@@ -135,6 +135,17 @@ class Message:
     def replace(self, **changes) -> Message:
         return dataclasses.replace(self, **changes)
 
+    def answer(self, kind: Kind, tensors=(), loss=None) -> Message:
+        """A step's reply to this message: `kind`, `tensors`, `loss`, to
+        the same client and step."""
+        return Message(
+            kind=kind,
+            client_id=self.client_id,
+            step=self.step,
+            tensors=tuple(tensors),
+            loss=loss,
+        )
+
     def payload(self) -> list:
         """All tensors the message carries, in a fixed order."""
         extra = (self.labels, self.sample_weight, self.loss, self.ids)

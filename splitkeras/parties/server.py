@@ -368,13 +368,7 @@ class Server(SegmentParty):
 
     @staticmethod
     def _reply(message, kind, tensors, loss=None):
-        return Message(
-            kind=kind,
-            client_id=message.client_id,
-            step=message.step,
-            tensors=tuple(tensors),
-            loss=loss,
-        )
+        return message.answer(kind, tensors, loss)
 
 
 def _regularization_share(segment, real, global_batch):

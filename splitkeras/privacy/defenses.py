@@ -55,6 +55,7 @@ import tensorflow as tf
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.hijack_guard import HijackGuard
 from splitkeras.privacy.marvell import marvell_noise
+from splitkeras.privacy.rows import flat_batch
 
 __all__ = [
     "GUARD_TOPOLOGIES",
@@ -81,13 +82,6 @@ class NoPeekTerm(NamedTuple):
     dcor: tf.Tensor
     x_rows: tf.Tensor
     z_rows: tf.Tensor
-
-
-def flat_batch(tensors) -> tf.Tensor:
-    """One [batch, features] float matrix from a tensor or a list of them."""
-    tensors = tf.nest.flatten(tensors)
-    rows = [tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], -1]) for t in tensors]
-    return rows[0] if len(rows) == 1 else tf.concat(rows, axis=1)
 
 
 @dataclasses.dataclass
@@ -323,11 +317,13 @@ class ClientPrivacy:
                 f"marvell_strength={self.marvell_strength:g} needs the labels "
                 "the gradients come from: protect_gradients(gradients, labels)"
             )
-        rows = [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
-        sizes = [tf.shape(r)[1] for r in rows]
-        both = tf.concat([tf.cast(r, tf.float32) for r in rows], axis=1)
+        sizes = [tf.reduce_prod(tf.shape(g)[1:]) for g in gradients]
         noised = marvell_noise(
-            both, labels, self.marvell_strength, self._seeds, num_classes
+            flat_batch(gradients),
+            labels,
+            self.marvell_strength,
+            self._seeds,
+            num_classes,
         )
         parts = tf.split(noised, tf.stack(sizes), axis=1)
         return [

@@ -41,6 +41,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from splitkeras.privacy.rows import flat_batch
+
 __all__ = ["HijackGuard", "hijack_warning"]
 
 
@@ -140,7 +142,7 @@ class HijackGuard:
     def record(self, probe, gradients, rows) -> None:
         """Counts a step with the cut `gradients` it received; `rows`: the
         rotated rows of `labels` (a probe with none is not counted)."""
-        norms = _norms(gradients)
+        norms = tf.norm(flat_batch(gradients), axis=1)  # per example
         probe = tf.logical_and(probe, tf.reduce_any(rows))  # none in a tiny batch
         ratio = _mean(norms, rows) / tf.maximum(_mean(norms, ~rows), 1e-30)
         slot = self.count % self.probes
@@ -183,16 +185,6 @@ class HijackGuard:
         if step is None:
             return []
         return [hijack_warning(step, self.score(), self.threshold, self.probes)]
-
-
-def _norms(gradients) -> tf.Tensor:
-    """Each example's gradient norm (over all tensors), [examples]."""
-    rows = [
-        tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1])
-        for g in tf.nest.flatten(gradients)
-    ]
-    rows = rows[0] if len(rows) == 1 else tf.concat(rows, axis=1)
-    return tf.norm(rows, axis=1)
 
 
 def _mean(values, rows) -> tf.Tensor:

@@ -100,17 +100,17 @@ class FeatureSpaceHijacker:
             if self._pending is None:
                 raise ValueError("OUTPUT_GRADIENTS before any TRAIN message")
             pending, self._pending = self._pending, None
-            return _reply(message, Kind.GRADIENTS, [pending])
+            return message.answer(Kind.GRADIENTS, [pending])
         cut = message.tensors[0]
         if message.kind != Kind.TRAIN:  # EVALUATE / PREDICT: nothing learnt
             if self.server_segment is None:
-                return _reply(message, Kind.ACK, (), loss=tf.constant(0.0))
-            return _reply(message, Kind.SERVER_OUTPUT, self._outputs(cut))
+                return message.answer(Kind.ACK, (), loss=tf.constant(0.0))
+            return message.answer(Kind.SERVER_OUTPUT, self._outputs(cut))
         gradients, loss = self.step(cut)
         if self.server_segment is None:
-            return _reply(message, Kind.GRADIENTS, [gradients], loss=loss)
+            return message.answer(Kind.GRADIENTS, [gradients], loss=loss)
         self._pending = gradients
-        return _reply(message, Kind.SERVER_OUTPUT, self._outputs(cut))
+        return message.answer(Kind.SERVER_OUTPUT, self._outputs(cut))
 
     def step(self, cut):
         """One attack step on the client's `cut`: the autoencoder and the
@@ -196,13 +196,3 @@ def _critic(activation_shape, width: int, seed: int) -> keras.Model:
     y = keras.layers.LeakyReLU(0.2)(y)
     outputs = keras.layers.Dense(1, kernel_initializer=init())(y)
     return keras.Model(inputs, outputs, name="critic")
-
-
-def _reply(message, kind, tensors, loss=None) -> Message:
-    return Message(
-        kind=kind,
-        client_id=message.client_id,
-        step=message.step,
-        tensors=tuple(tensors),
-        loss=loss,
-    )
