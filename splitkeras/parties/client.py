@@ -151,7 +151,9 @@ class Client:
             leak = forward.tape.gradient(
                 forward.nopeek.dcor, head_vars, output_gradients=seed
             )
-            head_grads = self.privacy.nopeek_gradients(head_grads, leak)
+            head_grads = self.privacy.nopeek_gradients(
+                head_grads, leak, forward.nopeek.dcor
+            )
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
         apply_gradients(

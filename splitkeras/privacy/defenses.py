@@ -14,7 +14,9 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
     of dCor's gradient: it moves the client from the first steps (dCor's
     gradient is tiny on the plateau near 1), and it stops when the task
     gradient does (a client whose output went constant gets no further
-    push).
+    push). With `nopeek_target` set, a step whose dCor estimate is at or
+    below the target gets no privacy part: the client stops pushing there
+    and the task takes the rest of the budget.
   - "loss" (the paper's): `nopeek_alpha` x dCor joins the segment's
     regularization, so the update is the task gradient plus alpha times
     the dCor gradient.
@@ -95,6 +97,10 @@ class ClientPrivacy:
       nopeek_step: "normalized" or "loss" (see the module docstring).
       nopeek_window: rows of earlier batches that join each batch's dCor
         estimate (0: the batch alone).
+      nopeek_target: the dCor NoPeek aims for (0: none, NoPeek always
+        pushes): a normalized step gets its privacy part only while the
+        step's dCor estimate (batch and window) is above it, so the client
+        stops at the target and the task takes the rest of the budget.
       activation_noise: standard deviation of the Gaussian noise added to
         the cut tensors the client sends (0: off).
       gradient_max_norm: U-shaped: per-example L2 bound on the output
@@ -114,6 +120,7 @@ class ClientPrivacy:
     nopeek_alpha: float = 0.0
     nopeek_step: str = "normalized"
     nopeek_window: int = 256
+    nopeek_target: float = 0.0
     activation_noise: float = 0.0
     gradient_max_norm: float = 0.0
     gradient_noise: float = 0.0
@@ -143,6 +150,17 @@ class ClientPrivacy:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.nopeek_target < 1:
+            raise ValueError(
+                f"nopeek_target is a distance correlation in [0, 1), got "
+                f"{self.nopeek_target}"
+            )
+        if self.nopeek_target and self.nopeek_step != "normalized":
+            raise ValueError(
+                f"nopeek_target={self.nopeek_target:g} gates the normalized "
+                f"step's privacy part: set nopeek_step='normalized', not "
+                f"{self.nopeek_step!r}"
+            )
         self._seeds = keras.random.SeedGenerator(self.seed)
         self._memory = None  # (x rows, z rows, rows filled), made at first use
         self.guard = None
@@ -203,13 +221,15 @@ class ClientPrivacy:
             reg = weighted if reg is None else reg + tf.cast(weighted, reg.dtype)
         return self.noised(cut), reg, term
 
-    def nopeek_gradients(self, task, leak) -> list:
+    def nopeek_gradients(self, task, leak, dcor=None) -> list:
         """The client's gradients with the normalized NoPeek step.
 
         Args:
           task: the task's gradients of the client's variables (None for a
             variable the task does not reach).
           leak: dCor's gradients of the same variables.
+          dcor: the step's dCor estimate; with `nopeek_target` set, no
+            privacy part is added unless it is above the target.
 
         Returns:
           task + s * leak', where leak' is `leak` without its component
@@ -236,6 +256,9 @@ class ClientPrivacy:
             self.nopeek_alpha * tf.sqrt(t_sq) / tf.sqrt(_nonzero(l_sq)),
             0.0,
         )
+        if self.nopeek_target and dcor is not None:
+            above = tf.cast(dcor > self.nopeek_target, scale.dtype)
+            scale = scale * above
         for i in both:
             task[i] = task[i] + scale * leak[i]
         return task
@@ -356,6 +379,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         nopeek_alpha=float(p.nopeek_alpha),
         nopeek_step=str(p.nopeek_step),
         nopeek_window=int(p.nopeek_window),
+        nopeek_target=float(p.nopeek_target),
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),

@@ -108,6 +108,40 @@ class DefensesTest(base.TestCase):
         _, before, after = self._update(ClientPrivacy(nopeek_alpha=5.0))
         self.assertWeightsClose(after, before, atol=0.0)
 
+    def test_target_gates_the_privacy_part_on_the_steps_dcor(self):
+        # The step's dCor (no window), on the same fresh client.
+        cut = _client(None).segment(self.x, training=True)
+        dcor = float(distance_correlation(flat_batch(self.x), flat_batch(cut)))
+        task, _ = self._task_and_leak(self.g)
+        _, before, free = self._update(ClientPrivacy(nopeek_alpha=0.7, nopeek_window=0))
+        below = ClientPrivacy(nopeek_alpha=0.7, nopeek_window=0, nopeek_target=0.1)
+        above = ClientPrivacy(
+            nopeek_alpha=0.7, nopeek_window=0, nopeek_target=min(dcor + 0.01, 0.999)
+        )
+        self.assertLess(0.1, dcor)
+        # dCor above the target: the same step as without one.
+        self.assertWeightsClose(self._update(below)[2], free, atol=1e-6)
+        # At or below it: the task's step alone (SGD(1.0)).
+        _, _, held = self._update(above)
+        for w0, w1, t in zip(before, held, task):
+            np.testing.assert_allclose(w0 - w1, t, atol=1e-6)
+        self.assertGreater(
+            max(float(np.max(np.abs(a - b))) for a, b in zip(free, held)), 1e-4
+        )
+
+    def test_target_outside_0_1_or_with_the_loss_step_is_refused(self):
+        with self.assertRaisesRegex(
+            ValueError,
+            r"^nopeek_target is a distance correlation in \[0, 1\), got 1.0$",
+        ):
+            ClientPrivacy(nopeek_alpha=1.0, nopeek_target=1.0)
+        with self.assertRaisesRegex(
+            ValueError,
+            "^nopeek_target=0.5 gates the normalized step's privacy part: set "
+            "nopeek_step='normalized', not 'loss'$",
+        ):
+            ClientPrivacy(nopeek_alpha=1.0, nopeek_step="loss", nopeek_target=0.5)
+
     def test_window_holds_the_last_rows_of_applied_steps(self):
         privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
         client = _client(privacy)
