@@ -1,12 +1,14 @@
 r"""The privacy report: accuracy vs dCor leakage vs reconstruction vs label
-inference by model completion, per defense.
+inference by model completion, per defense and cut, and the accuracy-dCor
+Pareto frontier over cuts, settings and epochs.
 
   splitkeras privacy-report --config=fashion_mnist_lenet \
       --workdir=workdirs/privacy --config.train.epochs=3 \
-      [--alphas=0,0.01,0.1,0.5,1 --noises=0.5,1]
+      [--alphas=0,0.01,0.1,0.5,1 --noises=0.5,1] [--cuts=pool1,pool2,fc1]
 
-Writes workdir/report.md, report.json, report.png and, per setting, the run's
-workdir with a reconstructions.png grid (see splitkeras/studies/privacy_report.py).
+Writes workdir/report.md (the table and the frontier), report.json,
+report.png, pareto.png and, per run, its workdir with a reconstructions.png
+grid (see splitkeras/studies/privacy_report.py).
 """
 
 import os
@@ -23,6 +25,11 @@ _ALPHAS = flags.DEFINE_list(
     "alphas", ["0", "0.01", "0.1", "0.5", "1"], "NoPeek alphas."
 )
 _NOISES = flags.DEFINE_list("noises", ["0.5", "1"], "Activation noise std values.")
+_CUTS = flags.DEFINE_list(
+    "cuts",
+    [],
+    "Cut points to compare (vanilla splits); none: the config's model.cut.",
+)
 _KNOWN = flags.DEFINE_integer(
     "known_per_class", 4, "Labelled examples per class for model completion."
 )
@@ -36,6 +43,7 @@ def main(argv):
         _WORKDIR.value,
         alphas=[float(a) for a in _ALPHAS.value if a],
         noises=[float(s) for s in _NOISES.value if s],
+        cuts=[c for c in _CUTS.value if c],
         **attack_kwargs(),
         known_per_class=_KNOWN.value,
     )

@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 
+from splitkeras.studies.pareto import nondominated
+
 __all__ = [
     "BUDGETS",
     "CutRow",
@@ -177,34 +179,11 @@ def litert_latency_ms(
     return 1000.0 * statistics.median(times)
 
 
-def _worse(a: float, b: float) -> bool:
-    """a > b, NaN counting as the worst value."""
-    if math.isnan(a):
-        return not math.isnan(b)
-    return not math.isnan(b) and a > b
-
-
 def pareto(rows, keys=("dcor", "bytes_up")) -> list[str]:
-    """The cuts no other row dominates on `keys` (all minimized), in order.
-
-    A row is dominated by another that is no worse on every key and better
-    on one; rows with equal values do not dominate each other. NaN is the
-    worst value.
-    """
-    front = []
-    for r in rows:
-        a = [getattr(r, k) for k in keys]
-        dominated = False
-        for o in rows:
-            b = [getattr(o, k) for k in keys]
-            no_worse = all(not _worse(y, x) for x, y in zip(a, b))
-            better = any(_worse(x, y) for x, y in zip(a, b))
-            if o is not r and no_worse and better:
-                dominated = True
-                break
-        if not dominated:
-            front.append(r.cut)
-    return front
+    """The cuts no other row dominates on `keys` (all minimized), in order;
+    equal rows do not dominate each other, NaN is the worst value."""
+    front = nondominated(rows, lambda r: [getattr(r, k) for k in keys])
+    return [r.cut for r in front]
 
 
 def _meets(value: float, limit: float) -> bool:

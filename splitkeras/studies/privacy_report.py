@@ -1,8 +1,10 @@
-"""The privacy report: accuracy against measured leakage, per defense setting.
+"""The privacy report: accuracy against measured leakage, per defense setting
+and cut point.
 
-For each setting (NoPeek alpha, or Gaussian noise on the activations) it
-trains the config's split with `experiment.train_and_evaluate`, then
-measures what the server could learn from the trained client segment:
+For each cut (the config's, or several given) and each setting (NoPeek
+alpha, or Gaussian noise on the activations) it trains the config's split
+with `experiment.train_and_evaluate`, then measures what the server could
+learn from the trained client segment:
 
 - `leakage_dcor`: dCor(raw inputs, sent activations) on the fixed
   evaluation set (see `splitkeras.privacy.leakage`);
@@ -19,7 +21,10 @@ measures what the server could learn from the trained client segment:
   information in the cut output.
 
 It writes `report.md` (a table), `report.json` and `report.png` (test
-accuracy and reconstruction SSIM against dCor leakage) in the workdir.
+accuracy and reconstruction SSIM against dCor leakage) in the workdir, and
+the accuracy-dCor Pareto frontier over every run's epochs (`frontier`: each
+epoch's test accuracy and dCor leakage, from the run's validation figures in
+TensorBoard) in `report.md`, `report.json` and `pareto.png`.
 """
 
 from __future__ import annotations
@@ -45,12 +50,14 @@ from splitkeras.privacy.attacks.reconstruction import (
     save_grid,
 )
 from splitkeras.privacy.defenses import from_config
+from splitkeras.studies.pareto import epoch_figures, nondominated
 
 __all__ = [
     "AttackSets",
     "AttackedRun",
     "attack_sets",
     "completion_accuracy",
+    "frontier",
     "images_of",
     "privacy_report",
     "restore_client_segment",
@@ -162,8 +169,9 @@ def train_and_attack(
     return AttackedRun(summary, segment, sent, attack)
 
 
-def _name(setting) -> str:
-    return f"alpha{setting['nopeek_alpha']:g}_noise{setting['activation_noise']:g}"
+def _name(setting, cut_spec=None) -> str:
+    name = f"alpha{setting['nopeek_alpha']:g}_noise{setting['activation_noise']:g}"
+    return name if cut_spec is None else f"cut_{cut_spec}_{name}".replace(",", "_")
 
 
 def privacy_report(
@@ -171,42 +179,84 @@ def privacy_report(
     workdir: str,
     alphas=(0.0, 0.01, 0.1, 0.5, 1.0),
     noises=(0.5, 1.0),
+    cuts=(),
     aux_examples: int = 1000,
     eval_examples: int = 512,
     decoder_epochs: int = 20,
     known_per_class: int = 4,
 ) -> list[dict]:
-    """Trains and attacks one run per setting; writes the report; returns rows."""
+    """Trains and attacks one run per cut and setting; writes the report and
+    the accuracy-dCor Pareto frontier over cuts, settings and epochs; returns
+    the rows. `cuts`: the cut points to compare (empty: the config's)."""
     if config.num_clients != 1 or config.method != "split":
         raise ValueError("the privacy report runs single-client splits (method split)")
+    if cuts and config.topology != "vanilla":
+        raise ValueError(
+            f"cuts compares single cut points of vanilla splits; for "
+            f"config.topology={config.topology!r} set config.model.cut and "
+            "leave cuts empty"
+        )
+    cuts = list(cuts) or [config.model.cut]
     os.makedirs(workdir, exist_ok=True)
     sets = attack_sets(config, aux_examples, eval_examples, known_per_class)
     rows = []
-    for setting in settings(alphas, noises):
-        c = copy.deepcopy(config)
-        c.privacy.nopeek_alpha = setting["nopeek_alpha"]
-        c.privacy.activation_noise = setting["activation_noise"]
-        run_dir = os.path.join(workdir, _name(setting))
-        run = train_and_attack(c, run_dir, sets, decoder_epochs)
-        if run.attack is None:
-            raise ValueError(
-                f"the privacy report attacks one cut tensor; cut "
-                f"{c.model.cut!r} sends several"
+    for cut_spec in cuts:
+        for setting in settings(alphas, noises):
+            c = copy.deepcopy(config)
+            c.model.cut = cut_spec
+            c.privacy.nopeek_alpha = setting["nopeek_alpha"]
+            c.privacy.activation_noise = setting["activation_noise"]
+            run_dir = os.path.join(
+                workdir, _name(setting, cut_spec if len(cuts) > 1 else None)
             )
-        summary, attack = run.summary, run.attack
-        completion = completion_accuracy(run.sent, sets, c.seed)
-        rows.append(
-            {
-                **setting,
-                "test_accuracy": summary["test_accuracy"],
-                "leakage_dcor": summary["leakage_dcor"],
-                "reconstruction_mse": attack["mse"],
-                "reconstruction_ssim": attack["ssim"],
-                "completion_accuracy": completion,
-            }
-        )
-        _write(workdir, config, rows)
+            run = train_and_attack(c, run_dir, sets, decoder_epochs)
+            if run.attack is None:
+                raise ValueError(
+                    f"the privacy report attacks one cut tensor; cut "
+                    f"{c.model.cut!r} sends several"
+                )
+            summary, attack = run.summary, run.attack
+            completion = completion_accuracy(run.sent, sets, c.seed)
+            figures = epoch_figures(run_dir, ("accuracy", "leakage_dcor"))
+            rows.append(
+                {
+                    "cut": cut_spec,
+                    **setting,
+                    "test_accuracy": summary["test_accuracy"],
+                    "leakage_dcor": summary["leakage_dcor"],
+                    "reconstruction_mse": attack["mse"],
+                    "reconstruction_ssim": attack["ssim"],
+                    "completion_accuracy": completion,
+                    "epochs": {
+                        str(epoch): {
+                            "test_accuracy": f["accuracy"],
+                            "leakage_dcor": f["leakage_dcor"],
+                        }
+                        for epoch, f in figures.items()
+                    },
+                }
+            )
+            _write(workdir, config, rows)
     return rows
+
+
+def frontier(rows) -> list[dict]:
+    """The accuracy-dCor Pareto frontier over every row's epochs: the points
+    (cut, setting, epoch) that no other point beats on both test accuracy
+    (higher) and dCor leakage (lower), by dCor."""
+    points = [
+        {
+            "cut": r["cut"],
+            "nopeek_alpha": r["nopeek_alpha"],
+            "activation_noise": r["activation_noise"],
+            "epoch": int(epoch),
+            **figures,
+        }
+        for r in rows
+        for epoch, figures in r["epochs"].items()
+    ]
+    front = nondominated(points, lambda p: (-p["test_accuracy"], p["leakage_dcor"]))
+    return sorted(front, key=lambda p: (p["leakage_dcor"], -p["test_accuracy"]))
 
 
 def images_of(x, y):
@@ -216,32 +266,52 @@ def images_of(x, y):
 
 
 def _write(workdir, config, rows):
+    front = frontier(rows)
     with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    base = rows[0]
+        json.dump({"rows": rows, "pareto": front}, f, indent=2)
+    cuts = list(dict.fromkeys(r["cut"] for r in rows))
     lines = [
-        f"Model {config.model.name} cut at {config.model.cut}, "
+        f"Model {config.model.name} cut at {', '.join(cuts)}, "
         f"{config.train.epochs} epochs, seed {config.seed}; leakage on the first "
-        f"{config.privacy.leakage_examples} test examples.",
+        f"{config.privacy.leakage_examples} test examples; each change is "
+        "against the first row of the same cut.",
         "",
-        "| NoPeek alpha | activation noise | test accuracy | vs first row (points) "
-        "| dCor leakage | vs first row | reconstruction MSE | reconstruction SSIM "
+        "| cut | NoPeek alpha | activation noise | test accuracy | change (points) "
+        "| dCor leakage | change | reconstruction MSE | reconstruction SSIM "
         "| model-completion label accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        base = next(b for b in rows if b["cut"] == r["cut"])
         change = r["leakage_dcor"] / base["leakage_dcor"] - 1
         lines.append(
-            f"| {r['nopeek_alpha']:g} | {r['activation_noise']:g} | "
+            f"| {r['cut']} | {r['nopeek_alpha']:g} | {r['activation_noise']:g} | "
             f"{r['test_accuracy']:.4f} | "
             f"{100 * (r['test_accuracy'] - base['test_accuracy']):+.2f} | "
             f"{r['leakage_dcor']:.3f} | {100 * change:+.0f}% | "
             f"{r['reconstruction_mse']:.4f} | {r['reconstruction_ssim']:.3f} | "
             f"{r['completion_accuracy']:.3f} |"
         )
+    points = sum(len(r["epochs"]) for r in rows)
+    lines += [
+        "",
+        f"Pareto frontier: of the {points} (cut, setting, epoch) points, those "
+        "no other beats on both test accuracy after that epoch and dCor "
+        "leakage (pareto.png).",
+        "",
+        "| cut | NoPeek alpha | activation noise | epoch | test accuracy "
+        "| dCor leakage |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {p['cut']} | {p['nopeek_alpha']:g} | {p['activation_noise']:g} | "
+        f"{p['epoch']} | {p['test_accuracy']:.4f} | {p['leakage_dcor']:.3f} |"
+        for p in front
+    ]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(workdir, rows)
+    _plot_frontier(workdir, rows, front)
 
 
 def _plot(workdir, rows):
@@ -273,4 +343,46 @@ def _plot(workdir, rows):
     fig.suptitle("NoPeek (circles) and activation noise (squares)")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "report.png"), dpi=120)
+    plt.close(fig)
+
+
+def _plot_frontier(workdir, rows, front):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n, cut_spec in enumerate(dict.fromkeys(r["cut"] for r in rows)):
+        points = [
+            (f["leakage_dcor"], f["test_accuracy"])
+            for r in rows
+            if r["cut"] == cut_spec
+            for f in r["epochs"].values()
+        ]
+        ax.scatter(*zip(*points), s=14, alpha=0.5, color=f"C{n}", label=cut_spec)
+    ax.step(
+        [p["leakage_dcor"] for p in front],
+        [p["test_accuracy"] for p in front],
+        where="post",
+        color="k",
+        label="frontier",
+    )
+    for p in front:
+        label = (
+            f"a{p['nopeek_alpha']:g} e{p['epoch']}"
+            if not p["activation_noise"]
+            else f"n{p['activation_noise']:g} e{p['epoch']}"
+        )
+        ax.annotate(label, (p["leakage_dcor"], p["test_accuracy"]), fontsize=7)
+    ax.set(
+        xlabel="dCor(raw input, sent activations)",
+        ylabel="test accuracy after the epoch",
+        title="Every cut, setting and epoch (a: NoPeek alpha, n: noise, e: epoch)",
+    )
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "pareto.png"), dpi=120)
     plt.close(fig)
