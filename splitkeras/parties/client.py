@@ -340,7 +340,11 @@ class Client:
         return self.tail(outputs, training=False)
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
-        """The client's own state: its segments and optimizer (+ `extra`)."""
+        """The client's own state: its segments and optimizer, its hijack
+        guard's state if it has one (+ `extra`)."""
+        guard = None if self.privacy is None else self.privacy.guard
+        if guard is not None:
+            extra["hijack_guard"] = tf.train.Checkpoint(**guard.trackables())
         return party_checkpoint([self.segment, self.tail], self.optimizer, **extra)
 
 

@@ -60,9 +60,10 @@ def hijack_warning(step: int, score: float, threshold: float, probes: int) -> st
 class HijackGuard:
     """Probes the server with rotated labels (see the module docstring).
 
-    Its state (probes, scores, the alarm) lives in this process: it is not
-    checkpointed or handed on, so a resumed client probes afresh after its
-    warm-up.
+    Its state (steps, probes, scores, the alarm) is checkpointed with the
+    client (`trackables`), so a resumed client keeps its schedule, its
+    score and an alarm that went off; it is this client's own and is not
+    handed on to the next client of a round robin.
 
     Args:
       probe_every: a probe every this many steps after the warm-up (>= 2).
@@ -111,6 +112,16 @@ class HijackGuard:
             # The lowest score of `probes` probes so far (how close an honest
             # server came to the threshold).
             self.lowest = tf.Variable(float("inf"), trainable=False)
+
+    def trackables(self) -> dict:
+        """The guard's variables by name, for the client's checkpoint."""
+        return {
+            "steps": self.steps,
+            "ratios": self.ratios,
+            "count": self.count,
+            "alarm_step": self.alarm_step,
+            "lowest": self.lowest,
+        }
 
     def is_probe(self) -> tf.Tensor:
         """Whether the coming step is a probe (a boolean tensor)."""

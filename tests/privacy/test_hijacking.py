@@ -207,6 +207,43 @@ class GuardedClientTest(base.TestCase):
             )
             self.assertEqual(moved, not freeze)
 
+    def test_a_resumed_client_keeps_its_guard_state_and_alarm(self):
+        def guarded():
+            segments = _segments()
+            privacy = ClientPrivacy(
+                hijack_probe_every=2, hijack_warmup=1, hijack_probes=1
+            )
+            client = Client(segments.client, keras.optimizers.SGD(0.1), privacy=privacy)
+            client.build_optimizer()
+            return client
+
+        class LabelBlind:
+            def handle(self, message):
+                grads = 1e-4 * tf.ones_like(message.tensors[0])
+                return Message(Kind.GRADIENTS, 0, message.step, (grads,), loss=0.0)
+
+        link = LocalTransport(LabelBlind())
+        x, _ = _images(32, 0)
+        y = np.arange(32, dtype="int64")
+        client = guarded()
+        for s in range(2):  # regular, probe: the alarm goes off
+            client.train_step(link, s, x, y)
+        guard = client.privacy.guard
+        self.assertEqual(guard.alarm(), 2)
+        path = client.checkpoint().save(os.path.join(self.tempdir(), "ckpt"))
+        resumed = guarded()
+        self.assertIsNone(resumed.privacy.guard.alarm())
+        resumed.checkpoint().restore(path).assert_consumed()
+        again = resumed.privacy.guard
+        self.assertEqual(again.alarm(), 2)
+        self.assertEqual(again.score(), guard.score())
+        self.assertEqual(again.lowest_score(), guard.lowest_score())
+        self.assertEqual(int(again.steps), 2)
+        # Still frozen: a regular step applies nothing.
+        before = [v.numpy() for v in resumed.segment.weights]
+        resumed.train_step(link, 2, x, y)
+        self.assertWeightsClose([v.numpy() for v in resumed.segment.weights], before, 0)
+
     def test_the_guard_refuses_micro_batched_steps(self):
         client, _ = self._client()
         x, y = _images(8, 0)
