@@ -106,3 +106,16 @@ class ReportTest(base.TestCase):
             )
         with open(os.path.join(workdir, "pareto.png"), "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_cuts_of_a_u_shaped_config_are_refused_before_any_run(self):
+        c = fashion_mnist_lenet.get_config()
+        c.topology = "ushaped"
+        c.model.cut = "pool1,fc2"
+        workdir = os.path.join(self.tempdir(), "report")
+        with self.assertRaisesRegex(
+            ValueError,
+            "^cuts compares single cut points of vanilla splits; for "
+            "config.topology='ushaped' set config.model.cut and leave cuts empty$",
+        ):
+            privacy_report(c, workdir, cuts=["pool1", "fc1"])
+        self.assertFalse(os.path.exists(workdir))
