@@ -94,6 +94,9 @@ class InProcess(RunnerProcess):
         # What one client has computed so far (seed: accuracy vs client FLOPs).
         return {"client_tflops": (epoch + 1) * self.client_flops / 1e12}
 
+    def attacks(self, workdir, step) -> dict:
+        return self.leakage.reconstruction(self.schedule, workdir, step)
+
     def byte_counts(self) -> dict:
         counts = dict(self.schedule.byte_counts())
         if self.alignment is not None:

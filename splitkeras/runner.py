@@ -115,6 +115,12 @@ class RunnerProcess:
         """The round's training figures so far, for progress lines."""
         return {}
 
+    def attacks(self, workdir: str, step: int) -> dict:
+        """At the end: attacks on the trained parties, written under
+        `workdir` at `step`; their figures for the summary."""
+        del workdir, step
+        return {}
+
     def round_scalars(self, epoch: int) -> dict:
         """More TensorBoard scalars of a finished round (e.g. client FLOPs)."""
         return {}
@@ -297,6 +303,7 @@ class Runner:
             "steps": int(self.loop.step),
             "wall_seconds": float(self.loop.wall_seconds),
             **self.process.summary(self.last_validation),
+            **self.process.attacks(self.workdir, int(self.loop.step)),
         }
         with open(os.path.join(self.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)

@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from splitkeras import data as data_lib
 from splitkeras.privacy.attacks.label_leakage import label_leakage
+from splitkeras.privacy.attacks.reconstruction import reconstruction_report
 from splitkeras.privacy.defenses import flat_batch, from_config
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.label_dp import training_labels
@@ -44,6 +45,7 @@ __all__ = [
     "attach_privacy",
     "clients_of",
     "guard_report",
+    "images_of",
     "privacy_warnings",
 ]
 
@@ -175,6 +177,18 @@ class Leakage:
             self.y_trained = training_labels(
                 config, self.y.numpy(), int(arrays.num_classes), party=_NOT_A_PARTY
             )
+        # The reconstruction attack at the end of the run (opt-in): a decoder
+        # trained on the first training examples' cut outputs, measured on
+        # the test examples after the fixed set.
+        self.aux = self.held_out = None
+        m = int(config.privacy.reconstruction_examples)
+        held_out = arrays.x_test[n : 2 * n] if self.enabled else ()
+        if m and len(held_out) and not self.vertical and hasattr(arrays, "x_train"):
+            m = min(m, len(arrays.x_train))
+            self.aux = images_of(arrays.x_train[:m], arrays.y_train[:m])
+            self.held_out = images_of(held_out, arrays.y_test[n : 2 * n])
+        self._decoder_epochs = int(config.privacy.reconstruction_epochs)
+        self._seed = int(config.seed)
         # Per-example gradients at the scale of a training batch's mean loss.
         self._batch_size = int(config.train.batch_size)
         self._noises = {}  # per client id: a copy of its activation noise
@@ -227,19 +241,51 @@ class Leakage:
             logs.update(self._label_leakage(client, server.segment, cut))
         return logs
 
+    def reconstruction(self, trainer, run_dir: str, step: int) -> dict:
+        """With `config.privacy.reconstruction_examples` set: the
+        reconstruction attack on the newest client as the run ends (what
+        its server receives; `reconstruction_report` writes the grid and
+        figures under `run_dir`): {"reconstruction_ssim", "reconstruction_mse"},
+        or {} (off, vertical, several cut tensors)."""
+        client = _newest_client(trainer) if self.aux is not None else None
+        if client is None or len(client.segment.outputs) != 1:
+            return {}
+
+        def sent(x, training=False):
+            return self._as_sent(client, flat(client.segment(x, training=training)))[0]
+
+        attack = reconstruction_report(
+            sent,
+            self.aux,
+            self.held_out,
+            run_dir,
+            step,
+            epochs=self._decoder_epochs,
+            seed=self._seed,
+        )
+        return {
+            "reconstruction_ssim": attack["ssim"],
+            "reconstruction_mse": attack["mse"],
+        }
+
+    def _as_sent(self, client, cut) -> tuple:
+        """`client`'s cut tensors as its server would see them: with its
+        activation noise, from a generator of its own so that measuring does
+        not shift the training noise."""
+        if client.privacy is None or not client.privacy.activation_noise:
+            return tuple(cut)
+        if client.client_id not in self._noises:
+            self._noises[client.client_id] = dataclasses.replace(
+                client.privacy, seed=client.privacy.seed + 7919
+            )
+        return self._noises[client.client_id].noised(cut)
+
     def _dcor(self, client, x=None):
         """(leakage_dcor, the cut tensors as sent, the clean cut tensors) of
         `client` on `x` (default: the fixed examples)."""
         x = self.x if x is None else x
-        cut = clean = flat(client.segment(x, training=False))
-        if client.privacy is not None and client.privacy.activation_noise:
-            # The noise the server would see, from a generator of its own so
-            # that measuring does not shift the training noise.
-            if client.client_id not in self._noises:
-                self._noises[client.client_id] = dataclasses.replace(
-                    client.privacy, seed=client.privacy.seed + 7919
-                )
-            cut = self._noises[client.client_id].noised(cut)
+        clean = flat(client.segment(x, training=False))
+        cut = self._as_sent(client, clean)
         value = distance_correlation(flat_batch(x), flat_batch(cut))
         return float(value), cut, clean
 
@@ -302,3 +348,8 @@ class Leakage:
             )
         aucs = label_leakage(flat_batch(grads).numpy(), np.equal(self.y, 0))
         return {f"label_leak_{k}": float(v) for k, v in aucs.items()}
+
+
+def images_of(x, y):
+    """The inputs x as the input pipeline gives them (floats, scaled)."""
+    return next(iter(data_lib.eval_dataset(x, y, len(x))))[0].numpy()

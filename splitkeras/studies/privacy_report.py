@@ -44,12 +44,9 @@ from splitkeras.privacy.attacks.model_completion import (
     known_examples,
     model_completion_attack,
 )
-from splitkeras.privacy.attacks.reconstruction import (
-    grid_image,
-    reconstruction_attack,
-    save_grid,
-)
+from splitkeras.privacy.attacks.reconstruction import reconstruction_report
 from splitkeras.privacy.defenses import from_config
+from splitkeras.privacy.leakage import images_of
 from splitkeras.studies.pareto import epoch_figures, nondominated
 
 __all__ = [
@@ -146,26 +143,21 @@ def train_and_attack(
     segment and attacks what the server receives: a decoder trained on the
     `sets.aux` inputs' activations, measured on `sets.held_out` (MSE, SSIM),
     and `reconstructions.png` in `run_dir`."""
-    held_out = sets.held_out
     summary = experiment.train_and_evaluate(config, run_dir)
     segment = restore_client_segment(config, run_dir, sets.arrays)
     sent = _as_sent(segment, from_config(config))
     if len(segment.outputs) != 1:
         return AttackedRun(summary, segment, sent, None)
-    attack = reconstruction_attack(
-        sent, sets.aux, held_out, epochs=decoder_epochs, seed=config.seed
-    )
-    decoded = attack["decoder"].predict(sent(held_out[:8]), verbose=0)
-    save_grid(held_out[:8], decoded, os.path.join(run_dir, "reconstructions.png"))
     # Beside the run's own figures in TensorBoard, at its last step.
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "attacks"))
-    with writer.as_default():
-        step = int(summary.get("steps", 0))
-        grid = grid_image(held_out[:8], decoded)
-        tf.summary.image("reconstructions", grid[None], step=step)
-        tf.summary.scalar("reconstruction_ssim", attack["ssim"], step=step)
-        tf.summary.scalar("reconstruction_mse", attack["mse"], step=step)
-    writer.close()
+    attack = reconstruction_report(
+        sent,
+        sets.aux,
+        sets.held_out,
+        run_dir,
+        int(summary.get("steps", 0)),
+        epochs=decoder_epochs,
+        seed=config.seed,
+    )
     return AttackedRun(summary, segment, sent, attack)
 
 
@@ -257,12 +249,6 @@ def frontier(rows) -> list[dict]:
     ]
     front = nondominated(points, lambda p: (-p["test_accuracy"], p["leakage_dcor"]))
     return sorted(front, key=lambda p: (p["leakage_dcor"], -p["test_accuracy"]))
-
-
-def images_of(x, y):
-    """The images x as the input pipeline gives them (floats, scaled)."""
-    batch = next(iter(data_lib.eval_dataset(x, y, len(x))))[0]
-    return batch.numpy()
 
 
 def _write(workdir, config, rows):

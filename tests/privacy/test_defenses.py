@@ -1,5 +1,6 @@
 """NoPeek, activation noise and label protection inside the client's step."""
 
+import glob
 import json
 import os
 from unittest import mock
@@ -8,13 +9,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitkeras import data as data_lib
 from splitkeras import experiment
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.parties import Client
+from splitkeras.privacy.attacks.reconstruction import reconstruction_attack
 from splitkeras.privacy.defenses import ClientPrivacy, flat_batch
 from splitkeras.privacy.distance_correlation import distance_correlation
-from splitkeras.privacy.leakage import privacy_warnings
+from splitkeras.privacy.leakage import images_of, privacy_warnings
+from splitkeras.studies.privacy_report import restore_client_segment
 from tests import base
 from tests.test_experiment import _write_npz
 
@@ -322,6 +326,54 @@ class PrivacyWarningsTest(base.TestCase):
         self.assertIn("WARNING:splitkeras:Privacy: " + message, logs.output)
         with open(os.path.join(root, "run", "summary.json")) as f:
             self.assertEqual(json.load(f)["privacy_warnings"], [message])
+
+
+class ReconstructionInRunTest(base.TestCase):
+    def test_a_run_ends_with_the_attack_in_tensorboard_and_the_summary(self):
+        root = self.tempdir()
+        c = fashion_mnist_lenet.get_config()
+        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
+        c.train.epochs = 1
+        c.train.batch_size = 64
+        c.privacy.leakage_examples = 16
+        c.privacy.reconstruction_examples = 48
+        c.privacy.reconstruction_epochs = 2
+        run = os.path.join(root, "run")
+        summary = experiment.train_and_evaluate(c, run)
+        # The attack on the trained client: a decoder on the first 48
+        # training examples' cut outputs, scored on test examples 16-31.
+        arrays = data_lib.load(c.data.name, c.data.path, c.data.download)
+        segment = restore_client_segment(c, run, arrays)
+        again = reconstruction_attack(
+            segment,
+            images_of(arrays.x_train[:48], arrays.y_train[:48]),
+            images_of(arrays.x_test[16:32], arrays.y_test[16:32]),
+            epochs=2,
+            seed=c.seed,
+        )
+        self.assertAlmostEqual(summary["reconstruction_ssim"], again["ssim"], 5)
+        self.assertAlmostEqual(summary["reconstruction_mse"], again["mse"], 6)
+        with open(os.path.join(run, "summary.json")) as f:
+            saved = json.load(f)
+        self.assertEqual(saved["reconstruction_ssim"], summary["reconstruction_ssim"])
+        (events,) = glob.glob(os.path.join(run, "attacks", "events*"))
+        tags = {
+            value.tag: event.step
+            for event in tf.compat.v1.train.summary_iterator(events)
+            for value in event.summary.value
+        }
+        steps = summary["steps"]
+        self.assertEqual(steps, 4)  # 256 examples in batches of 64
+        self.assertEqual(
+            tags,
+            {
+                "reconstructions": steps,
+                "reconstruction_ssim": steps,
+                "reconstruction_mse": steps,
+            },
+        )
+        with open(os.path.join(run, "reconstructions.png"), "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
 
 class ColorectalConfigTest(base.TestCase):

@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_reconstruction",
     "grid_image",
     "reconstruction_attack",
+    "reconstruction_report",
     "save_grid",
     "train_decoder",
 ]
@@ -281,3 +282,32 @@ def reconstruction_attack(
         decoder, _activations(client_segment, x_eval, batch_size), x_eval
     )
     return {**scores, "decoder": decoder}
+
+
+def reconstruction_report(
+    client_segment, x_aux, x_eval, run_dir: str, step: int, **train_kwargs
+) -> dict:
+    """`reconstruction_attack`, written beside a run.
+
+    Writes `run_dir/reconstructions.png` (the first 8 of `x_eval` over their
+    reconstructions) and, in TensorBoard under `run_dir/attacks` at `step`,
+    the same grid (`reconstructions`) and `reconstruction_ssim` /
+    `reconstruction_mse`.
+
+    Returns:
+      `reconstruction_attack`'s dict.
+    """
+    attack = reconstruction_attack(client_segment, x_aux, x_eval, **train_kwargs)
+    originals = np.asarray(x_eval[:8], "float32")
+    decoded = attack["decoder"].predict(
+        _activations(client_segment, originals, len(originals)), verbose=0
+    )
+    save_grid(originals, decoded, os.path.join(run_dir, "reconstructions.png"))
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, "attacks"))
+    with writer.as_default():
+        grid = grid_image(originals, decoded)
+        tf.summary.image("reconstructions", grid[None], step=step)
+        tf.summary.scalar("reconstruction_ssim", attack["ssim"], step=step)
+        tf.summary.scalar("reconstruction_mse", attack["mse"], step=step)
+    writer.close()
+    return attack
