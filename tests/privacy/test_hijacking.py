@@ -41,6 +41,14 @@ def _loss():
     return Objective(keras.losses.SparseCategoricalCrossentropy(from_logits=True), [])
 
 
+class _LabelBlind:
+    """A server whose gradients are the same whatever the labels."""
+
+    def handle(self, message):
+        grads = 1e-4 * tf.ones_like(message.tensors[0])
+        return Message(Kind.GRADIENTS, 0, message.step, (grads,), loss=0.0)
+
+
 class GuardTest(base.TestCase):
     def _guard(self):
         return HijackGuard(probe_every=3, warmup=2, threshold=1.5, probes=2)
@@ -187,13 +195,7 @@ class GuardedClientTest(base.TestCase):
             )
             client = Client(segments.client, keras.optimizers.SGD(0.1), privacy=privacy)
             client.build_optimizer()
-
-            class LabelBlind:  # the same gradient whatever the labels
-                def handle(self, message):
-                    grads = 1e-4 * tf.ones_like(message.tensors[0])
-                    return Message(Kind.GRADIENTS, 0, message.step, (grads,), loss=0.0)
-
-            link = LocalTransport(LabelBlind())
+            link = LocalTransport(_LabelBlind())
             x, _ = _images(32, 0)
             y = np.arange(32, dtype="int64")
             for s in range(2):  # regular, probe: the alarm goes off
@@ -217,12 +219,7 @@ class GuardedClientTest(base.TestCase):
             client.build_optimizer()
             return client
 
-        class LabelBlind:
-            def handle(self, message):
-                grads = 1e-4 * tf.ones_like(message.tensors[0])
-                return Message(Kind.GRADIENTS, 0, message.step, (grads,), loss=0.0)
-
-        link = LocalTransport(LabelBlind())
+        link = LocalTransport(_LabelBlind())
         x, _ = _images(32, 0)
         y = np.arange(32, dtype="int64")
         client = guarded()
