@@ -6,7 +6,9 @@ attacked:
 
 - reconstruction by an honest-but-curious server (a decoder trained on the
   auxiliary inputs' activations): SSIM on held-out inputs;
-- label inference by model completion (Fu et al.) on what the client sends;
+- label inference by model completion (Fu et al.) on what the client
+  sends, and (U-shaped) on the server's own bottom part: what the client
+  sends through the server's trained middle segment;
 - U-shaped: Li et al.'s norm and cosine leak AUCs of the output gradients
   the server receives (the run's last `label_leak_*` figures; "-" for a
   vanilla split, whose server holds the labels);
@@ -34,6 +36,7 @@ from splitkeras.studies.hijacking import hijack
 from splitkeras.studies.privacy_report import (
     attack_sets,
     completion_accuracy,
+    restore_server_segment,
     train_and_attack,
 )
 
@@ -102,6 +105,11 @@ def attack_table(
                 "sends several"
             )
         completion = completion_accuracy(run.sent, sets, c.seed)
+        middle_completion = None
+        if c.topology == "ushaped":
+            middle = restore_server_segment(c, run_dir, sets.arrays)
+            bottom = _through(run.sent, middle)
+            middle_completion = completion_accuracy(bottom, sets, c.seed)
         hijacked = hijack(attacked, sets.arrays, sets.aux, sets.held_out, hijack_steps)
         s = run.summary
         table.append(
@@ -112,6 +120,7 @@ def attack_table(
                 "leakage_dcor": s.get("leakage_dcor"),
                 "reconstruction_ssim": run.attack["ssim"],
                 "completion_accuracy": completion,
+                "middle_completion_accuracy": middle_completion,
                 "norm_auc": s.get("label_leak_norm_auc"),
                 "cosine_auc": s.get("label_leak_cosine_auc"),
                 "honest_lowest_guard_score": s.get("hijack_lowest_score"),
@@ -132,6 +141,16 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
 
 
+def _through(sent, middle):
+    """The U-shaped server's own bottom part (Fu et al.): what the client
+    sends, then the server's trained middle segment."""
+
+    def bottom(x, training=False):
+        return middle(sent(x, training=training), training=training)
+
+    return bottom
+
+
 def _figure(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -148,7 +167,8 @@ def _write(workdir, config, hijacking, table) -> None:
         + (", the client frozen at the alarm." if freeze else "."),
         "",
         "| defense | test accuracy | dCor | reconstruction SSIM "
-        "| model-completion accuracy | norm leak AUC | cosine leak AUC "
+        "| model-completion accuracy (cut output / server's middle) "
+        "| norm leak AUC | cosine leak AUC "
         + (
             f"| hijacking SSIM, frozen at the alarm (step {hijack_steps}) "
             if freeze
@@ -161,7 +181,8 @@ def _write(workdir, config, hijacking, table) -> None:
         lines.append(
             f"| {r['defense']} | {r['test_accuracy']:.4f} | "
             f"{_figure(r['leakage_dcor'])} | {r['reconstruction_ssim']:.3f} | "
-            f"{r['completion_accuracy']:.3f} | {_figure(r['norm_auc'])} | "
+            f"{r['completion_accuracy']:.3f} / "
+            f"{_figure(r['middle_completion_accuracy'])} | {_figure(r['norm_auc'])} | "
             f"{_figure(r['cosine_auc'])} | {r['hijack_ssim']:.3f} | "
             f"{_figure(r['hijack_ssim_at_alarm'])} | "
             f"{_figure(r['hijack_alarm_step'], 'd')} |"

@@ -58,6 +58,7 @@ __all__ = [
     "images_of",
     "privacy_report",
     "restore_client_segment",
+    "restore_server_segment",
     "settings",
     "train_and_attack",
 ]
@@ -73,12 +74,24 @@ def settings(alphas, noises) -> list[dict]:
 def restore_client_segment(config, workdir, arrays):
     """The trained client segment of a single-client split run in `workdir`."""
     segments = cut(builders.build_model(config, arrays), builders.cut_layers(config))
-    directory = os.path.join(workdir, "checkpoints", "client_0")
+    _restore([segments.client, segments.tail], workdir, "client_0")
+    return segments.client
+
+
+def restore_server_segment(config, workdir, arrays):
+    """The trained server segment (U-shaped: the middle) of a single-client
+    split run in `workdir`."""
+    segments = cut(builders.build_model(config, arrays), builders.cut_layers(config))
+    _restore([segments.server], workdir, "server")
+    return segments.server
+
+
+def _restore(models, workdir, party):
+    directory = os.path.join(workdir, "checkpoints", party)
     latest = tf.train.latest_checkpoint(directory)
     if latest is None:
-        raise FileNotFoundError(f"no client checkpoint under {directory}")
-    party_checkpoint([segments.client, segments.tail]).restore(latest).expect_partial()
-    return segments.client
+        raise FileNotFoundError(f"no {party} checkpoint under {directory}")
+    party_checkpoint(models).restore(latest).expect_partial()
 
 
 def _as_sent(segment, privacy):

@@ -18,6 +18,12 @@ from splitkeras.privacy.hijack_guard import HijackGuard, hijack_warning
 from splitkeras.privacy.leakage import Leakage
 from splitkeras.protocol import Kind, Message
 from splitkeras.studies.attack_table import ROWS, attack_table
+from splitkeras.studies.privacy_report import (
+    attack_sets,
+    completion_accuracy,
+    restore_client_segment,
+    restore_server_segment,
+)
 from splitkeras.transport.local import LocalTransport
 from tests import base
 from tests.test_experiment import _write_npz
@@ -399,6 +405,19 @@ class AttackTableTest(base.TestCase):
         with open(os.path.join(workdir, "attack_table.md")) as f:
             text = f.read()
         self.assertIn("| hijacking SSIM, no detector | hijacking SSIM, detector", text)
+        # U-shaped: model completion on the server's own bottom part too,
+        # the client segment then the server's trained middle.
+        run = os.path.join(workdir, "no_defense")
+        sets = attack_sets(c, 64, 16, 2)
+        client = restore_client_segment(c, run, sets.arrays)
+        middle = restore_server_segment(c, run, sets.arrays)
+
+        def bottom(x, training=False):
+            return middle(client(x, training=training), training=training)
+
+        expected = completion_accuracy(bottom, sets, c.seed)
+        self.assertAlmostEqual(row["middle_completion_accuracy"], expected, places=6)
+        self.assertIn(f"| {row['completion_accuracy']:.3f} / {expected:.3f} | ", text)
         self.assertIn("| no defense | ", text)
 
 
