@@ -19,6 +19,13 @@ tensors) and `label_leak_norm_auc_k` / `label_leak_cosine_auc_k`: Li et
 al.'s attacks on the gradients the server would send it (the server's
 segment and loss on the fixed examples, with the server's Marvell-style
 noise when `config.privacy.marvell_strength` is on).
+
+With `config.privacy.reconstruction_examples` = N > 0, a run ends with the
+reconstruction attack on its newest client (`Leakage.reconstruction`): a
+decoder trained on the first N training examples' cut outputs as sent
+decodes the `leakage_examples` test examples after the fixed set; the grid,
+SSIM and MSE go to TensorBoard (`<workdir>/attacks`) and
+`reconstructions.png`, the figures to the summary.
 """
 
 from __future__ import annotations
