@@ -152,7 +152,7 @@ class Client:
                 forward.nopeek.dcor, head_vars, output_gradients=seed
             )
             head_grads = self.privacy.nopeek_gradients(
-                head_grads, leak, forward.nopeek.dcor
+                head_grads, leak, forward.nopeek.dcor, self.optimizer.iterations
             )
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.

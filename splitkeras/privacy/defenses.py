@@ -16,7 +16,8 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
     gradient does (a client whose output went constant gets no further
     push). With `nopeek_target` set, a step whose dCor estimate is at or
     below the target gets no privacy part: the client stops pushing there
-    and the task takes the rest of the budget.
+    and the task takes the rest of the budget. With `nopeek_warmup` the
+    client's first updates get none: the task trains alone first.
   - "loss" (the paper's): `nopeek_alpha` x dCor joins the segment's
     regularization, so the update is the task gradient plus alpha times
     the dCor gradient.
@@ -101,6 +102,9 @@ class ClientPrivacy:
         pushes): a normalized step gets its privacy part only while the
         step's dCor estimate (batch and window) is above it, so the client
         stops at the target and the task takes the rest of the budget.
+      nopeek_warmup: the client's first optimizer updates without the
+        normalized step's privacy part (0: from the first): the task
+        trains alone, then NoPeek pushes.
       activation_noise: standard deviation of the Gaussian noise added to
         the cut tensors the client sends (0: off).
       gradient_max_norm: U-shaped: per-example L2 bound on the output
@@ -121,6 +125,7 @@ class ClientPrivacy:
     nopeek_step: str = "normalized"
     nopeek_window: int = 256
     nopeek_target: float = 0.0
+    nopeek_warmup: int = 0
     activation_noise: float = 0.0
     gradient_max_norm: float = 0.0
     gradient_noise: float = 0.0
@@ -142,6 +147,7 @@ class ClientPrivacy:
         for name in (
             "nopeek_alpha",
             "nopeek_window",
+            "nopeek_warmup",
             "activation_noise",
             "gradient_max_norm",
             "gradient_noise",
@@ -155,12 +161,13 @@ class ClientPrivacy:
                 f"nopeek_target is a distance correlation in [0, 1), got "
                 f"{self.nopeek_target}"
             )
-        if self.nopeek_target and self.nopeek_step != "normalized":
-            raise ValueError(
-                f"nopeek_target={self.nopeek_target:g} gates the normalized "
-                f"step's privacy part: set nopeek_step='normalized', not "
-                f"{self.nopeek_step!r}"
-            )
+        for name in ("nopeek_target", "nopeek_warmup"):
+            if getattr(self, name) and self.nopeek_step != "normalized":
+                raise ValueError(
+                    f"{name}={getattr(self, name):g} gates the normalized "
+                    f"step's privacy part: set nopeek_step='normalized', not "
+                    f"{self.nopeek_step!r}"
+                )
         self._seeds = keras.random.SeedGenerator(self.seed)
         self._memory = None  # (x rows, z rows, rows filled), made at first use
         self.guard = None
@@ -221,7 +228,7 @@ class ClientPrivacy:
             reg = weighted if reg is None else reg + tf.cast(weighted, reg.dtype)
         return self.noised(cut), reg, term
 
-    def nopeek_gradients(self, task, leak, dcor=None) -> list:
+    def nopeek_gradients(self, task, leak, dcor=None, updates=None) -> list:
         """The client's gradients with the normalized NoPeek step.
 
         Args:
@@ -230,6 +237,8 @@ class ClientPrivacy:
           leak: dCor's gradients of the same variables.
           dcor: the step's dCor estimate; with `nopeek_target` set, no
             privacy part is added unless it is above the target.
+          updates: the client optimizer's updates so far; with
+            `nopeek_warmup` set, no privacy part is added before that many.
 
         Returns:
           task + s * leak', where leak' is `leak` without its component
@@ -259,6 +268,9 @@ class ClientPrivacy:
         if self.nopeek_target and dcor is not None:
             above = tf.cast(dcor > self.nopeek_target, scale.dtype)
             scale = scale * above
+        if self.nopeek_warmup and updates is not None:
+            started = tf.cast(updates >= self.nopeek_warmup, scale.dtype)
+            scale = scale * started
         for i in both:
             task[i] = task[i] + scale * leak[i]
         return task
@@ -380,6 +392,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         nopeek_step=str(p.nopeek_step),
         nopeek_window=int(p.nopeek_window),
         nopeek_target=float(p.nopeek_target),
+        nopeek_warmup=int(p.nopeek_warmup),
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),

@@ -133,7 +133,34 @@ class DefensesTest(base.TestCase):
             max(float(np.max(np.abs(a - b))) for a, b in zip(free, held)), 1e-4
         )
 
-    def test_target_outside_0_1_or_with_the_loss_step_is_refused(self):
+    def test_warmup_leaves_the_first_updates_to_the_task(self):
+        warm = ClientPrivacy(nopeek_alpha=0.7, nopeek_window=0, nopeek_warmup=1)
+        client, before, first = self._update(warm)
+        task, _ = self._task_and_leak(self.g)
+        for w0, w1, t in zip(before, first, task):  # SGD(1.0): minus the task's
+            np.testing.assert_allclose(w0 - w1, t, atol=1e-6)
+        # The second update is the normalized step, as a client without a
+        # warm-up takes it from the same weights.
+        client.backward(client.forward(self.x), [self.g])
+        pushing = _client(ClientPrivacy(nopeek_alpha=0.7, nopeek_window=0))
+        for v, w in zip(pushing.segment.trainable_variables, first):
+            v.assign(w)
+        pushing.backward(pushing.forward(self.x), [self.g])
+        second = [v.numpy() for v in client.segment.trainable_variables]
+        expected = [v.numpy() for v in pushing.segment.trainable_variables]
+        self.assertWeightsClose(second, expected, atol=1e-6)
+        # ... which is not the task's alone.
+        alone = _client(None)
+        for v, w in zip(alone.segment.trainable_variables, first):
+            v.assign(w)
+        alone.backward(alone.forward(self.x), [self.g])
+        task_only = [v.numpy() for v in alone.segment.trainable_variables]
+        self.assertGreater(
+            max(float(np.max(np.abs(a - b))) for a, b in zip(second, task_only)),
+            1e-4,
+        )
+
+    def test_target_outside_0_1_or_gates_with_the_loss_step_are_refused(self):
         with self.assertRaisesRegex(
             ValueError,
             r"^nopeek_target is a distance correlation in \[0, 1\), got 1.0$",
@@ -145,6 +172,12 @@ class DefensesTest(base.TestCase):
             "nopeek_step='normalized', not 'loss'$",
         ):
             ClientPrivacy(nopeek_alpha=1.0, nopeek_step="loss", nopeek_target=0.5)
+        with self.assertRaisesRegex(
+            ValueError,
+            "^nopeek_warmup=100 gates the normalized step's privacy part: set "
+            "nopeek_step='normalized', not 'loss'$",
+        ):
+            ClientPrivacy(nopeek_alpha=1.0, nopeek_step="loss", nopeek_warmup=100)
 
     def test_window_holds_the_last_rows_of_applied_steps(self):
         privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
