@@ -86,7 +86,8 @@ class InProcess(RunnerProcess):
 
     def logs(self, epoch):
         train, val = self.schedule.round_logs(epoch)
-        return dict(train), {**val, **self.leakage(self.schedule)}
+        val = dict(val)
+        return dict(train), {**val, **self.leakage(self.schedule, val.get("accuracy"))}
 
     def round_scalars(self, epoch) -> dict:
         if self.client_flops is None:
@@ -105,7 +106,8 @@ class InProcess(RunnerProcess):
 
     def summary(self, test: dict) -> dict:
         if not test:  # stopped early, or nothing left to train: evaluate now
-            test = {**self.schedule.evaluate(self.test), **self.leakage(self.schedule)}
+            test = self.schedule.evaluate(self.test)
+            test = {**test, **self.leakage(self.schedule, test.get("accuracy"))}
         per_client = self.byte_counts()
         replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
         return {

@@ -47,12 +47,14 @@ from splitkeras.privacy.marvell import marvell_noise, num_classes_of
 from splitkeras.protocol import flat
 
 __all__ = [
+    "NEAR_CHANCE",
     "NOT_MOVED",
     "Leakage",
     "attach_privacy",
     "clients_of",
     "guard_report",
     "images_of",
+    "near_chance_warning",
     "privacy_warnings",
 ]
 
@@ -64,8 +66,29 @@ NOT_MOVED = 0.1
 # A cut output "is the same for every input" when no feature spreads over
 # more than this fraction of its largest magnitude (at least 1).
 _COLLAPSED = 1e-6
+# With NoPeek on, test accuracy below this multiple of chance (1 / classes)
+# means the client took the task down with the leakage.
+NEAR_CHANCE = 1.5
 # The randomized labels of the fixed examples are drawn apart from any party's.
 _NOT_A_PARTY = "leakage examples"
+
+
+def near_chance_warning(accuracy, num_classes: int, nopeek_alpha: float) -> list:
+    """The warning of a NoPeek run whose accuracy fell to near chance (a
+    client whose output still varies but tells the server almost nothing
+    about the task: its low leakage_dcor comes with nothing learned), or
+    nothing."""
+    if not nopeek_alpha or accuracy is None or num_classes < 2:
+        return []
+    chance = 1.0 / num_classes
+    if accuracy >= NEAR_CHANCE / num_classes:
+        return []
+    return [
+        f"NoPeek (config.privacy.nopeek_alpha={nopeek_alpha:g}) left the model "
+        f"near chance: accuracy {accuracy:.3f} against {chance:.3f} for "
+        f"{num_classes} classes, so the client's low leakage comes with "
+        "nothing learned; lower nopeek_alpha or set config.privacy.nopeek_target"
+    ]
 
 
 def privacy_warnings(cut_rows, dcor: float, start, nopeek_alpha: float) -> list:
@@ -184,6 +207,7 @@ class Leakage:
             self.y_trained = training_labels(
                 config, self.y.numpy(), int(arrays.num_classes), party=_NOT_A_PARTY
             )
+        self._num_classes = int(getattr(arrays, "num_classes", 0))
         # The reconstruction attack at the end of the run (opt-in): a decoder
         # trained on the first training examples' cut outputs, measured on
         # the test examples after the fixed set.
@@ -219,9 +243,10 @@ class Leakage:
             fields["leakage_dcor_start"] = self.start
         return fields
 
-    def __call__(self, trainer) -> dict:
+    def __call__(self, trainer, accuracy=None) -> dict:
         """{"leakage_dcor": value, ...}, or {} when there is nothing to
-        measure; logs the warnings of `privacy_warnings` and of the clients'
+        measure; logs the warnings of `privacy_warnings` (or, given the
+        figures' test `accuracy`, `near_chance_warning`) and of the clients'
         hijack guards (`hijack_score`, and `hijack_alarm_step` once the alarm
         went off; client 0's unsuffixed, the others' with `_<k>`)."""
         logs, self.warnings = guard_report(clients_of(trainer))
@@ -229,20 +254,23 @@ class Leakage:
         if client is not None and self.vertical:
             logs.update(self._vertical(trainer.clients, trainer.server))
         elif client is not None:
-            logs.update(self._leakage(trainer, client))
+            logs.update(self._leakage(trainer, client, accuracy))
         for warning in self.warnings:
             log.warning("Privacy: %s", warning)
         return logs
 
-    def _leakage(self, trainer, client) -> dict:
+    def _leakage(self, trainer, client, accuracy=None) -> dict:
         """leakage_dcor (+ its change, + U-shaped label leakage) of `client`;
-        adds its `privacy_warnings`."""
+        adds its `privacy_warnings`, else a `near_chance_warning`."""
         value, cut, clean = self._dcor(client)
         logs = {"leakage_dcor": value}
         if self.start:
             logs["leakage_dcor_change"] = value / self.start - 1.0
         alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
-        self.warnings += privacy_warnings(flat_batch(clean), value, self.start, alpha)
+        found = privacy_warnings(flat_batch(clean), value, self.start, alpha)
+        self.warnings += found or near_chance_warning(
+            accuracy, self._num_classes, alpha
+        )
         server = getattr(trainer, "server", None)
         if client.tail is not None and server is not None:
             logs.update(self._label_leakage(client, server.segment, cut))

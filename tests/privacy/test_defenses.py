@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import types
 from unittest import mock
 
 import keras
@@ -17,7 +18,12 @@ from splitkeras.parties import Client
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack
 from splitkeras.privacy.defenses import ClientPrivacy, flat_batch
 from splitkeras.privacy.distance_correlation import distance_correlation
-from splitkeras.privacy.leakage import images_of, privacy_warnings
+from splitkeras.privacy.leakage import (
+    Leakage,
+    images_of,
+    near_chance_warning,
+    privacy_warnings,
+)
 from splitkeras.studies.privacy_report import restore_client_segment
 from tests import base
 from tests.test_experiment import _write_npz
@@ -322,6 +328,45 @@ class PrivacyWarningsTest(base.TestCase):
         self.assertEqual(privacy_warnings(rows, 0.88, 0.98, nopeek_alpha=0.5), [])
         self.assertEqual(privacy_warnings(rows, 0.98, 0.98, nopeek_alpha=0.0), [])
 
+    def test_nopeek_near_chance_is_told_unless_the_client_collapsed(self):
+        self.assertEqual(
+            near_chance_warning(0.125, 10, nopeek_alpha=0.5),
+            [
+                "NoPeek (config.privacy.nopeek_alpha=0.5) left the model near "
+                "chance: accuracy 0.125 against 0.100 for 10 classes, so the "
+                "client's low leakage comes with nothing learned; lower "
+                "nopeek_alpha or set config.privacy.nopeek_target"
+            ],
+        )
+        # At 1.5 x chance or above, without NoPeek, or unknown: nothing.
+        self.assertEqual(near_chance_warning(0.15, 10, nopeek_alpha=0.5), [])
+        self.assertEqual(near_chance_warning(0.1, 10, nopeek_alpha=0.0), [])
+        self.assertEqual(near_chance_warning(None, 10, nopeek_alpha=0.5), [])
+        # In the leakage measurement: given the test accuracy.
+        c = fashion_mnist_lenet.get_config()
+        c.privacy.leakage_examples = 16
+        rng = np.random.default_rng(0)
+        arrays = types.SimpleNamespace(
+            x_test=rng.integers(0, 255, (16, 6, 6, 1)).astype(np.uint8),
+            y_test=rng.integers(0, 4, 16),
+            num_classes=4,
+        )
+        trainer = types.SimpleNamespace(client=_client(ClientPrivacy(nopeek_alpha=0.5)))
+        leakage = Leakage(c, arrays)
+        leakage(trainer, accuracy=0.3)  # chance 0.25: below 0.375
+        self.assertEqual(
+            leakage.warnings, near_chance_warning(0.3, 4, nopeek_alpha=0.5)
+        )
+        leakage(trainer, accuracy=0.4)
+        self.assertEqual(leakage.warnings, [])
+        # A collapsed client is told as collapsed, not twice.
+        conv = trainer.client.segment.get_layer("conv")
+        conv.kernel.assign(tf.zeros_like(conv.kernel))
+        conv.bias.assign(-tf.ones_like(conv.bias))
+        leakage(trainer, accuracy=0.25)
+        (told,) = leakage.warnings
+        self.assertTrue(told.startswith("the client has collapsed"), told)
+
     def test_a_collapsed_client_is_warned_in_the_log_and_the_summary(self):
         root = self.tempdir()
         c = fashion_mnist_lenet.get_config()
@@ -340,11 +385,21 @@ class PrivacyWarningsTest(base.TestCase):
             conv1.kernel.assign(tf.zeros_like(conv1.kernel))
             conv1.bias.assign(-tf.ones_like(conv1.bias))
 
+        measure = Leakage.__call__
+        accuracies = []
+
+        def measured(leakage, trainer, accuracy=None):
+            accuracies.append(accuracy)
+            return measure(leakage, trainer, accuracy)
+
         with (
             mock.patch.object(experiment.InProcess, "__init__", collapsed),
+            mock.patch.object(Leakage, "__call__", measured),
             self.assertLogs("splitkeras", "WARNING") as logs,
         ):
             summary = experiment.train_and_evaluate(c, os.path.join(root, "run"))
+        # Each measurement is given the test accuracy (near_chance_warning).
+        self.assertEqual(accuracies[-1], summary["test_accuracy"])
         message = (
             "the client has collapsed: its cut output is the same for all 64 "
             "leakage examples, so the server learns nothing from the inputs "
