@@ -176,7 +176,7 @@ def train_and_attack(
 
 def _name(setting, cut_spec=None) -> str:
     name = f"alpha{setting['nopeek_alpha']:g}_noise{setting['activation_noise']:g}"
-    return name if cut_spec is None else f"cut_{cut_spec}_{name}".replace(",", "_")
+    return name if cut_spec is None else f"cut_{cut_spec}_{name}"
 
 
 def privacy_report(

@@ -229,7 +229,11 @@ def save_grid(
     Raises:
       ValueError: the two batches differ in shape or are not images.
     """
-    grid = grid_image(originals, reconstructions, n, pad=pad)
+    return _write_png(grid_image(originals, reconstructions, n, pad=pad), path)
+
+
+def _write_png(grid: np.ndarray, path: str) -> str:
+    """Writes a [0, 1] float image as a PNG (directories made); returns path."""
     png = tf.io.encode_png(np.round(grid * 255.0).astype("uint8"))
     directory = os.path.dirname(path)
     if directory:
@@ -302,10 +306,10 @@ def reconstruction_report(
     decoded = attack["decoder"].predict(
         _activations(client_segment, originals, len(originals)), verbose=0
     )
-    save_grid(originals, decoded, os.path.join(run_dir, "reconstructions.png"))
+    grid = grid_image(originals, decoded)
+    _write_png(grid, os.path.join(run_dir, "reconstructions.png"))
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "attacks"))
     with writer.as_default():
-        grid = grid_image(originals, decoded)
         tf.summary.image("reconstructions", grid[None], step=step)
         tf.summary.scalar("reconstruction_ssim", attack["ssim"], step=step)
         tf.summary.scalar("reconstruction_mse", attack["mse"], step=step)
