@@ -26,6 +26,7 @@ processes equals the in-process run.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import tensorflow as tf
 
@@ -311,6 +312,13 @@ def relay_link_specs(config) -> dict:
 
 
 # ---------------------------------------------------------------- clients
+NO_XLA_OVER_GRPC = (
+    "client %d: config.train.jit_compile compiles the hosts' steps with XLA; "
+    "this client's split steps hold their gRPC round trip and run compiled "
+    "without XLA"
+)
+
+
 def client_program(config, k: int, links: dict, key=None, inbox=None, counters=None):
     """Client k's program (and its party), built from the config.
 
@@ -329,11 +337,9 @@ def client_program(config, k: int, links: dict, key=None, inbox=None, counters=N
     """
     build = builders.model_builder(config)
     make_optimizer = lambda: builders.make_optimizer(config)  # noqa: E731
-    run = {
-        "run_eagerly": config.train.run_eagerly,
-        "jit_compile": bool(config.train.get("jit_compile", False)),
-    }
+    jit_compile = bool(config.train.get("jit_compile", False))
     if config.method in ("fedavg", "large_batch_sgd"):
+        # Their compiled steps hold no round trip: XLA takes them whole.
         objective = builders.make_objective(config)
         if config.method == "fedavg":
             return FedAvgClient(
@@ -343,9 +349,15 @@ def client_program(config, k: int, links: dict, key=None, inbox=None, counters=N
                 objective,
                 links["server"],
                 config.fedavg.local_epochs,
-                run["jit_compile"],
+                jit_compile,
             )
-        return SGDClient(k, build(), objective, links["server"], run["jit_compile"])
+        return SGDClient(k, build(), objective, links["server"], jit_compile)
+    if jit_compile:
+        # A split client's step holds its round trip to the host (a
+        # py_function between the forward and the backward pass), which XLA
+        # cannot compile: the hosts' steps take XLA, this client's do not.
+        logging.getLogger("splitkeras").info(NO_XLA_OVER_GRPC, k)
+    run = {"run_eagerly": config.train.run_eagerly, "jit_compile": False}
     at = builders.cut_layers(config)
     if config.topology == "multihop":
         first = hop_segments(build(), at)[0]
