@@ -9,14 +9,17 @@ over gRPC to one server process (`splitkeras serve`, also with T threads) per
 setting M:S (M micro-batches per step, up to S steps in flight:
 `config.train.microbatches`, `max_staleness`). Runs are interleaved across
 all of them, run by run; the table gives median steps/s and the ratio to the
-fastest in-process median. A raw gRPC round trip of the cut's bytes (no
-TensorFlow, both ends in this process) gives the transport's own cost.
+fastest in-process median. Raw gRPC round trips of the cut's bytes (no
+TensorFlow, both ends in this process) give the transport's own cost, as
+unary calls (what the library sends) and as one bidirectional stream, each
+synchronous and with 2 more messages in flight.
 Then, for LeNet, one server per codec (activations and gradients): steps/s
 and bytes per step as counted on the wire (serialized messages + gRPC
 framing), with the ratio to float32.
 
   python benchmarks/grpc_throughput.py                 # LeNet/64, VGG-16/128, codecs
   python benchmarks/grpc_throughput.py --cases=lenet5:64 --settings=1:0,1:2 --codecs=
+  python benchmarks/grpc_throughput.py --settings= --codecs=   # round trips only
 """
 
 import json
@@ -34,7 +37,9 @@ from absl import app, flags
 
 _CASES = flags.DEFINE_list("cases", ["lenet5:64", "vgg16:128"], "model:batch pairs.")
 _SETTINGS = flags.DEFINE_list(
-    "settings", ["1:0", "4:0", "1:1", "1:2"], "M:S (micro-batches : staleness)."
+    "settings",
+    ["1:0", "4:0", "1:1", "1:2"],
+    "M:S (micro-batches : staleness); empty: only the raw round trips.",
 )
 _THREADS = flags.DEFINE_list(
     "threads",
@@ -137,39 +142,99 @@ def compare(root, case, settings, threads, runs, steps):
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def echo(nbytes, runs=5, calls=10):
-    """(wall ms, CPU ms) medians of a raw gRPC call sending `nbytes` and
-    answering them (channel options as the library's, both ends here)."""
+ECHO_WAYS = ("unary", "unary, 2 in flight", "stream", "stream, 2 in flight")
+
+
+def echo(nbytes, runs=7, calls=50):
+    """{way: (wall ms, CPU ms) per message}, medians, of raw gRPC round trips
+    sending `nbytes` and answering them (channel options as the library's,
+    both ends here): unary calls and one bidirectional stream, each waiting
+    for every reply (synchronous) or with 2 more messages in flight."""
     import concurrent.futures
+    import queue
 
     import grpc
 
     from splitkeras.transport.grpc_client import channel_options
 
     options = channel_options(max(nbytes + (1 << 20), 4 << 20))
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), options=options)
-    handler = grpc.unary_unary_rpc_method_handler(lambda data, context: data)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(8), options=options)
+
+    def answer_each(requests, context):
+        yield from requests
+
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("Echo", {"Call": handler}),)
+        (
+            grpc.method_handlers_generic_handler(
+                "Echo",
+                {
+                    "Call": grpc.unary_unary_rpc_method_handler(
+                        lambda data, context: data
+                    ),
+                    "Stream": grpc.stream_stream_rpc_method_handler(answer_each),
+                },
+            ),
+        )
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
     call = channel.unary_unary("/Echo/Call")
+    outbox = queue.Queue()
+    replies = channel.stream_stream("/Echo/Stream")(iter(outbox.get, None))
     data = os.urandom(nbytes)
-    call(data)
-    walls, cpus = [], []
-    for _ in range(runs):
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu0, start = usage.ru_utime + usage.ru_stime, time.perf_counter()
-        for _ in range(calls):
-            call(data)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        walls.append((time.perf_counter() - start) / calls * 1000)
-        cpus.append((usage.ru_utime + usage.ru_stime - cpu0) / calls * 1000)
+
+    def unary(n, ahead):
+        pending = []
+        for _ in range(n):
+            if not ahead:
+                call(data)
+                continue
+            pending.append(call.future(data))
+            if len(pending) > ahead:
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
+
+    def stream(n, ahead):
+        sent = received = 0
+        while received < n:
+            while sent < n and sent - received <= ahead:
+                outbox.put(data)
+                sent += 1
+            next(replies)
+            received += 1
+
+    ways = dict(
+        zip(
+            ECHO_WAYS,
+            (
+                lambda n: unary(n, 0),
+                lambda n: unary(n, 2),
+                lambda n: stream(n, 0),
+                lambda n: stream(n, 2),
+            ),
+        )
+    )
+    for way in ways.values():
+        way(5)  # connected and warm
+    walls = {way: [] for way in ways}
+    cpus = {way: [] for way in ways}
+    for _ in range(runs):  # interleaved, run by run
+        for name, way in ways.items():
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu0, start = usage.ru_utime + usage.ru_stime, time.perf_counter()
+            way(calls)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            walls[name].append((time.perf_counter() - start) / calls * 1000)
+            cpus[name].append((usage.ru_utime + usage.ru_stime - cpu0) / calls * 1000)
+    outbox.put(None)  # ends the stream
     channel.close()
     server.stop(None)
-    return statistics.median(walls), statistics.median(cpus)
+    return {
+        way: (statistics.median(walls[way]), statistics.median(cpus[way]))
+        for way in ways
+    }
 
 
 def cut_bytes(name, batch) -> int:
@@ -206,35 +271,44 @@ def codecs(root, codec_names, runs, steps):
     return rows
 
 
+def print_steps(name, batch, medians) -> None:
+    print("| case | threads | way | steps/s (median) | / best in-process |")
+    print("|---|---|---|---|---|")
+    base = max(v for (_, way), v in medians.items() if way == "in-process")
+    for (threads, way), value in medians.items():
+        label = threads if threads != "0" else "default"
+        print(
+            f"| {name}/{batch} | {label} | {way} | {value:.2f} | {value / base:.3f} |"
+        )
+
+
 def main(argv):
     del argv
     if _WORKER.value:
         worker(_WORKER.value, _SETTINGS.value)
         return
     root = tempfile.mkdtemp(prefix="grpc_bench_")
-    print("| case | threads | way | steps/s (median) | / best in-process |")
-    print("|---|---|---|---|---|")
     floors = []
     for case in _CASES.value:
         name, batch = case.split(":")
-        steps = _STEPS.value or (100 if name == "lenet5" else 5)
-        medians = compare(
-            root, case, _SETTINGS.value, _THREADS.value, _RUNS.value, steps
-        )
-        base = max(v for (_, way), v in medians.items() if way == "in-process")
-        for (threads, way), value in medians.items():
-            label = threads if threads != "0" else "default"
-            print(
-                f"| {name}/{batch} | {label} | {way} | {value:.2f} "
-                f"| {value / base:.3f} |"
+        if _SETTINGS.value:
+            steps = _STEPS.value or (100 if name == "lenet5" else 5)
+            medians = compare(
+                root, case, _SETTINGS.value, _THREADS.value, _RUNS.value, steps
             )
+            print_steps(name, batch, medians)
         nbytes = cut_bytes(name, int(batch))
-        floors.append((case, nbytes, *echo(nbytes)))
+        calls = 50 if nbytes < (1 << 20) else 5
+        floors.append((case, nbytes, echo(nbytes, calls=calls)))
     print()
-    print("| case | cut bytes each way | raw gRPC round trip: wall ms | CPU ms |")
-    print("|---|---|---|---|")
-    for case, nbytes, wall, cpu in floors:
-        print(f"| {case} | {nbytes:,} | {wall:.1f} | {cpu:.1f} |")
+    print(
+        "| case | cut bytes each way | raw gRPC round trip | wall ms / message "
+        "| CPU ms / message |"
+    )
+    print("|---|---|---|---|---|")
+    for case, nbytes, ways in floors:
+        for way, (wall, cpu) in ways.items():
+            print(f"| {case} | {nbytes:,} | {way} | {wall:.2f} | {cpu:.2f} |")
     codec_names = [c for c in _CODECS.value if c]
     if codec_names:
         rows = codecs(root, codec_names, _RUNS.value, _STEPS.value or 100)
