@@ -6,6 +6,16 @@ part of every round through gRPC links to the hosts, driven by the same
 `Runner` as an in-process run. Restarted turns (round robin) and rounds
 (the others) are trained again from the state at their start: the
 handed-on state, or this client's own snapshot of the round's start.
+
+The client that evaluates a round (round robin: the last; the others:
+client 0) measures the leakage of its own cut as an in-process run does
+(`Leakage`, on its site's first test examples): `leakage_dcor` goes with
+its REPORT to the host's validation figures, its warnings and
+`leakage_dcor_start` to its own summary, and with
+`config.privacy.reconstruction_examples` the run ends with the
+reconstruction attack on its segment (under its workdir). Vertical parties
+measure nothing here (their figures need every party's strip and the
+server).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from splitkeras import builders, client_data, deployment
 from splitkeras.launcher import kill_after
 from splitkeras.parties.handoff import state_variables
 from splitkeras.parties.segment_step import wire_dtype
-from splitkeras.privacy.leakage import guard_report
+from splitkeras.privacy.leakage import Leakage, guard_report
 from splitkeras.protocol import Kind, Message, Status
 from splitkeras.runner import Runner, RunnerProcess
 from splitkeras.schedules import alignment
@@ -91,6 +101,8 @@ class ClientProcess(RunnerProcess):
             self.site = self._aligned(self.site)
         self.steps_per_round = len(self._batches(0)) if self._finite() else 0
         self._snapshots = {}
+        self.measured = {}  # the last privacy figures this client measured
+        self.leakage = self._leakage()
 
     # ---------------------------------------------------------------- setup
     def _serve_inbox(self, k, listen, token, workdir):
@@ -168,9 +180,42 @@ class ClientProcess(RunnerProcess):
                 np.save(path, rows)
         return client_data.aligned_site(site, rows)
 
+    def _leakage(self):
+        """The `Leakage` of the client that evaluates the rounds, measured
+        at each evaluation through its program's `leakage` hook; None for
+        the others, vertical parties and streamed data."""
+        program, config = self.program, self.config
+        evaluates = self.last if self._turns() else self.k == 0
+        if (
+            not evaluates
+            or not hasattr(program, "leakage")
+            or config.topology == "vertical"
+            or not self._finite()
+        ):
+            return None
+        leakage = Leakage(config, self.site)
+        if not leakage.enabled:
+            return None
+        leakage.measure_start(program)  # the untrained client, as in process
+
+        def measure(client):
+            del client  # the program's: what `Leakage` finds in it
+            self.measured = leakage(program)
+            return self.measured
+
+        program.leakage = measure
+        return leakage
+
     # --------------------------------------------------------------- rounds
     def _finite(self) -> bool:
         return hasattr(self.site, "x_train")
+
+    def _turns(self) -> bool:
+        """Round robin: this client trains turns."""
+        return self.config.method == "split" and self.config.topology in (
+            "vanilla",
+            "ushaped",
+        )
 
     def _batches(self, epoch):
         return client_data.train_batches(self.config, self.site, self.k, epoch)
@@ -189,10 +234,7 @@ class ClientProcess(RunnerProcess):
         return int(self.info.epoch)
 
     def round(self, epoch, skip=0):
-        if self.config.method == "split" and self.config.topology in (
-            "vanilla",
-            "ushaped",
-        ):
+        if self._turns():
             steps = self._turn(epoch)
         else:
             steps = self._rounds_from(epoch)
@@ -292,6 +334,11 @@ class ClientProcess(RunnerProcess):
         guard, warnings = guard_report([] if client is None else [client])
         for warning in warnings:
             log.warning("Privacy: %s", warning)
+        leakage = {}
+        if self.leakage is not None:
+            leakage = {**self.leakage.summary(), **self.measured}
+            found = leakage.pop("privacy_warnings", [])
+            warnings += [w for w in found if w not in warnings]
         return {
             "client_id": self.k,
             "bytes_sent": sum(c.bytes_sent for c in connections),
@@ -299,9 +346,17 @@ class ClientProcess(RunnerProcess):
             "retries": sum(c.retries for c in connections),
             "restarted_turns": int(getattr(self.program, "restarts", 0)),
             "restarted_rounds": self._restarted_rounds,
-            **guard,
-            **({"privacy_warnings": warnings} if warnings else {}),
+            **leakage,
+            **guard,  # the guard's figures now, not at the last measurement
+            **({"privacy_warnings": warnings} if warnings or leakage else {}),
         }
+
+    def attacks(self, workdir: str, step: int) -> dict:
+        """The reconstruction attack on this client's segment, if it
+        evaluates and `config.privacy.reconstruction_examples` is set."""
+        if self.leakage is None:
+            return {}
+        return self.leakage.reconstruction(self.program, workdir, step)
 
     def checkpoints(self, **loop) -> dict:
         return {}

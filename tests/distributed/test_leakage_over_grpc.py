@@ -1,0 +1,81 @@
+"""Privacy figures of a run over gRPC: the evaluating client measures its
+cut's leakage as the same run in one process does (the same leakage_dcor,
+in the host's validation figures, and the same start figure and NoPeek
+warning in its summary), and the run ends with the same reconstruction
+attack on its segment."""
+
+import os
+import time
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from splitkeras import builders, deployment, learning_rate
+from splitkeras.client_process import ClientProcess
+from splitkeras.experiment import InProcess
+from splitkeras.privacy.leakage import attach_privacy
+from splitkeras.transport.grpc_host import GrpcHost, start_host
+from splitkeras.transport.turns import yield_all
+from tests import base
+from tests.distributed.runs import setup, write_npz
+
+
+class LeakageOverGrpcTest(base.TestCase):
+    def test_the_evaluating_client_measures_as_in_process(self):
+        root = self.tempdir()
+        data = write_npz(os.path.join(root, "data.npz"), 64)
+        config, _ = setup(
+            data,
+            num_clients=1,
+            **{
+                "train.epochs": 1,
+                "privacy.nopeek_alpha": 0.1,
+                "privacy.leakage_examples": 32,
+                "privacy.reconstruction_examples": 32,
+                "privacy.reconstruction_epochs": 1,
+            },
+        )
+        # The same run in one process.
+        arrays = builders.load_data(config)
+        schedule = builders.build_schedule(config, arrays)
+        attach_privacy(schedule, config)
+        local = InProcess(config, schedule, arrays)
+        learning_rate.start_epoch(config.train, schedule.optimizers, 0)
+        yield_all(local.round(0))
+        _, expected = local.logs(0)
+        expected_attack = local.attacks(os.path.join(root, "in_process"), 2)
+
+        parties, coordinator, state = deployment.hosted_parties(
+            config, "server", {}, None, clock=time.monotonic
+        )
+        host = GrpcHost(
+            parties,
+            1,
+            state=state,
+            coordinator=coordinator,
+            info={"schedule": deployment.schedule_name(config), "epochs": 1},
+        )
+        server, port = start_host(host, "127.0.0.1:0")
+        self.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
+        client = ClientProcess(
+            config, 0, {"server": f"127.0.0.1:{port}"}, key=AESGCM.generate_key(256)
+        )
+        yield_all(client.round(0))
+        _, reported = coordinator.logs[0]
+        self.assertEqual(reported["leakage_dcor"], expected["leakage_dcor"])
+        self.assertEqual(
+            reported["leakage_dcor_change"], expected["leakage_dcor_change"]
+        )
+        summary = client.summary({})
+        self.assertEqual(summary["leakage_dcor_start"], local.leakage.start)
+        self.assertEqual(summary["leakage_dcor"], expected["leakage_dcor"])
+        # Two steps at alpha 0.1 do not move dCor by 10%: the user is told.
+        self.assertEqual(summary["privacy_warnings"], local.leakage.warnings)
+        self.assertEqual(len(summary["privacy_warnings"]), 1)
+        self.assertIn("NoPeek is on", summary["privacy_warnings"][0])
+        attack = client.attacks(os.path.join(root, "grpc"), 2)
+        self.assertEqual(sorted(attack), ["reconstruction_mse", "reconstruction_ssim"])
+        self.assertEqual(attack, expected_attack)
+        self.assertTrue(
+            os.path.exists(os.path.join(root, "grpc", "reconstructions.png"))
+        )
+        client.finish()
