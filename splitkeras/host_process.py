@@ -32,6 +32,7 @@ import time
 from splitkeras import builders, deployment, distribute
 from splitkeras.checkpointing import load_trained
 from splitkeras.launcher import kill_after
+from splitkeras.privacy.leakage import near_chance_warning
 from splitkeras.runner import Runner, RunnerProcess
 from splitkeras.schedules import pipelining
 from splitkeras.transport import codec as codec_lib
@@ -97,8 +98,18 @@ class HostProcess(RunnerProcess):
 
         per_client = self.byte_counts()
         replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+        # The host has the test accuracy (vanilla: its own; U-shaped: the
+        # client's report), so it says when NoPeek took the task down.
+        warnings = near_chance_warning(
+            test.get("accuracy"),
+            int(self.config.data.get("num_classes", 0) or 0),
+            float(self.config.privacy.get("nopeek_alpha", 0.0)),
+        )
+        for warning in warnings:
+            log.warning("Privacy: %s", warning)
         return {
             **summary_fields(self.config, self.config.data.name, test),
+            **({"privacy_warnings": warnings} if warnings else {}),
             **byte_totals(per_client),
             "transport": "grpc",
             "per_client": per_client,

@@ -2,7 +2,8 @@
 cut's leakage as the same run in one process does (the same leakage_dcor,
 in the host's validation figures, and the same start figure and NoPeek
 warning in its summary), and the run ends with the same reconstruction
-attack on its segment."""
+attack on its segment; the host, which has the accuracy, warns of a run
+left near chance."""
 
 import os
 import time
@@ -12,7 +13,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from splitkeras import builders, deployment, learning_rate
 from splitkeras.client_process import ClientProcess
 from splitkeras.experiment import InProcess
-from splitkeras.privacy.leakage import attach_privacy
+from splitkeras.host_process import HostProcess
+from splitkeras.privacy.leakage import attach_privacy, near_chance_warning
 from splitkeras.transport.grpc_host import GrpcHost, start_host
 from splitkeras.transport.turns import yield_all
 from tests import base
@@ -79,3 +81,12 @@ class LeakageOverGrpcTest(base.TestCase):
             os.path.exists(os.path.join(root, "grpc", "reconstructions.png"))
         )
         client.finish()
+        # The host has the accuracy: it warns of a run left near chance
+        # (3 classes: below 0.5), as a run in one process does.
+        process = HostProcess(config, host)
+        near = process.summary({"accuracy": 0.4, "loss": 1.0})
+        self.assertEqual(near["privacy_warnings"], near_chance_warning(0.4, 3, 0.1))
+        self.assertIn("left the model near chance", near["privacy_warnings"][0])
+        self.assertNotIn(
+            "privacy_warnings", process.summary({"accuracy": 0.9, "loss": 0.3})
+        )
