@@ -178,3 +178,32 @@ def assert_same_weights(test, processes: dict, expected: dict) -> None:
     for name in expected:
         with test.subTest(party=name):
             test.assertWeightsClose(processes[name], expected[name], atol=0.0)
+
+
+def thread_host(test, config, **options):
+    """The config's "server" host served from this process on 127.0.0.1
+    (stopped when `test` ends): (hosted parties, coordinator, {"server":
+    address}); `options` go to `GrpcHost`."""
+    import time
+
+    from splitkeras import deployment
+    from splitkeras.transport.grpc_host import GrpcHost, start_host
+
+    parties, coordinator, state = deployment.hosted_parties(
+        config, "server", {}, None, clock=time.monotonic
+    )
+    info = {
+        "schedule": deployment.schedule_name(config),
+        "epochs": int(config.train.epochs),
+    }
+    host = GrpcHost(
+        parties,
+        int(config.num_clients),
+        state=state,
+        coordinator=coordinator,
+        info=info,
+        **options,
+    )
+    server, port = start_host(host, "127.0.0.1:0")
+    test.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
+    return parties, coordinator, host, {"server": f"127.0.0.1:{port}"}

@@ -5,18 +5,15 @@ as they were; the honest state is then taken."""
 
 import dataclasses
 import os
-import time
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from splitkeras import deployment
 from splitkeras.client_process import ClientProcess
-from splitkeras.transport.grpc_host import GrpcHost, start_host
 from splitkeras.transport.sealing import HandoffError, Sealer
 from splitkeras.transport.turns import yield_all
 from tests import base
-from tests.distributed.runs import setup, write_npz
+from tests.distributed.runs import setup, thread_host, write_npz
 
 
 def _state(program):
@@ -32,19 +29,9 @@ class MisbehavingServerTest(base.TestCase):
         root = self.tempdir()
         data = write_npz(os.path.join(root, "data.npz"), 64)
         config, _ = setup(data, weight_handoff="server")
-        parties, coordinator, state = deployment.hosted_parties(
-            config, "server", {}, None, clock=time.monotonic
+        _, coordinator, _, connect = thread_host(
+            self, config, checkpoint_dir=os.path.join(root, "checkpoints")
         )
-        host = GrpcHost(
-            parties,
-            2,
-            checkpoint_dir=os.path.join(root, "checkpoints"),
-            state=state,
-            coordinator=coordinator,
-            info={"schedule": deployment.schedule_name(config), "epochs": 2},
-        )
-        server, port = start_host(host, "127.0.0.1:0")
-        self.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
         # The misbehaving server: BEGIN replies carry the state it chooses.
         forged = {}
         honest_begin = coordinator.begin
@@ -57,7 +44,6 @@ class MisbehavingServerTest(base.TestCase):
 
         coordinator.begin = begin
         key = AESGCM.generate_key(256)
-        connect = {"server": f"127.0.0.1:{port}"}
         clients = [ClientProcess(config, k, connect, key=key) for k in range(2)]
 
         def turn(k, epoch):

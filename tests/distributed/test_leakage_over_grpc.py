@@ -6,19 +6,17 @@ attack on its segment; the host, which has the accuracy, warns of a run
 left near chance."""
 
 import os
-import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from splitkeras import builders, deployment, learning_rate
+from splitkeras import builders, learning_rate
 from splitkeras.client_process import ClientProcess
 from splitkeras.experiment import InProcess
 from splitkeras.host_process import HostProcess
 from splitkeras.privacy.leakage import attach_privacy, near_chance_warning
-from splitkeras.transport.grpc_host import GrpcHost, start_host
 from splitkeras.transport.turns import yield_all
 from tests import base
-from tests.distributed.runs import setup, write_npz
+from tests.distributed.runs import setup, thread_host, write_npz
 
 
 class LeakageOverGrpcTest(base.TestCase):
@@ -46,21 +44,8 @@ class LeakageOverGrpcTest(base.TestCase):
         _, expected = local.logs(0)
         expected_attack = local.attacks(os.path.join(root, "in_process"), 2)
 
-        parties, coordinator, state = deployment.hosted_parties(
-            config, "server", {}, None, clock=time.monotonic
-        )
-        host = GrpcHost(
-            parties,
-            1,
-            state=state,
-            coordinator=coordinator,
-            info={"schedule": deployment.schedule_name(config), "epochs": 1},
-        )
-        server, port = start_host(host, "127.0.0.1:0")
-        self.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
-        client = ClientProcess(
-            config, 0, {"server": f"127.0.0.1:{port}"}, key=AESGCM.generate_key(256)
-        )
+        _, coordinator, host, connect = thread_host(self, config)
+        client = ClientProcess(config, 0, connect, key=AESGCM.generate_key(256))
         yield_all(client.round(0))
         _, reported = coordinator.logs[0]
         self.assertEqual(reported["leakage_dcor"], expected["leakage_dcor"])

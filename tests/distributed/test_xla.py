@@ -3,16 +3,14 @@ their round trip, a py_function) run compiled without XLA and say so, and
 the run's weights equal the XLA-compiled run in one process within 1e-5."""
 
 import os
-import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitkeras import deployment
 from splitkeras.client_process import ClientProcess
-from splitkeras.transport.grpc_host import GrpcHost, start_host
 from splitkeras.transport.turns import yield_all
 from tests import base
-from tests.distributed.runs import in_process_weights, setup, write_npz
+from tests.distributed.runs import in_process_weights, setup, thread_host, write_npz
 
 
 class XlaOverGrpcTest(base.TestCase):
@@ -22,23 +20,10 @@ class XlaOverGrpcTest(base.TestCase):
         config, _ = setup(
             data, num_clients=1, **{"train.epochs": 1, "train.jit_compile": True}
         )
-        parties, coordinator, state = deployment.hosted_parties(
-            config, "server", {}, None, clock=time.monotonic
-        )
-        host = GrpcHost(
-            parties,
-            1,
-            state=state,
-            coordinator=coordinator,
-            info={"schedule": deployment.schedule_name(config), "epochs": 1},
-            jit_compile=True,
-        )
-        server, port = start_host(host, "127.0.0.1:0")
-        self.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
-        connect = {"server": f"127.0.0.1:{port}"}
-        if True:
+        parties, coordinator, _, connect = thread_host(self, config, jit_compile=True)
+        with self.assertLogs("splitkeras", "INFO") as logs:
             client = ClientProcess(config, 0, connect, key=AESGCM.generate_key(256))
-        pass  # TMP
+        self.assertIn(deployment.NO_XLA_OVER_GRPC % 0, logs.output[0])
         yield_all(client.round(0))  # 2 steps; an XLA client step fails here
         self.assertTrue(coordinator.done)
         expected = in_process_weights(config)
