@@ -188,6 +188,7 @@ class ClientProcess(RunnerProcess):
         evaluates = self.last if self._turns() else self.k == 0
         if (
             not evaluates
+            or getattr(program, "client", None) is None  # a whole model
             or not hasattr(program, "leakage")
             or config.topology == "vertical"
             or not self._finite()
