@@ -182,7 +182,16 @@ def echo(nbytes, runs=7, calls=50):
     call = channel.unary_unary("/Echo/Call")
     outbox = queue.Queue()
     replies = channel.stream_stream("/Echo/Stream")(iter(outbox.get, None))
-    data = os.urandom(nbytes)
+    try:
+        return _echo_ways(call, outbox, replies, os.urandom(nbytes), runs, calls)
+    finally:
+        outbox.put(None)  # ends the stream
+        channel.close()
+        server.stop(None)
+
+
+def _echo_ways(call, outbox, replies, data, runs, calls) -> dict:
+    """`echo`'s measurements on a connected unary call and stream."""
 
     def unary(n, ahead):
         pending = []
@@ -228,9 +237,6 @@ def echo(nbytes, runs=7, calls=50):
             usage = resource.getrusage(resource.RUSAGE_SELF)
             walls[name].append((time.perf_counter() - start) / calls * 1000)
             cpus[name].append((usage.ru_utime + usage.ru_stime - cpu0) / calls * 1000)
-    outbox.put(None)  # ends the stream
-    channel.close()
-    server.stop(None)
     return {
         way: (statistics.median(walls[way]), statistics.median(cpus[way]))
         for way in ways
@@ -272,8 +278,6 @@ def codecs(root, codec_names, runs, steps):
 
 
 def print_steps(name, batch, medians) -> None:
-    print("| case | threads | way | steps/s (median) | / best in-process |")
-    print("|---|---|---|---|---|")
     base = max(v for (_, way), v in medians.items() if way == "in-process")
     for (threads, way), value in medians.items():
         label = threads if threads != "0" else "default"
@@ -289,6 +293,9 @@ def main(argv):
         return
     root = tempfile.mkdtemp(prefix="grpc_bench_")
     floors = []
+    if _SETTINGS.value:
+        print("| case | threads | way | steps/s (median) | / best in-process |")
+        print("|---|---|---|---|---|")
     for case in _CASES.value:
         name, batch = case.split(":")
         if _SETTINGS.value:

@@ -10,7 +10,8 @@ handed-on state, or this client's own snapshot of the round's start.
 The client that evaluates a round (round robin: the last; the others:
 client 0) measures the leakage of its own cut as an in-process run does
 (`Leakage`, on its site's first test examples): `leakage_dcor` goes with
-its REPORT to the host's validation figures, its warnings and
+its REPORT to the host's validation figures (the hijack guard's figures
+do not: the server must not learn them), its warnings and
 `leakage_dcor_start` to its own summary, and with
 `config.privacy.reconstruction_examples` the run ends with the
 reconstruction attack on its segment (under its workdir). Vertical parties
@@ -101,7 +102,8 @@ class ClientProcess(RunnerProcess):
             self.site = self._aligned(self.site)
         self.steps_per_round = len(self._batches(0)) if self._finite() else 0
         self._snapshots = {}
-        self.measured = {}  # the last privacy figures this client measured
+        self.measured = {}  # the last leakage figures this client measured
+        self.found = []  # and their warnings (collapse, NoPeek)
         self.leakage = self._leakage()
 
     # ---------------------------------------------------------------- setup
@@ -200,8 +202,14 @@ class ClientProcess(RunnerProcess):
         leakage.measure_start(program)  # the untrained client, as in process
 
         def measure(client):
-            del client  # the program's: what `Leakage` finds in it
-            self.measured = leakage(program)
+            figures = leakage(program)  # of the program's client
+            # The hijack guard's figures stay here: the server it watches
+            # must not learn its score or its alarm.
+            self.measured = {
+                k: v for k, v in figures.items() if not k.startswith("hijack_")
+            }
+            _, guard = guard_report([client])
+            self.found = [w for w in leakage.warnings if w not in guard]
             return self.measured
 
         program.leakage = measure
@@ -338,8 +346,8 @@ class ClientProcess(RunnerProcess):
         leakage = {}
         if self.leakage is not None:
             leakage = {**self.leakage.summary(), **self.measured}
-            found = leakage.pop("privacy_warnings", [])
-            warnings += [w for w in found if w not in warnings]
+            del leakage["privacy_warnings"]  # the guard's are above, as of now
+            warnings += self.found
         return {
             "client_id": self.k,
             "bytes_sent": sum(c.bytes_sent for c in connections),
@@ -354,8 +362,9 @@ class ClientProcess(RunnerProcess):
 
     def attacks(self, workdir: str, step: int) -> dict:
         """The reconstruction attack on this client's segment, if it
-        evaluates and `config.privacy.reconstruction_examples` is set."""
-        if self.leakage is None:
+        evaluates and `config.privacy.reconstruction_examples` is set (not
+        on a client restarted after the last round: it has not trained)."""
+        if self.leakage is None or not self.measured:
             return {}
         return self.leakage.reconstruction(self.program, workdir, step)
 

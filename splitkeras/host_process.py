@@ -102,7 +102,7 @@ class HostProcess(RunnerProcess):
         # client's report), so it says when NoPeek took the task down.
         warnings = near_chance_warning(
             test.get("accuracy"),
-            int(self.config.data.get("num_classes", 0) or 0),
+            builders.data_spec(self.config).num_classes,
             float(self.config.privacy.get("nopeek_alpha", 0.0)),
         )
         for warning in warnings:

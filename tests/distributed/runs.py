@@ -182,8 +182,8 @@ def assert_same_weights(test, processes: dict, expected: dict) -> None:
 
 def thread_host(test, config, **options):
     """The config's "server" host served from this process on 127.0.0.1
-    (stopped when `test` ends): (hosted parties, coordinator, {"server":
-    address}); `options` go to `GrpcHost`."""
+    (stopped when `test` ends): (hosted parties, coordinator, the
+    `GrpcHost`, {"server": address}); `options` go to `GrpcHost`."""
     import time
 
     from splitkeras import deployment

@@ -45,6 +45,8 @@ class MisbehavingServerTest(base.TestCase):
         coordinator.begin = begin
         key = AESGCM.generate_key(256)
         clients = [ClientProcess(config, k, connect, key=key) for k in range(2)]
+        for client in clients:
+            self.addCleanup(client.close)
 
         def turn(k, epoch):
             yield_all(clients[k].round(epoch))

@@ -1,7 +1,8 @@
 """Privacy figures of a run over gRPC: the evaluating client measures its
 cut's leakage as the same run in one process does (the same leakage_dcor,
 in the host's validation figures, and the same start figure and NoPeek
-warning in its summary), and the run ends with the same reconstruction
+warning in its summary; the hijack guard's score in its summary, never in
+what the host receives), and the run ends with the same reconstruction
 attack on its segment; the host, which has the accuracy, warns of a run
 left near chance."""
 
@@ -32,6 +33,13 @@ class LeakageOverGrpcTest(base.TestCase):
                 "privacy.leakage_examples": 32,
                 "privacy.reconstruction_examples": 32,
                 "privacy.reconstruction_epochs": 1,
+                # The guard probes step 2 (no alarm at this threshold): its
+                # figures must stay with the client.
+                "privacy.hijack_probe_every": 2,
+                "privacy.hijack_warmup": 1,
+                "privacy.hijack_probes": 1,
+                "privacy.hijack_threshold": 1e-6,
+                "privacy.hijack_freeze": False,
             },
         )
         # The same run in one process.
@@ -46,8 +54,11 @@ class LeakageOverGrpcTest(base.TestCase):
 
         _, coordinator, host, connect = thread_host(self, config)
         client = ClientProcess(config, 0, connect, key=AESGCM.generate_key(256))
+        self.addCleanup(client.close)
         yield_all(client.round(0))
         _, reported = coordinator.logs[0]
+        self.assertIn("hijack_score", expected)  # the guard has probed
+        self.assertEqual([k for k in reported if k.startswith("hijack_")], [])
         self.assertEqual(reported["leakage_dcor"], expected["leakage_dcor"])
         self.assertEqual(
             reported["leakage_dcor_change"], expected["leakage_dcor_change"]
@@ -55,6 +66,7 @@ class LeakageOverGrpcTest(base.TestCase):
         summary = client.summary({})
         self.assertEqual(summary["leakage_dcor_start"], local.leakage.start)
         self.assertEqual(summary["leakage_dcor"], expected["leakage_dcor"])
+        self.assertEqual(summary["hijack_score"], expected["hijack_score"])
         # Two steps at alpha 0.1 do not move dCor by 10%: the user is told.
         self.assertEqual(summary["privacy_warnings"], local.leakage.warnings)
         self.assertEqual(len(summary["privacy_warnings"]), 1)
