@@ -183,7 +183,7 @@ def assert_same_weights(test, processes: dict, expected: dict) -> None:
 def thread_host(test, config, **options):
     """The config's "server" host served from this process on 127.0.0.1
     (stopped when `test` ends): (hosted parties, coordinator, the
-    `GrpcHost`, {"server": address}); `options` go to `GrpcHost`."""
+    `GrpcHost`, {hosted party: address}); `options` go to `GrpcHost`."""
     import time
 
     from splitkeras import deployment
@@ -206,4 +206,4 @@ def thread_host(test, config, **options):
     )
     server, port = start_host(host, "127.0.0.1:0")
     test.addCleanup(lambda: (host.closed.set(), server.stop(grace=None).wait()))
-    return parties, coordinator, host, {"server": f"127.0.0.1:{port}"}
+    return parties, coordinator, host, {name: f"127.0.0.1:{port}" for name in parties}
