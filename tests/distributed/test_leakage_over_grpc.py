@@ -53,11 +53,12 @@ def _over_grpc(test, config):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=train, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=train, args=(c,), daemon=True) for c in clients]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
+    test.assertEqual([t for t in threads if t.is_alive()], [], "a round never ended")
     test.assertEqual(errors, [])
     return clients, coordinator.logs[0][1]
 
