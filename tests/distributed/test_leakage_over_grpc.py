@@ -122,14 +122,7 @@ class LeakageOverGrpcTest(base.TestCase):
                 "privacy.hijack_freeze": False,
             },
         )
-        # The same run in one process.
-        arrays = builders.load_data(config)
-        schedule = builders.build_schedule(config, arrays)
-        attach_privacy(schedule, config)
-        local = InProcess(config, schedule, arrays)
-        learning_rate.start_epoch(config.train, schedule.optimizers, 0)
-        yield_all(local.round(0))
-        _, expected = local.logs(0)
+        local, expected = _in_process(config)
         expected_attack = local.attacks(os.path.join(root, "in_process"), 2)
 
         _, coordinator, host, connect = thread_host(self, config)
