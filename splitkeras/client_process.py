@@ -14,9 +14,11 @@ its REPORT to the host's validation figures (the hijack guard's figures
 do not: the server must not learn them), its warnings and
 `leakage_dcor_start` to its own summary, and with
 `config.privacy.reconstruction_examples` the run ends with the
-reconstruction attack on its segment (under its workdir). Vertical parties
-measure nothing here (their figures need every party's strip and the
-server).
+reconstruction attack on its segment (under its workdir). A U-shaped
+client also scores the label-leak attacks on the gradients it would send
+for the server's outputs, which it asks of the host (PREDICT). Vertical
+parties measure nothing here (their figures need every party's strip and
+the server).
 """
 
 from __future__ import annotations
@@ -202,7 +204,10 @@ class ClientProcess(RunnerProcess):
         leakage.measure_start(program)  # the untrained client, as in process
 
         def measure(client):
-            figures = leakage(program)  # of the program's client
+            # Of the program's client; U-shaped: the server's outputs for the
+            # label-leak attack come from its host (PREDICT).
+            outputs = self._server_outputs if client.tail is not None else None
+            figures = leakage(program, server_outputs=outputs)
             # The hijack guard's figures stay here: the server it watches
             # must not learn its score or its alarm.
             self.measured = {
@@ -214,6 +219,17 @@ class ClientProcess(RunnerProcess):
 
         program.leakage = measure
         return leakage
+
+    def _server_outputs(self, cut) -> list:
+        """The server's outputs for `cut` (the leakage examples' cut
+        tensors), asked of the host with a PREDICT message. Its step id is
+        drawn at random: the host answers a repeated PREDICT step from its
+        cache, and a restarted client numbers from scratch."""
+        step = int.from_bytes(os.urandom(7), "big") + 1
+        reply = self.links["server"].request(
+            Message(Kind.PREDICT, self.k, step, tuple(cut))
+        )
+        return list(reply.tensors)
 
     # --------------------------------------------------------------- rounds
     def _finite(self) -> bool:

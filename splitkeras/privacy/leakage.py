@@ -243,25 +243,32 @@ class Leakage:
             fields["leakage_dcor_start"] = self.start
         return fields
 
-    def __call__(self, trainer, accuracy=None) -> dict:
+    def __call__(self, trainer, accuracy=None, server_outputs=None) -> dict:
         """{"leakage_dcor": value, ...}, or {} when there is nothing to
         measure; logs the warnings of `privacy_warnings` (or, given the
         figures' test `accuracy`, `near_chance_warning`) and of the clients'
         hijack guards (`hijack_score`, and `hijack_alarm_step` once the alarm
-        went off; client 0's unsuffixed, the others' with `_<k>`)."""
+        went off; client 0's unsuffixed, the others' with `_<k>`).
+
+        `server_outputs(cut tensors)` -> the server's outputs for them (a
+        U-shaped client over gRPC asks its host); by default the trainer's
+        server segment computes them."""
         logs, self.warnings = guard_report(clients_of(trainer))
         client = _newest_client(trainer) if self.enabled else None
         if client is not None and self.vertical:
             logs.update(self._vertical(trainer.clients, trainer.server))
         elif client is not None:
-            logs.update(self._leakage(trainer, client, accuracy))
+            if server_outputs is None:
+                server_outputs = _segment_outputs(getattr(trainer, "server", None))
+            logs.update(self._leakage(client, accuracy, server_outputs))
         for warning in self.warnings:
             log.warning("Privacy: %s", warning)
         return logs
 
-    def _leakage(self, trainer, client, accuracy=None) -> dict:
-        """leakage_dcor (+ its change, + U-shaped label leakage) of `client`;
-        adds its `privacy_warnings`, else a `near_chance_warning`."""
+    def _leakage(self, client, accuracy=None, server_outputs=None) -> dict:
+        """leakage_dcor (+ its change, + U-shaped label leakage when the
+        server's outputs can be had) of `client`; adds its
+        `privacy_warnings`, else a `near_chance_warning`."""
         value, cut, clean = self._dcor(client)
         logs = {"leakage_dcor": value}
         if self.start:
@@ -271,9 +278,8 @@ class Leakage:
         self.warnings += found or near_chance_warning(
             accuracy, self._num_classes, alpha
         )
-        server = getattr(trainer, "server", None)
-        if client.tail is not None and server is not None:
-            logs.update(self._label_leakage(client, server.segment, cut))
+        if client.tail is not None and server_outputs is not None:
+            logs.update(self._label_leakage(client, server_outputs(cut)))
         return logs
 
     def reconstruction(self, trainer, run_dir: str, step: int) -> dict:
@@ -358,7 +364,7 @@ class Leakage:
             logs.update({f"label_leak_{a}_{k}": float(v) for a, v in aucs.items()})
         return logs
 
-    def _label_leakage(self, client, server_segment, cut) -> dict:
+    def _label_leakage(self, client, outputs) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.
 
         The gradients of the loss (of the labels the client trains with:
@@ -366,11 +372,10 @@ class Leakage:
         the scale of a training batch's mean loss and as the client would
         send them (after its gradient protection), scored by Li et al.'s
         norm and cosine attacks for one class against the rest (class 0:
-        binary, as in their setting).
+        binary, as in their setting). `outputs`: the server's outputs for
+        the client's cut tensors of the fixed examples.
         """
-        outputs = tf.nest.flatten(
-            server_segment(cut[0] if len(cut) == 1 else list(cut), training=False)
-        )
+        outputs = [tf.convert_to_tensor(o) for o in outputs]
         with tf.GradientTape() as tape:
             tape.watch(outputs)
             y_pred = client.tail(outputs[0] if len(outputs) == 1 else outputs)
@@ -383,6 +388,18 @@ class Leakage:
             )
         aucs = label_leakage(flat_batch(grads).numpy(), np.equal(self.y, 0))
         return {f"label_leak_{k}": float(v) for k, v in aucs.items()}
+
+
+def _segment_outputs(server):
+    """`server_outputs` of a server party in this process (or None)."""
+    if server is None:
+        return None
+
+    def outputs(cut):
+        cut = cut[0] if len(cut) == 1 else list(cut)
+        return tf.nest.flatten(server.segment(cut, training=False))
+
+    return outputs
 
 
 def images_of(x, y):
