@@ -105,7 +105,6 @@ class ClientProcess(RunnerProcess):
         self.steps_per_round = len(self._batches(0)) if self._finite() else 0
         self._snapshots = {}
         self.measured = {}  # the last leakage figures this client measured
-        self.found = []  # and their warnings (collapse, NoPeek)
         self.leakage = self._leakage()
 
     # ---------------------------------------------------------------- setup
@@ -213,8 +212,6 @@ class ClientProcess(RunnerProcess):
             self.measured = {
                 k: v for k, v in figures.items() if not k.startswith("hijack_")
             }
-            _, guard = guard_report([client])
-            self.found = [w for w in leakage.warnings if w not in guard]
             return self.measured
 
         program.leakage = measure
@@ -363,7 +360,7 @@ class ClientProcess(RunnerProcess):
         if self.leakage is not None:
             leakage = {**self.leakage.summary(), **self.measured}
             del leakage["privacy_warnings"]  # the guard's are above, as of now
-            warnings += self.found
+            warnings += self.leakage.found
         return {
             "client_id": self.k,
             "bytes_sent": sum(c.bytes_sent for c in connections),

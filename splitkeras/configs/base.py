@@ -152,7 +152,8 @@ def get_config(arg=None):
     # (it stops being steered); False: it only warns.
     c.privacy.hijack_freeze = True
     c.privacy.leakage_examples = 512  # fixed test examples for leakage_dcor (0: off)
-    # At the end of a run (in process, not vertical): a decoder trained on
+    # At the end of a run (in process, or in a gRPC run's evaluating client;
+    # not vertical): a decoder trained on
     # this many training examples' cut outputs reconstructs the test examples
     # after the leakage set; grid, SSIM, MSE in TensorBoard (<workdir>/attacks),
     # reconstructions.png and summary.json (0: off).

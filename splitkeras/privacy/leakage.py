@@ -227,6 +227,7 @@ class Leakage:
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.start = None  # leakage_dcor of the untrained client
         self.warnings = []  # the last measurement's privacy_warnings
+        self.found = []  # those of them about the leakage (not the guard's)
 
     def measure_start(self, trainer) -> None:
         """Measures the untrained client's leakage_dcor (before any step)."""
@@ -253,7 +254,8 @@ class Leakage:
         `server_outputs(cut tensors)` -> the server's outputs for them (a
         U-shaped client over gRPC asks its host); by default the trainer's
         server segment computes them."""
-        logs, self.warnings = guard_report(clients_of(trainer))
+        logs, guard = guard_report(clients_of(trainer))
+        self.found = []
         client = _newest_client(trainer) if self.enabled else None
         if client is not None and self.vertical:
             logs.update(self._vertical(trainer.clients, trainer.server))
@@ -261,6 +263,7 @@ class Leakage:
             if server_outputs is None:
                 server_outputs = _segment_outputs(getattr(trainer, "server", None))
             logs.update(self._leakage(client, accuracy, server_outputs))
+        self.warnings = guard + self.found
         for warning in self.warnings:
             log.warning("Privacy: %s", warning)
         return logs
@@ -275,9 +278,7 @@ class Leakage:
             logs["leakage_dcor_change"] = value / self.start - 1.0
         alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
         found = privacy_warnings(flat_batch(clean), value, self.start, alpha)
-        self.warnings += found or near_chance_warning(
-            accuracy, self._num_classes, alpha
-        )
+        self.found += found or near_chance_warning(accuracy, self._num_classes, alpha)
         if client.tail is not None and server_outputs is not None:
             logs.update(self._label_leakage(client, server_outputs(cut)))
         return logs
@@ -348,7 +349,7 @@ class Leakage:
             logs[f"leakage_dcor_{k}"] = value
             alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
             for warning in privacy_warnings(flat_batch(clean), value, None, alpha):
-                self.warnings.append(f"party {k}: {warning}")
+                self.found.append(f"party {k}: {warning}")
             g = grads[k]
             if server.marvell_strength:
                 # From a generator of its own: measuring does not shift the
