@@ -9,12 +9,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut, cut_points
 from splitkeras.studies import cut_advisor as advisor
 from splitkeras.studies.cut_advisor import CutRow, pareto, recommend
 from tests import base
-from tests.test_experiment import _write_npz
+from tests.privacy.tiny import tiny_lenet
 
 
 def _model():
@@ -166,14 +165,17 @@ class RecommendTest(base.TestCase):
 class AdviseTest(base.TestCase):
     def test_end_to_end_on_tiny_data_writes_table_json_and_png(self):
         root = self.tempdir()
-        c = fashion_mnist_lenet.get_config()
-        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
-        c.train.epochs = 1
-        c.train.batch_size = 32
-        c.train.eval_batch_size = 64
-        c.train.log_every_seconds = 0.0
-        c.train.learning_rate = 1e-2
-        c.privacy.leakage_examples = 32
+        c = tiny_lenet(
+            root,
+            **{
+                "train.epochs": 1,
+                "train.batch_size": 32,
+                "train.eval_batch_size": 64,
+                "train.log_every_seconds": 0.0,
+                "train.learning_rate": 1e-2,
+                "privacy.leakage_examples": 32,
+            },
+        )
         workdir = os.path.join(root, "advise")
         rows, chosen = advisor.advise(
             c,

@@ -26,6 +26,7 @@ from splitkeras.privacy.leakage import (
 )
 from splitkeras.studies.privacy_report import restore_client_segment
 from tests import base
+from tests.privacy.tiny import tiny_lenet
 from tests.test_experiment import _write_npz
 
 
@@ -369,11 +370,10 @@ class PrivacyWarningsTest(base.TestCase):
 
     def test_a_collapsed_client_is_warned_in_the_log_and_the_summary(self):
         root = self.tempdir()
-        c = fashion_mnist_lenet.get_config()
-        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
-        c.train.epochs = 1
-        c.train.batch_size = 64
-        c.privacy.nopeek_alpha = 1.0
+        c = tiny_lenet(
+            root,
+            **{"train.epochs": 1, "train.batch_size": 64, "privacy.nopeek_alpha": 1.0},
+        )
         start_process = experiment.InProcess.__init__
 
         def collapsed(process, config, schedule, *args, **kwargs):
@@ -419,13 +419,16 @@ class PrivacyWarningsTest(base.TestCase):
 class ReconstructionInRunTest(base.TestCase):
     def test_a_run_ends_with_the_attack_in_tensorboard_and_the_summary(self):
         root = self.tempdir()
-        c = fashion_mnist_lenet.get_config()
-        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
-        c.train.epochs = 1
-        c.train.batch_size = 64
-        c.privacy.leakage_examples = 16
-        c.privacy.reconstruction_examples = 48
-        c.privacy.reconstruction_epochs = 2
+        c = tiny_lenet(
+            root,
+            **{
+                "train.epochs": 1,
+                "train.batch_size": 64,
+                "privacy.leakage_examples": 16,
+                "privacy.reconstruction_examples": 48,
+                "privacy.reconstruction_epochs": 2,
+            },
+        )
         run = os.path.join(root, "run")
         summary = experiment.train_and_evaluate(c, run)
         # The attack on the trained client: a decoder on the first 48

@@ -6,7 +6,7 @@ import os
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.studies.privacy_report import frontier, privacy_report
 from tests import base
-from tests.test_experiment import _write_npz
+from tests.privacy.tiny import tiny_lenet
 
 
 def _row(cut, alpha, *epochs):
@@ -59,14 +59,17 @@ class FrontierTest(base.TestCase):
 class ReportTest(base.TestCase):
     def test_two_cuts_give_rows_epochs_and_the_frontier_on_disk(self):
         root = self.tempdir()
-        c = fashion_mnist_lenet.get_config()
-        c.data.path = _write_npz(os.path.join(root, "tiny.npz"))
-        c.train.epochs = 2
-        c.train.batch_size = 64
-        c.train.eval_batch_size = 64
-        c.train.log_every_seconds = 0.0
-        c.train.learning_rate = 1e-2
-        c.privacy.leakage_examples = 32
+        c = tiny_lenet(
+            root,
+            **{
+                "train.epochs": 2,
+                "train.batch_size": 64,
+                "train.eval_batch_size": 64,
+                "train.log_every_seconds": 0.0,
+                "train.learning_rate": 1e-2,
+                "privacy.leakage_examples": 32,
+            },
+        )
         workdir = os.path.join(root, "report")
         rows = privacy_report(
             c,
