@@ -16,9 +16,11 @@ do not: the server must not learn them), its warnings and
 `config.privacy.reconstruction_examples` the run ends with the
 reconstruction attack on its segment (under its workdir). A U-shaped
 client also scores the label-leak attacks on the gradients it would send
-for the server's outputs, which it asks of the host (PREDICT). Vertical
-parties measure nothing here (their figures need every party's strip and
-the server).
+for the server's outputs, which it asks of the host (PREDICT). Each
+vertical party without the labels measures `leakage_dcor_<k>` of its own
+strip as the run in one process does, into its own summary; the label-leak
+AUCs of the gradients it receives are not measured over gRPC (they need
+the labels and every party's cut tensors).
 """
 
 from __future__ import annotations
@@ -184,22 +186,34 @@ class ClientProcess(RunnerProcess):
         return client_data.aligned_site(site, rows)
 
     def _leakage(self):
-        """The `Leakage` of the client that evaluates the rounds, measured
-        at each evaluation through its program's `leakage` hook; None for
-        the others, vertical parties and streamed data."""
+        """The `Leakage` of the client that evaluates the rounds (vertical:
+        of each party without the labels, on its own strip), measured at
+        each evaluation through its program's `leakage` hook; None for the
+        others and streamed data."""
         program, config = self.program, self.config
-        evaluates = self.last if self._turns() else self.k == 0
+        vertical = config.topology == "vertical"
+        if vertical:
+            measures = self.k != 0  # party 0 holds the labels
+        else:
+            measures = self.last if self._turns() else self.k == 0
         if (
-            not evaluates
+            not measures
             or getattr(program, "client", None) is None  # a whole model
             or not hasattr(program, "leakage")
-            or config.topology == "vertical"
             or not self._finite()
         ):
             return None
-        leakage = Leakage(config, self.site)
+        leakage = Leakage(config, self.site, strips=[self.site] if vertical else None)
         if not leakage.enabled:
             return None
+        if vertical:
+
+            def measure_party(client):
+                self.measured = leakage.party(client, self.k)
+                return self.measured
+
+            program.leakage = measure_party
+            return leakage
         leakage.measure_start(program)  # the untrained client, as in process
 
         def measure(client):

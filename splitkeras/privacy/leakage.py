@@ -193,20 +193,26 @@ class Leakage:
         n = min(int(config.privacy.leakage_examples), available)
         self.vertical = config.topology == "vertical"
         self.enabled = n > 0 and (not self.vertical or strips is not None)
+        self.y = self.y_trained = None
         if self.enabled:
-            ds = data_lib.eval_dataset(arrays.x_test[:n], arrays.y_test[:n], n)
-            self.x, self.y = next(iter(ds))
+            # A site without labels (a vertical party's own) measures dCor
+            # only: zeros just give its batches their shape.
+            labels = arrays.y_test
+            y = labels[:n] if labels is not None else np.zeros(n, np.int64)
+            self.x, y_batch = next(iter(data_lib.eval_dataset(arrays.x_test[:n], y, n)))
             # Vertical: each party's strip of the same n examples.
             self.strips = [
-                next(iter(data_lib.eval_dataset(s.x_test[:n], arrays.y_test[:n], n)))[0]
+                next(iter(data_lib.eval_dataset(s.x_test[:n], y, n)))[0]
                 for s in strips or ()
             ]
-            # Under label DP the client's gradients come from randomized
-            # labels (drawn apart from the training ones); the attack is
-            # scored against the true ones.
-            self.y_trained = training_labels(
-                config, self.y.numpy(), int(arrays.num_classes), party=_NOT_A_PARTY
-            )
+            if labels is not None:
+                self.y = y_batch
+                # Under label DP the client's gradients come from randomized
+                # labels (drawn apart from the training ones); the attack is
+                # scored against the true ones.
+                self.y_trained = training_labels(
+                    config, y_batch.numpy(), int(arrays.num_classes), party=_NOT_A_PARTY
+                )
         self._num_classes = int(getattr(arrays, "num_classes", 0))
         # The reconstruction attack at the end of the run (opt-in): a decoder
         # trained on the first training examples' cut outputs, measured on
@@ -263,10 +269,29 @@ class Leakage:
             if server_outputs is None:
                 server_outputs = _segment_outputs(getattr(trainer, "server", None))
             logs.update(self._leakage(client, accuracy, server_outputs))
+        self._warn(guard)
+        return logs
+
+    def party(self, client, k: int) -> dict:
+        """Vertical party k (without the labels) in a process of its own:
+        {"leakage_dcor_<k>": dCor of its strip of the fixed examples and its
+        cut tensors}, as `__call__` measures it with every party in one
+        process; logs its warnings. The label-leak AUCs need the labels and
+        the server's gradients of every party's cut: not measured here."""
+        self.found = []
+        logs = {}
+        if self.enabled:
+            value, _, clean = self._dcor(client)
+            logs[f"leakage_dcor_{k}"] = value
+            self._party_warnings(k, client, value, clean)
+        self._warn([])
+        return logs
+
+    def _warn(self, guard) -> None:
+        """The last measurement's warnings: the guard's, then `found`."""
         self.warnings = guard + self.found
         for warning in self.warnings:
             log.warning("Privacy: %s", warning)
-        return logs
 
     def _leakage(self, client, accuracy=None, server_outputs=None) -> dict:
         """leakage_dcor (+ its change, + U-shaped label leakage when the
@@ -347,9 +372,7 @@ class Leakage:
             if k == server.label_client:
                 continue
             logs[f"leakage_dcor_{k}"] = value
-            alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
-            for warning in privacy_warnings(flat_batch(clean), value, None, alpha):
-                self.found.append(f"party {k}: {warning}")
+            self._party_warnings(k, client, value, clean)
             g = grads[k]
             if server.marvell_strength:
                 # From a generator of its own: measuring does not shift the
@@ -364,6 +387,12 @@ class Leakage:
             aucs = label_leakage(flat_batch(g).numpy(), np.equal(self.y, 0))
             logs.update({f"label_leak_{a}_{k}": float(v) for a, v in aucs.items()})
         return logs
+
+    def _party_warnings(self, k, client, value, clean) -> None:
+        """Adds vertical party k's `privacy_warnings` to `found`."""
+        alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
+        for warning in privacy_warnings(flat_batch(clean), value, None, alpha):
+            self.found.append(f"party {k}: {warning}")
 
     def _label_leakage(self, client, outputs) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.

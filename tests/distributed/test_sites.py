@@ -6,7 +6,8 @@ of the same run in one process over the whole dataset, equal to the bit
 configurations are tested as processes here; round robin with the
 clients' hijack guards on, whose probes must match too, and the vertical
 one with the server's Marvell-style noise on, whose draws must match
-too)."""
+too; its party without the labels measures the leakage of its strip as
+the run in one process does)."""
 
 import json
 import os
@@ -16,7 +17,8 @@ import sys
 
 import numpy as np
 
-from splitkeras import launcher
+from splitkeras import builders, launcher
+from splitkeras.experiment import InProcess
 from tests import base
 from tests.distributed.runs import (
     ROOT,
@@ -37,7 +39,14 @@ class SitesTest(base.TestCase):
             "round_robin",
             {"privacy.hijack_probe_every": 2, "privacy.hijack_warmup": 2},
         ),
-        ("vertical", {"topology": "vertical", "privacy.marvell_strength": 1.0}),
+        (
+            "vertical",
+            {
+                "topology": "vertical",
+                "privacy.marvell_strength": 1.0,
+                "privacy.leakage_examples": 32,
+            },
+        ),
     )
     def test_clients_hold_only_their_site_and_hosts_no_data(self, overrides):
         root = self.tempdir()
@@ -45,6 +54,11 @@ class SitesTest(base.TestCase):
         config, args = setup(npz, **overrides)
         schedule = in_process(config)  # over the whole dataset
         expected = in_process_weights(config, schedule)
+        vertical = config.topology == "vertical"
+        if vertical:
+            # What the trained parties leak, measured with all of them here.
+            leakage = InProcess(config, schedule, builders.load_data(config))
+            leaked = leakage.leakage(schedule)
         untrained = in_process(config, train=False)  # to load the results into
 
         every = os.path.join(root, "sites")
@@ -56,7 +70,6 @@ class SitesTest(base.TestCase):
             timeout=300,
         )
         self.assertEqual(written.returncode, 0, written.stderr[-3000:])
-        vertical = config.topology == "vertical"
         line = "256 training rows, no labels" if vertical else "128 training rows"
         self.assertIn(f"client_1.npz: {line}", written.stdout)
         own = {}
@@ -73,7 +86,26 @@ class SitesTest(base.TestCase):
         self.assertEqual(summary["epochs"], 2)
         processes = processes_weights(config, workdir, untrained)
         assert_same_weights(self, processes, expected)
-        if not vertical:
+        if vertical:
+            # Party 1 (no labels) measures its own strip's leakage as the run
+            # in one process does; party 0 (the labels) measures none, and the
+            # label-leak AUCs are not measured over gRPC.
+            summaries = []
+            for k in range(config.num_clients):
+                with open(os.path.join(workdir, f"client_{k}", "summary.json")) as f:
+                    summaries.append(json.load(f))
+            self.assertEqual(summaries[1]["leakage_dcor_1"], leaked["leakage_dcor_1"])
+            self.assertIn("label_leak_norm_auc_1", leaked)
+            self.assertEqual(
+                [k for k in summaries[1] if k.startswith(("leakage", "label_leak"))],
+                ["leakage_dcor_1"],
+            )
+            self.assertEqual(summaries[1]["privacy_warnings"], [])
+            self.assertEqual(
+                [k for k in summaries[0] if k.startswith(("leakage", "label_leak"))],
+                [],
+            )
+        else:
             # Each client process reports its guard's score as the same
             # client in one process has it (probes at steps 2, 4, 6).
             for client in schedule.clients:
