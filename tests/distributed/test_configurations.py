@@ -1,13 +1,16 @@
 """Every configuration as separate processes over gRPC (`splitkeras launch`'s
 launcher: one generic host per host of the layout, one process per client)
-ends with the weights of the same run in one process, equal to the bit."""
+ends with the weights of the same run in one process, equal to the bit,
+and (each configuration with a cut) the host's summary has the leakage_dcor
+of that run's client in one process, from the client that evaluates."""
 
 import json
 import os
 
 import numpy as np
 
-from splitkeras import host_process, launcher
+from splitkeras import builders, host_process, launcher
+from splitkeras.experiment import InProcess
 from tests import base
 from tests.distributed.runs import (
     assert_same_weights,
@@ -23,6 +26,8 @@ from tests.distributed.runs import (
 # Split learning and SplitFed: the clients' bytes on the wire are checked
 # against the computed bytes too.
 BYTES_CHECKED = ("split", "splitfed_v1", "splitfed_v2")
+# Clients that train the whole model: no cut, no leakage figure.
+WHOLE_MODEL = ("fedavg", "large_batch_sgd")
 
 # Round robin with the peer handoff and the vertical split run as processes
 # in tests/distributed/test_sites.py (each client with only its own site).
@@ -86,6 +91,12 @@ class ConfigurationsOverGrpcTest(base.TestCase):
         processes = processes_weights(config, workdir)
         schedule = in_process(config)
         assert_same_weights(self, processes, in_process_weights(config, schedule))
+        if config.method not in WHOLE_MODEL:
+            # The client that evaluates measures its cut's leakage as the
+            # run in one process does, and reports it to the host.
+            data = builders.load_data(config)
+            leaked = InProcess(config, schedule, data).leakage(schedule)
+            self.assertEqual(summary["leakage_dcor"], leaked["leakage_dcor"])
         if overrides == CONFIGURATIONS["round_robin_server_handoff"]:
             # Started again on its finished workdir, the host returns the
             # run's summary at once and leaves it as it was.

@@ -6,9 +6,9 @@ what the host receives), and the run ends with the same reconstruction
 attack on its segment; the host, which has the accuracy, warns of a run
 left near chance. Round robin with two clients and U-shaped report the
 same leakage_dcor (U-shaped: and label-leak AUCs) as in process, from the
-client that evaluates (SplitFed's
-clients, in threads of one process, would hold every inter-op thread
-while they wait: run as processes, see the README)."""
+client that evaluates (SplitFed's clients, in threads of one process, would
+hold every inter-op thread while they wait: every configuration's
+leakage_dcor is checked as processes in test_configurations.py)."""
 
 import os
 import threading
