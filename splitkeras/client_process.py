@@ -212,6 +212,7 @@ class ClientProcess(RunnerProcess):
                 self.measured = leakage.party(client, self.k)
                 return self.measured
 
+            leakage.party_start(program.client, self.k)  # untrained
             program.leakage = measure_party
             return leakage
         leakage.measure_start(program)  # the untrained client, as in process

@@ -15,7 +15,8 @@ warning in the log and in the summary's `privacy_warnings`.
 
 Vertical runs (each party holds a strip of the features) measure, for each
 party k without the labels, `leakage_dcor_k` (its strip against its cut
-tensors) and `label_leak_norm_auc_k` / `label_leak_cosine_auc_k`: Li et
+tensors; `leakage_dcor_change_k` against its untrained segment's, and its
+warnings, NoPeek's not-moved one included) and `label_leak_norm_auc_k` / `label_leak_cosine_auc_k`: Li et
 al.'s attacks on the gradients the server would send it (the server's
 segment and loss on the fixed examples, with the server's Marvell-style
 noise when `config.privacy.marvell_strength` is on).
@@ -232,14 +233,27 @@ class Leakage:
         self._marvell_seeds = keras.random.SeedGenerator(int(config.seed) + 7919)
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self.start = None  # leakage_dcor of the untrained client
+        self.starts = {}  # vertical: of each party without the labels, by k
         self.warnings = []  # the last measurement's privacy_warnings
         self.found = []  # those of them about the leakage (not the guard's)
 
     def measure_start(self, trainer) -> None:
-        """Measures the untrained client's leakage_dcor (before any step)."""
+        """Measures the untrained client's leakage_dcor (before any step;
+        vertical: each party's without the labels)."""
         client = _newest_client(trainer) if self.enabled else None
-        if client is not None and not self.vertical:
-            self.start = float(self._dcor(client)[0])
+        if client is None:
+            return
+        if not self.vertical:
+            self.start = self._dcor(client)[0]
+            return
+        for k, (party, x) in enumerate(zip(trainer.clients, self.strips)):
+            if k != trainer.server.label_client:
+                self.starts[k] = self._dcor(party, x)[0]
+
+    def party_start(self, client, k: int) -> None:
+        """`measure_start` of vertical party k in a process of its own."""
+        if self.enabled:
+            self.starts[k] = self._dcor(client)[0]
 
     def summary(self) -> dict:
         """The summary's fields: the start figure and the last warnings."""
@@ -248,6 +262,8 @@ class Leakage:
         fields = {"privacy_warnings": list(self.warnings)}
         if self.start is not None:
             fields["leakage_dcor_start"] = self.start
+        for k, start in self.starts.items():
+            fields[f"leakage_dcor_start_{k}"] = start
         return fields
 
     def __call__(self, trainer, accuracy=None, server_outputs=None) -> dict:
@@ -275,15 +291,15 @@ class Leakage:
     def party(self, client, k: int) -> dict:
         """Vertical party k (without the labels) in a process of its own:
         {"leakage_dcor_<k>": dCor of its strip of the fixed examples and its
-        cut tensors}, as `__call__` measures it with every party in one
-        process; logs its warnings. The label-leak AUCs need the labels and
-        the server's gradients of every party's cut: not measured here."""
+        cut tensors, "leakage_dcor_change_<k>" (after `party_start`)}, as
+        `__call__` measures them with every party in one process; logs its
+        warnings. The label-leak AUCs need the labels and the server's
+        gradients of every party's cut: not measured here."""
         self.found = []
         logs = {}
         if self.enabled:
             value, _, clean = self._dcor(client)
-            logs[f"leakage_dcor_{k}"] = value
-            self._party_warnings(k, client, value, clean)
+            logs = self._party_figures(k, client, value, clean)
         self._warn([])
         return logs
 
@@ -371,8 +387,7 @@ class Leakage:
         for k, (client, (value, _, clean)) in enumerate(zip(clients, measured)):
             if k == server.label_client:
                 continue
-            logs[f"leakage_dcor_{k}"] = value
-            self._party_warnings(k, client, value, clean)
+            logs.update(self._party_figures(k, client, value, clean))
             g = grads[k]
             if server.marvell_strength:
                 # From a generator of its own: measuring does not shift the
@@ -388,11 +403,17 @@ class Leakage:
             logs.update({f"label_leak_{a}_{k}": float(v) for a, v in aucs.items()})
         return logs
 
-    def _party_warnings(self, k, client, value, clean) -> None:
-        """Adds vertical party k's `privacy_warnings` to `found`."""
+    def _party_figures(self, k, client, value, clean) -> dict:
+        """Vertical party k's leakage_dcor_k (and its change against its
+        start); adds its `privacy_warnings` to `found`."""
+        logs = {f"leakage_dcor_{k}": value}
+        start = self.starts.get(k)
+        if start:
+            logs[f"leakage_dcor_change_{k}"] = value / start - 1.0
         alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
-        for warning in privacy_warnings(flat_batch(clean), value, None, alpha):
+        for warning in privacy_warnings(flat_batch(clean), value, start, alpha):
             self.found.append(f"party {k}: {warning}")
+        return logs
 
     def _label_leakage(self, client, outputs) -> dict:
         """U-shaped: what the server's output gradients tell about the labels.

@@ -8,7 +8,7 @@ from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.data.sites import Site
 from splitkeras.privacy.attacks.label_leakage import label_leakage
 from splitkeras.privacy.distance_correlation import distance_correlation
-from splitkeras.privacy.leakage import Leakage
+from splitkeras.privacy.leakage import Leakage, attach_privacy
 from splitkeras.schedules import vertical
 from tests import base
 from tests.schedules import test_vertical
@@ -101,3 +101,34 @@ class VerticalLeakageTest(base.TestCase):
             ),
             warning,
         )
+
+    def test_nopeek_that_has_not_moved_a_party_is_warned(self):
+        sites = _sites()
+        split = test_vertical._split()
+        c = _config()
+        c.privacy.nopeek_alpha = 0.5
+        attach_privacy(split, c)
+        leakage = Leakage(c, sites[0], strips=sites)
+        leakage.measure_start(split)  # untrained: the figures below are the same
+        self.assertEqual(sorted(leakage.starts), [1])
+        logs = leakage(split)
+        self.assertEqual(leakage.starts[1], logs["leakage_dcor_1"])
+        self.assertEqual(logs["leakage_dcor_change_1"], 0.0)
+        summary = leakage.summary()
+        self.assertEqual(summary["leakage_dcor_start_1"], leakage.starts[1])
+        (warning,) = summary["privacy_warnings"]
+        self.assertTrue(
+            warning.startswith(
+                "party 1: NoPeek is on (config.privacy.nopeek_alpha=0.5) but "
+                f"leakage_dcor {logs['leakage_dcor_1']:.3f} is +0% from"
+            ),
+            warning,
+        )
+        # One party in a process of its own measures the same.
+        alone = Leakage(c, sites[1], strips=[sites[1]])
+        alone.party_start(split.clients[1], 1)
+        self.assertEqual(
+            alone.party(split.clients[1], 1),
+            {k: v for k, v in logs.items() if not k.startswith("label_leak")},
+        )
+        self.assertEqual(alone.summary(), summary)
