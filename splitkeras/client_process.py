@@ -189,39 +189,37 @@ class ClientProcess(RunnerProcess):
         """The `Leakage` of the client that evaluates the rounds (vertical:
         of each party without the labels, on its own strip), measured at
         each evaluation through its program's `leakage` hook; None for the
-        others and streamed data."""
+        others, whole-model clients and streamed data."""
         program, config = self.program, self.config
-        vertical = config.topology == "vertical"
-        if vertical:
-            measures = self.k != 0  # party 0 holds the labels
-        else:
-            measures = self.last if self._turns() else self.k == 0
         if (
-            not measures
-            or getattr(program, "client", None) is None  # a whole model
+            getattr(program, "client", None) is None  # a whole model
             or not hasattr(program, "leakage")
             or not self._finite()
         ):
             return None
-        leakage = Leakage(config, self.site, strips=[self.site] if vertical else None)
-        if not leakage.enabled:
-            return None
+        vertical = config.topology == "vertical"
         if vertical:
-
-            def measure_party(client):
-                self.measured = leakage.party(client, self.k)
-                return self.measured
-
-            leakage.party_start(program.client, self.k)  # untrained
-            program.leakage = measure_party
-            return leakage
-        leakage.measure_start(program)  # the untrained client, as in process
+            measures = self.site.y_test is None  # a party without the labels
+        else:
+            measures = self.last if self._turns() else self.k == 0
+        strips = [self.site] if vertical else None
+        leakage = Leakage(config, self.site, strips=strips) if measures else None
+        if leakage is None or not leakage.enabled:
+            return None
+        # The untrained client, as in process.
+        if vertical:
+            leakage.party_start(program.client, self.k)
+        else:
+            leakage.measure_start(program)
 
         def measure(client):
-            # Of the program's client; U-shaped: the server's outputs for the
-            # label-leak attack come from its host (PREDICT).
-            outputs = self._server_outputs if client.tail is not None else None
-            figures = leakage(program, server_outputs=outputs)
+            if vertical:
+                figures = leakage.party(client, self.k)
+            else:
+                # U-shaped: the server's outputs for the label-leak attack
+                # come from its host (PREDICT).
+                outputs = self._server_outputs if client.tail is not None else None
+                figures = leakage(program, server_outputs=outputs)
             # The hijack guard's figures stay here: the server it watches
             # must not learn its score or its alarm.
             self.measured = {

@@ -16,10 +16,11 @@ warning in the log and in the summary's `privacy_warnings`.
 Vertical runs (each party holds a strip of the features) measure, for each
 party k without the labels, `leakage_dcor_k` (its strip against its cut
 tensors; `leakage_dcor_change_k` against its untrained segment's, and its
-warnings, NoPeek's not-moved one included) and `label_leak_norm_auc_k` / `label_leak_cosine_auc_k`: Li et
-al.'s attacks on the gradients the server would send it (the server's
-segment and loss on the fixed examples, with the server's Marvell-style
-noise when `config.privacy.marvell_strength` is on).
+warnings, NoPeek's not-moved one included) and `label_leak_norm_auc_k` /
+`label_leak_cosine_auc_k`: Li et al.'s attacks on the gradients the server
+would send it (the server's segment and loss on the fixed examples, with
+the server's Marvell-style noise when `config.privacy.marvell_strength` is
+on).
 
 With `config.privacy.reconstruction_examples` = N > 0, a run ends with the
 reconstruction attack on its newest client (`Leakage.reconstruction`): a
@@ -248,12 +249,13 @@ class Leakage:
             return
         for k, (party, x) in enumerate(zip(trainer.clients, self.strips)):
             if k != trainer.server.label_client:
-                self.starts[k] = self._dcor(party, x)[0]
+                self.party_start(party, k, x)
 
-    def party_start(self, client, k: int) -> None:
-        """`measure_start` of vertical party k in a process of its own."""
+    def party_start(self, client, k: int, x=None) -> None:
+        """`measure_start` of vertical party k (on its strip `x`; default:
+        the fixed examples of a party's own site, in a process of its own)."""
         if self.enabled:
-            self.starts[k] = self._dcor(client)[0]
+            self.starts[k] = self._dcor(client, x)[0]
 
     def summary(self) -> dict:
         """The summary's fields: the start figure and the last warnings."""

@@ -6,7 +6,8 @@ tensor and the batch's row numbers; the label owner also the labels) and
 multi-hop (the client talks to the first relay). It begins the round with
 the coordinator (BEGIN, after the last round ended), trains one
 `Client.train_step` per batch, ends the round (END), and, as the evaluating
-client, sends the test batches and reports (REPORT).
+client, sends the test batches and reports (REPORT). A party that measures
+its leakage (a vertical party without the labels) keeps its figures.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ class RoundClient:
         self.link.request(self._message(Kind.END, epoch, count=examples))
 
     def finish(self, epoch: int, test=None, reports: bool = True) -> None:
-        """Sends `test`'s batches for evaluation (if given); the evaluating
-        client (`reports`) then REPORTs (the label holder has the figures)."""
+        """Sends `test`'s batches for evaluation (if given); measures its
+        leakage (the `leakage` hook, if set); the evaluating client
+        (`reports`) then REPORTs (the label holder has the figures) with its
+        leakage figures, and a party that does not report keeps them."""
         if test is None:
             return
         self._eval_step.assign(0)

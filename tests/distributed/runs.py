@@ -69,6 +69,18 @@ def in_process(config, train=True):
     return schedule
 
 
+def leakage_of(config, trained, untrained=None):
+    """(the leakage figures of the `trained` schedule as the run in one
+    process logs them after its last round, that run's `Leakage`: its start
+    figures measured on `untrained`, default `trained`). With activation
+    noise on, this fresh `Leakage` would draw other noise than the run's."""
+    if config.privacy.activation_noise:
+        raise ValueError("leakage_of measures without activation noise only")
+    first = trained if untrained is None else untrained
+    leakage = InProcess(config, first, builders.load_data(config)).leakage
+    return leakage(trained), leakage
+
+
 def parties(config, schedule) -> dict:
     """{file stem in the processes' workdirs: the schedule's model}."""
     method, topology = config.method, config.topology

@@ -9,14 +9,14 @@ import os
 
 import numpy as np
 
-from splitkeras import builders, host_process, launcher
-from splitkeras.experiment import InProcess
+from splitkeras import host_process, launcher
 from tests import base
 from tests.distributed.runs import (
     assert_same_weights,
     client_bytes,
     in_process,
     in_process_weights,
+    leakage_of,
     processes_client_bytes,
     processes_weights,
     setup,
@@ -94,8 +94,7 @@ class ConfigurationsOverGrpcTest(base.TestCase):
         if config.method not in WHOLE_MODEL:
             # The client that evaluates measures its cut's leakage as the
             # run in one process does, and reports it to the host.
-            data = builders.load_data(config)
-            leaked = InProcess(config, schedule, data).leakage(schedule)
+            leaked, _ = leakage_of(config, schedule)
             self.assertEqual(summary["leakage_dcor"], leaked["leakage_dcor"])
         if overrides == CONFIGURATIONS["round_robin_server_handoff"]:
             # Started again on its finished workdir, the host returns the

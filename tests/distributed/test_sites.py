@@ -17,8 +17,7 @@ import sys
 
 import numpy as np
 
-from splitkeras import builders, launcher
-from splitkeras.experiment import InProcess
+from splitkeras import launcher
 from tests import base
 from tests.distributed.runs import (
     ROOT,
@@ -26,6 +25,7 @@ from tests.distributed.runs import (
     client_bytes,
     in_process,
     in_process_weights,
+    leakage_of,
     processes_client_bytes,
     processes_weights,
     setup,
@@ -56,11 +56,9 @@ class SitesTest(base.TestCase):
         expected = in_process_weights(config, schedule)
         untrained = in_process(config, train=False)  # to load the results into
         vertical = config.topology == "vertical"
-        if vertical:
-            # What the parties leak, untrained and trained, measured with all
-            # of them here.
-            leakage = InProcess(config, untrained, builders.load_data(config)).leakage
-            leaked = leakage(schedule)
+        # What the clients leak, untrained and trained, measured with all of
+        # them here.
+        leaked, leakage = leakage_of(config, schedule, untrained)
 
         every = os.path.join(root, "sites")
         written = subprocess.run(
@@ -115,6 +113,8 @@ class SitesTest(base.TestCase):
                 [],
             )
         else:
+            # The last client evaluates, and reports its cut's leakage.
+            self.assertEqual(summary["leakage_dcor"], leaked["leakage_dcor"])
             # Each client process reports its guard's score as the same
             # client in one process has it (probes at steps 2, 4, 6).
             for client in schedule.clients:
