@@ -47,11 +47,13 @@ __all__ = [
 KILL_AFTER_STEPS = "SPLITKERAS_KILL_AFTER_STEPS"
 
 
-def kill_after(steps: int) -> None:
-    """SIGKILLs this process if `steps` reached $SPLITKERAS_KILL_AFTER_STEPS."""
+def kill_after(steps: int, last: str = "") -> None:
+    """SIGKILLs this process if `steps` reached $SPLITKERAS_KILL_AFTER_STEPS;
+    the log line names `last` (what was applied last), if given."""
     limit = int(os.environ.get(KILL_AFTER_STEPS, "0") or 0)
     if limit and steps >= limit:
-        log.warning("%s=%d: killing this process", KILL_AFTER_STEPS, limit)
+        after = f" after {last}" if last else ""
+        log.warning("%s=%d: killing this process%s", KILL_AFTER_STEPS, limit, after)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

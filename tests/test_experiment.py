@@ -128,6 +128,8 @@ class ExperimentTest(base.TestCase):
             "validation/accuracy",
             "validation/loss",
             "validation/bytes_up",
+            "validation/leakage_dcor",
+            "validation/leakage_dcor_change",
         ):
             self.assertIn(tag, tags)
 

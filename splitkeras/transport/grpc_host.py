@@ -119,7 +119,7 @@ class GrpcHost:
         self.gather_seconds = gather_seconds
         self.refused = 0
         self.applied = 0  # training messages applied
-        self.on_applied = None  # called with `applied` after each
+        self.on_applied = None  # called with `applied` (and what) after each
         self.hosts_told = set()  # hosts (relays) told that the run is over
         self.closed = threading.Event()  # set: the watchdog stops
         self.counters = ByteCounters.for_categories(CATEGORIES, num_clients)
@@ -401,7 +401,8 @@ class GrpcHost:
             if kind in TRAINING:
                 self.applied += 1
                 if self.on_applied is not None:
-                    self.on_applied(self.applied)
+                    last = f"{kind.name} of client {client}, step {envelope.step}"
+                    self.on_applied(self.applied, last)
             return data
 
     def _check_evaluation(self, name, client, envelope):

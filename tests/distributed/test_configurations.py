@@ -121,3 +121,12 @@ class ConfigurationsOverGrpcTest(base.TestCase):
             computed = client_bytes(schedule.byte_counts())
             for measured, expected in zip(counted, computed):
                 np.testing.assert_allclose(measured, expected, rtol=0.02)
+            # The host's summary has what it counted of each client's
+            # activations up and gradients down, within 2% too.
+            for name in ("bytes_up", "bytes_down"):
+                np.testing.assert_allclose(
+                    summary["per_client"][name],
+                    schedule.byte_counts()[name],
+                    rtol=0.02,
+                    err_msg=name,
+                )

@@ -1,10 +1,14 @@
 """What keeps two hosts apart: one port, one workdir each."""
 
 import os
+import signal
+import subprocess
+import sys
 
 from splitkeras.host_process import lock_workdir
 from splitkeras.transport.grpc_host import GrpcHost, start_host
 from tests import base
+from tests.distributed.runs import ROOT
 
 
 class GuardsTest(base.TestCase):
@@ -28,6 +32,35 @@ class GuardsTest(base.TestCase):
         ):
             lock_workdir(workdir)
         held.close()  # released (as when its process ends): taken again
+        lock_workdir(workdir).close()
+
+    def test_a_workdir_held_by_a_crashed_host_is_taken_again(self):
+        workdir = os.path.join(self.tempdir(), "server")
+        # Another process holds the workdir, until it is SIGKILLed.
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time\n"
+                "from splitkeras.host_process import lock_workdir\n"
+                "lock = lock_workdir(sys.argv[1])\n"
+                "print('held', flush=True)\n"
+                "time.sleep(600)\n",
+                workdir,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), "held\n")
+        with self.assertRaisesRegex(
+            RuntimeError, f"{workdir} is in use by pid {holder.pid}: two hosts"
+        ):
+            lock_workdir(workdir)
+        holder.send_signal(signal.SIGKILL)  # a crash: no cleanup of its own
+        holder.wait(60)
         lock_workdir(workdir).close()
 
 

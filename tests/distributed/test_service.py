@@ -22,7 +22,9 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from splitkeras.checkpointing import party_checkpoint
+from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
+from splitkeras.host_process import HostProcess
 from splitkeras.objective import Objective
 from splitkeras.parties.server import Server
 from splitkeras.protocol import Kind, Message, Status
@@ -693,6 +695,9 @@ class TurnTimeoutTest(base.TestCase):
         now[0] += 0.2
         f.host.tick()
         self.assertEqual(f.turns.skipped, [{"epoch": 0, "client": 0}])
+        # The host's summary.json lists it.
+        summary = HostProcess(fashion_mnist_lenet.get_config(), f.host).summary({})
+        self.assertEqual(summary["skipped_turns"], [{"epoch": 0, "client": 0}])
         self.assertEqual(f.host.position(), (0, 1, 0))
         self.assertRolledBack(f, start)
         # Client 0's late calls: its turn is over (not ready: go on to the

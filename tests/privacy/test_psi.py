@@ -208,3 +208,48 @@ class NoTensorFlowTest(base.TestCase):
             check=True,
         )
         self.assertEqual(result.stdout.strip(), "False")
+
+
+class _Recording:
+    """The aligner, recording every message it gets and every reply."""
+
+    def __init__(self, aligner):
+        self.aligner, self.states = aligner, []
+
+    def handle(self, message):
+        reply = self.aligner.handle(message)
+        self.states += [message.state or b"", reply.state or b""]
+        return reply
+
+    def __getattr__(self, name):
+        return getattr(self.aligner, name)
+
+
+class AlignOverLinksTest(base.TestCase):
+    def test_no_id_and_no_unblinded_point_travels(self):
+        from splitkeras.schedules.alignment import Aligner, align
+        from splitkeras.schedules.splitfed import interleave
+        from splitkeras.transport.counters import ByteCounters
+        from splitkeras.transport.local import LocalTransport
+        from splitkeras.transport.turns import yield_all
+
+        held = {
+            0: [f"patient-{i}" for i in (3, 1, 4, 5, 9, 2, 6)],
+            1: [f"patient-{i}" for i in (9, 7, 3, 2, 8, 5)],
+        }
+        recording = _Recording(Aligner(2, 0))
+        counters = ByteCounters.for_categories(("alignment",), 2)
+        link = LocalTransport(recording, 2, counters=counters)
+        programs = [align(link, k, 2, ids) for k, ids in held.items()]
+        rows = yield_all(interleave(programs))
+        # The common samples, in party 0's order, at each party's rows.
+        common = ["patient-3", "patient-5", "patient-9", "patient-2"]
+        for k, ids in held.items():
+            self.assertEqual([ids[r] for r in rows[k]], common)
+        wire = b"".join(recording.states)
+        self.assertGreater(len(wire), 0)
+        for ids in held.values():
+            for i, point in zip(ids, psi.hash_ids(ids)):
+                self.assertFalse(i.encode() in wire, f"{i} sent")
+                # Blinded before it is sent.
+                self.assertFalse(point.tobytes() in wire, f"{i}'s point sent")
