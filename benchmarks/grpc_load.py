@@ -175,6 +175,9 @@ def main(argv):
         problems.append(f"flood answered {flood['codes']}")
     if closed != len(stalled):
         problems.append(f"{len(stalled) - closed} stalled connections still open")
+    retries = sum(c.get("retries", 0) for c in clients)
+    if retries:
+        problems.append(f"the clients retried {retries} calls")
     print(
         f"clients: {k} processes, TLS+tokens: {_TLS.value}; steps applied: "
         f"{summary['steps']} (expected {expected}); refused calls: "

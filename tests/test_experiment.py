@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -104,6 +105,7 @@ class ExperimentTest(base.TestCase):
             summary = json.load(f)
         self.assertEqual(summary, self.summary)
         self.assertEqual(summary["steps"], 16)
+        self.assertGreater(summary["wall_seconds"], 0)
         self.assertGreater(summary["test_accuracy"], 0.9)
         # 16 steps of 32 examples, 14x14x6 float32 cut tensor + int64 label up,
         # plus 2 evaluations (one per epoch; the last is the final test) of 64.
@@ -112,6 +114,14 @@ class ExperimentTest(base.TestCase):
         self.assertEqual(summary["per_client"]["bytes_up"], [summary["bytes_up"]])
         with open(os.path.join(self.full, "config.json")) as f:
             self.assertEqual(json.load(f)["model"]["cut"], "pool1")
+
+    def test_a_finished_run_reports_again(self):
+        workdir = os.path.join(self.tempdir(), "finished")
+        shutil.copytree(self.full, workdir)
+        again = experiment.train_and_evaluate(_config(self.npz), workdir)
+        self.assertEqual(again["steps"], 16)  # no step more
+        for field in ("test_loss", "test_accuracy", "leakage_dcor"):
+            self.assertEqual(again[field], self.summary[field], field)
 
     def test_tensorboard_events_have_the_scalars(self):
         tags = set()

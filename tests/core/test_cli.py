@@ -42,6 +42,11 @@ class CliTest(base.TestCase):
             ("train.epochs", 0, "config.train.epochs=0: it must be at least 1"),
             ("num_clients", 0, "config.num_clients=0: it must be at least 1"),
             (
+                "train.batch_size",
+                0,
+                "config.train.batch_size=0: it must be at least 1",
+            ),
+            (
                 "runtime.intra_op_threads",
                 -1,
                 r"config.runtime.intra_op_threads=-1: it must be 0 \(TensorFlow's "
@@ -69,21 +74,27 @@ class CliTest(base.TestCase):
     def test_a_script_says_one_line(self):
         # `splitkeras launch` with no clients: one line on stderr, exit 1, no
         # traceback and no hang.
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "splitkeras",
-                "launch",
-                CONFIG,
-                "--config.num_clients=0",
-                f"--workdir={self.tempdir()}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        command = [
+            sys.executable,
+            "-m",
+            "splitkeras",
+            "launch",
+            CONFIG,
+            "--config.num_clients=0",
+            f"--workdir={self.tempdir()}",
+        ]
+
+        def run(**env):
+            return subprocess.run(
+                command,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, **env},
+            )
+
+        done = run()
         self.assertEqual(done.returncode, 1)
         ours = [
             line
@@ -98,6 +109,11 @@ class CliTest(base.TestCase):
             ],
         )
         self.assertNotIn("Traceback", done.stderr)
+        # SPLITKERAS_TRACEBACK=1 shows where it came from.
+        shown = run(SPLITKERAS_TRACEBACK="1")
+        self.assertEqual(shown.returncode, 1)
+        self.assertIn("Traceback (most recent call last)", shown.stderr)
+        self.assertIn("config.num_clients=0: it must be at least 1", shown.stderr)
 
     def test_a_config_is_a_shipped_name_or_a_path(self):
         shipped = os.path.join(ROOT, "splitkeras", "configs", "cifar10_vgg.py")

@@ -60,12 +60,15 @@ class MultiWorkerTest(base.TestCase):
             **{f"server_{i}": w for i, w in enumerate(server.segment.get_weights())},
             **{f"client_{i}": w for i, w in enumerate(client.segment.get_weights())},
         }
+        got = [np.load(os.path.join(root, f"worker_{i}.npz")) for i in range(2)]
         for i in range(2):
-            got = np.load(os.path.join(root, f"worker_{i}.npz"))
-            self.assertEqual(int(got["replicas"]), 2)
-            self.assertAlmostEqual(float(got["accuracy"]), test["accuracy"], 6)
+            self.assertEqual(int(got[i]["replicas"]), 2)
+            self.assertAlmostEqual(float(got[i]["accuracy"]), test["accuracy"], 6)
             for key, value in expected.items():
-                np.testing.assert_allclose(got[key], value, atol=1e-5, err_msg=key)
+                np.testing.assert_allclose(got[i][key], value, atol=1e-5, err_msg=key)
+        # The workers hold the same weights, to the bit.
+        for key in expected:
+            np.testing.assert_array_equal(got[1][key], got[0][key], err_msg=key)
 
 
 class _Resolver:

@@ -146,6 +146,36 @@ class AuthenticateTest(base.TestCase):
         ok = {"x-splitkeras-client": "0", "x-splitkeras-token": "tok0"}
         self.assertEqual(authenticate(ok, 0, 2, tokens, ("client-0",)), 0)
 
+    def test_without_tokens_any_client_id_below_k_is_served(self):
+        import grpc
+
+        from splitkeras.transport.callers import Refused, authenticate
+
+        self.assertEqual(authenticate({"x-splitkeras-client": "1"}, 1, 2, None), 1)
+        cases = [
+            # Mutual TLS binds the id to the certificate without tokens too.
+            (
+                "0",
+                ("client-1",),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the certificate of client-1 cannot call as client 0",
+            ),
+            (
+                "2",
+                (),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown client 2: this host serves clients 0..1",
+            ),
+        ]
+        for raw, names, code, details in cases:
+            with self.subTest(details=details):
+                with self.assertRaises(Refused) as refused:
+                    authenticate({"x-splitkeras-client": raw}, int(raw), 2, None, names)
+                self.assertEqual(
+                    (refused.exception.code, refused.exception.details),
+                    (code, details),
+                )
+
 
 class ClientSecretsTest(base.TestCase):
     def test_each_client_holds_its_own_secrets(self):
