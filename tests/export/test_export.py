@@ -16,7 +16,7 @@ from absl.testing import parameterized
 
 from splitkeras import builders
 from splitkeras.cut import cut
-from splitkeras.edge.runtime import LiteSegment
+from splitkeras.edge.runtime import LiteSegment, interpreter
 from splitkeras.export import (
     LiteConversionError,
     export_segment,
@@ -107,10 +107,13 @@ class ExportTest(base.TestCase):
 
     def _check_quantized(self, out, artifacts, bounds):
         """Each variant is quantized (smaller than the float32 serve model,
-        outputs not float-exact) and within its bound."""
+        outputs not float-exact), within its bound, and inference only."""
         float_serve = len(to_litert(os.path.join(out, "serve_saved_model"), ["serve"]))
         for q, bound in bounds.items():
-            artifact = artifacts[f"client_serve_{q}.tflite"]
+            name = f"client_serve_{q}.tflite"
+            artifact = artifacts[name]
+            lite = interpreter(os.path.join(out, name))
+            self.assertEqual(list(lite.get_signature_list()), ["serve"], q)
             self.assertLess(artifact["bytes"], float_serve, q)
             self.assertGreater(artifact["max_abs_diff"], 1e-5, q)  # float: ~2e-7
             self.assertLessEqual(artifact["max_abs_diff"], bound, q)

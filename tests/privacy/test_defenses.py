@@ -73,6 +73,12 @@ class DefensesTest(base.TestCase):
         self.assertGreater(float(dcor), 0.1)
         return [t.numpy() for t in task], [v.numpy() for v in leak]
 
+    def test_nopeek_defaults(self):
+        privacy = fashion_mnist_lenet.get_config().privacy
+        self.assertEqual(
+            (privacy.nopeek_step, privacy.nopeek_window), ("normalized", 256)
+        )
+
     def test_nopeek_loss_step_is_task_plus_alpha_dcor_gradient(self):
         alpha = 0.7
         privacy = ClientPrivacy(nopeek_alpha=alpha, nopeek_step="loss", nopeek_window=0)

@@ -271,14 +271,15 @@ class GuardConfigTest(base.TestCase):
         ):
             from_config(c)
         c.topology = "ushaped"
-        c.privacy.label_epsilon = 2.0
-        with self.assertRaisesRegex(
-            ValueError,
-            "beside config.privacy.label_epsilon or marvell_strength it raised "
-            "false alarms on an honest server",
-        ):
-            from_config(c)
-        c.privacy.label_epsilon = 0.0
+        for field, value in (("label_epsilon", 2.0), ("marvell_strength", 0.25)):
+            c.privacy[field] = value
+            with self.assertRaisesRegex(
+                ValueError,
+                "beside config.privacy.label_epsilon or marvell_strength it raised "
+                "false alarms on an honest server",
+            ):
+                from_config(c)
+            c.privacy[field] = 0.0
         c.topology = "vanilla"
         c.train.microbatches = 4
         with self.assertRaisesRegex(
