@@ -40,7 +40,8 @@ CONFIGURATIONS = {
     },
     "splitfed_v1": {"method": "splitfed_v1"},
     "splitfed_v1_fed_process": {"method": "splitfed_v1", "splitfed.fed_process": True},
-    "splitfed_v2": {"method": "splitfed_v2"},
+    # NoPeek too: its normalized step over gRPC gives the same weights.
+    "splitfed_v2": {"method": "splitfed_v2", "privacy.nopeek_alpha": 0.1},
     # U-shaped SplitFed: every server copy (v1) and the ordered server (v2)
     # run their steps paused between TRAIN and OUTPUT_GRADIENTS.
     "splitfed_v1_ushaped": {
@@ -55,7 +56,12 @@ CONFIGURATIONS = {
     },
     "fedavg": {"method": "fedavg"},
     "large_batch_sgd": {"method": "large_batch_sgd"},
-    "multihop": {"topology": "multihop", "model.cut": "pool1,pool2", "num_clients": 1},
+    "multihop": {
+        "topology": "multihop",
+        "model.cut": "pool1,pool2",
+        "num_clients": 1,
+        "privacy.nopeek_alpha": 0.1,
+    },
     "multitask": {
         "topology": "multitask",
         "num_clients": 1,
