@@ -142,9 +142,6 @@ def compare(root, case, settings, threads, runs, steps):
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-ECHO_WAYS = ("unary", "unary, 2 in flight", "stream", "stream, 2 in flight")
-
-
 def echo(nbytes, runs=7, calls=50):
     """{way: (wall ms, CPU ms) per message}, medians, of raw gRPC round trips
     sending `nbytes` and answering them (channel options as the library's,
@@ -214,17 +211,12 @@ def _echo_ways(call, outbox, replies, data, runs, calls) -> dict:
             next(replies)
             received += 1
 
-    ways = dict(
-        zip(
-            ECHO_WAYS,
-            (
-                lambda n: unary(n, 0),
-                lambda n: unary(n, 2),
-                lambda n: stream(n, 0),
-                lambda n: stream(n, 2),
-            ),
-        )
-    )
+    ways = {
+        "unary": lambda n: unary(n, 0),
+        "unary, 2 in flight": lambda n: unary(n, 2),
+        "stream": lambda n: stream(n, 0),
+        "stream, 2 in flight": lambda n: stream(n, 2),
+    }
     for way in ways.values():
         way(5)  # connected and warm
     walls = {way: [] for way in ways}

@@ -202,9 +202,10 @@ class ClientProcess(RunnerProcess):
             measures = self.site.y_test is None  # a party without the labels
         else:
             measures = self.last if self._turns() else self.k == 0
-        strips = [self.site] if vertical else None
-        leakage = Leakage(config, self.site, strips=strips) if measures else None
-        if leakage is None or not leakage.enabled:
+        if not measures:
+            return None
+        leakage = Leakage(config, self.site, strips=[self.site] if vertical else None)
+        if not leakage.enabled:
             return None
         # The untrained client, as in process.
         if vertical:

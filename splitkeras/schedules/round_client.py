@@ -98,8 +98,6 @@ class RoundClient:
         self._eval_step.assign(0)
         for batch in test:
             self.eval_fn(*batch)
-        # A party that measures its leakage but does not report (a vertical
-        # party without the labels) keeps its figures.
         figures = self.leakage(self.client) if self.leakage else {}
         if reports:
             self.link.poll(self._message(Kind.REPORT, epoch, metrics=figures))
