@@ -19,8 +19,8 @@ client also scores the label-leak attacks on the gradients it would send
 for the server's outputs, which it asks of the host (PREDICT). Each
 vertical party without the labels measures `leakage_dcor_<k>` of its own
 strip as the run in one process does, into its own summary; the label-leak
-AUCs of the gradients it receives are not measured over gRPC (they need
-the labels and every party's cut tensors).
+AUCs of the gradients it receives are the host's to score (it has the
+labels and every party's cut tensors: `EvaluationLeak`).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from splitkeras.parties.segment_step import specs_of, wire_dtype
 from splitkeras.parties.splitfed_servers import OrderedServer, ServerCopies
 from splitkeras.parties.vertical_server import VerticalServer, label_protection
 from splitkeras.privacy.defenses import from_config
+from splitkeras.privacy.leakage import EvaluationLeak
 from splitkeras.schedules import pipelining
 from splitkeras.schedules.alignment import Aligner
 from splitkeras.schedules.coordinator import Rounds
@@ -269,6 +270,8 @@ def _vertical_host(config, build, make_optimizer, epochs):
         **label_protection(config),
     )
     server.build_optimizer()
+    if int(config.privacy.leakage_examples) > 0:
+        server.evaluation_leak = EvaluationLeak(config, server)
     # Every feature holder sends its part of each test batch.
     coordinator = Rounds(server, k, epochs, reports=True, evaluators=None)
     state = {"server": server.checkpoint()}

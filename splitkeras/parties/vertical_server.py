@@ -121,6 +121,10 @@ class VerticalServer(SegmentParty):
             raise ValueError(f"marvell_strength must be >= 0, got {marvell_strength}")
         self.marvell_strength = float(marvell_strength)
         self._seeds = keras.random.SeedGenerator(seed)
+        # On a host: given each EVALUATE step's messages (`record`), its
+        # `figures()` join the round's validation figures (the label-leak
+        # AUCs, `splitkeras.privacy.leakage.EvaluationLeak`).
+        self.evaluation_leak = None
         self._gathered = {}  # (kind, step) -> {client: message}
         self._answers = {}  # (kind, step) -> {client: reply}
         self._batch_fns = {}
@@ -155,6 +159,14 @@ class VerticalServer(SegmentParty):
     def rolled_back(self) -> None:
         self._gathered.clear()
         self._answers.clear()
+        if self.evaluation_leak is not None:
+            self.evaluation_leak.forget()
+
+    def evaluation_figures(self) -> dict:
+        """More validation figures of the round's evaluation ({} if none)."""
+        if self.evaluation_leak is None:
+            return {}
+        return self.evaluation_leak.figures()
 
     # ------------------------------------------ one message at a time (a host)
     def handle(self, message: Message) -> Message:
@@ -178,6 +190,8 @@ class VerticalServer(SegmentParty):
             raise NotYet(f"step {key[1]} waits for clients {missing}")
         del self._gathered[key]
         messages = [gathered[k] for k in range(self.num_clients)]
+        if message.kind == Kind.EVALUATE and self.evaluation_leak is not None:
+            self.evaluation_leak.record(messages)
         replies = self._batch(message.kind, messages)
         answers = {r.client_id: r for r in replies}
         reply = answers.pop(message.client_id)

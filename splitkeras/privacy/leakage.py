@@ -51,6 +51,7 @@ from splitkeras.protocol import flat
 __all__ = [
     "NEAR_CHANCE",
     "NOT_MOVED",
+    "EvaluationLeak",
     "Leakage",
     "attach_privacy",
     "clients_of",
@@ -58,6 +59,7 @@ __all__ = [
     "images_of",
     "near_chance_warning",
     "privacy_warnings",
+    "vertical_label_leak",
 ]
 
 log = logging.getLogger("splitkeras")
@@ -378,31 +380,21 @@ class Leakage:
         """Each party k without the labels: leakage_dcor_k and the leak AUCs
         of the gradients the server would send it."""
         measured = [self._dcor(c, x) for c, x in zip(clients, self.strips)]
-        cuts = [cut[0] for _, cut, _ in measured]
-        with tf.GradientTape() as tape:
-            tape.watch(cuts)
-            y_pred = server.segment(server.merged(cuts), training=False)
-            n = tf.cast(tf.shape(self.y)[0], tf.float32)
-            loss = self._loss(self.y_trained, y_pred) * n / self._batch_size
-        grads = tape.gradient(loss, cuts)
         logs = {}
         for k, (client, (value, _, clean)) in enumerate(zip(clients, measured)):
-            if k == server.label_client:
-                continue
-            logs.update(self._party_figures(k, client, value, clean))
-            g = grads[k]
-            if server.marvell_strength:
-                # From a generator of its own: measuring does not shift the
-                # server's training noise.
-                g = marvell_noise(
-                    g,
-                    self.y_trained,
-                    server.marvell_strength,
-                    self._marvell_seeds,
-                    num_classes_of(server.segment),
-                )
-            aucs = label_leakage(flat_batch(g).numpy(), np.equal(self.y, 0))
-            logs.update({f"label_leak_{a}_{k}": float(v) for a, v in aucs.items()})
+            if k != server.label_client:
+                logs.update(self._party_figures(k, client, value, clean))
+        cuts = [cut[0] for _, cut, _ in measured]
+        logs.update(
+            vertical_label_leak(
+                server,
+                cuts,
+                self.y,
+                self.y_trained,
+                self._batch_size,
+                self._marvell_seeds,
+            )
+        )
         return logs
 
     def _party_figures(self, k, client, value, clean) -> dict:
@@ -441,6 +433,99 @@ class Leakage:
             )
         aucs = label_leakage(flat_batch(grads).numpy(), np.equal(self.y, 0))
         return {f"label_leak_{k}": float(v) for k, v in aucs.items()}
+
+
+def vertical_label_leak(server, cuts, y, y_trained, batch_size, seeds) -> dict:
+    """{"label_leak_norm_auc_k", "label_leak_cosine_auc_k"} of each party k
+    without the labels: Li et al.'s attacks on the gradients a vertical
+    `server` would send it for these examples.
+
+    Args:
+      server: the `VerticalServer` (its segment, merge, label owner and
+        Marvell-style noise).
+      cuts: every party's cut tensor of the same examples, in party order.
+      y: their true labels (the attacks are scored against them).
+      y_trained: the labels the server trains with (randomized under label
+        DP).
+      batch_size: a training batch's size: the gradients are at the scale of
+        its mean loss.
+      seeds: a `keras.random.SeedGenerator` of the measurement's own, for the
+        Marvell-style noise (measuring does not shift the server's).
+    """
+    cuts = [tf.convert_to_tensor(c) for c in cuts]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        tape.watch(cuts)
+        y_pred = server.segment(server.merged(cuts), training=False)
+        n = tf.cast(tf.shape(y)[0], tf.float32)
+        loss = loss_fn(y_trained, y_pred) * n / batch_size
+    grads = tape.gradient(loss, cuts)
+    logs = {}
+    for k, g in enumerate(grads):
+        if k == server.label_client:
+            continue
+        if server.marvell_strength:
+            classes = num_classes_of(server.segment)
+            g = marvell_noise(g, y_trained, server.marvell_strength, seeds, classes)
+        aucs = label_leakage(flat_batch(g).numpy(), np.equal(y, 0))
+        logs.update({f"label_leak_{a}_{k}": float(v) for a, v in aucs.items()})
+    return logs
+
+
+class EvaluationLeak:
+    """A vertical host's `label_leak_*_k` figures, from the evaluation.
+
+    Over gRPC no process holds every party's strip of the fixed examples:
+    the host does get, in each round's evaluation, every party's cut
+    tensors of the test rows (by row number) and the labels. It keeps those
+    of the first `config.privacy.leakage_examples` rows (the fixed
+    examples, as `Leakage` picks them in one process) and at the round's
+    end scores the gradients its server would send each party without the
+    labels for them (`vertical_label_leak`). They are the cut tensors as
+    sent for evaluation: with activation noise on, the party's own draws,
+    not those `Leakage` makes in one process.
+
+    Args:
+      config: the experiment config.
+      server: the host's `VerticalServer`.
+    """
+
+    def __init__(self, config, server):
+        self.server = server
+        self.examples = int(config.privacy.leakage_examples)
+        self._config = config
+        self._batch_size = int(config.train.batch_size)
+        # As `Leakage`'s: the same draws when measured at the same rounds.
+        self._seeds = keras.random.SeedGenerator(int(config.seed) + 7919)
+        self._rows = {}  # row number -> ([cut row per party], label)
+
+    def record(self, messages) -> None:
+        """Keeps the fixed examples' rows of one EVALUATE step (one message
+        per party, in party order, the label owner's with the labels)."""
+        ids = np.asarray(messages[0].ids)
+        y = np.asarray(messages[self.server.label_client].labels)
+        cuts = [np.asarray(m.tensors[0]) for m in messages]
+        for i in np.flatnonzero(ids < self.examples):
+            self._rows[int(ids[i])] = ([c[i] for c in cuts], y[i])
+
+    def forget(self) -> None:
+        self._rows.clear()
+
+    def figures(self) -> dict:
+        """The AUCs of the rows kept since the last call ({} if none)."""
+        rows, self._rows = self._rows, {}
+        if not rows:
+            return {}
+        order = sorted(rows)
+        parties = zip(*(rows[i][0] for i in order))
+        cuts = [np.stack(party) for party in parties]
+        y = np.array([rows[i][1] for i in order])
+        y_trained = training_labels(
+            self._config, y, self.server.num_classes, party=_NOT_A_PARTY
+        )
+        return vertical_label_leak(
+            self.server, cuts, y, y_trained, self._batch_size, self._seeds
+        )
 
 
 def _segment_outputs(server):

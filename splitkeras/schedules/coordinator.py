@@ -201,8 +201,10 @@ class Coordinator:
         return train, val
 
     def _validation(self, r: int) -> dict:
-        """Round `r`'s validation figures: the evaluating client's report, and
-        the label holder's figures here (vanilla) of the pass it reports."""
+        """Round `r`'s validation figures: the evaluating client's report, the
+        label holder's figures here (vanilla) of the pass it reports, and the
+        server's `evaluation_figures()` if it has them (a vertical host's
+        label-leak AUCs)."""
         if r not in self._reports:
             return {}
         val = dict(self._reports.pop(r))
@@ -210,6 +212,9 @@ class Coordinator:
         if objective is not None:
             val.update(objective.result(training=False))
             objective.reset(training=False)
+        figures = getattr(self.server, "evaluation_figures", None)
+        if figures is not None:
+            val.update(figures())
         return val
 
     def _commit(self) -> None:

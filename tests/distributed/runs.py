@@ -72,12 +72,16 @@ def in_process(config, train=True):
 def leakage_of(config, trained, untrained=None):
     """(the leakage figures of the `trained` schedule as the run in one
     process logs them after its last round, that run's `Leakage`: its start
-    figures measured on `untrained`, default `trained`). With activation
-    noise on, this fresh `Leakage` would draw other noise than the run's."""
+    figures measured on `untrained`, default `trained`). It measures once per
+    round, as the run does, so that the server's Marvell-style noise in the
+    last figures is the run's last draw. With activation noise on, this
+    fresh `Leakage` would draw other noise than the run's."""
     if config.privacy.activation_noise:
         raise ValueError("leakage_of measures without activation noise only")
     first = trained if untrained is None else untrained
     leakage = InProcess(config, first, builders.load_data(config)).leakage
+    for _ in range(int(config.train.epochs) - 1):
+        leakage(trained)
     return leakage(trained), leakage
 
 

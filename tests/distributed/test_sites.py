@@ -6,8 +6,9 @@ of the same run in one process over the whole dataset, equal to the bit
 configurations are tested as processes here; round robin with the
 clients' hijack guards on, whose probes must match too, and the vertical
 one with the server's Marvell-style noise on, whose draws must match
-too; its party without the labels measures the leakage of its strip as
-the run in one process does)."""
+too; its party without the labels measures the leakage of its strip, and
+its host the label-leak AUCs of that party's gradients, as the run in one
+process does)."""
 
 import json
 import os
@@ -86,9 +87,18 @@ class SitesTest(base.TestCase):
         processes = processes_weights(config, workdir, untrained)
         assert_same_weights(self, processes, expected)
         if vertical:
+            # The host measures the label-leak AUCs of the gradients it would
+            # send party 1, from the evaluation's cut tensors, as the run in
+            # one process does (the Marvell-style noise drawn alike).
+            self.assertEqual(
+                {k: v for k, v in summary.items() if k.startswith("label_leak")},
+                {
+                    k: leaked[k]
+                    for k in ("label_leak_norm_auc_1", "label_leak_cosine_auc_1")
+                },
+            )
             # Party 1 (no labels) measures its own strip's leakage as the run
-            # in one process does; party 0 (the labels) measures none, and the
-            # label-leak AUCs are not measured over gRPC.
+            # in one process does; party 0 (the labels) measures none.
             summaries = []
             for k in range(config.num_clients):
                 with open(os.path.join(workdir, f"client_{k}", "summary.json")) as f:
