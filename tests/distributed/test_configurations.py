@@ -40,8 +40,14 @@ CONFIGURATIONS = {
     },
     "splitfed_v1": {"method": "splitfed_v1"},
     "splitfed_v1_fed_process": {"method": "splitfed_v1", "splitfed.fed_process": True},
-    # NoPeek too: its normalized step over gRPC gives the same weights.
-    "splitfed_v2": {"method": "splitfed_v2", "privacy.nopeek_alpha": 0.1},
+    # NoPeek too: its normalized step over gRPC gives the same weights; the
+    # fed server in its own process (in the main server's: the U-shaped
+    # case below).
+    "splitfed_v2_fed_process": {
+        "method": "splitfed_v2",
+        "splitfed.fed_process": True,
+        "privacy.nopeek_alpha": 0.1,
+    },
     # U-shaped SplitFed: every server copy (v1) and the ordered server (v2)
     # run their steps paused between TRAIN and OUTPUT_GRADIENTS.
     "splitfed_v1_ushaped": {
