@@ -133,6 +133,11 @@ class VerticalServer(SegmentParty):
     def takes_labels(self, client_id: int) -> bool:
         return client_id == self.label_client
 
+    def counts_step(self, message: Message) -> bool:
+        """A batch is one step, though every party sends its part: its
+        coordinator counts the label owner's."""
+        return message.client_id == self.label_client
+
     @property
     def num_classes(self) -> int:
         return int(self.segment.outputs[0].shape[-1] or 0)

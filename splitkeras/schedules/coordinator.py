@@ -105,11 +105,13 @@ class Coordinator:
             return self.report(message)
         # Steps, and what else the server answers (weights, models).
         reply = self.server.handle(message)
-        if kind == Kind.OUTPUT_GRADIENTS or (
-            kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS
-        ):
+        counts = getattr(self.server, "counts_step", None)
+        if (
+            kind == Kind.OUTPUT_GRADIENTS
+            or (kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS)
+        ) and (counts is None or counts(message)):
             # An applied training step (a micro-batched one with its last
-            # micro-batch).
+            # micro-batch; a vertical batch once, not once per party).
             applied = tf.cast(last_piece(message), tf.int64) if is_piece(message) else 1
             self.step.assign_add(applied)
         return reply
