@@ -133,7 +133,7 @@ class VerticalServer(SegmentParty):
     def takes_labels(self, client_id: int) -> bool:
         return client_id == self.label_client
 
-    def counts_step(self, message: Message) -> bool:
+    def counts_as_step(self, message: Message) -> bool:
         """A batch is one step, though every party sends its part: its
         coordinator counts the label owner's."""
         return message.client_id == self.label_client
@@ -195,9 +195,9 @@ class VerticalServer(SegmentParty):
             raise NotYet(f"step {key[1]} waits for clients {missing}")
         del self._gathered[key]
         messages = [gathered[k] for k in range(self.num_clients)]
+        replies = self._batch(message.kind, messages)  # checks the rows first
         if message.kind == Kind.EVALUATE and self.evaluation_leak is not None:
             self.evaluation_leak.record(messages)
-        replies = self._batch(message.kind, messages)
         answers = {r.client_id: r for r in replies}
         reply = answers.pop(message.client_id)
         if answers:

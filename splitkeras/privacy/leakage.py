@@ -75,6 +75,10 @@ _COLLAPSED = 1e-6
 NEAR_CHANCE = 1.5
 # The randomized labels of the fixed examples are drawn apart from any party's.
 _NOT_A_PARTY = "leakage examples"
+# Measuring draws its noise (activation noise, Marvell's) from generators of
+# its own, seeded this far from the run's: it does not shift the training
+# draws, and a host's measurement draws what the run in one process does.
+_MEASUREMENT_SEED = 7919
 
 
 def near_chance_warning(accuracy, num_classes: int, nopeek_alpha: float) -> list:
@@ -233,8 +237,9 @@ class Leakage:
         # Per-example gradients at the scale of a training batch's mean loss.
         self._batch_size = int(config.train.batch_size)
         self._noises = {}  # per client id: a copy of its activation noise
-        self._marvell_seeds = keras.random.SeedGenerator(int(config.seed) + 7919)
-        self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self._marvell_seeds = keras.random.SeedGenerator(
+            int(config.seed) + _MEASUREMENT_SEED
+        )
         self.start = None  # leakage_dcor of the untrained client
         self.starts = {}  # vertical: of each party without the labels, by k
         self.warnings = []  # the last measurement's privacy_warnings
@@ -363,7 +368,7 @@ class Leakage:
             return tuple(cut)
         if client.client_id not in self._noises:
             self._noises[client.client_id] = dataclasses.replace(
-                client.privacy, seed=client.privacy.seed + 7919
+                client.privacy, seed=client.privacy.seed + _MEASUREMENT_SEED
             )
         return self._noises[client.client_id].noised(cut)
 
@@ -424,8 +429,7 @@ class Leakage:
         with tf.GradientTape() as tape:
             tape.watch(outputs)
             y_pred = client.tail(outputs[0] if len(outputs) == 1 else outputs)
-            n = tf.cast(tf.shape(self.y)[0], tf.float32)
-            loss = self._loss(self.y_trained, y_pred) * n / self._batch_size
+            loss = _batch_scaled_loss(self.y_trained, y_pred, self._batch_size)
         grads = tape.gradient(loss, outputs)
         if client.privacy is not None:
             grads = client.privacy.protect_gradients(
@@ -433,6 +437,14 @@ class Leakage:
             )
         aucs = label_leakage(flat_batch(grads).numpy(), np.equal(self.y, 0))
         return {f"label_leak_{k}": float(v) for k, v in aucs.items()}
+
+
+def _batch_scaled_loss(y_trained, y_pred, batch_size: int) -> tf.Tensor:
+    """The summed loss of these examples over a training batch's size: its
+    gradients per example are those of a training batch's mean loss."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    n = tf.cast(tf.shape(y_pred)[0], tf.float32)
+    return loss_fn(y_trained, y_pred) * n / batch_size
 
 
 def vertical_label_leak(server, cuts, y, y_trained, batch_size, seeds) -> dict:
@@ -453,12 +465,10 @@ def vertical_label_leak(server, cuts, y, y_trained, batch_size, seeds) -> dict:
         Marvell-style noise (measuring does not shift the server's).
     """
     cuts = [tf.convert_to_tensor(c) for c in cuts]
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
         tape.watch(cuts)
         y_pred = server.segment(server.merged(cuts), training=False)
-        n = tf.cast(tf.shape(y)[0], tf.float32)
-        loss = loss_fn(y_trained, y_pred) * n / batch_size
+        loss = _batch_scaled_loss(y_trained, y_pred, batch_size)
     grads = tape.gradient(loss, cuts)
     logs = {}
     for k, g in enumerate(grads):
@@ -483,7 +493,9 @@ class EvaluationLeak:
     end scores the gradients its server would send each party without the
     labels for them (`vertical_label_leak`). They are the cut tensors as
     sent for evaluation: with activation noise on, the party's own draws,
-    not those `Leakage` makes in one process.
+    not those `Leakage` makes in one process; with a lossy codec, as
+    decoded. Like `Leakage`'s, its generator of Marvell-style noise is not
+    checkpointed: a resumed host draws anew.
 
     Args:
       config: the experiment config.
@@ -496,7 +508,7 @@ class EvaluationLeak:
         self._config = config
         self._batch_size = int(config.train.batch_size)
         # As `Leakage`'s: the same draws when measured at the same rounds.
-        self._seeds = keras.random.SeedGenerator(int(config.seed) + 7919)
+        self._seeds = keras.random.SeedGenerator(int(config.seed) + _MEASUREMENT_SEED)
         self._rows = {}  # row number -> ([cut row per party], label)
 
     def record(self, messages) -> None:
@@ -513,7 +525,7 @@ class EvaluationLeak:
 
     def figures(self) -> dict:
         """The AUCs of the rows kept since the last call ({} if none)."""
-        rows, self._rows = self._rows, {}
+        rows = self._rows
         if not rows:
             return {}
         order = sorted(rows)
@@ -523,9 +535,11 @@ class EvaluationLeak:
         y_trained = training_labels(
             self._config, y, self.server.num_classes, party=_NOT_A_PARTY
         )
-        return vertical_label_leak(
+        figures = vertical_label_leak(
             self.server, cuts, y, y_trained, self._batch_size, self._seeds
         )
+        self._rows = {}
+        return figures
 
 
 def _segment_outputs(server):

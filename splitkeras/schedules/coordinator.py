@@ -105,7 +105,7 @@ class Coordinator:
             return self.report(message)
         # Steps, and what else the server answers (weights, models).
         reply = self.server.handle(message)
-        counts = getattr(self.server, "counts_step", None)
+        counts = getattr(self.server, "counts_as_step", None)
         if (
             kind == Kind.OUTPUT_GRADIENTS
             or (kind == Kind.TRAIN and reply.kind == Kind.GRADIENTS)
@@ -209,14 +209,16 @@ class Coordinator:
         label-leak AUCs)."""
         if r not in self._reports:
             return {}
+        # The server's figures first: should they fail, the report stays for
+        # the REPORT asked again.
+        figures = getattr(self.server, "evaluation_figures", None)
+        extra = figures() if figures is not None else {}
         val = dict(self._reports.pop(r))
         objective = self.objective
         if objective is not None:
             val.update(objective.result(training=False))
             objective.reset(training=False)
-        figures = getattr(self.server, "evaluation_figures", None)
-        if figures is not None:
-            val.update(figures())
+        val.update(extra)
         return val
 
     def _commit(self) -> None:

@@ -40,14 +40,8 @@ CONFIGURATIONS = {
     },
     "splitfed_v1": {"method": "splitfed_v1"},
     "splitfed_v1_fed_process": {"method": "splitfed_v1", "splitfed.fed_process": True},
-    # NoPeek too: its normalized step over gRPC gives the same weights; the
-    # fed server in its own process (in the main server's: the U-shaped
-    # case below).
-    "splitfed_v2_fed_process": {
-        "method": "splitfed_v2",
-        "splitfed.fed_process": True,
-        "privacy.nopeek_alpha": 0.1,
-    },
+    # NoPeek too: its normalized step over gRPC gives the same weights.
+    "splitfed_v2": {"method": "splitfed_v2", "privacy.nopeek_alpha": 0.1},
     # U-shaped SplitFed: every server copy (v1) and the ordered server (v2)
     # run their steps paused between TRAIN and OUTPUT_GRADIENTS.
     "splitfed_v1_ushaped": {
@@ -55,10 +49,12 @@ CONFIGURATIONS = {
         "topology": "ushaped",
         "model.cut": "pool1,fc2",
     },
-    "splitfed_v2_ushaped": {
+    # v2 with the fed server in its own process too.
+    "splitfed_v2_ushaped_fed_process": {
         "method": "splitfed_v2",
         "topology": "ushaped",
         "model.cut": "pool1,fc2",
+        "splitfed.fed_process": True,
     },
     "fedavg": {"method": "fedavg"},
     "large_batch_sgd": {"method": "large_batch_sgd"},
