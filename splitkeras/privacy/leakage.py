@@ -303,7 +303,8 @@ class Leakage:
         cut tensors, "leakage_dcor_change_<k>" (after `party_start`)}, as
         `__call__` measures them with every party in one process; logs its
         warnings. The label-leak AUCs need the labels and the server's
-        gradients of every party's cut: not measured here."""
+        gradients of every party's cut: its host scores them
+        (`EvaluationLeak`)."""
         self.found = []
         logs = {}
         if self.enabled:
@@ -372,24 +373,30 @@ class Leakage:
             )
         return self._noises[client.client_id].noised(cut)
 
+    def _cut(self, client, x):
+        """(the cut tensors as sent, the clean cut tensors) of `client` on x."""
+        clean = flat(client.segment(x, training=False))
+        return self._as_sent(client, clean), clean
+
     def _dcor(self, client, x=None):
         """(leakage_dcor, the cut tensors as sent, the clean cut tensors) of
         `client` on `x` (default: the fixed examples)."""
         x = self.x if x is None else x
-        clean = flat(client.segment(x, training=False))
-        cut = self._as_sent(client, clean)
+        cut, clean = self._cut(client, x)
         value = distance_correlation(flat_batch(x), flat_batch(cut))
         return float(value), cut, clean
 
     def _vertical(self, clients, server) -> dict:
         """Each party k without the labels: leakage_dcor_k and the leak AUCs
         of the gradients the server would send it."""
-        measured = [self._dcor(c, x) for c, x in zip(clients, self.strips)]
-        logs = {}
-        for k, (client, (value, _, clean)) in enumerate(zip(clients, measured)):
-            if k != server.label_client:
-                logs.update(self._party_figures(k, client, value, clean))
-        cuts = [cut[0] for _, cut, _ in measured]
+        logs, cuts = {}, []
+        for k, (client, x) in enumerate(zip(clients, self.strips)):
+            if k == server.label_client:  # its cut for the merge, no dCor
+                cuts.append(self._cut(client, x)[0][0])
+                continue
+            value, cut, clean = self._dcor(client, x)
+            cuts.append(cut[0])
+            logs.update(self._party_figures(k, client, value, clean))
         logs.update(
             vertical_label_leak(
                 server,
