@@ -40,6 +40,7 @@ from splitkeras.parties.relay import Relay
 from splitkeras.parties.segment_step import specs_of, wire_dtype
 from splitkeras.parties.splitfed_servers import OrderedServer, ServerCopies
 from splitkeras.parties.vertical_server import VerticalServer, label_protection
+from splitkeras.privacy.attacks.hijacking import FeatureSpaceHijacker, HijackingServer
 from splitkeras.privacy.defenses import from_config
 from splitkeras.privacy.leakage import EvaluationLeak
 from splitkeras.schedules import pipelining
@@ -152,7 +153,9 @@ def layout(config) -> Layout:
 
 
 # ------------------------------------------------------------------ hosts
-def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
+def hosted_parties(
+    config, host: str, links=None, strategy=None, clock=None, hijack_inputs=None
+):
     """A host's parties, built from the config alone.
 
     Args:
@@ -161,6 +164,10 @@ def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
       links: {party: link} to the parties on other hosts it sends to.
       strategy: a `tf.distribute.Strategy` for the server (round robin).
       clock: the time source of turn timeouts.
+      hijack_inputs: a red team's host: raw inputs (as the input pipeline
+        gives them) on which a `FeatureSpaceHijacker` trains, answering in
+        the place of round robin's server (`HijackingServer`). None: the
+        honest server.
 
     Returns:
       (parties {name: party}, coordinator or None, state {name: trackable}
@@ -172,6 +179,14 @@ def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
     make_optimizer = lambda: builders.make_optimizer(config)  # noqa: E731
     k = config.num_clients
     epochs = int(config.train.epochs)
+    if hijack_inputs is not None and (
+        config.topology not in ("vanilla", "ushaped") or config.method != "split"
+    ):
+        raise ValueError(
+            "a hijacking host stands in for round robin's server (method "
+            f"'split', vanilla or U-shaped), not topology {config.topology!r} "
+            f"with method {config.method!r}"
+        )
     if config.topology == "multihop":
         return _multihop_host(config, host, build, make_optimizer, links, epochs)
     if config.topology == "multitask":
@@ -205,6 +220,17 @@ def hosted_parties(config, host: str, links=None, strategy=None, clock=None):
         strategy,
     )
     server.build_optimizer()
+    if hijack_inputs is not None:
+        server = HijackingServer(
+            server,
+            FeatureSpaceHijacker(
+                segments.client,
+                hijack_inputs,
+                server_segment=segments.server if segments.ushaped else None,
+                batch_size=int(config.train.batch_size),
+                seed=int(config.seed),
+            ),
+        )
     if pipelining(config)[0] > 1:
         # Micro-batches: the gradient sums exist before any step is compiled
         # (a compiled function creates variables only at its first trace).

@@ -30,9 +30,10 @@ import resource
 import time
 
 from splitkeras import builders, deployment, distribute
+from splitkeras import data as data_lib
 from splitkeras.checkpointing import load_trained
 from splitkeras.launcher import kill_after
-from splitkeras.privacy.leakage import near_chance_warning
+from splitkeras.privacy.leakage import images_of, near_chance_warning
 from splitkeras.runner import Runner, RunnerProcess
 from splitkeras.schedules import pipelining
 from splitkeras.transport import codec as codec_lib
@@ -107,8 +108,10 @@ class HostProcess(RunnerProcess):
         )
         for warning in warnings:
             log.warning("Privacy: %s", warning)
+        party_fields = getattr(self.coordinator, "host_summary", None)
         return {
             **summary_fields(self.config, self.config.data.name, test),
+            **(party_fields() if party_fields is not None else {}),
             **({"privacy_warnings": warnings} if warnings else {}),
             **byte_totals(per_client),
             "transport": "grpc",
@@ -134,6 +137,7 @@ def serve(
     connect: dict | None = None,
     connect_credentials=None,
     token: str | None = None,
+    hijack_inputs=None,
 ) -> dict:
     """Runs host `host` of `config`'s run until every round is trained.
 
@@ -149,6 +153,9 @@ def serve(
       connect: {party: "host:port"} of the parties on other hosts this one
         sends to (a relay: the server).
       connect_credentials / token: TLS and token of this host's own calls.
+      hijack_inputs: a red team's host (round robin): a feature-space
+        hijacker trained on these raw inputs answers in the place of the
+        server (`deployment.hosted_parties`).
 
     Returns:
       The host's summary.
@@ -169,8 +176,14 @@ def serve(
         for party, address_of in (connect or {}).items()
     }
     parties, coordinator, state = deployment.hosted_parties(
-        config, host, links, strategy, clock=time.monotonic
+        config, host, links, strategy, clock=time.monotonic, hijack_inputs=hijack_inputs
     )
+    if hijack_inputs is not None:
+        log.warning(
+            "%s: a feature-space HIJACKER answers the clients (--hijack): it "
+            "does not train the task",
+            host,
+        )
     up, down = builders.codecs(config)
     count, ahead = pipelining(config)
     in_flight = count * (ahead + 1)  # a client's calls that may be open at once
@@ -247,6 +260,14 @@ def serve(
         server.stop(grace=2.0).wait()
     _save_weights(parties, workdir)
     return summary
+
+
+def hijack_inputs(config, path: str, examples: int):
+    """A red team's inputs (`splitkeras serve --hijack`): the first
+    `examples` training inputs of the dataset file `path`, as the config's
+    input pipeline gives them."""
+    arrays = data_lib.load(config.data.name, path, False)
+    return images_of(arrays.x_train[:examples], arrays.y_train[:examples])
 
 
 def follow(config, workdir: str, chief: str, credentials=None) -> dict:

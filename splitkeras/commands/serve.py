@@ -21,6 +21,13 @@ serves the clients; every other worker follows it:
   splitkeras serve --config=... --config.server.strategy=multi_worker \
       --workdir=workdirs/grpc_server --chief=s0:50051 [--tls_dir=certs]
 
+With --hijack=PATH it is a red team's host: a feature-space hijacker
+(Pasquini et al., CCS 2021) answers in the place of round robin's server,
+trained on the first --hijack_examples training inputs of PATH (a dataset
+file of the config's kind, the attacker's own data). It trains no task: it
+is there to check a client's hijack guard (config.privacy.hijack_probe_every)
+over the real transport.
+
 With --predict it serves split inference instead (until stopped): the
 server segment trained in --workdir answers PREDICT messages, e.g. from
 `splitkeras predict`.
@@ -60,6 +67,15 @@ _CHIEF = flags.DEFINE_string(
 )
 _PREDICT = flags.DEFINE_bool(
     "predict", False, "Serve predictions with the server trained in --workdir."
+)
+_HIJACK = flags.DEFINE_string(
+    "hijack",
+    None,
+    "Red team: a dataset file whose training inputs a feature-space hijacker "
+    "trains on; it answers in the place of round robin's server.",
+)
+_HIJACK_EXAMPLES = flags.DEFINE_integer(
+    "hijack_examples", 1000, "How many of --hijack's training inputs it takes."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -116,6 +132,11 @@ def main(argv):
         if _TLS_DIR.value
         else None,
         token=read_tokens(_TOKENS.value)[0] if _TOKENS.value else None,
+        hijack_inputs=host_process.hijack_inputs(
+            _CONFIG.value, _HIJACK.value, _HIJACK_EXAMPLES.value
+        )
+        if _HIJACK.value
+        else None,
     )
     print(f"{_PARTY.value} done: {summary}")
 

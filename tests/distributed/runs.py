@@ -196,17 +196,18 @@ def assert_same_weights(test, processes: dict, expected: dict) -> None:
             test.assertWeightsClose(processes[name], expected[name], atol=0.0)
 
 
-def thread_host(test, config, **options):
+def thread_host(test, config, hijack_inputs=None, **options):
     """The config's "server" host served from this process on 127.0.0.1
     (stopped when `test` ends): (hosted parties, coordinator, the
-    `GrpcHost`, {hosted party: address}); `options` go to `GrpcHost`."""
+    `GrpcHost`, {hosted party: address}); `options` go to `GrpcHost`;
+    `hijack_inputs`: a hijacking host's public inputs."""
     import time
 
     from splitkeras import deployment
     from splitkeras.transport.grpc_host import GrpcHost, start_host
 
     parties, coordinator, state = deployment.hosted_parties(
-        config, "server", {}, None, clock=time.monotonic
+        config, "server", {}, None, clock=time.monotonic, hijack_inputs=hijack_inputs
     )
     info = {
         "schedule": deployment.schedule_name(config),

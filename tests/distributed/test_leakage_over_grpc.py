@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from splitkeras import builders, learning_rate
 from splitkeras.client_process import ClientProcess
 from splitkeras.experiment import InProcess
-from splitkeras.host_process import HostProcess
+from splitkeras.host_process import HostProcess, hijack_inputs
 from splitkeras.privacy.leakage import attach_privacy, near_chance_warning
+from splitkeras.studies.hijacking import hijack
 from splitkeras.transport.turns import yield_all
 from tests import base
 from tests.distributed.runs import setup, thread_host, write_npz
@@ -164,3 +165,60 @@ class LeakageOverGrpcTest(base.TestCase):
         self.assertNotIn(
             "privacy_warnings", process.summary({"accuracy": 0.9, "loss": 0.3})
         )
+
+
+class HijackingHostTest(base.TestCase):
+    def test_the_guard_alarms_over_grpc_at_the_in_process_step(self):
+        """A hijacking host (`splitkeras serve --hijack`) against a client
+        whose guard probes: the alarm goes off at the same step as against
+        the hijacker in one process, with the same score (a U-shaped
+        hijacker answers eagerly on a host, in the client's graph in one
+        process: within 1e-5); an honest host raises none."""
+        root = self.tempdir()
+        data = write_npz(os.path.join(root, "data.npz"), 32 * 25)  # 25 steps
+        guard = {
+            "train.epochs": 1,
+            "privacy.hijack_probe_every": 5,
+            "privacy.hijack_warmup": 10,
+            "privacy.hijack_probes": 3,
+            "privacy.hijack_freeze": False,  # trains on: the same steps
+        }
+        cases = {
+            "vanilla": ({}, True),
+            "U-shaped": ({"topology": "ushaped", "model.cut": "pool1,fc2"}, True),
+            "vanilla, an honest host": ({}, False),
+        }
+        for name, (overrides, hijacking) in cases.items():
+            with self.subTest(name):
+                config, _ = setup(data, num_clients=1, **guard, **overrides)
+                public = hijack_inputs(config, data, 256)  # serve --hijack's
+                _, _, host, connect = thread_host(
+                    self, config, hijack_inputs=public if hijacking else None
+                )
+                client = ClientProcess(config, 0, connect, key=AESGCM.generate_key(256))
+                self.addCleanup(client.close)
+                yield_all(client.round(0))
+                summary = client.summary({})  # what the client's user reads
+                hijacker = HostProcess(config, host).summary({}).get("hijacker")
+                self.assertEqual(
+                    hijacker, {"public_inputs": 256} if hijacking else None
+                )
+                if not hijacking:
+                    self.assertNotIn("hijack_alarm_step", summary)
+                    self.assertGreater(summary["hijack_lowest_score"], 1.5)
+                    self.assertEqual(summary["privacy_warnings"], [])
+                    continue
+                arrays = builders.load_data(config)
+                expected = hijack(config, arrays, public, public[:8], 25, 25)
+                self.assertIsNotNone(expected["alarm_step"])
+                self.assertEqual(summary["hijack_alarm_step"], expected["alarm_step"])
+                self.assertAlmostEqual(
+                    summary["hijack_score"],
+                    expected["score"],
+                    delta=0 if config.topology == "vanilla" else 1e-5,
+                )
+                self.assertEqual(len(summary["privacy_warnings"]), 1)
+                self.assertIn(
+                    f"since step {expected['alarm_step']}",
+                    summary["privacy_warnings"][0],
+                )

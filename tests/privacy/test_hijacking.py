@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from splitkeras import deployment
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.objective import Objective
@@ -434,3 +435,18 @@ def _model(hidden=False):
         h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
     outputs = keras.layers.Dense(2, name="logits")(h)
     return keras.Model(inputs, outputs)
+
+
+class HijackingHostTest(base.TestCase):
+    def test_a_hijacking_host_stands_in_for_round_robins_server_only(self):
+        c = fashion_mnist_lenet.get_config()
+        c.topology = "vertical"
+        with self.assertRaisesRegex(
+            ValueError,
+            "a hijacking host stands in for round robin's server \\(method "
+            "'split', vanilla or U-shaped\\), not topology 'vertical' with "
+            "method 'split'",
+        ):
+            deployment.hosted_parties(
+                c, "server", hijack_inputs=np.zeros((1, 28, 28, 1))
+            )

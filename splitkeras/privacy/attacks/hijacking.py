@@ -21,6 +21,10 @@ gradients for its TRAIN message (the loss it reports is the critic's); a
 U-shaped client gets the honest-looking outputs of an untrained server
 segment for TRAIN and the hijacking gradients for OUTPUT_GRADIENTS (the
 client's output gradients are ignored).
+
+`HijackingServer` puts the hijacker behind a gRPC host in the place of a
+round-robin server (`splitkeras serve --hijack=...`): a red team's host for
+checking a client's hijack guard over the real transport.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import tensorflow as tf
 from splitkeras.privacy.attacks.reconstruction import build_decoder
 from splitkeras.protocol import Kind, Message
 
-__all__ = ["FeatureSpaceHijacker"]
+__all__ = ["FeatureSpaceHijacker", "HijackingServer"]
 
 
 class FeatureSpaceHijacker:
@@ -112,6 +116,14 @@ class FeatureSpaceHijacker:
         self._pending = gradients
         return message.answer(Kind.SERVER_OUTPUT, self._outputs(cut))
 
+    def waiting(self) -> bool:
+        """A U-shaped step's gradients wait for its OUTPUT_GRADIENTS."""
+        return self._pending is not None
+
+    def forget(self) -> None:
+        """Drops the gradients of a U-shaped step left open."""
+        self._pending = None
+
     def step(self, cut):
         """One attack step on the client's `cut`: the autoencoder and the
         critic learn; returns (gradients for the client, the critic's loss)."""
@@ -158,6 +170,54 @@ class FeatureSpaceHijacker:
 
     def _outputs(self, cut) -> list:
         return tf.nest.flatten(self.server_segment(cut, training=False))
+
+
+class HijackingServer:
+    """A round-robin host's server that hijacks: it shows the honest
+    server's face (what a host checks arriving messages against, the
+    outputs it announces) and answers every step with the hijacker.
+
+    The honest server's segment and optimizer are never trained. A vanilla
+    hijacker's steps are compiled on the host, as the honest server's are;
+    a U-shaped one answers eagerly (it keeps the gradients between a TRAIN
+    and its OUTPUT_GRADIENTS).
+
+    Args:
+      server: the honest `Server` the run's config builds.
+      hijacker: the `FeatureSpaceHijacker` that answers.
+    """
+
+    compile_paused_steps = None  # the honest server's U-shaped steps: unused
+
+    def __init__(self, server, hijacker: FeatureSpaceHijacker):
+        self.server = server
+        self.hijacker = hijacker
+
+    @property
+    def compiled_kinds(self) -> tuple:
+        if self.hijacker.server_segment is None:
+            return (Kind.TRAIN, Kind.EVALUATE, Kind.PREDICT)
+        return ()
+
+    def handle(self, message: Message) -> Message:
+        return self.hijacker.handle(message)
+
+    def pending(self, client_id: int) -> bool:
+        """A U-shaped step waits for its OUTPUT_GRADIENTS."""
+        return self.hijacker.waiting()
+
+    def rolled_back(self) -> None:
+        self.hijacker.forget()
+
+    def host_summary(self) -> dict:
+        """What the host's summary says of it: that it hijacked."""
+        return {"hijacker": {"public_inputs": int(self.hijacker.public.shape[0])}}
+
+    def __getattr__(self, name):
+        # arrival_specs, takes_labels, num_classes, output_specs, ...
+        if name.startswith("_") or name in ("server", "hijacker"):
+            raise AttributeError(name)
+        return getattr(self.server, name)
 
 
 def _fresh_copy(segment, seed: int) -> keras.Model:
