@@ -198,7 +198,7 @@ def hosted_parties(
     if config.method in ("fedavg", "large_batch_sgd"):
         model = build()
         if config.method == "fedavg":
-            server = Averager(k, model.weights)
+            server = Averager(k, model.weights, config.fedavg.local_epochs)
             server.model = model  # the global model the average is
             state = {"model": party_checkpoint([model]), **server.trackables()}
         else:

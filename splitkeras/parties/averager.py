@@ -58,10 +58,16 @@ class Averager:
         serves (FedAvg's global model, which then also answers a FETCH of
         round -1 with its initial weights), or [(dtype, shape)] specs (the
         averager keeps variables of its own; round -1 has no answer).
+      local_epochs: FedAvg's local passes per round: a client that ends a
+        round has trained the batches it said at BEGIN this many times
+        (`trained_steps`, the host's step count). 0: the clients' steps are
+        counted elsewhere (SplitFed's main server applies them).
     """
 
-    def __init__(self, num_clients: int, variables):
+    def __init__(self, num_clients: int, variables, local_epochs: int = 0):
         self.num_clients = num_clients
+        self.local_epochs = int(local_epochs)
+        self._batches = {}  # client -> batches said at BEGIN (FedAvg)
         variables = list(variables)
         self.has_initial = bool(variables) and not isinstance(variables[0], tuple)
         if self.has_initial:
@@ -86,6 +92,15 @@ class Averager:
 
     def rolled_back(self) -> None:
         self._uploads.clear()
+        self._batches.clear()
+
+    def begun(self, client_id: int, batches: int) -> None:
+        if self.local_epochs:
+            self._batches[client_id] = int(batches)
+
+    def trained_steps(self, client_id: int) -> int:
+        """The local steps of the round `client_id` ends (FedAvg)."""
+        return self._batches.pop(client_id, 0) * self.local_epochs
 
     def arrival_specs(self, kind, client_id: int) -> list:
         return [(d, [s for s in shape]) for d, shape in self.specs]

@@ -346,6 +346,9 @@ class Rounds(Coordinator):
                 "restart", f"client {k} ends round {r} with a step half done"
             )
         self.ended[k].assign(r)
+        trained = getattr(self.server, "trained_steps", None)
+        if trained is not None:  # clients with whole models: their steps
+            self.step.assign_add(trained(k))
         self._log_end(r, message)
         if self._round_trained(r) and self.on_trained is not None:
             self.on_trained(r, self._counts.get(r, {}))

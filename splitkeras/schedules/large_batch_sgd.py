@@ -83,6 +83,10 @@ class GradientServer:
     def rolled_back(self) -> None:
         self._uploads = {}
 
+    def trained_steps(self, client_id: int) -> int:
+        """The steps of the round `client_id` ends: one per batch it said."""
+        return self.batches.get(client_id, 0)
+
     def _taking_part(self, step: int) -> list:
         if not self.batches:
             return list(range(self.num_clients))

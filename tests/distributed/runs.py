@@ -12,7 +12,6 @@ from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.experiment import InProcess
 from splitkeras.privacy.leakage import attach_privacy
-from splitkeras.transport.turns import yield_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,9 +62,10 @@ def in_process(config, train=True):
     attach_privacy(schedule, config)
     if train:
         process = InProcess(config, schedule, data)
+        schedule.trained_steps = 0  # as the run's summary counts them
         for epoch in range(config.train.epochs):
             learning_rate.start_epoch(config.train, schedule.optimizers, epoch)
-            yield_all(process.round(epoch))
+            schedule.trained_steps += sum(1 for _ in process.round(epoch))
     return schedule
 
 

@@ -1,6 +1,9 @@
 """The coordinator's barrier (`Rounds`): a report that comes before the
 round is trained waits; a retried report of an ended round is answered."""
 
+import tensorflow as tf
+
+from splitkeras.parties.averager import Averager
 from splitkeras.protocol import Kind, Message, Rejected, Status
 from splitkeras.schedules.coordinator import Rounds
 from tests import base
@@ -57,3 +60,19 @@ class RoundsEvaluatorsTest(base.TestCase):
         rounds.check(_message(Kind.EVALUATE, 0, 0))
         for k in (0, 1):
             vertical.check(_message(Kind.EVALUATE, k, 0))
+
+
+class RoundsStepsTest(base.TestCase):
+    def test_a_fedavg_client_ending_its_round_adds_its_local_steps(self):
+        """FedAvg's clients train locally: the host counts, as each ends
+        its round, the batches it said at BEGIN times the local epochs (a
+        retried END adds nothing)."""
+        averager = Averager(2, [tf.Variable([0.0])], local_epochs=3)
+        rounds = Rounds(averager, 2, epochs=1)
+        rounds.handle(_message(Kind.BEGIN, 0, 0, count=4))
+        rounds.handle(_message(Kind.BEGIN, 1, 0, count=5))
+        rounds.handle(_message(Kind.END, 1, 0, count=80))
+        self.assertEqual(int(rounds.step.numpy()), 15)
+        rounds.handle(_message(Kind.END, 1, 0, count=80))  # a retry
+        rounds.handle(_message(Kind.END, 0, 0, count=64))
+        self.assertEqual(int(rounds.step.numpy()), 27)
