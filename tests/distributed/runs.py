@@ -62,10 +62,10 @@ def in_process(config, train=True):
     attach_privacy(schedule, config)
     if train:
         process = InProcess(config, schedule, data)
-        schedule.trained_steps = 0  # as the run's summary counts them
+        schedule.run_steps = 0  # as the run's summary counts them
         for epoch in range(config.train.epochs):
             learning_rate.start_epoch(config.train, schedule.optimizers, epoch)
-            schedule.trained_steps += sum(1 for _ in process.round(epoch))
+            schedule.run_steps += sum(1 for _ in process.round(epoch))
     return schedule
 
 

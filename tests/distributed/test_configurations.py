@@ -101,7 +101,7 @@ class ConfigurationsOverGrpcTest(base.TestCase):
         assert_same_weights(self, processes, in_process_weights(config, schedule))
         # The host counts the steps the run in one process counts (FedAvg
         # and large-batch SGD: each client's, as it ends its round).
-        self.assertEqual(summary["steps"], schedule.trained_steps)
+        self.assertEqual(summary["steps"], schedule.run_steps)
         if config.method not in WHOLE_MODEL:
             # The client that evaluates measures its cut's leakage as the
             # run in one process does, and reports it to the host.
