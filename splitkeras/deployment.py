@@ -164,10 +164,10 @@ def hosted_parties(
       links: {party: link} to the parties on other hosts it sends to.
       strategy: a `tf.distribute.Strategy` for the server (round robin).
       clock: the time source of turn timeouts.
-      hijack_inputs: a red team's host: raw inputs (as the input pipeline
-        gives them) on which a `FeatureSpaceHijacker` trains, answering in
-        the place of round robin's server (`HijackingServer`). None: the
-        honest server.
+      hijack_inputs: a red team's host: inputs as the input pipeline gives
+        them (scaled floats) on which a `FeatureSpaceHijacker` trains,
+        answering in the place of round robin's server (`HijackingServer`).
+        None: the honest server.
 
     Returns:
       (parties {name: party}, coordinator or None, state {name: trackable}
@@ -179,14 +179,8 @@ def hosted_parties(
     make_optimizer = lambda: builders.make_optimizer(config)  # noqa: E731
     k = config.num_clients
     epochs = int(config.train.epochs)
-    if hijack_inputs is not None and (
-        config.topology not in ("vanilla", "ushaped") or config.method != "split"
-    ):
-        raise ValueError(
-            "a hijacking host stands in for round robin's server (method "
-            f"'split', vanilla or U-shaped), not topology {config.topology!r} "
-            f"with method {config.method!r}"
-        )
+    if hijack_inputs is not None:
+        _check_hijackable(config, strategy)
     if config.topology == "multihop":
         return _multihop_host(config, host, build, make_optimizer, links, epochs)
     if config.topology == "multitask":
@@ -247,6 +241,27 @@ def hosted_parties(
     )
     state = {"server": party_checkpoint([server.segment], server.optimizer)}
     return {"server": coordinator}, coordinator, _with(state, coordinator)
+
+
+def _check_hijackable(config, strategy) -> None:
+    """A hijacking host stands in for one round-robin server that takes
+    whole batches."""
+    if config.topology not in ("vanilla", "ushaped") or config.method != "split":
+        raise ValueError(
+            "a hijacking host stands in for round robin's server (method "
+            f"'split', vanilla or U-shaped), not topology {config.topology!r} "
+            f"with method {config.method!r}"
+        )
+    if strategy is not None:
+        raise ValueError(
+            "a hijacking host runs in one process: not with a tf.distribute "
+            "strategy (config.server.strategy)"
+        )
+    if pipelining(config)[0] > 1:
+        raise ValueError(
+            "a hijacking host takes whole batches: not with "
+            f"config.train.microbatches={pipelining(config)[0]}"
+        )
 
 
 def _with(state, coordinator) -> dict:

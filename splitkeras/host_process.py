@@ -154,8 +154,8 @@ def serve(
         sends to (a relay: the server).
       connect_credentials / token: TLS and token of this host's own calls.
       hijack_inputs: a red team's host (round robin): a feature-space
-        hijacker trained on these raw inputs answers in the place of the
-        server (`deployment.hosted_parties`).
+        hijacker trained on these inputs (as the input pipeline gives them)
+        answers in the place of the server (`deployment.hosted_parties`).
 
     Returns:
       The host's summary.
@@ -437,8 +437,11 @@ def _relay_link(config, party, address, credentials, token):
 
 
 def _save_weights(parties, workdir) -> None:
-    """The final weights of every hosted segment (`<party>.weights.h5`)."""
+    """The final weights of every hosted segment (`<party>.weights.h5`;
+    none of a hijacking host, which trained none)."""
     for name, party in parties.items():
+        if getattr(party, "hijacker", None) is not None:
+            continue
         segments = _segments(party)
         for i, segment in enumerate(segments):
             suffix = f"_{i}" if len(segments) > 1 else ""

@@ -24,7 +24,8 @@ serves the clients; every other worker follows it:
 With --hijack=PATH it is a red team's host: a feature-space hijacker
 (Pasquini et al., CCS 2021) answers in the place of round robin's server,
 trained on the first --hijack_examples training inputs of PATH (a dataset
-file of the config's kind, the attacker's own data). It trains no task: it
+as config.data.path takes one: .npz, IDX folder or TFDS directory; the
+attacker's own data). It trains no task: it
 is there to check a client's hijack guard (config.privacy.hijack_probe_every)
 over the real transport.
 
@@ -71,11 +72,15 @@ _PREDICT = flags.DEFINE_bool(
 _HIJACK = flags.DEFINE_string(
     "hijack",
     None,
-    "Red team: a dataset file whose training inputs a feature-space hijacker "
-    "trains on; it answers in the place of round robin's server.",
+    "Red team: a dataset (as config.data.path) whose training inputs a "
+    "feature-space hijacker trains on; it answers in the place of round "
+    "robin's server.",
 )
 _HIJACK_EXAMPLES = flags.DEFINE_integer(
-    "hijack_examples", 1000, "How many of --hijack's training inputs it takes."
+    "hijack_examples",
+    1000,
+    "How many of --hijack's training inputs it takes.",
+    lower_bound=1,
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -98,6 +103,8 @@ def main(argv):
             os.replace(_PORT_FILE.value + ".tmp", _PORT_FILE.value)
 
     address = f"{_HOST.value}:{_PORT.value}"
+    if _HIJACK.value and (_CHIEF.value or _PREDICT.value):
+        raise ValueError("--hijack serves training, not with --chief or --predict")
     if _CHIEF.value:
         summary = host_process.follow(
             _CONFIG.value,

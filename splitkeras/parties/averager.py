@@ -60,8 +60,9 @@ class Averager:
         averager keeps variables of its own; round -1 has no answer).
       local_epochs: FedAvg's local passes per round: a client that ends a
         round has trained the batches it said at BEGIN this many times
-        (`trained_steps`, the host's step count). 0: the clients' steps are
-        counted elsewhere (SplitFed's main server applies them).
+        (`trained_steps`, the host's step count). 0: not counted here
+        (SplitFed's main server counts its clients' steps; in one process
+        the runner counts every client's).
     """
 
     def __init__(self, num_clients: int, variables, local_epochs: int = 0):

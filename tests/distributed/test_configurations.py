@@ -1,8 +1,9 @@
 """Every configuration as separate processes over gRPC (`splitkeras launch`'s
 launcher: one generic host per host of the layout, one process per client)
 ends with the weights of the same run in one process, equal to the bit,
-and (each configuration with a cut) the host's summary has the leakage_dcor
-of that run's client in one process, from the client that evaluates."""
+the host's summary counts the steps that run counts, and (each
+configuration with a cut) it has the leakage_dcor of that run's client in
+one process, from the client that evaluates."""
 
 import json
 import os

@@ -19,7 +19,7 @@ from splitkeras import builders, learning_rate
 from splitkeras.client_process import ClientProcess
 from splitkeras.experiment import InProcess
 from splitkeras.host_process import HostProcess, hijack_inputs
-from splitkeras.privacy.leakage import attach_privacy, near_chance_warning
+from splitkeras.privacy.leakage import attach_privacy, images_of, near_chance_warning
 from splitkeras.studies.hijacking import hijack
 from splitkeras.transport.turns import yield_all
 from tests import base
@@ -169,11 +169,13 @@ class LeakageOverGrpcTest(base.TestCase):
 
 class HijackingHostTest(base.TestCase):
     def test_the_guard_alarms_over_grpc_at_the_in_process_step(self):
-        """A hijacking host (`splitkeras serve --hijack`) against a client
+        """A hijacking host, built as `splitkeras serve --hijack` builds it
+        (`hijack_inputs`, `deployment.hosted_parties`), against a client
         whose guard probes: the alarm goes off at the same step as against
         the hijacker in one process, with the same score (a U-shaped
         hijacker answers eagerly on a host, in the client's graph in one
-        process: within 1e-5); an honest host raises none."""
+        process: within 1e-5), and a vanilla hijacking host has no accuracy
+        of its own; an honest host raises no alarm."""
         root = self.tempdir()
         data = write_npz(os.path.join(root, "data.npz"), 32 * 25)  # 25 steps
         guard = {
@@ -192,7 +194,7 @@ class HijackingHostTest(base.TestCase):
             with self.subTest(name):
                 config, _ = setup(data, num_clients=1, **guard, **overrides)
                 public = hijack_inputs(config, data, 256)  # serve --hijack's
-                _, _, host, connect = thread_host(
+                _, coordinator, host, connect = thread_host(
                     self, config, hijack_inputs=public if hijacking else None
                 )
                 client = ClientProcess(config, 0, connect, key=AESGCM.generate_key(256))
@@ -203,13 +205,17 @@ class HijackingHostTest(base.TestCase):
                 self.assertEqual(
                     hijacker, {"public_inputs": 256} if hijacking else None
                 )
+                if config.topology == "vanilla":  # the host's own figures
+                    validation = coordinator.logs[0][1]
+                    self.assertEqual("accuracy" in validation, not hijacking)
                 if not hijacking:
                     self.assertNotIn("hijack_alarm_step", summary)
                     self.assertGreater(summary["hijack_lowest_score"], 1.5)
                     self.assertEqual(summary["privacy_warnings"], [])
                     continue
                 arrays = builders.load_data(config)
-                expected = hijack(config, arrays, public, public[:8], 25, 25)
+                held_out = images_of(arrays.x_test[:8], arrays.y_test[:8])
+                expected = hijack(config, arrays, public, held_out, 25, 25)
                 self.assertIsNotNone(expected["alarm_step"])
                 self.assertEqual(summary["hijack_alarm_step"], expected["alarm_step"])
                 self.assertAlmostEqual(

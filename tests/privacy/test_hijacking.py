@@ -437,16 +437,53 @@ def _model(hidden=False):
     return keras.Model(inputs, outputs)
 
 
-class HijackingHostTest(base.TestCase):
-    def test_a_hijacking_host_stands_in_for_round_robins_server_only(self):
-        c = fashion_mnist_lenet.get_config()
-        c.topology = "vertical"
+class HijackingHostRefusalTest(base.TestCase):
+    def test_a_hijacking_host_stands_in_for_one_round_robin_server_only(self):
+        public = np.zeros((1, 28, 28, 1))
+        topology = (
+            "a hijacking host stands in for round robin's server \\(method "
+            "'split', vanilla or U-shaped\\), not topology '{}' with method '{}'"
+        )
+        cases = {
+            "vertical": (
+                {"topology": "vertical"},
+                None,
+                topology.format("vertical", "split"),
+            ),
+            "fedavg": (
+                {"method": "fedavg"},
+                None,
+                topology.format("vanilla", "fedavg"),
+            ),
+            "micro-batches": (
+                {"train.microbatches": 4},
+                None,
+                "a hijacking host takes whole batches: not with "
+                "config.train.microbatches=4",
+            ),
+            "a strategy": (
+                {},
+                tf.distribute.OneDeviceStrategy("/cpu:0"),
+                "a hijacking host runs in one process: not with a tf.distribute "
+                "strategy \\(config.server.strategy\\)",
+            ),
+        }
+        for name, (fields, strategy, message) in cases.items():
+            with self.subTest(name):
+                c = fashion_mnist_lenet.get_config()
+                for key, value in fields.items():
+                    section, _, leaf = key.rpartition(".")
+                    (c[section] if section else c)[leaf] = value
+                with self.assertRaisesRegex(ValueError, message):
+                    deployment.hosted_parties(
+                        c, "server", strategy=strategy, hijack_inputs=public
+                    )
+
+    def test_public_inputs_of_another_shape_are_refused(self):
+        segments = _segments()
         with self.assertRaisesRegex(
             ValueError,
-            "a hijacking host stands in for round robin's server \\(method "
-            "'split', vanilla or U-shaped\\), not topology 'vertical' with "
-            "method 'split'",
+            "the hijacker's public inputs are \\(32, 32, 3\\) each; the client "
+            "segment takes \\(8, 8, 1\\)",
         ):
-            deployment.hosted_parties(
-                c, "server", hijack_inputs=np.zeros((1, 28, 28, 1))
-            )
+            FeatureSpaceHijacker(segments.client, np.zeros((4, 32, 32, 3)))

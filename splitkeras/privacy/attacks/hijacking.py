@@ -72,6 +72,12 @@ class FeatureSpaceHijacker:
         if len(client_segment.outputs) != 1:
             raise ValueError("the hijacker attacks a client that sends one cut tensor")
         public = np.asarray(public_inputs, "float32")
+        input_shape = tuple(client_segment.inputs[0].shape[1:])
+        if public.ndim < 1 or public.shape[1:] != input_shape:
+            raise ValueError(
+                f"the hijacker's public inputs are {public.shape[1:]} each; the "
+                f"client segment takes {input_shape}"
+            )
         activation_shape = tuple(client_segment.outputs[0].shape[1:])
         self.public = tf.constant(public)
         self.server_segment = server_segment
@@ -88,7 +94,8 @@ class FeatureSpaceHijacker:
         self.autoencoder_optimizer.build(self._autoencoder_variables)
         self.critic_optimizer.build(self.critic.trainable_variables)
         self._seeds = keras.random.SeedGenerator(seed)
-        self._pending = None  # U-shaped: the gradients for OUTPUT_GRADIENTS
+        # U-shaped: (client, the gradients for its OUTPUT_GRADIENTS)
+        self._pending = None
 
     @property
     def _autoencoder_variables(self) -> list:
@@ -101,9 +108,9 @@ class FeatureSpaceHijacker:
     def handle(self, message: Message) -> Message:
         """Answers a client's message as the hijacking server."""
         if message.kind == Kind.OUTPUT_GRADIENTS:
-            if self._pending is None:
+            if not self.waiting(message.client_id):
                 raise ValueError("OUTPUT_GRADIENTS before any TRAIN message")
-            pending, self._pending = self._pending, None
+            (_, pending), self._pending = self._pending, None
             return message.answer(Kind.GRADIENTS, [pending])
         cut = message.tensors[0]
         if message.kind != Kind.TRAIN:  # EVALUATE / PREDICT: nothing learnt
@@ -113,12 +120,12 @@ class FeatureSpaceHijacker:
         gradients, loss = self.step(cut)
         if self.server_segment is None:
             return message.answer(Kind.GRADIENTS, [gradients], loss=loss)
-        self._pending = gradients
+        self._pending = (message.client_id, gradients)
         return message.answer(Kind.SERVER_OUTPUT, self._outputs(cut))
 
-    def waiting(self) -> bool:
-        """A U-shaped step's gradients wait for its OUTPUT_GRADIENTS."""
-        return self._pending is not None
+    def waiting(self, client_id: int) -> bool:
+        """A U-shaped step of `client_id` waits for its OUTPUT_GRADIENTS."""
+        return self._pending is not None and self._pending[0] == client_id
 
     def forget(self) -> None:
         """Drops the gradients of a U-shaped step left open."""
@@ -177,10 +184,14 @@ class HijackingServer:
     server's face (what a host checks arriving messages against, the
     outputs it announces) and answers every step with the hijacker.
 
-    The honest server's segment and optimizer are never trained. A vanilla
-    hijacker's steps are compiled on the host, as the honest server's are;
-    a U-shaped one answers eagerly (it keeps the gradients between a TRAIN
-    and its OUTPUT_GRADIENTS).
+    The honest server's segment and optimizer are never trained, and the
+    host has no task figures of its own (no objective: a vanilla client's
+    labels arrive and are not used). A vanilla hijacker's steps are
+    compiled on the host, as the honest server's are; a U-shaped one
+    answers eagerly (it keeps the gradients between a TRAIN and its
+    OUTPUT_GRADIENTS). The hijacker's networks and optimizers are not in
+    the host's commits: a rollback keeps what it learnt, and a host started
+    again begins a new one.
 
     Args:
       server: the honest `Server` the run's config builds.
@@ -188,6 +199,7 @@ class HijackingServer:
     """
 
     compile_paused_steps = None  # the honest server's U-shaped steps: unused
+    objective = None  # no accuracy: the hijacker does not train the task
 
     def __init__(self, server, hijacker: FeatureSpaceHijacker):
         self.server = server
@@ -203,8 +215,8 @@ class HijackingServer:
         return self.hijacker.handle(message)
 
     def pending(self, client_id: int) -> bool:
-        """A U-shaped step waits for its OUTPUT_GRADIENTS."""
-        return self.hijacker.waiting()
+        """A U-shaped step of `client_id` waits for its OUTPUT_GRADIENTS."""
+        return self.hijacker.waiting(client_id)
 
     def rolled_back(self) -> None:
         self.hijacker.forget()
