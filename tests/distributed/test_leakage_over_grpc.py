@@ -201,13 +201,18 @@ class HijackingHostTest(base.TestCase):
                 self.addCleanup(client.close)
                 yield_all(client.round(0))
                 summary = client.summary({})  # what the client's user reads
-                hijacker = HostProcess(config, host).summary({}).get("hijacker")
+                hosts = HostProcess(config, host).summary({})
                 self.assertEqual(
-                    hijacker, {"public_inputs": 256} if hijacking else None
+                    hosts.get("hijacker"),
+                    {"public_inputs": 256} if hijacking else None,
                 )
-                if config.topology == "vanilla":  # the host's own figures
-                    validation = coordinator.logs[0][1]
-                    self.assertEqual("accuracy" in validation, not hijacking)
+                if config.topology == "vanilla" and hijacking:
+                    self.assertNotIn("accuracy", coordinator.logs[0][1])
+                    self.assertEqual(
+                        hosts["test_figures"], "none: a hijacking host trains no task"
+                    )
+                if not hijacking:  # the host's own accuracy
+                    self.assertIn("accuracy", coordinator.logs[0][1])
                 if not hijacking:
                     self.assertNotIn("hijack_alarm_step", summary)
                     self.assertGreater(summary["hijack_lowest_score"], 1.5)

@@ -222,8 +222,12 @@ class HijackingServer:
         self.hijacker.forget()
 
     def host_summary(self) -> dict:
-        """What the host's summary says of it: that it hijacked."""
-        return {"hijacker": {"public_inputs": int(self.hijacker.public.shape[0])}}
+        """What the host's summary says of it: that it hijacked (and, vanilla,
+        why it has no test figures)."""
+        fields = {"hijacker": {"public_inputs": int(self.hijacker.public.shape[0])}}
+        if self.hijacker.server_segment is None:
+            fields["test_figures"] = "none: a hijacking host trains no task"
+        return fields
 
     def __getattr__(self, name):
         # arrival_specs, takes_labels, num_classes, output_specs, ...
