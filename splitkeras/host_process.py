@@ -264,8 +264,9 @@ def serve(
 
 def hijack_inputs(config, path: str, examples: int):
     """A red team's inputs (`splitkeras serve --hijack`): the first
-    `examples` training inputs of the dataset file `path`, as the config's
-    input pipeline gives them."""
+    `examples` training inputs of the dataset at `path` (as
+    `config.data.path` takes one), as the config's input pipeline gives
+    them."""
     arrays = data_lib.load(config.data.name, path, False)
     return images_of(arrays.x_train[:examples], arrays.y_train[:examples])
 

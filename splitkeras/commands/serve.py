@@ -25,9 +25,8 @@ With --hijack=PATH it is a red team's host: a feature-space hijacker
 (Pasquini et al., CCS 2021) answers in the place of round robin's server,
 trained on the first --hijack_examples training inputs of PATH (a dataset
 as config.data.path takes one: .npz, IDX folder or TFDS directory; the
-attacker's own data). It trains no task: it
-is there to check a client's hijack guard (config.privacy.hijack_probe_every)
-over the real transport.
+attacker's own data). It trains no task: it is there to check a client's
+hijack guard (config.privacy.hijack_probe_every) over the real transport.
 
 With --predict it serves split inference instead (until stopped): the
 server segment trained in --workdir answers PREDICT messages, e.g. from
