@@ -9,7 +9,9 @@ over gRPC to one server process (`splitkeras serve`, also with T threads) per
 setting M:S (M micro-batches per step, up to S steps in flight:
 `config.train.microbatches`, `max_staleness`). Runs are interleaved across
 all of them, run by run; the table gives median steps/s and the ratio to the
-fastest in-process median. Raw gRPC round trips of the cut's bytes (no
+fastest in-process median, with the CPU time each process spent per step
+(the client's: its worker process, which runs nothing else meanwhile; the
+server's: from /proc). Raw gRPC round trips of the cut's bytes (no
 TensorFlow, both ends in this process) give the transport's own cost, as
 unary calls (what the library sends) and as one bidirectional stream, each
 synchronous and with 2 more messages in flight.
@@ -61,9 +63,20 @@ _WORKER = flags.DEFINE_string(
 _MARK = "@@ "  # a worker's answers on stdout (TensorFlow may print there too)
 
 
+def _cpu_seconds(pid=None) -> float:
+    """User + system CPU seconds of this process, or of process `pid`."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker(spec, settings):
     """One thread setting: its in-process program and a gRPC client per M:S;
-    answers `[way, steps]` lines on stdin with steps/s."""
+    answers `[way, steps]` lines on stdin with [steps/s, CPU seconds per
+    step of this process, of the way's server process (in-process: 0)]."""
     from splitkeras import cli
 
     root, case, threads = spec.split(",")
@@ -71,6 +84,7 @@ def worker(spec, settings):
     config, _ = grpc_steps.setup(root, name, int(batch), threads=int(threads))
     cli.use_threads(config)  # before TensorFlow's first op
     programs = {"in-process": grpc_steps.local_program(config)}
+    servers = {}  # way -> its server process's pid
     remotes = []
     try:
         for setting in settings:
@@ -81,14 +95,19 @@ def worker(spec, settings):
             tag = f"{name}_{batch}_{m}_{s}_t{threads}"
             remotes.append(grpc_steps.Remote(root, tag, config, args))
             programs[f"grpc M={m} S={s}"] = remotes[-1].program
+            servers[f"grpc M={m} S={s}"] = remotes[-1].server.pid
         xy = grpc_steps.first_batch(config)
         for program in programs.values():
             grpc_steps.rate(program, xy, 2)  # trace and warm up
         print(_MARK + json.dumps(list(programs)), flush=True)
         for line in sys.stdin:
             way, steps = json.loads(line)
+            pid = servers.get(way)
+            mine, theirs = _cpu_seconds(), _cpu_seconds(pid) if pid else 0.0
             rate = grpc_steps.rate(programs[way], xy, steps)
-            print(_MARK + json.dumps(rate), flush=True)
+            mine = (_cpu_seconds() - mine) / steps
+            theirs = (_cpu_seconds(pid) - theirs) / steps if pid else 0.0
+            print(_MARK + json.dumps([rate, mine, theirs]), flush=True)
     finally:
         for remote in remotes:
             remote.close()
@@ -116,7 +135,7 @@ class Worker:
                 return json.loads(line[len(_MARK) :])
         raise RuntimeError(f"worker ended: exit {self.process.wait()}")
 
-    def rate(self, way, steps) -> float:
+    def rate(self, way, steps) -> list:
         self.process.stdin.write(json.dumps([way, steps]) + "\n")
         self.process.stdin.flush()
         return self.answer()
@@ -127,7 +146,8 @@ class Worker:
 
 
 def compare(root, case, settings, threads, runs, steps):
-    """{(threads, way): median steps/s}, interleaved run by run."""
+    """{(threads, way): [median steps/s, median client and server CPU
+    seconds per step]}, interleaved run by run."""
     workers = {t: Worker(root, case, t, settings) for t in threads}
     try:
         ways = {t: w.answer() for t, w in workers.items()}  # all ready
@@ -139,7 +159,7 @@ def compare(root, case, settings, threads, runs, steps):
     finally:
         for w in workers.values():
             w.close()
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return {k: [statistics.median(c) for c in zip(*v)] for k, v in rates.items()}
 
 
 def echo(nbytes, runs=7, calls=50):
@@ -270,11 +290,13 @@ def codecs(root, codec_names, runs, steps):
 
 
 def print_steps(name, batch, medians) -> None:
-    base = max(v for (_, way), v in medians.items() if way == "in-process")
-    for (threads, way), value in medians.items():
+    base = max(v[0] for (_, way), v in medians.items() if way == "in-process")
+    for (threads, way), (value, client, server) in medians.items():
         label = threads if threads != "0" else "default"
+        server = f"{1000 * server:.2f}" if way != "in-process" else "-"
         print(
-            f"| {name}/{batch} | {label} | {way} | {value:.2f} | {value / base:.3f} |"
+            f"| {name}/{batch} | {label} | {way} | {value:.2f} | {value / base:.3f} "
+            f"| {1000 * client:.2f} | {server} |"
         )
 
 
@@ -286,8 +308,11 @@ def main(argv):
     root = tempfile.mkdtemp(prefix="grpc_bench_")
     floors = []
     if _SETTINGS.value:
-        print("| case | threads | way | steps/s (median) | / best in-process |")
-        print("|---|---|---|---|---|")
+        print(
+            "| case | threads | way | steps/s (median) | / best in-process "
+            "| CPU ms / step: client (in-process: all) | server |"
+        )
+        print("|---|---|---|---|---|---|---|")
     for case in _CASES.value:
         name, batch = case.split(":")
         if _SETTINGS.value:
