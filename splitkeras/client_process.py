@@ -481,6 +481,7 @@ def run_client(
     """
     import tempfile
 
+    deployment.check_over_grpc(config)
     workdir = workdir or tempfile.mkdtemp(prefix=f"client_{client_id}-")
     process = ClientProcess(
         config, client_id, connect, key, token, credentials, workdir, listen

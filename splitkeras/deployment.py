@@ -113,6 +113,16 @@ def schedule_name(config) -> str:
     return f"split/{config.topology}"
 
 
+def check_over_grpc(config) -> None:
+    """Refuses what a run over gRPC cannot do, before any process starts."""
+    if config.train.get("max_steps", 0):
+        raise ValueError(
+            f"config.train.max_steps={config.train.max_steps} stops a run in one "
+            "process (splitkeras train); over gRPC the hosts and clients train "
+            "whole rounds: set config.train.epochs instead"
+        )
+
+
 def config_fingerprint(config) -> dict:
     """The values of `FINGERPRINT_FIELDS` in `config` (as strings)."""
     values = {}

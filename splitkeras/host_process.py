@@ -160,6 +160,7 @@ def serve(
     Returns:
       The host's summary.
     """
+    deployment.check_over_grpc(config)
     strategy = distribute.make_strategy(config.get("server", {}))  # first
     distribute.check_supported(config, strategy)
     worker = distribute.worker_index(strategy)

@@ -362,6 +362,7 @@ def launch(
       client_flags: {k: more flags of client k}, e.g. its own
         `--config.data.sites` folder.
     """
+    deployment.check_over_grpc(config)
     os.makedirs(workdir, exist_ok=True)
     envs = envs or {}
     client_secrets(workdir, config.num_clients)

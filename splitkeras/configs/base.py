@@ -63,8 +63,10 @@ def get_config(arg=None):
     c.train.warmup_epochs = 0  # linear warm-up over the first epochs
     c.train.log_every_seconds = 5.0  # progress line and TensorBoard period
     c.train.checkpoint_every_steps = 1000  # also saved at each epoch end
-    # stop (and checkpoint) early at this step; 0 = no. Single-client runs
-    # only: multi-client ones train whole epochs.
+    # stop (and checkpoint) early at this step; 0 = no. In one process
+    # (splitkeras train) and where one client trains at a time (round robin,
+    # centralized) only; refused elsewhere and over gRPC (serve, client,
+    # launch), where runs train whole epochs.
     c.train.max_steps = 0
     c.train.run_eagerly = False  # run steps eagerly, for debugging
     # "" (float32) | mixed_float16 (GPUs) | mixed_bfloat16 (TPUs, recent CPUs):

@@ -104,3 +104,44 @@ class ConfigFingerprintTest(base.TestCase):
         with self.assertRaises(RemoteError) as refused:
             join("[1, 2")
         self.assertEqual(refused.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class MaxStepsOverGrpcTest(base.TestCase):
+    def test_every_entry_point_refuses_max_steps_before_starting(self):
+        """Over gRPC every process trains whole rounds: config.train.max_steps
+        is refused (it was ignored), before a process, port or workdir is
+        taken (each entry point's first such step is replaced by one that
+        fails the test, so a missing check fails at once)."""
+        from unittest import mock
+
+        from splitkeras import client_process, host_process, launcher
+        from splitkeras.configs import fashion_mnist_lenet
+
+        config = fashion_mnist_lenet.get_config()
+        config.train.max_steps = 5
+        workdir = os.path.join(self.tempdir(), "run")
+        message = (
+            "config.train.max_steps=5 stops a run in one process \\(splitkeras "
+            "train\\); over gRPC the hosts and clients train whole rounds: set "
+            "config.train.epochs instead"
+        )
+        started = AssertionError("started before the check")
+        cases = {
+            "launch": (
+                mock.patch.object(launcher, "client_secrets", side_effect=started),
+                lambda: launcher.launch([], workdir, config),
+            ),
+            "serve": (
+                mock.patch.object(host_process, "lock_workdir", side_effect=started),
+                lambda: host_process.serve(config, workdir),
+            ),
+            "client": (
+                mock.patch.object(client_process, "ClientProcess", side_effect=started),
+                lambda: client_process.run_client(config, 0, {}, None, workdir),
+            ),
+        }
+        for name, (patch, start) in cases.items():
+            with self.subTest(name), patch:
+                with self.assertRaisesRegex(ValueError, message):
+                    start()
+                self.assertFalse(os.path.exists(workdir))
