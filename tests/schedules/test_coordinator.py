@@ -1,5 +1,7 @@
 """The coordinator's barrier (`Rounds`): a report that comes before the
-round is trained waits; a retried report of an ended round is answered."""
+round is trained waits; a retried report of an ended round is answered;
+only the evaluating clients evaluate; a FedAvg client's local steps count
+when it ends its round."""
 
 import tensorflow as tf
 
