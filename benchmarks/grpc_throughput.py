@@ -243,12 +243,10 @@ def _echo_ways(call, outbox, replies, data, runs, calls) -> dict:
     cpus = {way: [] for way in ways}
     for _ in range(runs):  # interleaved, run by run
         for name, way in ways.items():
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            cpu0, start = usage.ru_utime + usage.ru_stime, time.perf_counter()
+            cpu0, start = _cpu_seconds(), time.perf_counter()
             way(calls)
-            usage = resource.getrusage(resource.RUSAGE_SELF)
             walls[name].append((time.perf_counter() - start) / calls * 1000)
-            cpus[name].append((usage.ru_utime + usage.ru_stime - cpu0) / calls * 1000)
+            cpus[name].append((_cpu_seconds() - cpu0) / calls * 1000)
     return {
         way: (statistics.median(walls[way]), statistics.median(cpus[way]))
         for way in ways

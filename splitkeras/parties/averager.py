@@ -60,15 +60,14 @@ class Averager:
         averager keeps variables of its own; round -1 has no answer).
       local_epochs: FedAvg's local passes per round: a client that ends a
         round has trained the batches it said at BEGIN this many times
-        (`trained_steps`, the host's step count). 0: not counted here
-        (SplitFed's main server counts its clients' steps; in one process
-        the runner counts every client's).
+        (`steps_per_batch`, read by its `Rounds` for the host's step
+        count). 0: not counted here (SplitFed's main server counts its
+        clients' steps; in one process the runner counts every client's).
     """
 
     def __init__(self, num_clients: int, variables, local_epochs: int = 0):
         self.num_clients = num_clients
-        self.local_epochs = int(local_epochs)
-        self._batches = {}  # client -> batches said at BEGIN (FedAvg)
+        self.steps_per_batch = int(local_epochs)
         variables = list(variables)
         self.has_initial = bool(variables) and not isinstance(variables[0], tuple)
         if self.has_initial:
@@ -93,15 +92,6 @@ class Averager:
 
     def rolled_back(self) -> None:
         self._uploads.clear()
-        self._batches.clear()
-
-    def begun(self, client_id: int, batches: int) -> None:
-        if self.local_epochs:
-            self._batches[client_id] = int(batches)
-
-    def trained_steps(self, client_id: int) -> int:
-        """The local steps of the round `client_id` ends (FedAvg)."""
-        return self._batches.pop(client_id, 0) * self.local_epochs
 
     def arrival_specs(self, kind, client_id: int) -> list:
         return [(d, [s for s in shape]) for d, shape in self.specs]

@@ -270,10 +270,12 @@ class Rounds(Coordinator):
         self.on_trained = on_trained
         self.evaluators = None if evaluators is None else set(evaluators)
         self.begun = set()  # clients in the current round
+        self._batches = {}  # client -> the batches it said at BEGIN
 
     def rolled_back(self) -> None:
         super().rolled_back()
         self.begun.clear()
+        self._batches.clear()
 
     def begin(self, message):
         k, r = message.client_id, int(message.round)
@@ -297,6 +299,7 @@ class Rounds(Coordinator):
         if not self.begun:
             self._start_round()
         self.begun.add(k)
+        self._batches[k] = int(message.count)
         begun = getattr(self.server, "begun", None)
         if begun is not None:  # e.g. SplitFed v2's step order needs batch counts
             begun(k, int(message.count))
@@ -346,9 +349,11 @@ class Rounds(Coordinator):
                 "restart", f"client {k} ends round {r} with a step half done"
             )
         self.ended[k].assign(r)
-        trained = getattr(self.server, "trained_steps", None)
-        if trained is not None:  # clients with whole models: their steps
-            self.step.assign_add(trained(k))
+        # Clients with whole models train where the server does not see
+        # their steps: they count as the batches said times the server's
+        # steps per batch (FedAvg's local epochs, large-batch SGD's 1).
+        per_batch = getattr(self.server, "steps_per_batch", 0)
+        self.step.assign_add(self._batches.pop(k, 0) * per_batch)
         self._log_end(r, message)
         if self._round_trained(r) and self.on_trained is not None:
             self.on_trained(r, self._counts.get(r, {}))
@@ -383,6 +388,7 @@ class Rounds(Coordinator):
     def _start_round(self) -> None:
         super()._start_round()
         self.begun = set()
+        self._batches = {}
         start = getattr(self.server, "start_round", None)
         if start is not None:
             start()

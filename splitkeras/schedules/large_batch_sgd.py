@@ -58,6 +58,8 @@ class GradientServer:
     has sent its UPDATE; the average is taken in client order.
     """
 
+    steps_per_batch = 1  # a client's step per batch (the host's step count)
+
     def __init__(self, model, optimizer, num_clients: int):
         self.model = model
         self.optimizer = optimizer
@@ -82,10 +84,6 @@ class GradientServer:
 
     def rolled_back(self) -> None:
         self._uploads = {}
-
-    def trained_steps(self, client_id: int) -> int:
-        """The steps of the round `client_id` ends: one per batch it said."""
-        return self.batches.get(client_id, 0)
 
     def _taking_part(self, step: int) -> list:
         if not self.batches:
