@@ -28,7 +28,8 @@ log = logging.getLogger("splitkeras")
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate"]
 
-_LEAKAGE = ("leakage_", "label_leak_", "hijack_")  # privacy figures in the logs
+# Privacy figures in the logs.
+_LEAKAGE = ("leakage_", "label_leak_", "hijack_", "nopeek_adapted_alpha")
 
 
 class InProcess(RunnerProcess):

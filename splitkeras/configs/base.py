@@ -128,6 +128,7 @@ def get_config(arg=None):
     c.privacy.nopeek_window = 256  # earlier rows in each batch's dCor estimate
     c.privacy.nopeek_target = 0.0  # normalized: no privacy step below this dCor
     c.privacy.nopeek_warmup = 0  # normalized: the client's first updates without it
+    c.privacy.nopeek_adapt = 0.0  # with a target: how fast alpha follows it
     c.privacy.activation_noise = 0.0  # std of Gaussian noise on sent activations
     c.privacy.gradient_max_norm = 0.0  # U-shaped: per-example bound on sent grads
     c.privacy.gradient_noise = 0.0  # U-shaped: std of noise on sent output grads

@@ -144,6 +144,9 @@ class Client:
             state = [self.optimizer.dynamic_scale, self.optimizer.step_counter]
             kept = [tf.identity(v) for v in state]
         head_grads = forward.tape.gradient(targets, head_vars, output_gradients=seeds)
+        updates = None  # the client's updates before this one (NoPeek)
+        if self.privacy is not None:
+            updates = tf.identity(self.optimizer.iterations)
         if forward.nopeek is not None and self.privacy.normalized:
             # Scaled like the task's backward pass (mixed float16), so that
             # its small values survive; nopeek_gradients rescales it anyway.
@@ -152,7 +155,7 @@ class Client:
                 forward.nopeek.dcor, head_vars, output_gradients=seed
             )
             head_grads = self.privacy.nopeek_gradients(
-                head_grads, leak, forward.nopeek.dcor, self.optimizer.iterations
+                head_grads, leak, forward.nopeek.dcor, updates
             )
         tail_vars = self.tail.trainable_variables if self.tail is not None else []
         # One optimizer update for head and tail together, as in the uncut model.
@@ -164,7 +167,7 @@ class Client:
         if self.privacy is not None:
             # The window of NoPeek's dCor, unless the update was skipped.
             applied = None if scale is None else tf.logical_not(server_skipped)
-            self.privacy.remember(forward.nopeek, applied)
+            self.privacy.remember(forward.nopeek, applied, updates)
         if scale is not None:
             # The overflow was the server's: this client's scale stays.
             for variable, value in zip(state, kept):
@@ -341,10 +344,13 @@ class Client:
 
     def checkpoint(self, **extra) -> tf.train.Checkpoint:
         """The client's own state: its segments and optimizer, its hijack
-        guard's state if it has one (+ `extra`)."""
+        guard's state and NoPeek's adapted alpha if it has them (+ `extra`)."""
         guard = None if self.privacy is None else self.privacy.guard
         if guard is not None:
             extra["hijack_guard"] = tf.train.Checkpoint(**guard.trackables())
+        nopeek = {} if self.privacy is None else self.privacy.trackables()
+        if nopeek:
+            extra["nopeek"] = tf.train.Checkpoint(**nopeek)
         return party_checkpoint([self.segment, self.tail], self.optimizer, **extra)
 
 

@@ -17,7 +17,12 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
     push). With `nopeek_target` set, a step whose dCor estimate is at or
     below the target gets no privacy part: the client stops pushing there
     and the task takes the rest of the budget. With `nopeek_warmup` the
-    client's first updates get none: the task trains alone first.
+    client's first updates get none: the task trains alone first. With
+    `nopeek_adapt` as well, alpha follows the target: after each update
+    past the warm-up it is multiplied by exp(nopeek_adapt x (estimate -
+    target)), kept between `nopeek_alpha` and `ADAPT_MAX` times it, so a
+    client whose dCor stalls above the target is pushed harder until it
+    gets there, and the push eases once it is below.
   - "loss" (the paper's): `nopeek_alpha` x dCor joins the segment's
     regularization, so the update is the task gradient plus alpha times
     the dCor gradient.
@@ -61,6 +66,7 @@ from splitkeras.privacy.marvell import marvell_noise
 from splitkeras.privacy.rows import flat_batch
 
 __all__ = [
+    "ADAPT_MAX",
     "GUARD_TOPOLOGIES",
     "MARVELL_TOPOLOGIES",
     "NOPEEK_STEPS",
@@ -71,6 +77,8 @@ __all__ = [
 ]
 
 NOPEEK_STEPS = ("normalized", "loss")
+# The most `nopeek_adapt` raises alpha to, as a multiple of `nopeek_alpha`.
+ADAPT_MAX = 10.0
 # Where the label holder sends gradients that Marvell's noise can protect.
 MARVELL_TOPOLOGIES = ("ushaped", "vertical")
 # Where the client that holds the labels runs whole steps that the hijack
@@ -105,6 +113,12 @@ class ClientPrivacy:
       nopeek_warmup: the client's first optimizer updates without the
         normalized step's privacy part (0: from the first): the task
         trains alone, then NoPeek pushes.
+      nopeek_adapt: with `nopeek_target`, how fast alpha follows the
+        target (0: alpha stays `nopeek_alpha`): each applied update past
+        the warm-up multiplies it by exp(nopeek_adapt x (the step's dCor
+        estimate - nopeek_target)), within [nopeek_alpha, ADAPT_MAX x
+        nopeek_alpha]. Like the window, the adapted alpha is this
+        client's own: in the client's checkpoint, not handed on.
       activation_noise: standard deviation of the Gaussian noise added to
         the cut tensors the client sends (0: off).
       gradient_max_norm: U-shaped: per-example L2 bound on the output
@@ -126,6 +140,7 @@ class ClientPrivacy:
     nopeek_window: int = 256
     nopeek_target: float = 0.0
     nopeek_warmup: int = 0
+    nopeek_adapt: float = 0.0
     activation_noise: float = 0.0
     gradient_max_norm: float = 0.0
     gradient_noise: float = 0.0
@@ -148,6 +163,7 @@ class ClientPrivacy:
             "nopeek_alpha",
             "nopeek_window",
             "nopeek_warmup",
+            "nopeek_adapt",
             "activation_noise",
             "gradient_max_norm",
             "gradient_noise",
@@ -161,14 +177,24 @@ class ClientPrivacy:
                 f"nopeek_target is a distance correlation in [0, 1), got "
                 f"{self.nopeek_target}"
             )
-        for name in ("nopeek_target", "nopeek_warmup"):
+        for name in ("nopeek_target", "nopeek_warmup", "nopeek_adapt"):
             if getattr(self, name) and self.nopeek_step != "normalized":
                 raise ValueError(
                     f"{name}={getattr(self, name):g} gates the normalized "
                     f"step's privacy part: set nopeek_step='normalized', not "
                     f"{self.nopeek_step!r}"
                 )
+        if self.nopeek_adapt and not self.nopeek_target:
+            raise ValueError(
+                f"nopeek_adapt={self.nopeek_adapt:g} moves alpha toward "
+                "nopeek_target: set nopeek_target too"
+            )
         self._seeds = keras.random.SeedGenerator(self.seed)
+        self._alpha = None  # the adapted alpha (nopeek_adapt)
+        if self.nopeek_adapt and self.nopeek_alpha:
+            self._alpha = tf.Variable(
+                float(self.nopeek_alpha), trainable=False, name="nopeek_alpha"
+            )
         self._memory = None  # (x rows, z rows, rows filled), made at first use
         self.guard = None
         if self.hijack_probe_every:
@@ -260,9 +286,12 @@ class ClientPrivacy:
         for i in both:
             leak[i] = leak[i] - along * task[i]
         l_sq = tf.add_n([tf.reduce_sum(tf.square(leak[i])) for i in both])
+        alpha = self.nopeek_alpha
+        if self._alpha is not None:
+            alpha = tf.cast(self._alpha, t_sq.dtype)
         scale = tf.where(
             l_sq > 0.0,
-            self.nopeek_alpha * tf.sqrt(t_sq) / tf.sqrt(_nonzero(l_sq)),
+            alpha * tf.sqrt(t_sq) / tf.sqrt(_nonzero(l_sq)),
             0.0,
         )
         if self.nopeek_target and dcor is not None:
@@ -275,12 +304,27 @@ class ClientPrivacy:
             task[i] = task[i] + scale * leak[i]
         return task
 
-    def remember(self, term: NoPeekTerm | None, applied=None) -> None:
-        """Puts a step's rows into the window (newest first), once the step
-        is applied: a step recomputed (asynchronous steps) counts once, and
-        `applied` False (a boolean tensor: an update skipped on overflow)
-        leaves the window as it was."""
-        if term is None or not self.nopeek_window:
+    @property
+    def adapted_alpha(self) -> float | None:
+        """The alpha `nopeek_adapt` has reached (None: not adapting)."""
+        return None if self._alpha is None else float(self._alpha.numpy())
+
+    def trackables(self) -> dict:
+        """NoPeek's state in the client's checkpoint: the adapted alpha."""
+        return {} if self._alpha is None else {"nopeek_alpha": self._alpha}
+
+    def remember(self, term: NoPeekTerm | None, applied=None, updates=None) -> None:
+        """Puts a step's rows into the window (newest first) and adapts
+        alpha (`nopeek_adapt`), once the step is applied: a step recomputed
+        (asynchronous steps) counts once, and `applied` False (a boolean
+        tensor: an update skipped on overflow) leaves both as they were.
+        `updates`: the client optimizer's updates before this one (for the
+        warm-up)."""
+        if term is None:
+            return
+        if self._alpha is not None:
+            self._adapt(term.dcor, applied, updates)
+        if not self.nopeek_window:
             return
         x_memory, z_memory, filled = self._window(term.x_rows, term.z_rows)
         for memory, rows in ((x_memory, term.x_rows), (z_memory, term.z_rows)):
@@ -289,6 +333,20 @@ class ClientPrivacy:
             memory.assign(new if applied is None else tf.where(applied, new, memory))
         more = tf.minimum(filled + tf.shape(term.x_rows)[0], self.nopeek_window)
         filled.assign(more if applied is None else tf.where(applied, more, filled))
+
+    def _adapt(self, dcor, applied, updates) -> None:
+        """alpha x exp(nopeek_adapt x (dcor - target)), within its bounds."""
+        exponent = self.nopeek_adapt * (tf.cast(dcor, tf.float32) - self.nopeek_target)
+        if self.nopeek_warmup and updates is not None:
+            exponent *= tf.cast(updates >= self.nopeek_warmup, tf.float32)
+        alpha = tf.clip_by_value(
+            self._alpha * tf.exp(exponent),
+            self.nopeek_alpha,
+            ADAPT_MAX * self.nopeek_alpha,
+        )
+        self._alpha.assign(
+            alpha if applied is None else tf.where(applied, alpha, self._alpha)
+        )
 
     def _windowed_dcor(self, x_rows, z_rows) -> tf.Tensor:
         """dCor of the batch's rows together with the window's."""
@@ -393,6 +451,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         nopeek_window=int(p.nopeek_window),
         nopeek_target=float(p.nopeek_target),
         nopeek_warmup=int(p.nopeek_warmup),
+        nopeek_adapt=float(p.nopeek_adapt),
         activation_noise=float(p.activation_noise),
         gradient_max_norm=float(p.gradient_max_norm),
         gradient_noise=float(p.gradient_noise),

@@ -160,6 +160,12 @@ def clients_of(trainer) -> list:
     return [] if client is None else [client]
 
 
+def _adapted_alpha(client) -> dict:
+    """{"nopeek_adapted_alpha": the alpha `nopeek_adapt` reached}, or {}."""
+    alpha = None if client.privacy is None else client.privacy.adapted_alpha
+    return {} if alpha is None else {"nopeek_adapted_alpha": alpha}
+
+
 def _newest_client(trainer):
     """The client whose segment the server would see next."""
     clients = clients_of(trainer)
@@ -324,7 +330,7 @@ class Leakage:
         server's outputs can be had) of `client`; adds its
         `privacy_warnings`, else a `near_chance_warning`."""
         value, cut, clean = self._dcor(client)
-        logs = {"leakage_dcor": value}
+        logs = {"leakage_dcor": value, **_adapted_alpha(client)}
         if self.start:
             logs["leakage_dcor_change"] = value / self.start - 1.0
         alpha = client.privacy.nopeek_alpha if client.privacy is not None else 0.0
@@ -413,6 +419,7 @@ class Leakage:
         """Vertical party k's leakage_dcor_k (and its change against its
         start); adds its `privacy_warnings` to `found`."""
         logs = {f"leakage_dcor_{k}": value}
+        logs.update({f"{name}_{k}": v for name, v in _adapted_alpha(client).items()})
         start = self.starts.get(k)
         if start:
             logs[f"leakage_dcor_change_{k}"] = value / start - 1.0

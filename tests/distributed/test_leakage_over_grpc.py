@@ -1,14 +1,15 @@
 """Privacy figures of a run over gRPC: the evaluating client measures its
 cut's leakage as the same run in one process does (the same leakage_dcor,
-in the host's validation figures, and the same start figure and NoPeek
-warning in its summary; the hijack guard's score in its summary, never in
-what the host receives), and the run ends with the same reconstruction
-attack on its segment; the host, which has the accuracy, warns of a run
-left near chance. Round robin with two clients and U-shaped report the
-same leakage_dcor (U-shaped: and label-leak AUCs) as in process, from the
-client that evaluates (SplitFed's clients, in threads of one process, would
-hold every inter-op thread while they wait: every configuration's
-leakage_dcor is checked as processes in test_configurations.py)."""
+in the host's validation figures, and the same start figure, NoPeek warning
+and adapted NoPeek alpha in its summary; the hijack guard's score in its
+summary, never in what the host receives), and the run ends with the same
+reconstruction attack on its segment; the host, which has the accuracy,
+warns of a run left near chance. Round robin with two clients and U-shaped
+report the same leakage_dcor (U-shaped: and label-leak AUCs) as in process,
+from the client that evaluates (SplitFed's clients, in threads of one
+process, would hold every inter-op thread while they wait: every
+configuration's leakage_dcor is checked as processes in
+test_configurations.py)."""
 
 import os
 import threading
@@ -115,6 +116,9 @@ class LeakageOverGrpcTest(base.TestCase):
             **{
                 "train.epochs": 1,
                 "privacy.nopeek_alpha": 0.1,
+                # Alpha adapts toward a target it does not reach.
+                "privacy.nopeek_target": 0.01,
+                "privacy.nopeek_adapt": 0.5,
                 "privacy.leakage_examples": 32,
                 "privacy.reconstruction_examples": 32,
                 "privacy.reconstruction_epochs": 1,
@@ -141,11 +145,18 @@ class LeakageOverGrpcTest(base.TestCase):
         self.assertEqual(
             reported["leakage_dcor_change"], expected["leakage_dcor_change"]
         )
+        self.assertGreater(expected["nopeek_adapted_alpha"], 0.1)
+        self.assertEqual(
+            reported["nopeek_adapted_alpha"], expected["nopeek_adapted_alpha"]
+        )
         summary = client.summary({})
+        self.assertEqual(
+            summary["nopeek_adapted_alpha"], expected["nopeek_adapted_alpha"]
+        )
         self.assertEqual(summary["leakage_dcor_start"], local.leakage.start)
         self.assertEqual(summary["leakage_dcor"], expected["leakage_dcor"])
         self.assertEqual(summary["hijack_score"], expected["hijack_score"])
-        # Two steps at alpha 0.1 do not move dCor by 10%: the user is told.
+        # Two steps from alpha 0.1 do not move dCor by 10%: the user is told.
         self.assertEqual(summary["privacy_warnings"], local.leakage.warnings)
         self.assertEqual(len(summary["privacy_warnings"]), 1)
         self.assertIn("NoPeek is on", summary["privacy_warnings"][0])

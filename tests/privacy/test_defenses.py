@@ -191,6 +191,93 @@ class DefensesTest(base.TestCase):
             "nopeek_step='normalized', not 'loss'$",
         ):
             ClientPrivacy(nopeek_alpha=1.0, nopeek_step="loss", nopeek_warmup=100)
+        with self.assertRaisesRegex(
+            ValueError,
+            "^nopeek_adapt=0.01 gates the normalized step's privacy part: set "
+            "nopeek_step='normalized', not 'loss'$",
+        ):
+            ClientPrivacy(
+                nopeek_alpha=1.0,
+                nopeek_step="loss",
+                nopeek_target=0.0,
+                nopeek_adapt=0.01,
+            )
+        with self.assertRaisesRegex(
+            ValueError,
+            "^nopeek_adapt=0.01 moves alpha toward nopeek_target: set "
+            "nopeek_target too$",
+        ):
+            ClientPrivacy(nopeek_alpha=1.0, nopeek_adapt=0.01)
+        with self.assertRaisesRegex(ValueError, "^nopeek_adapt must be >= 0, got -1$"):
+            ClientPrivacy(nopeek_alpha=1.0, nopeek_target=0.5, nopeek_adapt=-1)
+
+    def test_adapt_moves_alpha_by_the_steps_distance_to_the_target(self):
+        cut = _client(None).segment(self.x, training=True)
+        dcor = float(distance_correlation(flat_batch(self.x), flat_batch(cut)))
+        target, rate = dcor / 2, 0.5
+        adapting = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=0, nopeek_target=target, nopeek_adapt=rate
+        )
+        client, _, first = self._update(adapting)
+        # The first update is taken with alpha 0.5, as without adapting ...
+        fixed = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=0, nopeek_target=target)
+        self.assertWeightsClose(first, self._update(fixed)[2], atol=1e-6)
+        # ... then alpha grows by exp(rate x (dCor - target)).
+        grown = 0.5 * np.exp(rate * (dcor - target))
+        self.assertAlmostEqual(adapting.adapted_alpha, grown, places=5)
+        # The second update is the normalized step at the grown alpha.
+        client.backward(client.forward(self.x), [self.g])
+        second = [v.numpy() for v in client.segment.trainable_variables]
+        at_grown = _client(
+            ClientPrivacy(nopeek_alpha=grown, nopeek_window=0, nopeek_target=target)
+        )
+        for v, w in zip(at_grown.segment.trainable_variables, first):
+            v.assign(w)
+        at_grown.backward(at_grown.forward(self.x), [self.g])
+        expected = [v.numpy() for v in at_grown.segment.trainable_variables]
+        self.assertWeightsClose(second, expected, atol=1e-6)
+
+    def test_adapted_alpha_stays_within_its_bounds(self):
+        def after_one_step(target, rate, **settings):
+            privacy = ClientPrivacy(
+                nopeek_alpha=0.5,
+                nopeek_window=0,
+                nopeek_target=target,
+                nopeek_adapt=rate,
+                **settings,
+            )
+            self._update(privacy)
+            return privacy
+
+        # Below the target alpha falls, but not under nopeek_alpha.
+        self.assertEqual(after_one_step(0.999, 5.0).adapted_alpha, 0.5)
+        # Far above it, it rises to ADAPT_MAX (10) times nopeek_alpha.
+        self.assertEqual(after_one_step(0.01, 100.0).adapted_alpha, 5.0)
+        # Not during the warm-up, nor when the update is skipped.
+        self.assertEqual(
+            after_one_step(0.01, 100.0, nopeek_warmup=1).adapted_alpha, 0.5
+        )
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=0, nopeek_target=0.01, nopeek_adapt=100.0
+        )
+        client = _client(privacy)
+        privacy.remember(client.forward(self.x).nopeek, applied=tf.constant(False))
+        self.assertEqual(privacy.adapted_alpha, 0.5)
+        privacy.remember(client.forward(self.x).nopeek, applied=tf.constant(True))
+        self.assertEqual(privacy.adapted_alpha, 5.0)
+        # Without nopeek_adapt, nothing adapts.
+        self.assertIsNone(ClientPrivacy(nopeek_alpha=0.5).adapted_alpha)
+
+    def test_adapted_alpha_is_in_the_clients_checkpoint(self):
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_target=0.01, nopeek_adapt=100.0
+        )
+        client = _client(privacy)
+        path = client.checkpoint().write(os.path.join(self.tempdir(), "ckpt"))
+        client.backward(client.forward(self.x), [self.g])
+        self.assertEqual(privacy.adapted_alpha, 5.0)
+        client.checkpoint().read(path).assert_existing_objects_matched()
+        self.assertEqual(privacy.adapted_alpha, 0.5)
 
     def test_window_holds_the_last_rows_of_applied_steps(self):
         privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
@@ -294,6 +381,38 @@ class LeakageInExperimentTest(base.TestCase):
         )
         self.assertGreater(plain, 0.5)
         self.assertLess(noised, plain - 0.2)
+
+    def test_adapted_alpha_is_in_the_summary_tensorboard_and_checkpoint(self):
+        root = self.tempdir()
+        c = tiny_lenet(
+            root,
+            **{
+                "train.epochs": 1,
+                "train.batch_size": 64,
+                "privacy.nopeek_alpha": 0.5,
+                "privacy.nopeek_target": 0.01,
+                "privacy.nopeek_adapt": 100.0,
+            },
+        )
+        run = os.path.join(root, "run")
+        summary = experiment.train_and_evaluate(c, run)
+        # Far above the target, alpha rose to its bound, 10 x 0.5.
+        self.assertEqual(summary["nopeek_adapted_alpha"], 5.0)
+        values = {
+            float(tf.make_ndarray(v.tensor))
+            for path in glob.glob(os.path.join(run, "validation", "events*"))
+            for event in tf.compat.v1.train.summary_iterator(path)
+            for v in event.summary.value
+            if v.tag == "nopeek_adapted_alpha"
+        }
+        self.assertEqual(values, {5.0})
+        reader = tf.train.load_checkpoint(
+            tf.train.latest_checkpoint(os.path.join(run, "checkpoints", "client_0"))
+        )
+        self.assertEqual(
+            float(reader.get_tensor("nopeek/nopeek_alpha/.ATTRIBUTES/VARIABLE_VALUE")),
+            5.0,
+        )
 
 
 class PrivacyWarningsTest(base.TestCase):
