@@ -15,6 +15,7 @@ from splitkeras import experiment
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
 from splitkeras.parties import Client
+from splitkeras.parties.handoff import pack_state, state_variables
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack
 from splitkeras.privacy.defenses import ClientPrivacy, flat_batch
 from splitkeras.privacy.distance_correlation import distance_correlation
@@ -25,6 +26,7 @@ from splitkeras.privacy.leakage import (
     privacy_warnings,
 )
 from splitkeras.studies.privacy_report import restore_client_segment
+from splitkeras.transport.sealing import unpack_arrays
 from tests import base
 from tests.privacy.tiny import tiny_lenet
 from tests.test_experiment import _write_npz
@@ -278,6 +280,10 @@ class DefensesTest(base.TestCase):
         self.assertEqual(privacy.adapted_alpha, 5.0)
         client.checkpoint().read(path).assert_existing_objects_matched()
         self.assertEqual(privacy.adapted_alpha, 0.5)
+        # Like the window, it is not in the state round robin hands on.
+        self.assertEqual(
+            len(unpack_arrays(pack_state(client))), len(state_variables(_client(None)))
+        )
 
     def test_window_holds_the_last_rows_of_applied_steps(self):
         privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
