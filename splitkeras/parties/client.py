@@ -165,8 +165,10 @@ class Client:
             list(head_vars) + list(tail_vars),
         )
         if self.privacy is not None:
-            # The window of NoPeek's dCor, unless the update was skipped.
-            applied = None if scale is None else tf.logical_not(server_skipped)
+            # NoPeek's window and adapted alpha, unless the update was skipped
+            # (the server's overflow or this client's own): the optimizer
+            # counts only the updates it applied.
+            applied = tf.greater(self.optimizer.iterations, updates)
             self.privacy.remember(forward.nopeek, applied, updates)
         if scale is not None:
             # The overflow was the server's: this client's scale stays.

@@ -335,8 +335,11 @@ class ClientPrivacy:
         filled.assign(more if applied is None else tf.where(applied, more, filled))
 
     def _adapt(self, dcor, applied, updates) -> None:
-        """alpha x exp(nopeek_adapt x (dcor - target)), within its bounds."""
-        exponent = self.nopeek_adapt * (tf.cast(dcor, tf.float32) - self.nopeek_target)
+        """alpha x exp(nopeek_adapt x (dcor - target)), within its bounds (a
+        non-finite estimate leaves it)."""
+        dcor = tf.cast(dcor, tf.float32)
+        exponent = self.nopeek_adapt * (dcor - self.nopeek_target)
+        exponent = tf.where(tf.math.is_finite(dcor), exponent, 0.0)
         if self.nopeek_warmup and updates is not None:
             exponent *= tf.cast(updates >= self.nopeek_warmup, tf.float32)
         alpha = tf.clip_by_value(

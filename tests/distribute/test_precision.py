@@ -348,6 +348,27 @@ class DistributedLossScaleTest(base.TestCase):
         # The overflow was not this client's: its own loss scale stays.
         self.assertEqual(float(optimizer.scale_loss(1.0)), scale)
 
+    def test_a_skipped_update_leaves_nopeeks_window_and_alpha(self):
+        _, half = _pair(_client_segment)
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=8, nopeek_target=0.01, nopeek_adapt=100.0
+        )
+        client = Client(half, optimizer, privacy=privacy)
+        x = tf.constant(np.random.default_rng(2).normal(size=(4, 8, 8, 2)), tf.float32)
+        g = tf.ones((4, 8, 8, 3)) * 1e-4
+        # This client's own overflow, then the server's: neither update is
+        # applied, and neither moves the window or alpha.
+        for gradients in (g * 1e7, tf.zeros_like(g)):
+            client.backward(client.forward(x), [gradients])
+            self.assertEqual(int(optimizer.iterations), 0)
+            self.assertEqual(int(privacy._memory[2]), 0)
+            self.assertEqual(privacy.adapted_alpha, 0.5)
+        client.backward(client.forward(x), [g])
+        self.assertEqual(int(optimizer.iterations), 1)
+        self.assertEqual(int(privacy._memory[2]), 4)
+        self.assertEqual(privacy.adapted_alpha, 5.0)
+
     def test_client_backs_off_on_its_own_overflow(self):
         _, half = _pair(_client_segment)
         optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))

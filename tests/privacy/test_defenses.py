@@ -17,7 +17,7 @@ from splitkeras.cut import cut
 from splitkeras.parties import Client
 from splitkeras.parties.handoff import pack_state, state_variables
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack
-from splitkeras.privacy.defenses import ClientPrivacy, flat_batch
+from splitkeras.privacy.defenses import ClientPrivacy, NoPeekTerm, flat_batch
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.leakage import (
     Leakage,
@@ -269,6 +269,33 @@ class DefensesTest(base.TestCase):
         self.assertEqual(privacy.adapted_alpha, 5.0)
         # Without nopeek_adapt, nothing adapts.
         self.assertIsNone(ClientPrivacy(nopeek_alpha=0.5).adapted_alpha)
+
+    def test_adapted_alpha_rises_above_the_target_and_eases_below_it(self):
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=0, nopeek_target=0.5, nopeek_adapt=2.0
+        )
+
+        def step(dcor):
+            privacy.remember(NoPeekTerm(tf.constant(dcor), None, None))
+            return privacy.adapted_alpha
+
+        self.assertAlmostEqual(step(0.9), 0.5 * np.exp(2.0 * 0.4), places=5)
+        self.assertAlmostEqual(step(0.3), 0.5 * np.exp(2.0 * 0.2), places=5)
+        self.assertAlmostEqual(step(float("nan")), 0.5 * np.exp(2.0 * 0.2), places=5)
+
+    def test_adapting_starts_with_the_first_update_past_the_warmup(self):
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5,
+            nopeek_window=0,
+            nopeek_target=0.01,
+            nopeek_adapt=100.0,
+            nopeek_warmup=1,
+        )
+        client = _client(privacy)
+        client.backward(client.forward(self.x), [self.g])
+        self.assertEqual(privacy.adapted_alpha, 0.5)
+        client.backward(client.forward(self.x), [self.g])
+        self.assertEqual(privacy.adapted_alpha, 5.0)
 
     def test_adapted_alpha_is_in_the_clients_checkpoint(self):
         privacy = ClientPrivacy(

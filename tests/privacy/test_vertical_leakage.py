@@ -85,6 +85,23 @@ class VerticalLeakageTest(base.TestCase):
         # Measuring draws from a generator of its own, not the server's.
         np.testing.assert_array_equal(split.server._seeds.state.numpy(), state)
 
+    def test_each_party_without_labels_reports_its_adapted_alpha(self):
+        sites = _sites()
+        split = test_vertical._split()
+        c = _config()
+        c.privacy.nopeek_alpha = 0.5
+        c.privacy.nopeek_target = 0.5
+        c.privacy.nopeek_adapt = 1.0
+        attach_privacy(split, c)
+        split.clients[1].privacy._alpha.assign(2.0)
+        split.clients[0].privacy._alpha.assign(3.0)
+        logs = Leakage(c, sites[0], strips=sites)(split)
+        # Party 1's, not the label owner's (party 0).
+        self.assertEqual(
+            {k: v for k, v in logs.items() if k.startswith("nopeek_")},
+            {"nopeek_adapted_alpha_1": 2.0},
+        )
+
     def test_a_collapsed_party_is_warned(self):
         sites = _sites()
         split = test_vertical._split()
