@@ -126,6 +126,7 @@ def get_config(arg=None):
     c.privacy.nopeek_alpha = 0.0
     c.privacy.nopeek_step = "normalized"  # normalized | loss
     c.privacy.nopeek_window = 256  # earlier rows in each batch's dCor estimate
+    c.privacy.nopeek_reencode = False  # the window's inputs through today's client
     c.privacy.nopeek_target = 0.0  # normalized: no privacy step below this dCor
     c.privacy.nopeek_warmup = 0  # normalized: the client's first updates without it
     c.privacy.nopeek_adapt = 0.0  # with a target: how fast alpha follows it

@@ -116,8 +116,18 @@ class Client:
             if self.privacy is not None:
                 # NoPeek "loss": alpha * dCor joins the regularization term;
                 # "normalized": backward adds its own step (nopeek_gradients).
-                cut, reg, nopeek = self.privacy.protect_activations(x, cut, reg)
+                cut, reg, nopeek = self.privacy.protect_activations(
+                    x, cut, reg, encode=self._encode
+                )
         return Forward(tape, cut, reg, nopeek)
+
+    def _encode(self, x) -> tuple:
+        """The cut tensors of `x` in inference mode (NoPeek's re-encoded
+        window), as `forward` casts them."""
+        return tuple(
+            tf.cast(c, wire_dtype(c.dtype))
+            for c in flat(self.segment(x, training=False))
+        )
 
     def backward(self, forward: Forward, gradients, tail_grads=()) -> None:
         """Applies the cut tensors' `gradients` (and the tail's) in one update."""

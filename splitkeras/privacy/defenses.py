@@ -33,7 +33,13 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
   client's own rows only and stays in this process: it is not handed on
   with the weights (round robin), checkpointed, or emptied when a turn is
   rolled back, so after a turn of other clients its rows are a round old,
-  and a resumed run starts with it empty.
+  and a resumed run starts with it empty. Stored cut tensors are stale:
+  the client's step can lower the estimate by moving its new outputs away
+  from the window's old ones, which the images do not explain, without
+  lowering what a server could learn. With `nopeek_reencode` the window
+  keeps its raw inputs only and the current client encodes them again at
+  every step (in inference mode: no dropout, batch norm with its moving
+  statistics), so that dCor's gradient flows through every row.
 - Gaussian noise on the activations (`activation_noise`: its standard
   deviation, recorded in the config and the summary): the server receives
   cut + N(0, sigma^2). The noise is a constant for the gradient, so the
@@ -58,6 +64,7 @@ import dataclasses
 from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from splitkeras.privacy.distance_correlation import distance_correlation
@@ -106,6 +113,9 @@ class ClientPrivacy:
       nopeek_step: "normalized" or "loss" (see the module docstring).
       nopeek_window: rows of earlier batches that join each batch's dCor
         estimate (0: the batch alone).
+      nopeek_reencode: the window's raw inputs pass through the current
+        client at every step, instead of its cut tensors as they were
+        computed then (needs `nopeek_window` and a client of one input).
       nopeek_target: the dCor NoPeek aims for (0: none, NoPeek always
         pushes): a normalized step gets its privacy part only while the
         step's dCor estimate (batch and window) is above it, so the client
@@ -138,6 +148,7 @@ class ClientPrivacy:
     nopeek_alpha: float = 0.0
     nopeek_step: str = "normalized"
     nopeek_window: int = 256
+    nopeek_reencode: bool = False
     nopeek_target: float = 0.0
     nopeek_warmup: int = 0
     nopeek_adapt: float = 0.0
@@ -184,6 +195,10 @@ class ClientPrivacy:
                     f"step's privacy part: set nopeek_step='normalized', not "
                     f"{self.nopeek_step!r}"
                 )
+        if self.nopeek_reencode and not self.nopeek_window:
+            raise ValueError(
+                "nopeek_reencode encodes the window's rows again: set nopeek_window > 0"
+            )
         if self.nopeek_adapt and not self.nopeek_target:
             raise ValueError(
                 f"nopeek_adapt={self.nopeek_adapt:g} moves alpha toward "
@@ -241,14 +256,20 @@ class ClientPrivacy:
         """True when NoPeek's gradient is taken apart (`nopeek_gradients`)."""
         return bool(self.nopeek_alpha) and self.nopeek_step == "normalized"
 
-    def protect_activations(self, x, cut, reg):
+    def protect_activations(self, x, cut, reg, encode=None):
         """(cut tensors to send, regularization, NoPeek term or None), under
         the tape. With `nopeek_step` "loss" the term's alpha x dCor joins the
-        regularization; "normalized" leaves it to `nopeek_gradients`."""
+        regularization; "normalized" leaves it to `nopeek_gradients`.
+        `encode(inputs)`: the client's cut tensors of `inputs` in inference
+        mode (for `nopeek_reencode`)."""
         if not self.nopeek_alpha:
             return self.noised(cut), reg, None
         x_rows, z_rows = flat_batch(x), flat_batch(cut)
-        term = NoPeekTerm(self._windowed_dcor(x_rows, z_rows), x_rows, z_rows)
+        if self.nopeek_reencode:
+            dcor = self._reencoded_dcor(x, x_rows, z_rows, encode)
+        else:
+            dcor = self._windowed_dcor(x_rows, z_rows)
+        term = NoPeekTerm(dcor, x_rows, z_rows)
         if self.nopeek_step == "loss":
             weighted = self.nopeek_alpha * term.dcor
             reg = weighted if reg is None else reg + tf.cast(weighted, reg.dtype)
@@ -361,6 +382,31 @@ class ClientPrivacy:
             tf.concat([z_rows, z_memory[:filled]], 0),
         )
 
+    def _reencoded_dcor(self, x, x_rows, z_rows, encode) -> tf.Tensor:
+        """dCor of the batch's rows together with the window's inputs as
+        the current client encodes them."""
+        if encode is None or len(tf.nest.flatten(x)) != 1:
+            raise ValueError(
+                "nopeek_reencode encodes the window's inputs with the client: "
+                "it needs a client of one input tensor"
+            )
+        x_memory, _, filled = self._window(x_rows, z_rows)
+        old_x = x_memory[:filled]
+        shape = [-1] + [int(d) for d in x.shape[1:]]
+        # The batch goes through again with the window, so that the client
+        # never sees an empty batch (oneDNN's max-pool gradient aborts on
+        # one).
+        inputs = tf.concat([tf.reshape(x_rows, shape), tf.reshape(old_x, shape)], 0)
+        encoded = [
+            tf.reshape(tf.cast(t, tf.float32), [-1, int(np.prod(t.shape[1:]))])
+            for t in tf.nest.flatten(encode(tf.cast(inputs, x.dtype)))
+        ]
+        fresh = encoded[0] if len(encoded) == 1 else tf.concat(encoded, 1)
+        batch = tf.shape(x_rows)[0]
+        return distance_correlation(
+            tf.concat([x_rows, old_x], 0), tf.concat([z_rows, fresh[batch:]], 0)
+        )
+
     def _window(self, x_rows, z_rows):
         """The window's variables, made (outside any graph) at first use."""
         if self._memory is None:
@@ -452,6 +498,7 @@ def from_config(config, client_id: int = 0) -> ClientPrivacy | None:
         nopeek_alpha=float(p.nopeek_alpha),
         nopeek_step=str(p.nopeek_step),
         nopeek_window=int(p.nopeek_window),
+        nopeek_reencode=bool(p.nopeek_reencode),
         nopeek_target=float(p.nopeek_target),
         nopeek_warmup=int(p.nopeek_warmup),
         nopeek_adapt=float(p.nopeek_adapt),

@@ -312,6 +312,55 @@ class DefensesTest(base.TestCase):
             len(unpack_arrays(pack_state(client))), len(state_variables(_client(None)))
         )
 
+    def test_reencoded_window_is_encoded_by_the_current_client(self):
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=16, nopeek_reencode=True
+        )
+        client = _client(privacy)
+        x1, x2 = self.x, self.x[::-1] * 0.5
+        client.backward(client.forward(x1), [self.g])  # x1 joins the window
+        _, z_memory, filled = privacy._memory
+        self.assertEqual(int(filled), 16)
+        variables = client.segment.trainable_variables
+        forward = client.forward(x2)
+        got = forward.tape.gradient(forward.nopeek.dcor, variables)
+        # By hand: both batches through the client as it is now.
+        with tf.GradientTape() as tape:
+            z2 = client.segment(x2, training=True)
+            z1 = client.segment(x1, training=False)
+            expected = distance_correlation(
+                tf.concat([flat_batch(x2), flat_batch(x1)], 0),
+                tf.concat([flat_batch(z2), flat_batch(z1)], 0),
+            )
+        self.assertAlmostEqual(float(forward.nopeek.dcor), float(expected), places=6)
+        self.assertWeightsClose(
+            [g.numpy() for g in got],
+            [g.numpy() for g in tape.gradient(expected, variables)],
+            atol=1e-6,
+        )
+        # The stored window holds x1's cut tensors from before the update:
+        # the estimate without re-encoding differs.
+        stale = distance_correlation(
+            tf.concat([flat_batch(x2), flat_batch(x1)], 0),
+            tf.concat([flat_batch(z2), z_memory[:16]], 0),
+        )
+        self.assertGreater(abs(float(stale) - float(expected)), 1e-4)
+
+    def test_reencoding_needs_a_window_and_one_input(self):
+        with self.assertRaisesRegex(
+            ValueError,
+            "^nopeek_reencode encodes the window's rows again: set nopeek_window > 0$",
+        ):
+            ClientPrivacy(nopeek_alpha=0.5, nopeek_window=0, nopeek_reencode=True)
+        privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_reencode=True)
+        cut = (tf.zeros([16, 4]),)
+        with self.assertRaisesRegex(
+            ValueError,
+            "^nopeek_reencode encodes the window's inputs with the client: it "
+            "needs a client of one input tensor$",
+        ):
+            privacy.protect_activations((self.x, self.x), cut, None, encode=tuple)
+
     def test_window_holds_the_last_rows_of_applied_steps(self):
         privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
         client = _client(privacy)
