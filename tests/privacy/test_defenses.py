@@ -78,7 +78,8 @@ class DefensesTest(base.TestCase):
     def test_nopeek_defaults(self):
         privacy = fashion_mnist_lenet.get_config().privacy
         self.assertEqual(
-            (privacy.nopeek_step, privacy.nopeek_window), ("normalized", 256)
+            (privacy.nopeek_step, privacy.nopeek_window, privacy.nopeek_reencode),
+            ("normalized", 256, False),
         )
 
     def test_nopeek_loss_step_is_task_plus_alpha_dcor_gradient(self):
