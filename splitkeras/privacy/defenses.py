@@ -36,10 +36,13 @@ A `ClientPrivacy` is attached to a `Client` (`Client(..., privacy=...)` or
   and a resumed run starts with it empty. Stored cut tensors are stale:
   the client's step can lower the estimate by moving its new outputs away
   from the window's old ones, which the images do not explain, without
-  lowering what a server could learn. With `nopeek_reencode` the window
-  keeps its raw inputs only and the current client encodes them again at
-  every step (in inference mode: no dropout, batch norm with its moving
-  statistics), so that dCor's gradient flows through every row.
+  lowering what a server could learn (our reading of runs that stalled,
+  docs/privacy.md). With `nopeek_reencode` the current client encodes the
+  batch's and the window's inputs again at every step, all in inference
+  mode (no dropout, batch norm with its moving statistics), and the
+  estimate is dCor of those inputs and those cut tensors, its gradient
+  flowing through every row; the window's stored cut tensors are not
+  used.
 - Gaussian noise on the activations (`activation_noise`: its standard
   deviation, recorded in the config and the summary): the server receives
   cut + N(0, sigma^2). The noise is a constant for the gradient, so the
@@ -113,9 +116,11 @@ class ClientPrivacy:
       nopeek_step: "normalized" or "loss" (see the module docstring).
       nopeek_window: rows of earlier batches that join each batch's dCor
         estimate (0: the batch alone).
-      nopeek_reencode: the window's raw inputs pass through the current
-        client at every step, instead of its cut tensors as they were
-        computed then (needs `nopeek_window` and a client of one input).
+      nopeek_reencode: the batch's and the window's inputs pass through
+        the current client in inference mode at every step, and dCor is
+        taken of them, instead of the batch's cut tensors with the
+        window's as they were computed then (needs `nopeek_window` and a
+        client of one input).
       nopeek_target: the dCor NoPeek aims for (0: none, NoPeek always
         pushes): a normalized step gets its privacy part only while the
         step's dCor estimate (batch and window) is above it, so the client
@@ -383,28 +388,38 @@ class ClientPrivacy:
         )
 
     def _reencoded_dcor(self, x, x_rows, z_rows, encode) -> tf.Tensor:
-        """dCor of the batch's rows together with the window's inputs as
-        the current client encodes them."""
-        if encode is None or len(tf.nest.flatten(x)) != 1:
+        """dCor of the batch's and the window's inputs and their cut tensors
+        as the current client encodes them, all in inference mode (so that
+        batch norm or dropout treat every row alike)."""
+        if encode is None:
+            raise ValueError(
+                "nopeek_reencode needs the client's encoder: "
+                "protect_activations(..., encode=...)"
+            )
+        inputs = tf.nest.flatten(x)
+        if len(inputs) != 1:
             raise ValueError(
                 "nopeek_reencode encodes the window's inputs with the client: "
                 "it needs a client of one input tensor"
             )
+        (single,) = inputs
+        if None in single.shape[1:]:
+            raise ValueError(
+                f"nopeek_reencode needs inputs of a static shape, got "
+                f"{single.shape}: set nopeek_reencode=False"
+            )
         x_memory, _, filled = self._window(x_rows, z_rows)
-        old_x = x_memory[:filled]
-        shape = [-1] + [int(d) for d in x.shape[1:]]
-        # The batch goes through again with the window, so that the client
-        # never sees an empty batch (oneDNN's max-pool gradient aborts on
-        # one).
-        inputs = tf.concat([tf.reshape(x_rows, shape), tf.reshape(old_x, shape)], 0)
+        rows = tf.concat([x_rows, x_memory[:filled]], 0)
+        # The batch is encoded with the window: the client never sees an
+        # empty batch (oneDNN's max-pool gradient aborts on one).
+        shape = [-1] + [int(d) for d in single.shape[1:]]
+        batch = tf.cast(tf.reshape(rows, shape), single.dtype)
         encoded = [
             tf.reshape(tf.cast(t, tf.float32), [-1, int(np.prod(t.shape[1:]))])
-            for t in tf.nest.flatten(encode(tf.cast(inputs, x.dtype)))
+            for t in tf.nest.flatten(encode(tf.nest.pack_sequence_as(x, [batch])))
         ]
-        fresh = encoded[0] if len(encoded) == 1 else tf.concat(encoded, 1)
-        batch = tf.shape(x_rows)[0]
         return distance_correlation(
-            tf.concat([x_rows, old_x], 0), tf.concat([z_rows, fresh[batch:]], 0)
+            rows, encoded[0] if len(encoded) == 1 else tf.concat(encoded, 1)
         )
 
     def _window(self, x_rows, z_rows):
