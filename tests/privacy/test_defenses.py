@@ -17,7 +17,12 @@ from splitkeras.cut import cut
 from splitkeras.parties import Client
 from splitkeras.parties.handoff import pack_state, state_variables
 from splitkeras.privacy.attacks.reconstruction import reconstruction_attack
-from splitkeras.privacy.defenses import ClientPrivacy, NoPeekTerm, flat_batch
+from splitkeras.privacy.defenses import (
+    ClientPrivacy,
+    NoPeekTerm,
+    flat_batch,
+    from_config,
+)
 from splitkeras.privacy.distance_correlation import distance_correlation
 from splitkeras.privacy.leakage import (
     Leakage,
@@ -313,41 +318,65 @@ class DefensesTest(base.TestCase):
             len(unpack_arrays(pack_state(client))), len(state_variables(_client(None)))
         )
 
-    def test_reencoded_window_is_encoded_by_the_current_client(self):
-        privacy = ClientPrivacy(
-            nopeek_alpha=0.5, nopeek_window=16, nopeek_reencode=True
-        )
-        client = _client(privacy)
-        x1, x2 = self.x, self.x[::-1] * 0.5
+    def _reencoded(self, client, x1, x2):
+        """(the client's estimate and its gradient for batch x2 with x1 in
+        the window, the same by hand: every row in inference mode, the
+        stored window's estimate, the training-mode batch against the
+        inference-mode window)."""
         client.backward(client.forward(x1), [self.g])  # x1 joins the window
-        _, z_memory, filled = privacy._memory
+        _, z_memory, filled = client.privacy._memory
         self.assertEqual(int(filled), 16)
         variables = client.segment.trainable_variables
         forward = client.forward(x2)
         got = forward.tape.gradient(forward.nopeek.dcor, variables)
-        # By hand: both batches through the client as it is now.
+        rows = tf.concat([flat_batch(x2), flat_batch(x1)], 0)
         with tf.GradientTape() as tape:
-            z2 = client.segment(x2, training=True)
-            z1 = client.segment(x1, training=False)
-            expected = distance_correlation(
-                tf.concat([flat_batch(x2), flat_batch(x1)], 0),
-                tf.concat([flat_batch(z2), flat_batch(z1)], 0),
-            )
+            z = client.segment(tf.concat([x2, x1], 0), training=False)
+            expected = distance_correlation(rows, flat_batch(z))
         self.assertAlmostEqual(float(forward.nopeek.dcor), float(expected), places=6)
         self.assertWeightsClose(
             [g.numpy() for g in got],
             [g.numpy() for g in tape.gradient(expected, variables)],
             atol=1e-6,
         )
+        z2 = flat_batch(client.segment(x2, training=True))
+        stale = distance_correlation(rows, tf.concat([z2, z_memory[:16]], 0))
+        mixed = distance_correlation(
+            rows, tf.concat([z2, flat_batch(client.segment(x1, training=False))], 0)
+        )
+        return float(expected), float(stale), float(mixed)
+
+    def test_reencoded_window_is_encoded_by_the_current_client(self):
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=16, nopeek_reencode=True
+        )
+        expected, stale, _ = self._reencoded(
+            _client(privacy), self.x, self.x[::-1] * 0.5
+        )
         # The stored window holds x1's cut tensors from before the update:
         # the estimate without re-encoding differs.
-        stale = distance_correlation(
-            tf.concat([flat_batch(x2), flat_batch(x1)], 0),
-            tf.concat([flat_batch(z2), z_memory[:16]], 0),
-        )
-        self.assertGreater(abs(float(stale) - float(expected)), 1e-4)
+        self.assertGreater(abs(stale - expected), 1e-4)
 
-    def test_reencoding_needs_a_window_and_one_input(self):
+    def test_reencoding_treats_batch_and_window_alike_under_batch_norm(self):
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((6, 6, 1))
+        h = keras.layers.Conv2D(3, 3, name="conv")(inputs)
+        h = keras.layers.BatchNormalization(name="bn")(h)
+        h = keras.layers.Dropout(0.5, name="drop")(h)
+        h = keras.layers.ReLU(name="relu")(h)
+        outputs = keras.layers.Dense(4, name="logits")(keras.layers.Flatten()(h))
+        segments = cut(keras.Model(inputs, outputs), "relu")
+        privacy = ClientPrivacy(
+            nopeek_alpha=0.5, nopeek_window=16, nopeek_reencode=True
+        )
+        client = Client(segments.client, keras.optimizers.SGD(1.0), privacy=privacy)
+        client.build_optimizer()
+        expected, _, mixed = self._reencoded(client, self.x, self.x[::-1] * 0.5)
+        # A training-mode batch against an inference-mode window is another
+        # estimate.
+        self.assertGreater(abs(mixed - expected), 1e-3)
+
+    def test_reencoding_needs_a_window_an_encoder_and_one_input(self):
         with self.assertRaisesRegex(
             ValueError,
             "^nopeek_reencode encodes the window's rows again: set nopeek_window > 0$",
@@ -361,6 +390,18 @@ class DefensesTest(base.TestCase):
             "needs a client of one input tensor$",
         ):
             privacy.protect_activations((self.x, self.x), cut, None, encode=tuple)
+        with self.assertRaisesRegex(
+            ValueError,
+            r"^nopeek_reencode needs the client's encoder: "
+            r"protect_activations\(\.\.\., encode=\.\.\.\)$",
+        ):
+            privacy.protect_activations(self.x, cut, None)
+
+    def test_config_turns_reencoding_on(self):
+        c = fashion_mnist_lenet.get_config()
+        c.privacy.nopeek_alpha = 0.5
+        c.privacy.nopeek_reencode = True
+        self.assertTrue(from_config(c).nopeek_reencode)
 
     def test_window_holds_the_last_rows_of_applied_steps(self):
         privacy = ClientPrivacy(nopeek_alpha=0.5, nopeek_window=20)
