@@ -326,10 +326,7 @@ class Client:
 
     def infer(self, x) -> tuple:
         """The cut tensors of `x` in inference mode (noised if configured)."""
-        cut = tuple(
-            tf.cast(c, wire_dtype(c.dtype))
-            for c in flat(self.segment(x, training=False))
-        )
+        cut = self._encode(x)
         if self.privacy is not None:
             cut = self.privacy.noised(cut)
         return cut

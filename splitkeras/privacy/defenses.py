@@ -323,9 +323,7 @@ class ClientPrivacy:
         if self.nopeek_target and dcor is not None:
             above = tf.cast(dcor > self.nopeek_target, scale.dtype)
             scale = scale * above
-        if self.nopeek_warmup and updates is not None:
-            started = tf.cast(updates >= self.nopeek_warmup, scale.dtype)
-            scale = scale * started
+        scale = scale * tf.cast(self._past_warmup(updates), scale.dtype)
         for i in both:
             task[i] = task[i] + scale * leak[i]
         return task
@@ -353,12 +351,22 @@ class ClientPrivacy:
         if not self.nopeek_window:
             return
         x_memory, z_memory, filled = self._window(term.x_rows, term.z_rows)
-        for memory, rows in ((x_memory, term.x_rows), (z_memory, term.z_rows)):
+        stored = [(x_memory, term.x_rows), (z_memory, term.z_rows)]
+        if self.nopeek_reencode:  # its cut tensors are encoded again
+            stored = stored[:1]
+        for memory, rows in stored:
             rows = tf.stop_gradient(tf.cast(rows, memory.dtype))
             new = tf.concat([rows, memory], 0)[: self.nopeek_window]
             memory.assign(new if applied is None else tf.where(applied, new, memory))
         more = tf.minimum(filled + tf.shape(term.x_rows)[0], self.nopeek_window)
         filled.assign(more if applied is None else tf.where(applied, more, filled))
+
+    def _past_warmup(self, updates):
+        """True (a boolean tensor, or True) once `updates` reach
+        `nopeek_warmup`."""
+        if not self.nopeek_warmup or updates is None:
+            return True
+        return updates >= self.nopeek_warmup
 
     def _adapt(self, dcor, applied, updates) -> None:
         """alpha x exp(nopeek_adapt x (dcor - target)), within its bounds (a
@@ -366,8 +374,7 @@ class ClientPrivacy:
         dcor = tf.cast(dcor, tf.float32)
         exponent = self.nopeek_adapt * (dcor - self.nopeek_target)
         exponent = tf.where(tf.math.is_finite(dcor), exponent, 0.0)
-        if self.nopeek_warmup and updates is not None:
-            exponent *= tf.cast(updates >= self.nopeek_warmup, tf.float32)
+        exponent *= tf.cast(self._past_warmup(updates), tf.float32)
         alpha = tf.clip_by_value(
             self._alpha * tf.exp(exponent),
             self.nopeek_alpha,
