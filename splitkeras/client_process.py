@@ -33,6 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import builders, client_data, deployment
+from splitkeras.data.pipeline import batches_in
+from splitkeras.data.streaming import StreamingSource
 from splitkeras.launcher import kill_after
 from splitkeras.parties.handoff import state_variables
 from splitkeras.parties.segment_step import wire_dtype
@@ -101,7 +103,11 @@ class ClientProcess(RunnerProcess):
             config, k, self.links, key, self.inbox, None
         )
         self._bind(layout)
-        self.site = client_data.site_of(config, k)
+        # A stream (imagenet2012) makes each round's batches of client k's
+        # shard; arrays are cut into this client's site.
+        data = None if config.data.get("sites") else builders.load_data(config)
+        self.stream = data if isinstance(data, StreamingSource) else None
+        self.site = client_data.site_of(config, k, data)
         if config.topology == "vertical":
             self.site = self._aligned(self.site)
         self.steps_per_round = len(self._batches(0)) if self._finite() else 0
@@ -254,10 +260,12 @@ class ClientProcess(RunnerProcess):
         )
 
     def _batches(self, epoch):
-        return client_data.train_batches(self.config, self.site, self.k, epoch)
+        return client_data.train_batches(
+            self.config, self.site, self.k, epoch, self.stream
+        )
 
     def _test(self):
-        return client_data.test_batches(self.config, self.site)
+        return client_data.test_batches(self.config, self.site, self.stream)
 
     @property
     def optimizers(self):
@@ -346,7 +354,7 @@ class ClientProcess(RunnerProcess):
 
     def _one_round(self, epoch):
         program, batches = self.program, self._batches(epoch)
-        if program.begin(epoch, _length(batches)) == Status.DONE:
+        if program.begin(epoch, batches_in(batches)) == Status.DONE:
             return
         yield from program.train(epoch, batches)
         if self.config.topology == "vertical":
@@ -432,11 +440,6 @@ def _variables(program) -> list:
 
 def _weight_specs(weights) -> list:
     return [(tf.as_dtype(w.dtype), [int(d) for d in w.shape]) for w in weights]
-
-
-def _length(dataset) -> int:
-    n = int(dataset.cardinality())
-    return n if n >= 0 else 0
 
 
 def _cause(error, links):

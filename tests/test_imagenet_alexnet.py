@@ -11,9 +11,13 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import experiment
+from splitkeras.builders import build_model, cut_layers, load_data
+from splitkeras.client_process import run_client
 from splitkeras.configs import imagenet_alexnet
+from splitkeras.cut import cut
 from tests import base
 from tests.data.test_data import _mock_tfds, _prepare_mock_metadata
+from tests.distributed.runs import assert_same_weights, in_process_weights, thread_host
 
 
 def _weights(workdir) -> dict:
@@ -73,3 +77,37 @@ class ImagenetAlexnetTest(base.TestCase):
         self.assertAlmostEqual(
             summary["test_loss"], summaries["none"]["test_loss"], places=4
         )
+
+
+class ImagenetOverGrpcTest(base.TestCase):
+    """The seed's largest setting with its client over gRPC: the client
+    reads its own stream of its shard (a stream is not cut into sites), and
+    the run ends with the in-process run's weights to the bit."""
+
+    def test_a_client_over_grpc_ends_with_the_in_process_weights(self):
+        data_dir = self.tempdir()
+        _prepare_mock_metadata(data_dir, "imagenet2012", {"train": 8, "validation": 4})
+        config = imagenet_alexnet.get_config()
+        config.data.path = data_dir
+        # One client: two in one process would build TFDS builders in two
+        # threads at once, which TFDS does not support (a process each, as
+        # `splitkeras launch` starts them, would).
+        config.num_clients = 1
+        config.train.epochs = 2
+        config.train.batch_size = 4
+        config.train.eval_batch_size = 4
+        with _mock_tfds(data_dir, num_examples=8):
+            expected = in_process_weights(config)
+            parties, coordinator, _, addresses = thread_host(self, config)
+            workdir = self.tempdir()
+            summary = run_client(config, 0, addresses, os.urandom(32), workdir)
+        # mock_data serves 8 examples: 2 steps of 4 in each of 2 rounds.
+        self.assertEqual(summary["steps"], 4)
+        self.assertEqual(int(coordinator.step.numpy()), 4)
+        client = cut(build_model(config, load_data(config)), cut_layers(config)).client
+        client.load_weights(os.path.join(workdir, "client.weights.h5"))
+        found = {
+            "server/server": parties["server"].segment.get_weights(),
+            "client_0/client": client.get_weights(),
+        }
+        assert_same_weights(self, found, expected)

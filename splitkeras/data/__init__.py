@@ -9,6 +9,7 @@ from splitkeras._lazy import attach
 _EXPORTS = {
     "DatasetArrays": "splitkeras.data.arrays",
     "partition": "splitkeras.data.partition",
+    "batches_in": "splitkeras.data.pipeline",
     "eval_dataset": "splitkeras.data.pipeline",
     "steps_per_epoch": "splitkeras.data.pipeline",
     "train_dataset": "splitkeras.data.pipeline",

@@ -35,6 +35,20 @@ def steps_per_epoch(
     return math.ceil(num_examples / batch_size)
 
 
+def batches_in(dataset) -> int:
+    """The batches a round trains on `dataset`, as its BEGIN announces them:
+    a `tf.data.Dataset`'s cardinality, counted by iterating it once when
+    unknown (a stream after a filter); a sized collection's length; 0 for
+    anything else (an iterator would be used up)."""
+    if isinstance(dataset, tf.data.Dataset):
+        n = int(dataset.cardinality())
+        return n if n >= 0 else sum(1 for _ in dataset)
+    try:
+        return len(dataset)
+    except TypeError:
+        return 0
+
+
 def train_dataset(
     x: np.ndarray,
     y: np.ndarray,

@@ -60,9 +60,9 @@ class Averager:
         averager keeps variables of its own; round -1 has no answer).
       local_epochs: FedAvg's local passes per round: a client that ends a
         round has trained the batches it said at BEGIN this many times
-        (`steps_per_batch`, read by its `Rounds` for the host's step
-        count). 0: not counted here (SplitFed's main server counts its
-        clients' steps; in one process the runner counts every client's).
+        (`steps_per_batch`, read by its `Rounds` for its step count, on a
+        host and in one process). 0: not counted here (SplitFed's main
+        server counts its clients' steps).
     """
 
     def __init__(self, num_clients: int, variables, local_epochs: int = 0):

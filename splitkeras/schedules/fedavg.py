@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
+from splitkeras.data.pipeline import batches_in
 from splitkeras.objective import Objective
 from splitkeras.parties.averager import Averager
 from splitkeras.parties.segment_step import apply_gradients, compiled, regularization
@@ -128,7 +129,8 @@ class FedAvg(WholeModelBaseline):
         self.local_epochs = local_epochs
         self.global_model = build_model()
         check_float_weights(self.global_model, "FedAvg")
-        self.server = Averager(num_clients, self.global_model.weights)
+        # Counts each client's local steps as its host does (coordinator.step).
+        self.server = Averager(num_clients, self.global_model.weights, local_epochs)
         self.coordinator = Rounds(self.server, num_clients)
         self.counters = ByteCounters.for_categories(("data",), num_clients)
         link = LocalTransport(
@@ -169,8 +171,8 @@ class FedAvg(WholeModelBaseline):
 
     def round(self, epoch, client_datasets, test=None, skip=0):
         datasets = self._check_count(client_datasets)
-        for program in self.programs:
-            program.begin(epoch, 0)
+        for program, dataset in zip(self.programs, datasets):
+            program.begin(epoch, batches_in(dataset))
         yield from interleave(
             p.train(epoch, d) for p, d in zip(self.programs, datasets)
         )

@@ -29,6 +29,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras.checkpointing import party_checkpoint
+from splitkeras.data.pipeline import batches_in
 from splitkeras.objective import Objective
 from splitkeras.parties.averager import weight_specs
 from splitkeras.parties.segment_step import apply_gradients, compiled, regularization
@@ -271,7 +272,7 @@ class LargeBatchSGD(WholeModelBaseline):
     def round(self, epoch, client_datasets, test=None, skip=0):
         datasets = self._check_count(client_datasets)
         for program, dataset in zip(self.programs, datasets):
-            program.begin(epoch, _batches(dataset))
+            program.begin(epoch, batches_in(dataset))
         yield from interleave(
             p.train(epoch, d) for p, d in zip(self.programs, datasets)
         )
@@ -291,8 +292,3 @@ class LargeBatchSGD(WholeModelBaseline):
         return party_checkpoint(
             [self.model], self.optimizer, **extra, **self.server.trackables()
         )
-
-
-def _batches(dataset) -> int:
-    n = int(dataset.cardinality())
-    return n if n >= 0 else sum(1 for _ in dataset)

@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from splitkeras.cut import cut
+from splitkeras.data.pipeline import batches_in
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.segment_step import compiled, optimizer_factory
@@ -336,7 +337,7 @@ class MultiTask(Schedule):
         head; with `test`, the evaluation, REPORTed to every head."""
         if isinstance(client_datasets, (list, tuple)) and len(client_datasets) == 1:
             (client_datasets,) = client_datasets
-        self.program.begin(epoch, 0)
+        self.program.begin(epoch, batches_in(client_datasets))
         yield from self.program.train(
             epoch, ((x, self._labels(ys)) for x, ys in client_datasets)
         )

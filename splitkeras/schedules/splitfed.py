@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.cut import cut
+from splitkeras.data.pipeline import batches_in
 from splitkeras.objective import Objective
 from splitkeras.parties import Client, Server
 from splitkeras.parties.averager import Averager, weight_specs
@@ -282,7 +283,7 @@ class SplitFed(Schedule):
     def round(self, epoch, client_datasets, test=None, skip=0):
         datasets = self._check_count(client_datasets)
         for program, dataset in zip(self.programs, datasets):
-            program.begin(epoch, _batches(dataset))
+            program.begin(epoch, batches_in(dataset))
         yield from interleave(
             p.train(epoch, d) for p, d in zip(self.programs, datasets)
         )
@@ -371,13 +372,6 @@ class _NoOrchestration:
         return self.transport.request(message)
 
     poll = request
-
-
-def _batches(dataset) -> int:
-    n = int(dataset.cardinality())
-    if n < 0:
-        n = sum(1 for _ in dataset)
-    return n
 
 
 def _check_same_start(weight_lists, party: str) -> None:

@@ -389,3 +389,21 @@ class TestPipeline:
         x, y = _labelled_by_index()
         with pytest.raises(ValueError, match="skip_batches=6"):
             data.train_dataset(x, y, 5, seed=0, epoch=0, skip_batches=6)
+
+
+class TestBatchesIn:
+    """What a client's BEGIN says it will train: a dataset's cardinality,
+    counted when unknown; a sized collection's length; 0 for an iterator."""
+
+    def test_known_unknown_sized_and_iterators(self):
+        import tensorflow as tf
+
+        batches = tf.data.Dataset.range(10).batch(3)
+        assert data.batches_in(batches) == 4
+        filtered = tf.data.Dataset.range(10).filter(lambda i: i % 2 == 0).batch(2)
+        assert int(filtered.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+        assert data.batches_in(filtered) == 3
+        assert data.batches_in([(1, 2), (3, 4)]) == 2
+        iterator = iter([(1, 2)])
+        assert data.batches_in(iterator) == 0
+        assert next(iterator) == (1, 2)  # not used up

@@ -199,6 +199,17 @@ class FedAvgTest(base.TestCase):
         traces = [step.experimental_get_tracing_count() for step in fedavg._steps]
         self.assertEqual(traces, [1, 2])
 
+    def test_the_server_counts_every_clients_local_steps(self):
+        # Each client BEGINs with its batches, as a client process does; the
+        # server counts them x local epochs at END (2 x (3 + 6) per round).
+        fedavg = FedAvg(dense_model, 2, OPTIMIZERS["sgd"], _loss(), local_epochs=2)
+        unknown = _dataset(44, seed=1).filter(lambda x, y: True)  # 6 batches
+        self.assertEqual(int(unknown.cardinality()), tf.data.UNKNOWN_CARDINALITY)
+        fedavg.train_round([_dataset(24, seed=0), unknown])
+        self.assertEqual(int(fedavg.coordinator.step.numpy()), 18)
+        fedavg.train_round([_dataset(24, seed=2), _dataset(44, seed=3)])
+        self.assertEqual(int(fedavg.coordinator.step.numpy()), 36)
+
 
 def _schedule(name, build, num_clients=2):
     if name == "fedavg":
