@@ -51,6 +51,11 @@ from splitkeras.transport.turns import Inbox, TurnClient, yield_all
 
 log = logging.getLogger("splitkeras")
 
+# Methods whose clients count a dataset of unknown length at BEGIN, as
+# their schedules do in one process (SplitFed's step order, large-batch
+# SGD's gradients of a step need it).
+_COUNTED = ("splitfed_v1", "splitfed_v2", "large_batch_sgd")
+
 __all__ = ["ClientProcess", "read_key", "run_client", "write_key"]
 
 
@@ -354,7 +359,8 @@ class ClientProcess(RunnerProcess):
 
     def _one_round(self, epoch):
         program, batches = self.program, self._batches(epoch)
-        if program.begin(epoch, batches_in(batches)) == Status.DONE:
+        count = self.config.method in _COUNTED  # as in one process
+        if program.begin(epoch, batches_in(batches, count)) == Status.DONE:
             return
         yield from program.train(epoch, batches)
         if self.config.topology == "vertical":

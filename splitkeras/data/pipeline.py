@@ -35,14 +35,21 @@ def steps_per_epoch(
     return math.ceil(num_examples / batch_size)
 
 
-def batches_in(dataset) -> int:
+def batches_in(dataset, count_unknown: bool = False) -> int:
     """The batches a round trains on `dataset`, as its BEGIN announces them:
-    a `tf.data.Dataset`'s cardinality, counted by iterating it once when
-    unknown (a stream after a filter); a sized collection's length; 0 for
-    anything else (an iterator would be used up)."""
+    a `tf.data.Dataset`'s cardinality; a sized collection's length; else 0
+    (an iterator would be used up).
+
+    A dataset of unknown cardinality (after a filter) is 0 unless
+    `count_unknown`: then it is iterated once to count it (SplitFed's step
+    order and large-batch SGD need the count). That pass costs a pass of
+    the input pipeline, and a dataset that reshuffles on each iteration
+    then trains on the order of its next pass."""
     if isinstance(dataset, tf.data.Dataset):
         n = int(dataset.cardinality())
-        return n if n >= 0 else sum(1 for _ in dataset)
+        if n >= 0 or not count_unknown:
+            return max(n, 0)
+        return sum(1 for _ in dataset)
     try:
         return len(dataset)
     except TypeError:

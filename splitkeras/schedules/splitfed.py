@@ -283,7 +283,7 @@ class SplitFed(Schedule):
     def round(self, epoch, client_datasets, test=None, skip=0):
         datasets = self._check_count(client_datasets)
         for program, dataset in zip(self.programs, datasets):
-            program.begin(epoch, batches_in(dataset))
+            program.begin(epoch, batches_in(dataset, count_unknown=True))
         yield from interleave(
             p.train(epoch, d) for p, d in zip(self.programs, datasets)
         )

@@ -392,8 +392,9 @@ class TestPipeline:
 
 
 class TestBatchesIn:
-    """What a client's BEGIN says it will train: a dataset's cardinality,
-    counted when unknown; a sized collection's length; 0 for an iterator."""
+    """What a client's BEGIN says it will train: a dataset's cardinality
+    (unknown: 0, or counted when asked); a sized collection's length; 0 for
+    an iterator."""
 
     def test_known_unknown_sized_and_iterators(self):
         import tensorflow as tf
@@ -402,7 +403,8 @@ class TestBatchesIn:
         assert data.batches_in(batches) == 4
         filtered = tf.data.Dataset.range(10).filter(lambda i: i % 2 == 0).batch(2)
         assert int(filtered.cardinality()) == tf.data.UNKNOWN_CARDINALITY
-        assert data.batches_in(filtered) == 3
+        assert data.batches_in(filtered) == 0
+        assert data.batches_in(filtered, count_unknown=True) == 3
         assert data.batches_in([(1, 2), (3, 4)]) == 2
         iterator = iter([(1, 2)])
         assert data.batches_in(iterator) == 0
