@@ -12,7 +12,13 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["load_trained", "party_checkpoint", "PartyCheckpoints"]
+__all__ = ["CheckpointMismatch", "load_trained", "party_checkpoint", "PartyCheckpoints"]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the program restoring it (another
+    model, cut or optimizer, or a setting that adds state, such as
+    `config.privacy.nopeek_adapt`)."""
 
 
 def _variables_by_path(models) -> dict:
@@ -42,6 +48,9 @@ def party_checkpoint(models, optimizer=None, **extra) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(**parts, **extra)
 
 
+_DETAILS = 500  # characters of TensorFlow's own message kept
+
+
 class PartyCheckpoints:
     """Saves and restores several parties' checkpoints in step.
 
@@ -66,7 +75,11 @@ class PartyCheckpoints:
         return {int(path.rsplit("-", 1)[1]) for path in manager.checkpoints}
 
     def restore_latest(self) -> int | None:
-        """Restores the newest step saved by every party; returns it or None."""
+        """Restores the newest step saved by every party; returns it or None.
+
+        Raises:
+          CheckpointMismatch: a party's checkpoint does not fit its program.
+        """
         common = None
         for manager in self.managers.values():
             steps = self._steps(manager)
@@ -76,7 +89,12 @@ class PartyCheckpoints:
         step = max(common)
         for manager in self.managers.values():
             path = os.path.join(manager.directory, f"ckpt-{step}")
-            manager.checkpoint.restore(path).assert_existing_objects_matched()
+            try:
+                manager.checkpoint.restore(path).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                raise CheckpointMismatch(
+                    f"{path} does not fit this run: {str(e)[:_DETAILS]}"
+                ) from e
         return step
 
 

@@ -31,7 +31,7 @@ import time
 import tensorflow as tf
 
 from splitkeras import learning_rate
-from splitkeras.checkpointing import PartyCheckpoints
+from splitkeras.checkpointing import CheckpointMismatch, PartyCheckpoints
 from splitkeras.progress import Progress, write_scalars
 
 log = logging.getLogger("splitkeras")
@@ -60,6 +60,37 @@ def read_config(workdir: str):
         )
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def _changes(workdir: str, config, most: int = 20) -> str:
+    """The settings `config` changes from the run's config.json, a line each
+    ("" if there is none or no such file)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        before = _flat(json.load(f))
+    now = _flat(json.loads(config.to_json_best_effort()))
+    changed = [
+        f"  {key}: {before.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
+    ]
+    if not changed:
+        return f"Its settings ({path}) are this run's.\n"
+    more = f"  ... {len(changed) - most} more\n" if len(changed) > most else ""
+    lines = "\n".join(changed[:most])
+    return f"Settings changed since it was started ({path}):\n{lines}\n{more}"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class RunnerProcess:
@@ -168,8 +199,6 @@ class Runner:
     # ---------------------------------------------------------------- begin
     def begin(self) -> None:
         tf.io.gfile.makedirs(self.workdir)
-        with open(os.path.join(self.workdir, "config.json"), "w") as f:
-            f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
         self.writers = {
             name: tf.summary.create_file_writer(os.path.join(self.workdir, name))
             for name in ("train", "validation")
@@ -180,7 +209,19 @@ class Runner:
             if parties
             else None
         )
-        restored = self.checkpoints.restore_latest() if self.checkpoints else None
+        try:
+            restored = self.checkpoints.restore_latest() if self.checkpoints else None
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(
+                f"{self._who}cannot resume the run in {self.workdir}: {e}\n"
+                f"{_changes(self.workdir, self.config)}Resume it with the "
+                "settings it was started with (more train.epochs is fine), or "
+                "train in a new workdir."
+            ) from e
+        # Written once resumed: a run that cannot resume keeps the record of
+        # the settings its checkpoints were written with.
+        with open(os.path.join(self.workdir, "config.json"), "w") as f:
+            f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
         if restored is not None:
             self.loop.load()
             self.process.resumed(self.loop.epoch)

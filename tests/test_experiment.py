@@ -10,6 +10,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from splitkeras import experiment
+from splitkeras.checkpointing import CheckpointMismatch
 from splitkeras.configs import fashion_mnist_lenet
 from tests import base
 
@@ -160,6 +161,39 @@ class ExperimentTest(base.TestCase):
         # reports the same traffic as the uninterrupted one.
         for key in ("bytes_up", "bytes_down"):
             self.assertEqual(second[key], self.summary[key], key)
+
+    def test_a_resume_with_state_the_checkpoint_lacks_names_the_changes(self):
+        workdir = os.path.join(self.tempdir(), "changed")
+        shutil.copytree(self.full, workdir)
+        with open(os.path.join(workdir, "config.json")) as f:
+            started = f.read()
+        config = _config(self.npz)
+        config.train.epochs = 3
+        # Alpha that adapts is a variable of the client's checkpoint.
+        config.privacy.nopeek_alpha = 0.5
+        config.privacy.nopeek_target = 0.5
+        config.privacy.nopeek_adapt = 0.01
+        with self.assertRaises(CheckpointMismatch) as raised:
+            experiment.train_and_evaluate(config, workdir)
+        path = os.path.join(workdir, "config.json")
+        client = os.path.join(workdir, "checkpoints", "client_0", "ckpt-16")
+        self.assertStartsWith(
+            str(raised.exception),
+            f"cannot resume the run in {workdir}: {client} does not fit this run: "
+            "Found 1 Python objects that were not bound to checkpointed values",
+        )
+        self.assertEndsWith(
+            str(raised.exception),
+            f"\nSettings changed since it was started ({path}):\n"
+            "  privacy.nopeek_adapt: 0.0 -> 0.01\n"
+            "  privacy.nopeek_alpha: 0.0 -> 0.5\n"
+            "  privacy.nopeek_target: 0.0 -> 0.5\n"
+            "  train.epochs: 2 -> 3\n"
+            "Resume it with the settings it was started with (more "
+            "train.epochs is fine), or train in a new workdir.",
+        )
+        with open(path) as f:  # still the record of the run's own settings
+            self.assertEqual(f.read(), started)
 
     def test_max_steps_is_refused_where_runs_train_whole_epochs(self):
         config = _config(self.npz, max_steps=3)
