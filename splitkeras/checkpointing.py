@@ -91,7 +91,8 @@ class PartyCheckpoints:
             path = os.path.join(manager.directory, f"ckpt-{step}")
             try:
                 manager.checkpoint.restore(path).assert_existing_objects_matched()
-            except (AssertionError, ValueError, tf.errors.OpError) as e:
+            # (A missing or corrupt file raises an OpError: not a mismatch.)
+            except (AssertionError, ValueError) as e:
                 raise CheckpointMismatch(
                     f"{path} does not fit this run: {str(e)[:_DETAILS]}"
                 ) from e
