@@ -12,7 +12,13 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["CheckpointMismatch", "load_trained", "party_checkpoint", "PartyCheckpoints"]
+__all__ = [
+    "CheckpointMismatch",
+    "load_trained",
+    "party_checkpoint",
+    "PartyCheckpoints",
+    "restore_fitting",
+]
 
 
 class CheckpointMismatch(ValueError):
@@ -49,6 +55,22 @@ def party_checkpoint(models, optimizer=None, **extra) -> tf.train.Checkpoint:
 
 
 _DETAILS = 500  # characters of TensorFlow's own message kept
+
+
+def restore_fitting(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restores `path` into `checkpoint`, every object of the program found.
+
+    Raises:
+      CheckpointMismatch: an object the checkpoint lacks, or a variable of
+        another shape. (A missing or corrupt file raises TensorFlow's
+        OpError: not a mismatch.)
+    """
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        raise CheckpointMismatch(
+            f"{path} does not fit this run: {str(e)[:_DETAILS]}"
+        ) from e
 
 
 class PartyCheckpoints:
@@ -89,13 +111,7 @@ class PartyCheckpoints:
         step = max(common)
         for manager in self.managers.values():
             path = os.path.join(manager.directory, f"ckpt-{step}")
-            try:
-                manager.checkpoint.restore(path).assert_existing_objects_matched()
-            # (A missing or corrupt file raises an OpError: not a mismatch.)
-            except (AssertionError, ValueError) as e:
-                raise CheckpointMismatch(
-                    f"{path} does not fit this run: {str(e)[:_DETAILS]}"
-                ) from e
+            restore_fitting(manager.checkpoint, path)
         return step
 
 

@@ -31,10 +31,10 @@ import time
 
 from splitkeras import builders, deployment, distribute
 from splitkeras import data as data_lib
-from splitkeras.checkpointing import load_trained
+from splitkeras.checkpointing import CheckpointMismatch, load_trained
 from splitkeras.launcher import kill_after
 from splitkeras.privacy.leakage import images_of, near_chance_warning
-from splitkeras.runner import Runner, RunnerProcess
+from splitkeras.runner import Runner, RunnerProcess, cannot_resume
 from splitkeras.schedules import pipelining
 from splitkeras.transport import codec as codec_lib
 from splitkeras.transport import mirror as mirror_lib
@@ -188,26 +188,29 @@ def serve(
     up, down = builders.codecs(config)
     count, ahead = pipelining(config)
     in_flight = count * (ahead + 1)  # a client's calls that may be open at once
-    grpc_host = GrpcHost(
-        parties,
-        config.num_clients,
-        tokens=tokens,
-        codec_up=up,
-        codec_down=down,
-        checkpoint_dir=os.path.join(workdir, "checkpoints", host),
-        state=state,
-        info={
-            "run": os.path.basename(os.path.normpath(workdir)),
-            "schedule": deployment.schedule_name(config),
-            "epochs": int(config.train.epochs),
-            "config": deployment.config_fingerprint(config),
-        },
-        coordinator=coordinator,
-        gather_seconds=float(settings.get("gather_seconds", 10.0)),
-        run_eagerly=config.train.run_eagerly,
-        jit_compile=bool(config.train.get("jit_compile", False)),
-        keep=in_flight,  # any of them may be sent again
-    )
+    try:  # resumes from the host's last commit, if any
+        grpc_host = GrpcHost(
+            parties,
+            config.num_clients,
+            tokens=tokens,
+            codec_up=up,
+            codec_down=down,
+            checkpoint_dir=os.path.join(workdir, "checkpoints", host),
+            state=state,
+            info={
+                "run": os.path.basename(os.path.normpath(workdir)),
+                "schedule": deployment.schedule_name(config),
+                "epochs": int(config.train.epochs),
+                "config": deployment.config_fingerprint(config),
+            },
+            coordinator=coordinator,
+            gather_seconds=float(settings.get("gather_seconds", 10.0)),
+            run_eagerly=config.train.run_eagerly,
+            jit_compile=bool(config.train.get("jit_compile", False)),
+            keep=in_flight,  # any of them may be sent again
+        )
+    except CheckpointMismatch as e:
+        raise cannot_resume(f"{host}: ", workdir, config, e) from e
     grpc_host.on_applied = kill_after
     finished = _finished_summary(grpc_host, workdir)
     if finished is not None:

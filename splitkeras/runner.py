@@ -36,7 +36,13 @@ from splitkeras.progress import Progress, write_scalars
 
 log = logging.getLogger("splitkeras")
 
-__all__ = ["NonFiniteLossError", "Runner", "RunnerProcess", "read_config"]
+__all__ = [
+    "NonFiniteLossError",
+    "Runner",
+    "RunnerProcess",
+    "cannot_resume",
+    "read_config",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,6 +66,16 @@ def read_config(workdir: str):
         )
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def cannot_resume(who: str, workdir: str, config, error) -> CheckpointMismatch:
+    """The error of a run in `workdir` whose checkpoint does not fit `config`'s
+    program (`error`), with the settings changed since its config.json."""
+    return CheckpointMismatch(
+        f"{who}cannot resume the run in {workdir}: {error}\n"
+        f"{_changes(workdir, config)}Resume it with the settings it was "
+        "started with (more train.epochs is fine), or train in a new workdir."
+    )
 
 
 def _changes(workdir: str, config, most: int = 20) -> str:
@@ -212,12 +228,7 @@ class Runner:
         try:
             restored = self.checkpoints.restore_latest() if self.checkpoints else None
         except CheckpointMismatch as e:
-            raise CheckpointMismatch(
-                f"{self._who}cannot resume the run in {self.workdir}: {e}\n"
-                f"{_changes(self.workdir, self.config)}Resume it with the "
-                "settings it was started with (more train.epochs is fine), or "
-                "train in a new workdir."
-            ) from e
+            raise cannot_resume(self._who, self.workdir, self.config, e) from e
         # Written once resumed: a run that cannot resume keeps the record of
         # the settings its checkpoints were written with.
         with open(os.path.join(self.workdir, "config.json"), "w") as f:

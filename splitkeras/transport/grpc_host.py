@@ -31,6 +31,7 @@ import time
 import grpc
 import tensorflow as tf
 
+from splitkeras.checkpointing import restore_fitting
 from splitkeras.protocol import DATA_KINDS, Kind, Message, NotYet, Rejected, Status
 from splitkeras.transport import mirror as mirror_lib
 from splitkeras.transport import wire
@@ -191,9 +192,7 @@ class GrpcHost:
             self._changed.notify_all()
 
     def _restore(self):
-        self._manager.checkpoint.restore(
-            self._manager.latest_checkpoint
-        ).assert_existing_objects_matched()
+        restore_fitting(self._manager.checkpoint, self._manager.latest_checkpoint)
 
     def _rollback_from_party(self) -> None:
         self.rollback("a transaction could not finish")

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from splitkeras import host_process, launcher
+from splitkeras.checkpointing import CheckpointMismatch
 from tests import base
 from tests.distributed.runs import (
     assert_same_weights,
@@ -119,6 +120,31 @@ class ConfigurationsOverGrpcTest(base.TestCase):
             self.assertIn("test_accuracy", again)
             with open(path) as f:
                 self.assertEqual(f.read(), written)
+            # Started with a setting its commits do not fit (the server's
+            # last layer: 5 classes, not 3), it stops before serving, names
+            # the setting, and keeps the record of the run's own settings.
+            host_dir = os.path.join(workdir, "server")
+            with open(os.path.join(host_dir, "config.json")) as f:
+                settings = f.read()
+            changed = config.copy_and_resolve_references()
+            changed.data.num_classes = 5
+            with self.assertRaises(CheckpointMismatch) as raised:
+                host_process.serve(changed, host_dir)
+            self.assertRegex(
+                str(raised.exception),
+                f"^server: cannot resume the run in {host_dir}: {host_dir}/"
+                "checkpoints/server/ckpt-[0-9]+ does not fit this run: Received "
+                "incompatible tensor with shape",
+            )
+            self.assertEndsWith(
+                str(raised.exception),
+                f"\nSettings changed since it was started ({host_dir}/config.json):"
+                "\n  data.num_classes: 3 -> 5\nResume it with the settings it "
+                "was started with (more train.epochs is fine), or train in a "
+                "new workdir.",
+            )
+            with open(os.path.join(host_dir, "config.json")) as f:
+                self.assertEqual(f.read(), settings)
         if config.train.microbatches > 1:
             # M micro-batches per step over gRPC: within 1e-5 of unpipelined
             # steps (M = 1, the same staleness).
