@@ -215,10 +215,6 @@ class Runner:
     # ---------------------------------------------------------------- begin
     def begin(self) -> None:
         tf.io.gfile.makedirs(self.workdir)
-        self.writers = {
-            name: tf.summary.create_file_writer(os.path.join(self.workdir, name))
-            for name in ("train", "validation")
-        }
         parties = self.process.checkpoints(**self.loop.variables)
         self.checkpoints = (
             PartyCheckpoints(os.path.join(self.workdir, "checkpoints"), parties)
@@ -233,6 +229,10 @@ class Runner:
         # the settings its checkpoints were written with.
         with open(os.path.join(self.workdir, "config.json"), "w") as f:
             f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+        self.writers = {
+            name: tf.summary.create_file_writer(os.path.join(self.workdir, name))
+            for name in ("train", "validation")
+        }
         if restored is not None:
             self.loop.load()
             self.process.resumed(self.loop.epoch)

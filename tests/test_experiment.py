@@ -194,6 +194,11 @@ class ExperimentTest(base.TestCase):
         )
         with open(path) as f:  # still the record of the run's own settings
             self.assertEqual(f.read(), started)
+        for name in ("train", "validation"):  # no new TensorBoard events
+            self.assertEqual(
+                sorted(os.listdir(os.path.join(workdir, name))),
+                sorted(os.listdir(os.path.join(self.full, name))),
+            )
 
     def test_max_steps_is_refused_where_runs_train_whole_epochs(self):
         config = _config(self.npz, max_steps=3)
