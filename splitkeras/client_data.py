@@ -19,13 +19,14 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras import data as data_lib
-from splitkeras.builders import task_groups
+from splitkeras.builders import load_data, task_groups
 from splitkeras.data.sites import Site, load_site, partition_sites
 from splitkeras.data.streaming import StreamingSource
 from splitkeras.privacy.label_dp import training_labels
 
 __all__ = [
     "aligned_site",
+    "shared_data",
     "client_flops_per_epoch",
     "site_of",
     "sites",
@@ -34,6 +35,14 @@ __all__ = [
     "train_batches",
     "vertical_ids",
 ]
+
+
+def shared_data(config):
+    """The whole dataset (`builders.load_data`), or None when each client
+    reads its own site file (`config.data.sites`)."""
+    if config.data.get("sites", ""):
+        return None
+    return load_data(config)
 
 
 def sites(config, data=None) -> list:
@@ -61,11 +70,7 @@ def site_of(config, k: int, data=None):
     folder = config.data.get("sites", "") or ""
     if folder:
         return load_site(folder, f"client_{k}")
-    if data is None:
-        from splitkeras.builders import load_data
-
-        data = load_data(config)
-    return sites(config, data)[k]
+    return sites(config, data if data is not None else shared_data(config))[k]
 
 
 def train_batches(config, site, k: int, epoch: int, data=None):

@@ -51,11 +51,6 @@ from splitkeras.transport.turns import Inbox, TurnClient, yield_all
 
 log = logging.getLogger("splitkeras")
 
-# Methods whose clients count a dataset of unknown length at BEGIN, as
-# their schedules do in one process (SplitFed's step order, large-batch
-# SGD's gradients of a step need it).
-_COUNTED = ("splitfed_v1", "splitfed_v2", "large_batch_sgd")
-
 __all__ = ["ClientProcess", "read_key", "run_client", "write_key"]
 
 
@@ -110,7 +105,7 @@ class ClientProcess(RunnerProcess):
         self._bind(layout)
         # A stream (imagenet2012) makes each round's batches of client k's
         # shard; arrays are cut into this client's site.
-        data = None if config.data.get("sites") else builders.load_data(config)
+        data = client_data.shared_data(config)
         self.stream = data if isinstance(data, StreamingSource) else None
         self.site = client_data.site_of(config, k, data)
         if config.topology == "vertical":
@@ -359,7 +354,7 @@ class ClientProcess(RunnerProcess):
 
     def _one_round(self, epoch):
         program, batches = self.program, self._batches(epoch)
-        count = self.config.method in _COUNTED  # as in one process
+        count = getattr(program, "counts_unknown", False)  # as in one process
         if program.begin(epoch, batches_in(batches, count)) == Status.DONE:
             return
         yield from program.train(epoch, batches)

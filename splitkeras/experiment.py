@@ -213,7 +213,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     distribute.check_supported(config, strategy)
     workdir = distribute.worker_workdir(strategy, workdir)
     builders.check_method(config)
-    data = None if config.data.get("sites", "") else builders.load_data(config)
+    data = client_data.shared_data(config)
     if isinstance(data, StreamingSource) and config.topology not in (
         "vanilla",
         "ushaped",

@@ -67,7 +67,6 @@ import dataclasses
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from splitkeras.privacy.distance_correlation import distance_correlation
@@ -421,13 +420,8 @@ class ClientPrivacy:
         # empty batch (oneDNN's max-pool gradient aborts on one).
         shape = [-1] + [int(d) for d in single.shape[1:]]
         batch = tf.cast(tf.reshape(rows, shape), single.dtype)
-        encoded = [
-            tf.reshape(tf.cast(t, tf.float32), [-1, int(np.prod(t.shape[1:]))])
-            for t in tf.nest.flatten(encode(tf.nest.pack_sequence_as(x, [batch])))
-        ]
-        return distance_correlation(
-            rows, encoded[0] if len(encoded) == 1 else tf.concat(encoded, 1)
-        )
+        encoded = encode(tf.nest.pack_sequence_as(x, [batch]))
+        return distance_correlation(rows, flat_batch(encoded))
 
     def _window(self, x_rows, z_rows):
         """The window's variables, made (outside any graph) at first use."""

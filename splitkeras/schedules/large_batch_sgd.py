@@ -169,6 +169,10 @@ class GradientServer:
 class SGDClient(ModelClient):
     """One client of large-batch SGD: the server's model, its gradient."""
 
+    # BEGIN's batch count of a dataset of unknown length is counted (the
+    # server's steps gather the gradients of the clients with a batch left).
+    counts_unknown = True
+
     def __init__(self, client_id, model, objective, link, jit_compile=False):
         super().__init__(client_id, model, None, objective, link, jit_compile)
         self._trainable = model.trainable_weights
@@ -272,7 +276,7 @@ class LargeBatchSGD(WholeModelBaseline):
     def round(self, epoch, client_datasets, test=None, skip=0):
         datasets = self._check_count(client_datasets)
         for program, dataset in zip(self.programs, datasets):
-            program.begin(epoch, batches_in(dataset, count_unknown=True))
+            program.begin(epoch, batches_in(dataset, program.counts_unknown))
         yield from interleave(
             p.train(epoch, d) for p, d in zip(self.programs, datasets)
         )

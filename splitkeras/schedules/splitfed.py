@@ -74,6 +74,10 @@ class FedClient:
       run_eagerly / jit_compile: how the steps are compiled.
     """
 
+    # BEGIN's batch count of a dataset of unknown length is counted (the
+    # main server's step order of SplitFed v2 needs it): `batches_in`.
+    counts_unknown = True
+
     def __init__(
         self, client: Client, link, fed_link, run_eagerly=False, jit_compile=False
     ):
@@ -283,7 +287,7 @@ class SplitFed(Schedule):
     def round(self, epoch, client_datasets, test=None, skip=0):
         datasets = self._check_count(client_datasets)
         for program, dataset in zip(self.programs, datasets):
-            program.begin(epoch, batches_in(dataset, count_unknown=True))
+            program.begin(epoch, batches_in(dataset, program.counts_unknown))
         yield from interleave(
             p.train(epoch, d) for p, d in zip(self.programs, datasets)
         )

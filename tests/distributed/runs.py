@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from splitkeras import builders, learning_rate
+from splitkeras import builders, client_data, learning_rate
 from splitkeras.cli import set_fields
 from splitkeras.configs import fashion_mnist_lenet
 from splitkeras.cut import cut
@@ -57,7 +57,7 @@ def setup(data_path, **overrides):
 def in_process(config, train=True):
     """The config's schedule in one process, trained as `splitkeras train`
     trains it (or untrained, to load weights into)."""
-    data = None if config.data.get("sites", "") else builders.load_data(config)
+    data = client_data.shared_data(config)
     schedule = builders.build_schedule(config, data)
     attach_privacy(schedule, config)
     if train:
